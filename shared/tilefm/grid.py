@@ -1,0 +1,170 @@
+"""Tile plans on the WebMercatorQuad grid: which XYZ tiles a job covers, and the mosaic they fill.
+
+The mosaic is the bounding box of the planned tiles: its origin is a tile corner, its pixel size
+the zoom's, and its 256-pixel internal blocks are exactly the XYZ tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import morecantile
+from affine import Affine
+from pyproj import Transformer
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import transform as shapely_transform
+
+from tilefm.errors import BBoxError, PlanError, ZoomError
+
+TMS = morecantile.tms.get("WebMercatorQuad")
+TILE_SIZE = 256
+MIN_ZOOM, MAX_ZOOM = 0, 22
+#: the smallest overview of an output is at most this many pixels across
+MIN_OVERVIEW_SIZE = 256
+
+_to_3857 = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform
+
+
+def resolution(zoom: int) -> float:
+    """Metres per pixel of WebMercatorQuad at `zoom` (at the equator)."""
+    return TMS.matrix(zoom).cellSize
+
+
+def default_zoom(ground_resolution_m: float, latitude: float) -> int:
+    """The coarsest zoom whose pixels are no larger than the native ground resolution."""
+    mercator = ground_resolution_m / max(math.cos(math.radians(latitude)), 1e-6)
+    for z in range(MIN_ZOOM, MAX_ZOOM + 1):
+        if resolution(z) <= mercator * 1.0001:
+            return z
+    return MAX_ZOOM
+
+
+@dataclass(frozen=True)
+class Tile:
+    x: int
+    y: int
+    z: int
+
+    def __str__(self) -> str:
+        return f"{self.z}/{self.x}/{self.y}"
+
+
+@dataclass
+class TilePlan:
+    """The tiles of one job at one zoom, ordered row by row, and the mosaic grid that holds them."""
+
+    zoom: int
+    tiles: list[Tile]
+    #: tile index ranges of the mosaic (inclusive)
+    x_range: tuple[int, int]
+    y_range: tuple[int, int]
+    overview_levels: int
+    footprint: BaseGeometry = field(repr=False)
+
+    @property
+    def width(self) -> int:
+        return (self.x_range[1] - self.x_range[0] + 1) * TILE_SIZE
+
+    @property
+    def height(self) -> int:
+        return (self.y_range[1] - self.y_range[0] + 1) * TILE_SIZE
+
+    @property
+    def transform(self) -> Affine:
+        b = TMS.xy_bounds(morecantile.Tile(self.x_range[0], self.y_range[0], self.zoom))
+        res = resolution(self.zoom)
+        return Affine(res, 0.0, b.left, 0.0, -res, b.top)
+
+    @property
+    def bounds_3857(self) -> tuple[float, float, float, float]:
+        t = self.transform
+        return (t.c, t.f - self.height * abs(t.e), t.c + self.width * t.a, t.f)
+
+    def offset(self, tile: Tile) -> tuple[int, int]:
+        """Pixel (row, col) of a tile's top-left corner in the mosaic."""
+        return (tile.y - self.y_range[0]) * TILE_SIZE, (tile.x - self.x_range[0]) * TILE_SIZE
+
+    def summary(self) -> dict:
+        res = resolution(self.zoom)
+        area_km2 = len(self.tiles) * (TILE_SIZE * res / 1000) ** 2
+        return {
+            "zoom": self.zoom,
+            "tiles": len(self.tiles),
+            "pixel_size_m": round(res, 3),
+            "mosaic": [self.width, self.height],
+            "overview_levels": self.overview_levels,
+            "area_km2_mercator": round(area_km2, 1),
+            "bounds_3857": [round(v, 3) for v in self.bounds_3857],
+        }
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """`minlon,minlat,maxlon,maxlat` in WGS84 degrees."""
+    try:
+        vals = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise BBoxError(f"expected four numbers minlon,minlat,maxlon,maxlat, got {text!r}") from None
+    if len(vals) != 4:
+        raise BBoxError(f"expected four numbers minlon,minlat,maxlon,maxlat, got {text!r}")
+    w, s, e, n = vals
+    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+        raise BBoxError(f"{text!r} is not a valid lon/lat box (need -180<=minlon<maxlon<=180, -90<=minlat<maxlat<=90)")
+    return vals  # type: ignore[return-value]
+
+
+def plan_tiles(
+    footprint: BaseGeometry,
+    zoom: int,
+    *,
+    bbox: tuple[float, float, float, float] | None = None,
+    max_tiles: int | None = None,
+) -> TilePlan:
+    """Tiles at `zoom` that intersect the footprint (lon/lat), clipped to `bbox` if given."""
+    if not isinstance(zoom, int) or not (MIN_ZOOM <= zoom <= MAX_ZOOM):
+        raise ZoomError(f"zoom {zoom} is outside {MIN_ZOOM}..{MAX_ZOOM}")
+    area = footprint
+    if bbox is not None:
+        area = footprint.intersection(box(*bbox))
+        if area.is_empty or area.area == 0:
+            fb = ",".join(f"{v:.4f}" for v in footprint.bounds)
+            raise BBoxError(f"{','.join(map(str, bbox))} does not intersect the scene footprint ({fb})")
+    if area.is_empty:
+        raise PlanError("the scene footprint is empty")
+    area_3857 = shapely_transform(_to_3857, area)
+    w, s, e, n = area.bounds
+    candidates = list(TMS.tiles(w, s, e, n, [zoom]))
+    if max_tiles is not None and len(candidates) > 4 * max_tiles:
+        raise PlanError(f"the area needs about {len(candidates)} tiles at zoom {zoom}, over the limit of {max_tiles}", field="zoom")
+    tiles = []
+    for t in candidates:
+        tb = TMS.xy_bounds(t)
+        cell = box(tb.left, tb.bottom, tb.right, tb.top)
+        if cell.intersection(area_3857).area > 0:
+            tiles.append(Tile(t.x, t.y, zoom))
+    if not tiles:
+        raise PlanError(f"no tile at zoom {zoom} intersects the scene")
+    if max_tiles is not None and len(tiles) > max_tiles:
+        raise PlanError(
+            f"the area needs {len(tiles)} tiles at zoom {zoom}, over the limit of {max_tiles}; "
+            "use a lower zoom or a smaller --bbox",
+            field="zoom",
+        )
+    tiles.sort(key=lambda t: (t.y, t.x))
+    xs = [t.x for t in tiles]
+    ys = [t.y for t in tiles]
+    span = max(max(xs) - min(xs), max(ys) - min(ys)) + 1
+    levels = 0
+    while (span * TILE_SIZE) >> (levels + 1) >= MIN_OVERVIEW_SIZE and levels < zoom:
+        levels += 1
+    x_range = (min(xs), max(xs))
+    y_range = (min(ys), max(ys))
+    return TilePlan(
+        zoom=zoom,
+        tiles=tiles,
+        x_range=x_range,
+        y_range=y_range,
+        overview_levels=levels,
+        footprint=area,
+    )

@@ -1,0 +1,65 @@
+"""What an encoder worker holds: a model bound to a backend, turning tile inputs into tile outputs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tilefm.grid import Tile
+from tilefm.models.card import ModelCard
+from tilefm.read import TileInput
+
+
+@dataclass
+class TileOutput:
+    """A tile's contribution to the mosaic, over the tile plus its halo.
+
+    `values` are weighted sums (per-pixel models: the values themselves, weight 1) and `weight`
+    the sum of weights; the stitcher adds contributions of neighbouring tiles and divides.
+    """
+
+    tile: Tile
+    halo: int
+    values: np.ndarray  # [C, n, n] float32
+    weight: np.ndarray  # [n, n] float32, 0 where there was no input
+
+
+class TileModel(ABC):
+    """A model ready to run on tiles with one backend."""
+
+    def __init__(self, card: ModelCard, backend: str):
+        self.card = card
+        self.backend = backend
+
+    @property
+    def read_halo(self) -> int:
+        """Pixels read around each tile (at least the card's halo; more if a derived input needs it)."""
+        return self.card.context.halo
+
+    @abstractmethod
+    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
+        """Run the model on a batch of tiles."""
+
+
+def normalize(card: ModelCard, data: np.ndarray) -> np.ndarray:
+    """(raw * scale + shift - mean) / std per band, in the card's band order."""
+    bands = [b for i in card.inputs for b in i.bands]
+    a = np.array([b.scale / b.std for b in bands], np.float32)[:, None, None]
+    c = np.array([(b.shift - b.mean) / b.std for b in bands], np.float32)[:, None, None]
+    return data * a + c
+
+
+def load_tile_model(card: ModelCard, backend: str, weights: Path, *, threads: int | None = None) -> TileModel:
+    """Build the runner for a card's architecture on the chosen backend."""
+    if card.architecture == "onnx":
+        from tilefm.models.onnx import OnnxWindowModel
+
+        return OnnxWindowModel(card, backend, weights, threads=threads)
+    if card.architecture == "presto":
+        from tilefm.models.presto_tiles import PrestoTileModel
+
+        return PrestoTileModel(card, backend, weights, threads=threads)
+    raise ValueError(f"no runner for architecture {card.architecture!r}")

@@ -1,0 +1,129 @@
+"""Model cards: the project's own description of a model, enough to feed it a scene and write its
+output. One YAML file per model in `cards/`; the fields are documented in docs/model-cards.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+
+class Band(BaseModel):
+    """One input band and how raw values become model values: (raw * scale + shift - mean) / std."""
+
+    name: str
+    units: str = ""
+    scale: float = 1.0
+    shift: float = 0.0
+    mean: float = 0.0
+    std: float = 1.0
+
+
+class Input(BaseModel):
+    """One modality the model reads. `required` bands must all be in the scene; optional ones are
+    masked where absent."""
+
+    modality: str
+    bands: list[Band]
+    required: bool = True
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+    description: str = ""
+
+    @property
+    def band_names(self) -> list[str]:
+        return [b.name for b in self.bands]
+
+
+class OutputClass(BaseModel):
+    value: int
+    name: str
+    color: str  # "#rrggbb"
+
+    @field_validator("color")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not (len(v) == 7 and v.startswith("#")):
+            raise ValueError(f"color must be #rrggbb, got {v!r}")
+        int(v[1:], 16)
+        return v.lower()
+
+
+class Output(BaseModel):
+    kind: Literal["embedding", "classes", "regression"]
+    channels: int
+    classes: list[OutputClass] = Field(default_factory=list)
+    #: stored dtype; embeddings may be float16 or int8 (then `value_range` sets scale/offset)
+    dtype: Literal["float16", "float32", "int8", "uint8"] = "float16"
+    value_range: tuple[float, float] | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Output":
+        if self.kind == "classes" and not self.classes:
+            raise ValueError("a class output needs its classes")
+        return self
+
+
+class Context(BaseModel):
+    """How the model sees space. `window` is the model's input size in pixels; windows overlap by
+    `overlap` pixels and their scores are blended (0 for per-pixel models)."""
+
+    per_pixel: bool = False
+    window: int = 256
+    overlap: int = 0
+    blend: Literal["sine", "none"] = "sine"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Context":
+        stride = self.window - self.overlap
+        if stride <= 0 or self.overlap % 2:
+            raise ValueError("overlap must be even and smaller than window")
+        if not self.per_pixel and 256 % stride:
+            raise ValueError(f"window - overlap ({stride}) must divide the 256-pixel tile")
+        return self
+
+    @property
+    def stride(self) -> int:
+        return self.window - self.overlap
+
+    @property
+    def halo(self) -> int:
+        """Pixels read around each tile so that the tile's own windows are complete."""
+        return 0 if self.per_pixel else self.overlap // 2
+
+
+class Weights(BaseModel):
+    file: str
+    sha256: str
+    size: int | None = None
+    #: where `tilefm models pull` fetches them from
+    url: str
+    source: str = ""
+    license: str = ""
+
+
+class ModelCard(BaseModel):
+    name: str
+    title: str
+    version: str
+    architecture: Literal["presto", "onnx"]
+    description: str = ""
+    inputs: list[Input]
+    output: Output
+    context: Context = Field(default_factory=Context)
+    weights: Weights
+    backends: list[Literal["torch", "onnxruntime"]]
+    #: max abs difference to a reference allowed by `tilefm models verify`
+    tolerance: float = 1e-4
+    #: input/output tensor names for ONNX graphs
+    onnx_input: str | None = None
+    references: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "ModelCard":
+        return cls.model_validate(yaml.safe_load(path.read_text()))
+
+    def input_for(self, modality: str) -> Input | None:
+        return next((i for i in self.inputs if i.modality == modality), None)

@@ -1,0 +1,129 @@
+"""Presto on tiles: every pixel of a tile is one single-timestep Presto input.
+
+Bands the scene lacks are masked (their tokens dropped), location is each pixel's own lat/lon, the
+month is the scene's. A DEM modality gives elevation and a Horn slope, computed on the tile plus a
+one-pixel halo so that slopes agree across tile edges.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tilefm.errors import SceneError
+from tilefm.grid import TILE_SIZE, resolution
+from tilefm.models.base import TileModel, TileOutput
+from tilefm.models.card import ModelCard
+from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, normalize
+from tilefm.read import TileInput
+
+#: card band "modality:name" -> Presto raw band
+CARD_TO_RAW = {
+    "s1:vv": "VV", "s1:vh": "VH",
+    "s2:B02": "B2", "s2:B03": "B3", "s2:B04": "B4", "s2:B05": "B5", "s2:B06": "B6", "s2:B07": "B7",
+    "s2:B08": "B8", "s2:B8A": "B8A", "s2:B11": "B11", "s2:B12": "B12",
+    "dem:elevation": "elevation",
+}  # fmt: skip
+
+
+def horn_slope(elev: np.ndarray, valid: np.ndarray, cell_x: np.ndarray, cell_y: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slope in degrees by Horn's 3x3 method on the interior of `elev` (output is 2 px smaller).
+
+    `cell_x`/`cell_y` are ground cell sizes in metres (per row for web mercator). Valid where all
+    nine cells are valid.
+    """
+    z = elev.astype(np.float64)
+    a, b, c = z[:-2, :-2], z[:-2, 1:-1], z[:-2, 2:]
+    d, f = z[1:-1, :-2], z[1:-1, 2:]
+    g, h, i = z[2:, :-2], z[2:, 1:-1], z[2:, 2:]
+    dzdx = ((c + 2 * f + i) - (a + 2 * d + g)) / (8 * cell_x)
+    dzdy = ((g + 2 * h + i) - (a + 2 * b + c)) / (8 * cell_y)
+    slope = np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32)
+    v = valid
+    ok = np.ones_like(slope, bool)
+    for dy in range(3):
+        for dx in range(3):
+            ok &= v[dy : dy + slope.shape[0], dx : dx + slope.shape[1]]
+    return slope, ok
+
+
+class PrestoTileModel(TileModel):
+    def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None):
+        super().__init__(card, backend)
+        if backend != "torch":
+            raise ValueError(f"Presto runs on torch here, not {backend!r}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.net = load_presto(weights)
+        names = [f"{i.modality}:{b.name}" for i in card.inputs for b in i.bands]
+        self.raw_index = {n: RAW_BAND_NAMES.index(CARD_TO_RAW[n]) for n in names}
+        self.elev_name = "dem:elevation" if "dem:elevation" in names else None
+
+    @property
+    def read_halo(self) -> int:
+        return 1  # for the slope; the output has no halo
+
+    def pixels(self, t: TileInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(raw [n_pix, 1, 16], present [n_pix, 1, 16], latlons [n_pix, 2], pixel validity [256, 256])."""
+        h = t.halo
+        core = (slice(h, h + TILE_SIZE), slice(h, h + TILE_SIZE))
+        raw = np.zeros((TILE_SIZE, TILE_SIZE, len(RAW_BAND_NAMES)), np.float32)
+        present = np.zeros(raw.shape, bool)
+        for j, name in enumerate(t.band_names):
+            k = self.raw_index[name]
+            raw[..., k] = t.data[j][core]
+            present[..., k] = t.valid[j][core]
+        if self.elev_name is not None and h >= 1:
+            j = t.band_names.index(self.elev_name)
+            lon, lat = t.lonlat()
+            cell = resolution(t.tile.z) * np.cos(np.radians(lat[h - 1 : h + TILE_SIZE + 1, 0]))
+            slope, ok = horn_slope(t.data[j][h - 1 : h + TILE_SIZE + 1, h - 1 : h + TILE_SIZE + 1],
+                                   t.valid[j][h - 1 : h + TILE_SIZE + 1, h - 1 : h + TILE_SIZE + 1],
+                                   cell[1:-1, None], cell[1:-1, None])
+            k = RAW_BAND_NAMES.index("slope")
+            raw[..., k] = slope
+            present[..., k] = ok & present[..., RAW_BAND_NAMES.index("elevation")]
+        pix_valid = present.any(axis=-1)
+        lon, lat = t.lonlat()
+        latlons = np.stack([lat[core], lon[core]], axis=-1).astype(np.float32)
+        sel = pix_valid.ravel()
+        n = int(sel.sum())
+        return (
+            raw.reshape(-1, 1, raw.shape[-1])[sel],
+            present.reshape(-1, 1, raw.shape[-1])[sel],
+            latlons.reshape(-1, 2)[sel],
+            pix_valid,
+        ) if n else (np.zeros((0, 1, raw.shape[-1]), np.float32), np.zeros((0, 1, raw.shape[-1]), bool), np.zeros((0, 2), np.float32), pix_valid)
+
+    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
+        if not tiles:
+            return []
+        if tiles[0].date is None:
+            raise SceneError("Presto needs the scene date (month)", field="date")
+        month = tiles[0].date.month - 1
+        parts = [self.pixels(t) for t in tiles]
+        raw = np.concatenate([p[0] for p in parts])
+        present = np.concatenate([p[1] for p in parts])
+        latlons = np.concatenate([p[2] for p in parts])
+        emb = self.embed(raw, present, latlons, month)
+        outs, start = [], 0
+        C = emb.shape[1]
+        for t, (_, _, _, valid) in zip(tiles, parts):
+            k = int(valid.sum())
+            values = np.zeros((C, TILE_SIZE * TILE_SIZE), np.float32)
+            values[:, valid.ravel()] = emb[start : start + k].T
+            start += k
+            outs.append(TileOutput(tile=t.tile, halo=0, values=values.reshape(C, TILE_SIZE, TILE_SIZE), weight=valid.astype(np.float32)))
+        return outs
+
+    def embed(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int) -> np.ndarray:
+        """Embeddings [n, 128] for single-timestep pixels (the model alone, no I/O)."""
+        if len(raw) == 0:
+            return np.zeros((0, self.card.output.channels), np.float32)
+        x, mask = normalize(raw, present)
+        dw = np.full(x.shape[:2], DW_MISSING, np.int64)
+        with torch.inference_mode():
+            return self.net(x, mask, dw, latlons, month).numpy()
+

@@ -1,0 +1,158 @@
+"""A whole run: scene -> tile plan -> read -> encode -> stitch -> COG + STAC item -> storage.
+
+Everything that can be checked is checked before the first tile is read (scene, model, backend,
+weights, zoom, bbox, output URI), and nothing is written to the output URI until the COG is
+complete and valid: a failed run leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from tilefm import stac
+from tilefm.backends import select_backend
+from tilefm.errors import StorageError
+from tilefm.grid import Tile, TilePlan, default_zoom, plan_tiles
+from tilefm.models import get_card
+from tilefm.models.card import ModelCard
+from tilefm.models.store import weights_path
+from tilefm.read import check_scene
+from tilefm.runtime import WorkerSpec, make_executor
+from tilefm.scene import Scene, open_scene
+from tilefm.settings import Settings, get_settings
+from tilefm.stitch import Encoding, MosaicWriter, output_tags, write_cog
+from tilefm.storage import storage_for
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass
+class RunSpec:
+    scene: dict[str, str]
+    model: str
+    out: str
+    zoom: int | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    backend: str = "auto"
+    dtype: str | None = None
+    batch_size: int = 4
+    executor: str = "ray"
+    asset_map: dict[str, str] = field(default_factory=dict)
+    date: date | None = None
+
+
+@dataclass
+class Prepared:
+    """A validated run, ready to execute (also what a dry run prints)."""
+
+    spec: RunSpec
+    scene: Scene
+    card: ModelCard
+    plan: TilePlan
+    backend: str
+    weights: Path
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": self.card.name,
+            "backend": self.backend,
+            "out": self.spec.out,
+            **self.plan.summary(),
+        }
+
+
+@dataclass
+class RunResult:
+    out: str
+    stac_item: str
+    tiles: int
+    seconds: float
+    plan: dict[str, Any]
+    timings: dict[str, float]
+
+
+def stac_uri_for(out: str) -> str:
+    stem = out.rsplit(".", 1)[0]
+    return f"{stem}.stac.json"
+
+
+def prepare(spec: RunSpec, settings: Settings | None = None) -> Prepared:
+    settings = settings or get_settings()
+    card = get_card(spec.model)
+    scene = open_scene(spec.scene, asset_map=spec.asset_map, date_override=spec.date)
+    check_scene(scene, card)
+    if card.architecture == "presto" and scene.date is None:
+        from tilefm.errors import SceneError
+
+        raise SceneError("the scene has no date (Presto needs the month): pass --date YYYY-MM-DD", field="date")
+    zoom = spec.zoom
+    if zoom is None:
+        zoom = default_zoom(scene.resolution_m, scene.footprint.centroid.y)
+    plan = plan_tiles(scene.footprint, zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
+    backend = select_backend(card, spec.backend)
+    weights = weights_path(card, settings.model_store)
+    if not spec.out.lower().endswith(OUTPUT_SUFFIXES):
+        raise StorageError(f"output {spec.out!r} must name a GeoTIFF (.tif)")
+    storage_for(spec.out, settings).check_writable(spec.out)
+    return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights)
+
+
+def batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
+    for i in range(0, len(tiles), size):
+        yield tiles[i : i + size]
+
+
+def execute(
+    prep: Prepared,
+    settings: Settings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    settings = settings or get_settings()
+    spec, card, plan = prep.spec, prep.card, prep.plan
+    t0 = time.perf_counter()
+    encoding = Encoding.for_card(card, spec.dtype)
+    worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights)
+    executor = make_executor(spec.executor, worker, **({"address": settings.ray_address, "num_cpus": settings.ray_num_cpus} if spec.executor == "ray" else {}))
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="tilefm-", dir=settings.work_dir) as tmp:
+        mosaic = Path(tmp) / "mosaic.tif"
+        tags = output_tags(card, plan, prep.scene.describe(), encoding, {"backend": prep.backend})
+        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags)
+        done = 0
+        try:
+            for outputs in executor.map(prep.scene, batches(plan.tiles, spec.batch_size)):
+                for out in outputs:
+                    writer.add(out)
+                done += len(outputs)
+                if progress:
+                    progress(done, len(plan.tiles))
+        finally:
+            writer.close()
+            executor.close()
+        if writer.missing:
+            raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
+        timings["tiles_s"] = time.perf_counter() - t0
+        cog = Path(tmp) / "out.tif"
+        colormap = writer.colormap() if card.output.kind == "classes" else None
+        write_cog(mosaic, cog, plan, encoding, colormap=colormap)
+        timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
+        stac_uri = stac_uri_for(spec.out)
+        item = stac.output_item(cog, card, plan, prep.scene, spec.out, encoding)
+        store = storage_for(spec.out, settings)
+        store.put_file(cog, spec.out)
+        store.write_bytes(stac_uri, stac.dumps(item))
+    timings["total_s"] = time.perf_counter() - t0
+    return RunResult(out=spec.out, stac_item=stac_uri, tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings)
+
+
+def run(spec: RunSpec, settings: Settings | None = None, progress: Callable[[int, int], None] | None = None) -> RunResult:
+    return execute(prepare(spec, settings), settings, progress)

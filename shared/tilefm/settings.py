@@ -1,0 +1,39 @@
+"""Settings from the environment (prefix `TILEFM_`), shared by the CLI and every service."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TILEFM_", env_file=".env", extra="ignore")
+
+    #: where model weights live (a folder per model, as `tilefm models pull` writes it)
+    model_store: Path = Field(default=Path("~/.cache/tilefm/models").expanduser())
+    #: scratch space for tiles and mosaics before upload; outputs are never built in place
+    work_dir: Path | None = None
+
+    #: S3-compatible object store; empty endpoint means AWS itself
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    #: part size for multipart uploads, bytes
+    s3_multipart_chunksize: int = 16 * 1024 * 1024
+
+    #: Ray cluster address; empty starts a local one
+    ray_address: str | None = None
+    #: CPUs a local Ray cluster may use (default: all)
+    ray_num_cpus: int | None = None
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    #: the largest plan a single run accepts
+    max_tiles: int = 20000
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,235 @@
+"""Stitching: tile outputs into one EPSG:3857 mosaic, then a web-optimized COG.
+
+Tile outputs arrive in any order. A tile of the mosaic is final once every planned tile whose
+halo reaches it has contributed; it is then quantized and written, and its accumulator dropped,
+so memory follows the tiles in flight, not the scene.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from rio_cogeo import cog_translate, cog_validate
+
+from tilefm import __version__
+from tilefm.grid import TILE_SIZE, Tile, TilePlan
+from tilefm.models.base import TileOutput
+from tilefm.models.card import ModelCard
+
+CLASS_NODATA = 255
+INT8_NODATA = -128
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How output values are stored: dtype, nodata, and the scale/offset that undo quantization."""
+
+    dtype: str  # GDAL dtype of the file
+    nodata: float
+    scale: float = 1.0
+    offset: float = 0.0
+    nbits: int | None = None  # 16 for float16 stored in a Float32 GeoTIFF
+    predictor: int = 1
+    resampling: str = "nearest"  # for overviews
+
+    @classmethod
+    def for_card(cls, card: ModelCard, dtype: str | None = None) -> "Encoding":
+        out = card.output
+        dtype = dtype or out.dtype
+        if out.kind == "classes":
+            return cls("uint8", CLASS_NODATA, resampling="mode", predictor=2)
+        if dtype == "float16":
+            return cls("float32", float("nan"), nbits=16, predictor=3, resampling="average")
+        if dtype == "float32":
+            return cls("float32", float("nan"), predictor=3, resampling="average")
+        if dtype == "int8":
+            lo, hi = out.value_range or (-1.0, 1.0)
+            scale = (hi - lo) / 254.0
+            return cls("int8", INT8_NODATA, scale=scale, offset=(hi + lo) / 2.0, resampling="average")
+        raise ValueError(f"dtype {dtype!r} is not supported for {out.kind} outputs")
+
+    @property
+    def step(self) -> float:
+        """Largest rounding error of a stored value (per unit of value, for float16 relative)."""
+        return self.scale / 2 if self.dtype == "int8" else 0.0
+
+    def encode(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        if self.dtype == "int8":
+            q = np.clip(np.rint((values - self.offset) / self.scale), -127, 127).astype(np.int8)
+            q[:, ~valid] = INT8_NODATA
+            return q
+        if self.nbits == 16:
+            values = values.astype(np.float16).astype(np.float32)
+        out = values.astype(np.float32, copy=True)
+        out[:, ~valid] = np.nan
+        return out
+
+
+@dataclass
+class _Acc:
+    values: np.ndarray
+    weight: np.ndarray
+    remaining: int
+
+
+@dataclass
+class MosaicWriter:
+    """Accumulates tile outputs and writes finished tiles into a tiled GeoTIFF on local disk."""
+
+    plan: TilePlan
+    card: ModelCard
+    path: Path
+    encoding: Encoding
+    halo: int
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.planned = set(self.plan.tiles)
+        self.written: set[Tile] = set()
+        self.expected = {t: self._expected(t) for t in self.plan.tiles}
+        self.pending: dict[Tile, _Acc] = {}
+        self.channels = self.card.output.channels
+        self.dataset = rasterio.open(self.path, "w", **self._profile())
+        self.dataset.update_tags(**self.tags)
+        for i, name in enumerate(self.band_descriptions(), start=1):
+            self.dataset.set_band_description(i, name)
+        if self.encoding.dtype == "int8":
+            self.dataset.scales = [self.encoding.scale] * self.channels
+            self.dataset.offsets = [self.encoding.offset] * self.channels
+        if self.card.output.kind == "classes":
+            self.dataset.write_colormap(1, self.colormap())
+
+    def _profile(self) -> dict[str, Any]:
+        enc = self.encoding
+        profile = dict(
+            driver="GTiff", width=self.plan.width, height=self.plan.height, count=self.channels,
+            dtype=enc.dtype, nodata=enc.nodata, crs="EPSG:3857", transform=self.plan.transform,
+            tiled=True, blockxsize=TILE_SIZE, blockysize=TILE_SIZE, compress="ZSTD", zstd_level=1,
+            interleave="pixel", sparse_ok=True, bigtiff="IF_SAFER",
+        )
+        if enc.nbits:
+            profile["nbits"] = enc.nbits
+        return profile
+
+    def band_descriptions(self) -> list[str]:
+        if self.card.output.kind == "classes":
+            return ["class"]
+        return [f"{self.card.output.kind}_{i:03d}" for i in range(self.channels)]
+
+    def colormap(self) -> dict[int, tuple[int, int, int, int]]:
+        cmap = {}
+        for c in self.card.output.classes:
+            h = c.color.lstrip("#")
+            cmap[c.value] = (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16), 255)
+        return cmap
+
+    def _neighbours(self, tile: Tile) -> list[Tile]:
+        if self.halo == 0:
+            return [tile]
+        reach = math.ceil(self.halo / TILE_SIZE)
+        return [
+            Tile(tile.x + dx, tile.y + dy, tile.z)
+            for dy in range(-reach, reach + 1)
+            for dx in range(-reach, reach + 1)
+        ]
+
+    def _expected(self, tile: Tile) -> int:
+        return sum(1 for n in self._neighbours(tile) if n in self.planned)
+
+    def add(self, out: TileOutput) -> None:
+        """Add one tile's output (and its halo's share to the neighbours); write what is complete."""
+        h = out.halo
+        ox, oy = out.tile.x * TILE_SIZE - h, out.tile.y * TILE_SIZE - h  # global pixel origin
+        n = out.weight.shape[0]
+        for t in self._neighbours(out.tile):
+            if t not in self.planned:
+                continue
+            tx, ty = t.x * TILE_SIZE, t.y * TILE_SIZE
+            x0, x1 = max(ox, tx), min(ox + n, tx + TILE_SIZE)
+            y0, y1 = max(oy, ty), min(oy + n, ty + TILE_SIZE)
+            if x0 >= x1 or y0 >= y1:
+                continue
+            acc = self.pending.get(t)
+            if acc is None:
+                acc = self.pending[t] = _Acc(
+                    np.zeros((out.values.shape[0], TILE_SIZE, TILE_SIZE), np.float32),
+                    np.zeros((TILE_SIZE, TILE_SIZE), np.float32),
+                    self.expected[t],
+                )
+            src = (slice(y0 - oy, y1 - oy), slice(x0 - ox, x1 - ox))
+            dst = (slice(y0 - ty, y1 - ty), slice(x0 - tx, x1 - tx))
+            if acc.remaining == self.expected[t] and h == 0:
+                acc.values = out.values  # sole contribution: no copy
+                acc.weight = out.weight
+            else:
+                acc.values[(slice(None), *dst)] += out.values[(slice(None), *src)]
+                acc.weight[dst] += out.weight[src]
+            acc.remaining -= 1
+            if acc.remaining == 0:
+                self._write(t, self.pending.pop(t))
+
+    def _write(self, tile: Tile, acc: _Acc) -> None:
+        valid = acc.weight > 0
+        if self.card.output.kind == "classes":
+            data = np.argmax(acc.values, axis=0).astype(np.uint8)[None]
+            data[:, ~valid] = CLASS_NODATA
+        else:
+            values = acc.values / np.where(valid, acc.weight, 1.0)[None]
+            data = self.encoding.encode(values, valid)
+        row, col = self.plan.offset(tile)
+        self.dataset.write(data, window=Window(col, row, TILE_SIZE, TILE_SIZE))
+        self.written.add(tile)
+
+    @property
+    def missing(self) -> list[Tile]:
+        return [t for t in self.plan.tiles if t not in self.written]
+
+    def close(self) -> None:
+        if not self.dataset.closed:
+            self.dataset.close()
+
+
+def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding, *, colormap: dict | None = None) -> None:
+    """Copy the mosaic into a COG: 256-px internal tiles on the tile grid, overviews, compression."""
+    profile = dict(
+        driver="GTiff", interleave="pixel", tiled=True, blockxsize=TILE_SIZE, blockysize=TILE_SIZE,
+        compress="DEFLATE", predictor=encoding.predictor, bigtiff="IF_SAFER",
+    )
+    if encoding.nbits:
+        profile["nbits"] = encoding.nbits
+    cog_translate(
+        str(mosaic), str(dst), profile, nodata=encoding.nodata, overview_level=plan.overview_levels,
+        overview_resampling=encoding.resampling, in_memory=False, quiet=True, colormap=colormap,
+        config={"GDAL_NUM_THREADS": "ALL_CPUS", "GDAL_TIFF_OVR_BLOCKSIZE": str(TILE_SIZE)},
+    )
+    valid, errors, _warnings = cog_validate(str(dst), quiet=True)
+    if not valid:
+        raise RuntimeError(f"the COG written to {dst} is not valid: {errors}")
+
+
+def output_tags(card: ModelCard, plan: TilePlan, scene: dict[str, Any], encoding: Encoding, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    tags = {
+        "TILEFM_VERSION": __version__,
+        "TILEFM_MODEL": card.name,
+        "TILEFM_MODEL_VERSION": card.version,
+        "TILEFM_MODEL_SHA256": card.weights.sha256,
+        "TILEFM_CARD": card.model_dump_json(),
+        "TILEFM_SCENE": json.dumps(scene, sort_keys=True),
+        "TILEFM_ZOOM": str(plan.zoom),
+        "TILEFM_OUTPUT_KIND": card.output.kind,
+        "TILEFM_CREATED": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if encoding.dtype == "int8":
+        tags["TILEFM_SCALE"] = repr(encoding.scale)
+        tags["TILEFM_OFFSET"] = repr(encoding.offset)
+    for k, v in (extra or {}).items():
+        tags[f"TILEFM_{k.upper()}"] = v if isinstance(v, str) else json.dumps(v)
+    return tags

@@ -1,0 +1,642 @@
+"""One interface over local files and S3-compatible object stores.
+
+A location is written as a URI:
+
+* ``file:///abs/path/out.tif`` or a plain path (``out.tif``, ``/data/out.tif``, ``~/out.tif``);
+* ``s3://bucket/key/out.tif`` (AWS, or the endpoint in ``Settings.s3_endpoint_url``).
+
+Anything else (``http://``, ``gs://``, ``ftp://``, a URI without a bucket or key, ...) is a
+`StorageError` naming the URI and what is wrong with it.
+
+    storage = storage_for(uri, settings)
+    storage.check_writable(uri)          # before a long run: fail now, not after it
+    ...
+    storage.put_file(local_cog, uri)     # atomic: the destination is whole or absent
+
+GDAL reads through `rasterio_path` under ``rasterio.Env(**gdal_env(settings))`` (or with
+`gdal_config(settings)` in a GDAL process's environment).
+
+Writes never leave a half-written object behind: local files are written to a temporary file
+in the destination folder and renamed into place; S3 objects only appear once a (multipart)
+upload completes, and a failed multipart upload is aborted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+from tilefm.errors import StorageError
+from tilefm.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # boto3 is imported lazily: local-only runs never pay for it
+    from botocore.client import BaseClient
+
+__all__ = [
+    "FileLocation",
+    "FileStorage",
+    "Location",
+    "S3Location",
+    "S3Storage",
+    "Storage",
+    "gdal_config",
+    "gdal_env",
+    "make_s3_client",
+    "parse_uri",
+    "storage_for",
+]
+
+PathLike = str | os.PathLike[str]
+
+# ---------------------------------------------------------------------------------------------
+# URIs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileLocation:
+    """A local file, as an absolute path (not resolved through symlinks)."""
+
+    path: Path
+    scheme: ClassVar[str] = "file"
+
+    @property
+    def uri(self) -> str:
+        return self.path.as_uri()
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """An object in an S3 bucket."""
+
+    bucket: str
+    key: str
+    scheme: ClassVar[str] = "s3"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+Location = FileLocation | S3Location
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):(.*)$", re.DOTALL)
+# schemes we recognise even without "//" after them, so that "s3:bucket/key" is an error and
+# not a local file called "s3:bucket"
+_KNOWN_SCHEMES = {
+    "s3", "s3a", "s3n", "file", "http", "https", "gs", "gcs", "ftp", "ftps", "sftp", "ssh",
+    "az", "abfs", "abfss", "wasb", "wasbs", "adl", "hdfs", "webdav", "oss", "swift", "vsis3",
+}  # fmt: skip
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def parse_uri(uri: PathLike) -> Location:
+    """Parse ``file://`` / ``s3://`` URIs and plain local paths into a typed location.
+
+    Raises `StorageError` (naming the URI) for unsupported schemes, a missing or invalid
+    bucket, a missing key, a ``file://`` URI with a host or a relative path, or an empty URI.
+    """
+    if isinstance(uri, os.PathLike):
+        uri = os.fspath(uri)
+    if not isinstance(uri, str):
+        raise StorageError(f"expected a URI or a path, got {type(uri).__name__}: {uri!r}")
+    if not uri.strip():
+        raise StorageError("empty URI: give a local path, file:///path or s3://bucket/key")
+
+    m = _SCHEME_RE.match(uri)
+    scheme = m.group(1).lower() if m else ""
+    if not m or (not m.group(2).startswith("//") and scheme not in _KNOWN_SCHEMES):
+        # a plain path (possibly with a ':' in a file name)
+        return FileLocation(Path(os.path.abspath(os.path.expanduser(uri))))
+
+    rest = m.group(2)
+    if not rest.startswith("//"):
+        raise StorageError(f"malformed URI {uri!r}: expected {scheme}://...")
+    if scheme == "file":
+        return _parse_file_uri(uri)
+    if scheme == "s3":
+        return _parse_s3_uri(uri, rest[2:])
+    raise StorageError(
+        f"unsupported URI scheme {scheme!r} in {uri!r}: use s3://bucket/key, "
+        "file:///path or a local path"
+    )
+
+
+def _parse_file_uri(uri: str) -> FileLocation:
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise StorageError(
+            f"file URI {uri!r} names host {parts.netloc!r}: only local files are supported "
+            "(write file:///absolute/path, with three slashes)"
+        )
+    if parts.query or parts.fragment:
+        raise StorageError(
+            f"file URI {uri!r} has a query or fragment; percent-encode '?' and '#' in file names"
+        )
+    path = unquote(parts.path)
+    if not path or not path.startswith("/"):
+        raise StorageError(f"file URI {uri!r} has no absolute path (write file:///abs/path)")
+    if path.endswith("/"):
+        raise StorageError(f"file URI {uri!r} names a folder, not a file")
+    return FileLocation(Path(os.path.normpath(path)))
+
+
+def _parse_s3_uri(uri: str, rest: str) -> S3Location:
+    # S3 URIs are not percent-encoded (as in the AWS CLI): '?', '#', spaces belong to the key
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"S3 URI {uri!r} has no bucket (expected s3://bucket/key)")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise StorageError(
+            f"S3 URI {uri!r} has an invalid bucket name {bucket!r} "
+            "(3-63 characters: lower-case letters, digits, '.', '-')"
+        )
+    if not key:
+        raise StorageError(f"S3 URI {uri!r} has no object key (expected s3://{bucket}/key)")
+    return S3Location(bucket, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface
+# ---------------------------------------------------------------------------------------------
+
+
+class Storage(ABC):
+    """Read and write whole objects at URIs of one scheme. Every failure is a `StorageError`."""
+
+    scheme: ClassVar[str]
+
+    @abstractmethod
+    def put_file(self, local_path: PathLike, uri: PathLike) -> None:
+        """Copy a local file to `uri`, atomically (the destination is whole or untouched)."""
+
+    @abstractmethod
+    def get_file(self, uri: PathLike, local_path: PathLike) -> Path:
+        """Copy `uri` to a local file (atomically, creating its folder); returns its path."""
+
+    @abstractmethod
+    def read_bytes(self, uri: PathLike) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, uri: PathLike, data: bytes) -> None:
+        """Write `data` to `uri`, atomically, replacing what was there."""
+
+    @abstractmethod
+    def exists(self, uri: PathLike) -> bool: ...
+
+    @abstractmethod
+    def delete(self, uri: PathLike) -> None:
+        """Delete `uri`; deleting something that is not there is not an error."""
+
+    @abstractmethod
+    def check_writable(self, uri: PathLike) -> None:
+        """Raise `StorageError` now if `uri` cannot be written later (call before a long run)."""
+
+    @abstractmethod
+    def rasterio_path(self, uri: PathLike) -> str:
+        """A path GDAL/rasterio can open (use it under ``rasterio.Env(**gdal_env(settings))``)."""
+
+    def _parse(self, uri: PathLike) -> Location:
+        loc = parse_uri(uri)
+        if loc.scheme != self.scheme:
+            raise StorageError(f"{type(self).__name__} cannot handle {loc.scheme} URI {uri!r}")
+        return loc
+
+
+def storage_for(uri: PathLike, settings: Settings | None = None) -> Storage:
+    """The storage for `uri`'s scheme (validating the URI). `settings` defaults to the env's."""
+    loc = parse_uri(uri)
+    if isinstance(loc, S3Location):
+        return S3Storage(settings if settings is not None else get_settings())
+    return FileStorage()
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_dest(dest: Path, uri: object) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `dest`; on success rename it onto `dest`.
+
+    The temporary file is created with the default permissions (0666 & ~umask), like a plain
+    ``open(dest, "w")`` would, and is removed if anything fails.
+    """
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _os_error(e, "cannot create the folder for", uri) from e
+    if dest.is_dir():
+        raise StorageError(f"cannot write {uri}: it is a folder")
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise _os_error(e, "cannot write", uri) from e
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _os_error(e, "cannot write", uri) from e
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(e: OSError, what: str, uri: object) -> StorageError:
+    reason = e.strerror or str(e)
+    if isinstance(e, FileNotFoundError):
+        reason = "no such file or folder"
+    elif isinstance(e, PermissionError):
+        reason = "permission denied"
+    elif isinstance(e, IsADirectoryError):
+        reason = "it is a folder"
+    filename = f" ({e.filename})" if e.filename and str(e.filename) != str(uri) else ""
+    return StorageError(f"{what} {uri}: {reason}{filename}")
+
+
+class FileStorage(Storage):
+    """Local files (``file://`` URIs and plain paths)."""
+
+    scheme = "file"
+
+    def _path(self, uri: PathLike) -> Path:
+        loc = self._parse(uri)
+        assert isinstance(loc, FileLocation)
+        return loc.path
+
+    def put_file(self, local_path: PathLike, uri: PathLike) -> None:
+        self._copy(Path(local_path), self._path(uri), uri)
+
+    def get_file(self, uri: PathLike, local_path: PathLike) -> Path:
+        dest = Path(os.path.abspath(os.path.expanduser(os.fspath(local_path))))
+        self._copy(self._path(uri), dest, uri)
+        return dest
+
+    def _copy(self, src: Path, dest: Path, uri: PathLike) -> None:
+        if not src.is_file():
+            raise StorageError(f"cannot copy {src} to {dest}: no such file")
+        if dest.exists() and os.path.samefile(src, dest):
+            return
+        with _atomic_dest(dest, uri) as tmp:
+            shutil.copyfile(src, tmp)
+            _fsync(tmp)
+
+    def read_bytes(self, uri: PathLike) -> bytes:
+        path = self._path(uri)
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise _os_error(e, "cannot read", uri) from e
+
+    def write_bytes(self, uri: PathLike, data: bytes) -> None:
+        path = self._path(uri)
+        with _atomic_dest(path, uri) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def exists(self, uri: PathLike) -> bool:
+        return self._path(uri).is_file()
+
+    def delete(self, uri: PathLike) -> None:
+        path = self._path(uri)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise _os_error(e, "cannot delete", uri) from e
+
+    def check_writable(self, uri: PathLike) -> None:
+        """The destination's folder is created if needed and a probe file written there."""
+        path = self._path(uri)
+        if path.is_dir():
+            raise StorageError(f"cannot write {uri}: it is a folder")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _os_error(e, "cannot create the folder for", uri) from e
+        probe = path.with_name(f".tilefm-write-probe-{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            raise _os_error(e, "cannot write", uri) from e
+        probe.unlink(missing_ok=True)
+
+    def rasterio_path(self, uri: PathLike) -> str:
+        return str(self._path(uri))
+
+
+# ---------------------------------------------------------------------------------------------
+# S3
+# ---------------------------------------------------------------------------------------------
+
+
+def make_s3_client(settings: Settings) -> BaseClient:
+    """A boto3 S3 client for `settings`: its endpoint (path-style addressing when one is set),
+    region and keys; with no keys set, boto3's default credential chain."""
+    import boto3
+    from botocore.config import Config
+
+    key_id, secret = _keys(settings)
+    if bool(key_id) != bool(secret):
+        raise StorageError(
+            "set both TILEFM_S3_ACCESS_KEY_ID and TILEFM_S3_SECRET_ACCESS_KEY, or neither "
+            "(to use the default AWS credential chain)",
+            field="settings",
+        )
+    config_args: dict[str, Any] = {
+        "signature_version": "s3v4",
+        "retries": {"max_attempts": 3, "mode": "standard"},
+        "connect_timeout": 10,
+        "read_timeout": 120,
+    }
+    if settings.s3_endpoint_url:
+        config_args["s3"] = {"addressing_style": "path"}
+        # S3-compatible stores do not all speak the newer default CRC checksums
+        config_args["request_checksum_calculation"] = "when_required"
+        config_args["response_checksum_validation"] = "when_required"
+    session = boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url or None,
+        region_name=settings.s3_region,
+        aws_access_key_id=key_id or None,
+        aws_secret_access_key=secret or None,
+        config=Config(**config_args),
+    )
+
+
+def _keys(settings: Settings) -> tuple[str | None, str | None]:
+    key_id = settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None
+    secret = (
+        settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+    )
+    return key_id or None, secret or None
+
+
+class S3Storage(Storage):
+    """Objects in S3 or an S3-compatible store (the client is made on first use)."""
+
+    scheme = "s3"
+
+    def __init__(self, settings: Settings | None = None, client: BaseClient | None = None):
+        self.settings = settings if settings is not None else get_settings()
+        self._client = client
+
+    @property
+    def client(self) -> BaseClient:
+        if self._client is None:
+            self._client = make_s3_client(self.settings)
+        return self._client
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.s3_endpoint_url or "AWS S3"
+
+    def _loc(self, uri: PathLike) -> S3Location:
+        loc = self._parse(uri)
+        assert isinstance(loc, S3Location)
+        return loc
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        chunk = self.settings.s3_multipart_chunksize
+        return TransferConfig(
+            multipart_threshold=chunk,
+            multipart_chunksize=chunk,
+            preferred_transfer_client="classic",  # honour the chunk size even with awscrt
+        )
+
+    @contextmanager
+    def _errors(self, what: str, loc: S3Location) -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except Exception as e:
+            mapped = _s3_error(e, what, loc, self.endpoint)
+            if mapped is None:
+                raise
+            raise mapped from e
+
+    def put_file(self, local_path: PathLike, uri: PathLike) -> None:
+        loc = self._loc(uri)
+        src = Path(local_path)
+        if not src.is_file():
+            raise StorageError(f"cannot upload {src} to {loc}: no such file")
+        with self._errors("cannot upload to", loc):
+            self.client.upload_file(
+                os.fspath(src), loc.bucket, loc.key, Config=self._transfer_config()
+            )
+
+    def get_file(self, uri: PathLike, local_path: PathLike) -> Path:
+        loc = self._loc(uri)
+        dest = Path(os.path.abspath(os.path.expanduser(os.fspath(local_path))))
+        with _atomic_dest(dest, dest) as tmp, self._errors("cannot download", loc):
+            self.client.download_file(
+                loc.bucket, loc.key, os.fspath(tmp), Config=self._transfer_config()
+            )
+        return dest
+
+    def read_bytes(self, uri: PathLike) -> bytes:
+        loc = self._loc(uri)
+        with self._errors("cannot read", loc):
+            resp = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
+            with resp["Body"] as body:
+                return body.read()
+
+    def write_bytes(self, uri: PathLike, data: bytes) -> None:
+        loc = self._loc(uri)
+        with self._errors("cannot write", loc):
+            self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=bytes(data))
+
+    def exists(self, uri: PathLike) -> bool:
+        from botocore.exceptions import ClientError
+
+        loc = self._loc(uri)
+        with self._errors("cannot check", loc):
+            try:
+                self.client.head_object(Bucket=loc.bucket, Key=loc.key)
+            except ClientError as e:
+                if _error_code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                    return False
+                raise
+            return True
+
+    def delete(self, uri: PathLike) -> None:
+        loc = self._loc(uri)
+        with self._errors("cannot delete", loc):
+            self.client.delete_object(Bucket=loc.bucket, Key=loc.key)
+
+    def check_writable(self, uri: PathLike) -> None:
+        """The bucket exists and a small probe object can be put beside the key and deleted."""
+        from botocore.exceptions import ClientError
+
+        loc = self._loc(uri)
+        with self._errors("cannot write", loc):
+            try:
+                self.client.head_bucket(Bucket=loc.bucket)
+            except ClientError as e:
+                if _error_code(e) in ("404", "NoSuchBucket", "NotFound"):
+                    raise StorageError(
+                        f"cannot write {loc}: bucket {loc.bucket!r} does not exist "
+                        f"at {self.endpoint}"
+                    ) from e
+                raise
+            folder = loc.key.rpartition("/")[0]
+            probe = f"{folder}/" if folder else ""
+            probe += f".tilefm-write-probe-{secrets.token_hex(6)}"
+            self.client.put_object(Bucket=loc.bucket, Key=probe, Body=b"tilefm write probe\n")
+            try:
+                self.client.delete_object(Bucket=loc.bucket, Key=probe)
+            except ClientError as e:
+                raise StorageError(
+                    f"cannot write {loc}: a probe object could be written but not deleted "
+                    f"({_error_code(e)}); s3://{loc.bucket}/{probe} was left behind"
+                ) from e
+
+    def rasterio_path(self, uri: PathLike) -> str:
+        loc = self._loc(uri)
+        return f"/vsis3/{loc.bucket}/{loc.key}"
+
+
+def _error_code(e: Exception) -> str:
+    response = getattr(e, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    if not code:
+        code = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code
+
+
+def _s3_error(e: Exception, what: str, loc: S3Location, endpoint: str) -> StorageError | None:
+    """Map a boto3/botocore error to a `StorageError`, or None if it is not one of theirs."""
+    from boto3.exceptions import Boto3Error, S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    # upload_file wraps the ClientError in a message-only S3UploadFailedError
+    if isinstance(e, S3UploadFailedError) and isinstance(e.__context__, ClientError):
+        e = e.__context__
+    head = f"{what} {loc}"
+    if isinstance(e, ClientError):
+        code = _error_code(e)
+        message = e.response.get("Error", {}).get("Message") or ""
+        if code == "NoSuchBucket":
+            return StorageError(f"{head}: bucket {loc.bucket!r} does not exist at {endpoint}")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{head}: no such object")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return StorageError(
+                f"{head}: access denied by {endpoint} (check the credentials and the bucket "
+                "policy)"
+            )
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return StorageError(
+                f"{head}: {endpoint} rejected the credentials ({code}); check "
+                "TILEFM_S3_ACCESS_KEY_ID / TILEFM_S3_SECRET_ACCESS_KEY"
+            )
+        return StorageError(f"{head}: {code or 'error'} from {endpoint}: {message or e}")
+    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        return StorageError(
+            f"{head}: no S3 credentials found; set TILEFM_S3_ACCESS_KEY_ID and "
+            "TILEFM_S3_SECRET_ACCESS_KEY (or configure the AWS credential chain)"
+        )
+    if isinstance(e, ConnectionError):
+        return StorageError(f"{head}: cannot connect to S3 endpoint {endpoint} ({e})")
+    if isinstance(e, (BotoCoreError, Boto3Error)):
+        return StorageError(f"{head}: S3 error at {endpoint}: {e}")
+    if isinstance(e, OSError):  # e.g. the local side of a transfer
+        return _os_error(e, what, loc)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# GDAL
+# ---------------------------------------------------------------------------------------------
+
+
+def gdal_config(settings: Settings | None = None) -> dict[str, str]:
+    """GDAL config options (all strings) to read ``/vsis3/`` paths from the configured S3
+    endpoint, credentials included: for a subprocess's environment or ``gdal.SetConfigOption``.
+
+    With no keys in `settings`, GDAL falls back to its own AWS credential chain. For
+    ``rasterio.Env`` use `gdal_env`, since rasterio refuses credentials given as options.
+    """
+    settings = settings if settings is not None else get_settings()
+    env: dict[str, str] = {
+        "AWS_REGION": settings.s3_region,
+        # do not list the "folder" of every file opened: slow (and often forbidden) on S3
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    }
+    key_id, secret = _keys(settings)
+    if key_id and secret:
+        env["AWS_ACCESS_KEY_ID"] = key_id
+        env["AWS_SECRET_ACCESS_KEY"] = secret
+    if settings.s3_endpoint_url:
+        parts = urlsplit(settings.s3_endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise StorageError(
+                f"S3 endpoint {settings.s3_endpoint_url!r} is not an http(s)://host[:port] URL",
+                field="settings",
+            )
+        env["AWS_S3_ENDPOINT"] = parts.netloc + parts.path.rstrip("/")
+        env["AWS_HTTPS"] = "YES" if parts.scheme == "https" else "NO"
+        env["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    return env
+
+
+def gdal_env(settings: Settings | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``rasterio.Env`` to read ``/vsis3/`` paths from the configured
+    S3 endpoint:
+
+        with rasterio.Env(**gdal_env(settings)), rasterio.open(storage.rasterio_path(uri)):
+
+    These are `gdal_config`'s options (AWS_S3_ENDPOINT, AWS_HTTPS, AWS_VIRTUAL_HOSTING,
+    AWS_REGION, ...), except that the keys travel in a ``session`` (a rasterio ``AWSSession``),
+    the only way rasterio accepts them. With no keys in `settings` there is no session and
+    GDAL uses its own AWS credential chain.
+    """
+    config: dict[str, Any] = gdal_config(settings)
+    key_id = config.pop("AWS_ACCESS_KEY_ID", None)
+    secret = config.pop("AWS_SECRET_ACCESS_KEY", None)
+    if key_id and secret:
+        from rasterio.session import AWSSession
+
+        config["session"] = AWSSession(
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            region_name=config["AWS_REGION"],
+            endpoint_url=config.get("AWS_S3_ENDPOINT"),
+        )
+    return config
