@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import morecantile
 from affine import Affine
+import numpy as np
+import shapely
 from pyproj import Transformer
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
-from shapely.ops import transform as shapely_transform
 
 from tilefm.errors import BBoxError, PlanError, ZoomError
 
@@ -24,7 +25,12 @@ MIN_ZOOM, MAX_ZOOM = 0, 22
 #: the smallest overview of an output is at most this many pixels across
 MIN_OVERVIEW_SIZE = 256
 
-_to_3857 = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform
+_lonlat_to_3857 = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
+
+
+def to_3857(geom: BaseGeometry) -> BaseGeometry:
+    """A lon/lat geometry in web-mercator metres."""
+    return shapely.transform(geom, lambda xy: np.column_stack(_lonlat_to_3857.transform(xy[:, 0], xy[:, 1])))
 
 
 def resolution(zoom: int) -> float:
@@ -132,7 +138,7 @@ def plan_tiles(
             raise BBoxError(f"{','.join(map(str, bbox))} does not intersect the scene footprint ({fb})")
     if area.is_empty:
         raise PlanError("the scene footprint is empty")
-    area_3857 = shapely_transform(_to_3857, area)
+    area_3857 = to_3857(area)
     w, s, e, n = area.bounds
     candidates = list(TMS.tiles(w, s, e, n, [zoom]))
     if max_tiles is not None and len(candidates) > 4 * max_tiles:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 import numpy as np
@@ -22,6 +22,10 @@ from tilefm.grid import TILE_SIZE, TMS, Tile
 from tilefm.models.card import ModelCard
 from tilefm.scene import BandFile, Scene
 
+#: the warper's largest approximation error, in pixels. GDAL's default (0.125) makes a pixel's
+#: value depend on the extent it is read with (up to ~60 DN here between a tile and the same tile
+#: read with a halo); 0.01 brings that under ~8 DN at a few ms per band.
+WARP_TOLERANCE = 0.01
 # GDAL settings for tile reads: no directory listing of sidecar files, modest block cache
 GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_CACHEMAX": 256, "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.jp2,.vrt"}
 
@@ -39,6 +43,8 @@ class TileInput:
     band_names: list[str]
     #: acquisition date of the scene (models that use the season need it)
     date: date | None = None
+    #: inputs read with their own extra halo ("modality:band" -> values, valid), e.g. a DEM for slopes
+    extra: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -46,14 +52,28 @@ class TileInput:
 
     def lonlat(self) -> tuple[np.ndarray, np.ndarray]:
         """Longitude and latitude of every pixel centre, [H, W] float64 each."""
-        b = TMS.xy_bounds(self.tile.x, self.tile.y, self.tile.z)
-        res = (b.right - b.left) / TILE_SIZE
         n = self.size
-        xs = b.left + (np.arange(n) - self.halo + 0.5) * res
-        ys = b.top - (np.arange(n) - self.halo + 0.5) * res
-        lon = np.degrees(xs / 6378137.0)
-        lat = np.degrees(2 * np.arctan(np.exp(ys / 6378137.0)) - math.pi / 2)
+        lon = tile_longitudes(self.tile, n, self.halo)
+        lat = tile_latitudes(self.tile, n, self.halo)
         return np.broadcast_to(lon[None, :], (n, n)), np.broadcast_to(lat[:, None], (n, n))
+
+
+def _pixel_centres(tile: Tile, n: int, halo: int) -> tuple[np.ndarray, np.ndarray]:
+    b = TMS.xy_bounds(tile.x, tile.y, tile.z)
+    res = (b.right - b.left) / TILE_SIZE
+    offsets = (np.arange(n) - halo + 0.5) * res
+    return b.left + offsets, b.top - offsets
+
+
+def tile_longitudes(tile: Tile, n: int = TILE_SIZE, halo: int = 0) -> np.ndarray:
+    """Longitudes of the pixel-centre columns of a tile read with `halo`, [n] degrees."""
+    return np.degrees(_pixel_centres(tile, n, halo)[0] / 6378137.0)
+
+
+def tile_latitudes(tile: Tile, n: int = TILE_SIZE, halo: int = 0) -> np.ndarray:
+    """Latitudes of the pixel-centre rows (inverse web-mercator), [n] degrees."""
+    ys = _pixel_centres(tile, n, halo)[1]
+    return np.degrees(2 * np.arctan(np.exp(ys / 6378137.0)) - math.pi / 2)
 
 
 def card_band_names(card: ModelCard) -> list[str]:
@@ -73,7 +93,7 @@ def check_scene(scene: Scene, card: ModelCard) -> None:
                 )
             continue
         missing = [b for b in inp.band_names if b not in mod.bands]
-        if missing and inp.required:
+        if missing and (inp.required or len(missing) == len(inp.band_names)):
             raise MissingBandError(
                 f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing from {mod.source!r} "
                 f"(model {card.name!r} needs {', '.join(inp.band_names)}; found {', '.join(sorted(mod.bands))})",
@@ -111,7 +131,7 @@ def read_band(band: BandFile, tile: Tile, halo: int, resampling: str) -> tuple[n
         with rasterio.Env(**GDAL_ENV):
             img = _cache.get(band.path).tile(
                 tile.x, tile.y, tile.z, tilesize=TILE_SIZE, indexes=band.index, buffer=halo or None,
-                reproject_method=resampling,
+                reproject_method=resampling, vrt_options={"tolerance": WARP_TOLERANCE},
             )
     except TileOutsideBounds:
         return np.zeros((n, n), np.float32), np.zeros((n, n), bool)
@@ -128,12 +148,18 @@ def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int) -> TileInput
     names = card_band_names(card)
     data = np.zeros((len(names), n, n), np.float32)
     valid = np.zeros((len(names), n, n), bool)
+    extra = {}
     i = 0
     for inp in card.inputs:
         mod = scene.modalities.get(inp.modality)
         for b in inp.bands:
             band = mod.bands.get(b.name) if mod else None
             if band is not None:
-                data[i], valid[i] = read_band(band, tile, halo, inp.resampling)
+                values, ok = read_band(band, tile, halo + inp.halo, inp.resampling)
+                if inp.halo:
+                    extra[names[i]] = (values, ok)
+                    core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
+                    values, ok = values[core], ok[core]
+                data[i], valid[i] = values, ok
             i += 1
-    return TileInput(tile=tile, halo=halo, data=data, valid=valid, band_names=names, date=scene.date)
+    return TileInput(tile=tile, halo=halo, data=data, valid=valid, band_names=names, date=scene.date, extra=extra)

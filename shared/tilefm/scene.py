@@ -217,7 +217,7 @@ def _from_stac_item(name: str, source: str, asset_map: dict[str, str]) -> Modali
         eo = asset.get("eo:bands") or []
         if len(eo) != 1 or "image/tiff" not in str(asset.get("type", "image/tiff")):
             continue  # multi-band previews (visual, thumbnails) and metadata are not model inputs
-        band = canonical_band(eo[0].get("name") or COMMON_NAMES.get(eo[0].get("common_name", ""), key))
+        band = _stac_band_name(eo[0], key)
         href = _resolve_href(key, asset["href"], asset_map, base_dir)
         if href is None:
             continue
@@ -227,6 +227,20 @@ def _from_stac_item(name: str, source: str, asset_map: dict[str, str]) -> Modali
     mod = Modality(name=name, source=source, bands=bands)
     _apply_stac_properties(mod, item.get("properties", {}))
     return mod
+
+
+def _stac_band_name(eo_band: dict[str, Any], key: str) -> str:
+    """Band id from eo:bands: `B02` as is, a common/short name (`blue`, `rededge1`) via the
+    Sentinel-2 table, else "(band 8A)" in the description, else the asset key."""
+    for candidate in (eo_band.get("name"), eo_band.get("common_name"), key):
+        if not candidate:
+            continue
+        if re.fullmatch(r"[bB]\d{1,2}[aA]?", candidate):
+            return canonical_band(candidate)
+        if candidate in COMMON_NAMES:
+            return COMMON_NAMES[candidate]
+    m = re.search(r"band (\d{1,2}[aA]?)\)", eo_band.get("description", ""))
+    return canonical_band(f"B{m.group(1)}") if m else canonical_band(key)
 
 
 def _resolve_href(key: str, href: str, asset_map: dict[str, str], base_dir: Path | None) -> str | None:

@@ -29,6 +29,8 @@ class Input(BaseModel):
     bands: list[Band]
     required: bool = True
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+    #: extra pixels read around each tile for inputs the model derives from neighbours (slopes)
+    halo: int = 0
     description: str = ""
 
     @property

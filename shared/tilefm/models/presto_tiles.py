@@ -17,7 +17,7 @@ from tilefm.grid import TILE_SIZE, resolution
 from tilefm.models.base import TileModel, TileOutput
 from tilefm.models.card import ModelCard
 from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, normalize
-from tilefm.read import TileInput
+from tilefm.read import TileInput, tile_latitudes
 
 #: card band "modality:name" -> Presto raw band
 CARD_TO_RAW = {
@@ -61,10 +61,6 @@ class PrestoTileModel(TileModel):
         self.raw_index = {n: RAW_BAND_NAMES.index(CARD_TO_RAW[n]) for n in names}
         self.elev_name = "dem:elevation" if "dem:elevation" in names else None
 
-    @property
-    def read_halo(self) -> int:
-        return 1  # for the slope; the output has no halo
-
     def pixels(self, t: TileInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(raw [n_pix, 1, 16], present [n_pix, 1, 16], latlons [n_pix, 2], pixel validity [256, 256])."""
         h = t.halo
@@ -75,13 +71,13 @@ class PrestoTileModel(TileModel):
             k = self.raw_index[name]
             raw[..., k] = t.data[j][core]
             present[..., k] = t.valid[j][core]
-        if self.elev_name is not None and h >= 1:
-            j = t.band_names.index(self.elev_name)
-            lon, lat = t.lonlat()
-            cell = resolution(t.tile.z) * np.cos(np.radians(lat[h - 1 : h + TILE_SIZE + 1, 0]))
-            slope, ok = horn_slope(t.data[j][h - 1 : h + TILE_SIZE + 1, h - 1 : h + TILE_SIZE + 1],
-                                   t.valid[j][h - 1 : h + TILE_SIZE + 1, h - 1 : h + TILE_SIZE + 1],
-                                   cell[1:-1, None], cell[1:-1, None])
+        if self.elev_name in t.extra:
+            elev, elev_ok = t.extra[self.elev_name]  # the tile plus one pixel, for the 3x3 kernel
+            e = (elev.shape[0] - TILE_SIZE) // 2 - 1
+            elev, elev_ok = elev[e : elev.shape[0] - e, e : elev.shape[1] - e], elev_ok[e : elev.shape[0] - e, e : elev.shape[1] - e]
+            lat = tile_latitudes(t.tile, TILE_SIZE + 2, 1)
+            cell = (resolution(t.tile.z) * np.cos(np.radians(lat)))[1:-1, None]
+            slope, ok = horn_slope(elev, elev_ok, cell, cell)
             k = RAW_BAND_NAMES.index("slope")
             raw[..., k] = slope
             present[..., k] = ok & present[..., RAW_BAND_NAMES.index("elevation")]

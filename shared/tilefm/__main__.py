@@ -1,0 +1,3 @@
+from tilefm.cli import app
+
+app(prog_name="tilefm")
