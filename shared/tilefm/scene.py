@@ -11,13 +11,14 @@ import json
 import re
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import rasterio
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.warp import transform_geom
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
@@ -183,7 +184,7 @@ def _from_band_dir(name: str, path: Path) -> Modality:
 
 def _from_raster(name: str, path: str) -> Modality:
     try:
-        with rasterio.open(path) as src:
+        with _open(path) as src:
             descriptions = list(src.descriptions)
             count = src.count
             tags = src.tags()
@@ -279,7 +280,7 @@ def _inspect_rasters(mod: Modality, field_name: str) -> None:
     resolutions = []
     for path in sorted({b.path for b in mod.bands.values()}):
         try:
-            with rasterio.open(path) as src:
+            with _open(path) as src:
                 if src.crs is None or src.transform.is_identity:
                     raise NotGeoreferencedError(
                         f"{path!r} is not georeferenced (no CRS or geotransform)", field=field_name
@@ -293,6 +294,13 @@ def _inspect_rasters(mod: Modality, field_name: str) -> None:
             raise SceneError(f"cannot read {path!r}: {_short(e)}", field=field_name) from None
     mod.footprint = unary_union(footprints)
     mod.resolution_m = min(resolutions)
+
+
+def _open(path: str) -> rasterio.io.DatasetReader:
+    """Open quietly: a missing georeference is reported as an error by the caller, not a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
 
 
 def _ground_resolution(src: rasterio.io.DatasetReader) -> float:
