@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `s3server`, also used by bench/
-
-from s3server import S3Server  # noqa: E402
-from tilefm.settings import Settings, get_settings  # noqa: E402
+from tilefm.localstack import S3Server
+from tilefm.settings import Settings, get_settings
 
 
 @pytest.fixture(scope="session")

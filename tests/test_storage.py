@@ -1,4 +1,4 @@
-"""tilefm.storage against local files and a real S3 server (SeaweedFS, see s3server.py)."""
+"""tilefm.storage against local files and a real S3 server (SeaweedFS, see tilefm.localstack)."""
 
 from __future__ import annotations
 

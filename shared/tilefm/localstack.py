@@ -1,4 +1,5 @@
-"""A throwaway S3 server for tests and benchmarks: SeaweedFS ``weed mini`` on 127.0.0.1.
+"""A local stack for demos, tests and benchmarks: a throwaway S3 server (SeaweedFS ``weed mini``
+on 127.0.0.1), and the demo that runs both models over the sample scene into it.
 
     with S3Server() as s3:          # or: s3 = S3Server().start(); ...; s3.stop()
         s3.endpoint_url, s3.access_key, s3.secret_key, s3.bucket
@@ -9,7 +10,8 @@ Every run gets free ports, a fresh data folder and a random access key / secret 
 in its own process group and asked to die with its parent, so a crashed test run leaves no
 ``weed`` behind.
 
-Run ``python tests/s3server.py`` to keep one up and print the ``TILEFM_S3_*`` settings for it.
+``python -m tilefm.localstack s3`` keeps a server up and prints the ``TILEFM_S3_*`` settings for it;
+``python -m tilefm.localstack demo`` runs the sample jobs into one.
 """
 
 from __future__ import annotations
@@ -292,7 +294,7 @@ class _PortTaken(RuntimeError):
     """weed could not bind a port we picked (something took it in between)."""
 
 
-if __name__ == "__main__":
+def serve() -> None:
     with S3Server() as server:
         for k, v in server.tilefm_env().items():
             print(f"export {k}={v}")
@@ -301,3 +303,52 @@ if __name__ == "__main__":
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
+
+
+def demo(data: Path, models: Path, out_dir: Path) -> int:
+    """Both sample jobs on the embedded defaults: a local Ray cluster and a local S3 server."""
+    scene = data / "s2-l2a-29RKH-20200219"
+    if not scene.is_dir():
+        print(f"demo: the sample scene is not at {scene} (pass --data)", file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with S3Server(bucket="tilefm") as server:
+        env = {**os.environ, **server.tilefm_env(), "TILEFM_MODEL_STORE": str(models), "RAY_USAGE_STATS_ENABLED": "0"}
+        jobs = [
+            ["--scene", f"s2={scene}", "--model", "presto", "--zoom", "10", "--out", "s3://tilefm/demo/presto.tif"],
+            ["--scene", f"s2={scene / 'stac-item.json'}", "--model", "ukis-csmask", "--zoom", "11", "--out", (out_dir / "clouds.tif").as_uri()],
+        ]
+        for args in jobs:
+            print("$ tilefm run " + " ".join(args), flush=True)
+            rc = subprocess.call([sys.executable, "-m", "tilefm", "run", *args], env=env)
+            if rc:
+                return rc
+        # the S3 server is temporary: keep a local copy of what it holds
+        client = server.client()
+        for key in ("demo/presto.tif", "demo/presto.stac.json"):
+            client.download_file("tilefm", key, str(out_dir / Path(key).name))
+        print(f"outputs: {out_dir}/presto.tif (from s3://tilefm/demo/), {out_dir}/clouds.tif, with STAC items beside them")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    here = Path(__file__).resolve()
+    default_shared = here.parents[3] / "shared"  # ../shared beside a source checkout
+    p = argparse.ArgumentParser(prog="python -m tilefm.localstack")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("s3", help="run a local S3 server until Ctrl-C")
+    d = sub.add_parser("demo", help="run both sample jobs into a local S3 server")
+    d.add_argument("--data", type=Path, default=default_shared / "data")
+    d.add_argument("--models", type=Path, default=default_shared / "models")
+    d.add_argument("--out", type=Path, default=Path("demo-output"))
+    args = p.parse_args(argv)
+    if args.cmd == "s3":
+        serve()
+        return 0
+    return demo(args.data, args.models, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
