@@ -4,18 +4,31 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: install demo test bench clean
+.PHONY: install protos demo test bench clean
 
 # The CPU build of torch first (this machine keeps its wheel at hand): a bare `torch`
-# requirement would pull the multi-GB CUDA build.
+# requirement would pull the multi-GB CUDA build. Every `pip install` of tilefm, editable too, also
+# generates the gRPC / protobuf modules from protos/ into shared/tilefm/_proto (setup.py's build_py).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+	touch -c $(PROTO_GEN)
 
-install: $(VENV)/.installed
+# Regenerated (by re-running the editable install, without deps) when a .proto or setup.py changes,
+# or when the generated code is missing, as in a fresh work tree beside a kept .venv.
+PROTOS := $(wildcard protos/tilefm/*/*.proto)
+PROTO_GEN := shared/tilefm/_proto/tilefm/v1/jobs_pb2.py
+$(PROTO_GEN): $(VENV)/.installed setup.py $(PROTOS)
+	$(PY) -m pip install -q --no-deps -e .
+
+install: $(VENV)/.installed $(PROTO_GEN)
+
+## Regenerate shared/tilefm/_proto from protos/, whatever the timestamps say.
+protos: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps -e .
 
 ## Set up, then run both sample jobs on the embedded defaults (local Ray, local S3 server).
 demo: install

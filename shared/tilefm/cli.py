@@ -202,3 +202,146 @@ def models_verify(
     )
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(help="Submit and follow jobs on a tilefm job service.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+ApiUrl = Annotated[str, typer.Option("--api", envvar="TILEFM_API_URL", help="Job API base URL.")]
+ApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="TILEFM_API_KEY", help="API key.")]
+
+
+def _client(api: str, api_key: str | None):
+    from tilefm.client import JobsClient
+
+    return JobsClient(api, api_key)
+
+
+def _follow(client, job_id: str) -> int:
+    """Progress bar from the job's event stream; exit code 0 only if the job succeeded."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    state = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} tiles/s"),
+                  TimeElapsedColumn(), disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(job_id[:8], total=None, rate="-")
+        for ev in client.events(job_id):
+            state = ev.state.value
+            bar.update(task, total=ev.progress.tiles_total or None, completed=ev.progress.tiles_done,
+                       description=f"{job_id[:8]} {state}", rate=f"{ev.tiles_per_second:.2f}")
+    job = client.get(job_id)
+    typer.echo(job.model_dump_json(indent=2))
+    return 0 if job.state.value == "succeeded" else 1
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE; repeatable.")],
+    model: Annotated[str, typer.Option(help="Model name.")],
+    out: Annotated[str, typer.Option(help="Output prefix (s3://bucket/prefix/ or file:///dir/).")],
+    api: ApiUrl = "http://127.0.0.1:8080",
+    api_key: ApiKey = None,
+    zoom: Annotated[Optional[int], typer.Option()] = None,
+    bbox: Annotated[Optional[str], typer.Option()] = None,
+    priority: Annotated[int, typer.Option(min=0, max=9)] = 5,
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    watch: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow the job to the end.")] = True,
+) -> None:
+    """Submit a job; with --watch, follow it with a progress bar."""
+    from tilefm.grid import parse_bbox
+    from tilefm.jobs.models import JobSpec
+    from tilefm.scene import parse_scene_arg
+
+    try:
+        spec = JobSpec(scene=dict(parse_scene_arg(s) for s in scene), model=model, output_prefix=out, zoom=zoom,
+                       bbox=parse_bbox(bbox) if bbox else None, priority=priority)
+        client = _client(api, api_key)
+        job = client.submit(spec, idempotency_key)
+        typer.echo(job.id)
+        if watch:
+            raise typer.Exit(_follow(client, job.id))
+    except TileFMError as e:
+        fail(e)
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, api: ApiUrl = "http://127.0.0.1:8080", api_key: ApiKey = None) -> None:
+    """Follow a job until it ends."""
+    try:
+        raise typer.Exit(_follow(_client(api, api_key), job_id))
+    except TileFMError as e:
+        fail(e)
+
+
+@jobs_app.command("list")
+def jobs_list(api: ApiUrl = "http://127.0.0.1:8080", api_key: ApiKey = None,
+              state: Annotated[Optional[str], typer.Option()] = None, limit: int = 20) -> None:
+    """Newest jobs first."""
+    try:
+        jobs, _ = _client(api, api_key).list(state=state, limit=limit)
+    except TileFMError as e:
+        fail(e)
+    for j in jobs:
+        p = j.progress
+        typer.echo(f"{j.id}  {j.state.value:<9}  {p.tiles_done}/{p.tiles_total}  {j.spec.model}  {j.timings.created:%Y-%m-%d %H:%M:%S}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, api: ApiUrl = "http://127.0.0.1:8080", api_key: ApiKey = None) -> None:
+    """Cancel a job."""
+    try:
+        job = _client(api, api_key).cancel(job_id)
+    except TileFMError as e:
+        fail(e)
+    typer.echo(f"{job.id} {job.state.value}")
+
+
+@app.command()
+def scheduler(
+    max_jobs: Annotated[Optional[int], typer.Option(help="Jobs run at once (TILEFM_SCHEDULER_MAX_JOBS).")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0: none).")] = 9464,
+) -> None:
+    """Run queued jobs on Ray until interrupted."""
+    import logging
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from tilefm.jobs.scheduler import Scheduler
+    from tilefm.jobs.store import JobStore
+    from tilefm.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = get_settings()
+    if metrics_port:
+        start_http_server(metrics_port, addr="127.0.0.1")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    store = JobStore.from_url(s.redis_url, prefix=s.redis_prefix)
+    Scheduler(store, s, max_jobs=max_jobs or s.scheduler_max_jobs, lease_s=s.job_lease_s).run(stop)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="gRPC JobService port (0: none).")] = 50051,
+    workers: Annotated[int, typer.Option()] = 1,
+) -> None:
+    """Serve the job API (HTTP, and gRPC on its own port)."""
+    import uvicorn
+
+    if grpc_port:
+        from tilefm.grpc_api import serve_background
+
+        serve_background(f"{host}:{grpc_port}")
+    uvicorn.run("tilefm.api.jobs:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command("keys")
+def keys_hash(key: str) -> None:
+    """Print the TILEFM_API_KEYS entry (a sha256) for KEY; only the hash goes in settings."""
+    from tilefm.api.auth import hash_key
+
+    typer.echo(json.dumps({"name": "my-key", "sha256": hash_key(key), "scopes": ["jobs:read", "jobs:write"]}))

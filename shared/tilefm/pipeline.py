@@ -121,7 +121,7 @@ def execute(
     t0 = time.perf_counter()
     encoding = Encoding.for_card(card, spec.dtype)
     worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights)
-    executor = make_executor(spec.executor, worker, **({"address": settings.ray_address, "num_cpus": settings.ray_num_cpus} if spec.executor == "ray" else {}))
+    executor = make_executor(spec.executor, worker, settings)
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="tilefm-", dir=settings.work_dir) as tmp:
         mosaic = Path(tmp) / "mosaic.tif"

@@ -23,6 +23,7 @@ from tilefm.models.base import TileModel, TileOutput, load_tile_model
 from tilefm.models.card import ModelCard
 from tilefm.read import TileInput, read_tile
 from tilefm.scene import Scene
+from tilefm.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +90,31 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     return ray
 
 
+def remote_reader(ray: Any, settings: Settings) -> Any:
+    """`read_batch` as a Ray task (retried on worker loss)."""
+    return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_batch)
+
+
+def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, replicas: int = 1) -> list[Any]:
+    """Encoder actors for one model, restarted by Ray if they die (their tasks retried); returns
+    once every replica has loaded its model, so load errors surface before any work is queued."""
+    actor_cls = ray.remote(num_cpus=settings.encoder_num_cpus, max_restarts=3, max_task_retries=3)(EncoderActor)
+    actors = [actor_cls.remote(worker) for _ in range(replicas)]
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
 class RayExecutor:
     """Reader tasks feed encoder actors; at most `in_flight` batches per actor are outstanding."""
 
     name = "ray"
 
-    def __init__(self, worker: WorkerSpec, *, replicas: int = 1, in_flight: int = 2, address: str | None = None, num_cpus: int | None = None):
-        ray = ensure_ray(address, num_cpus)
+    def __init__(self, worker: WorkerSpec, settings: Settings, *, replicas: int = 1, in_flight: int = 2):
+        ray = ensure_ray(settings.ray_address, settings.ray_num_cpus)
         self.ray = ray
-        self._read = ray.remote(num_cpus=1, max_retries=3)(read_batch)
-        actor_cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(EncoderActor)
-        self.actors = [actor_cls.remote(worker) for _ in range(replicas)]
-        # surface load errors before any work is planned
-        self.halo = max(ray.get([a.ready.remote() for a in self.actors]))
+        self._read = remote_reader(ray, settings)
+        self.actors = start_encoders(ray, worker, settings, replicas)
+        self.halo = worker.card.context.halo
         self.in_flight = in_flight
         self.card = worker.card
 
@@ -152,9 +165,9 @@ class EncoderActor:
         return self.model.encode(inputs)
 
 
-def make_executor(kind: str, worker: WorkerSpec, **kwargs: Any) -> LocalExecutor | RayExecutor:
+def make_executor(kind: str, worker: WorkerSpec, settings: Settings) -> LocalExecutor | RayExecutor:
     if kind == "local":
         return LocalExecutor(worker)
     if kind == "ray":
-        return RayExecutor(worker, **kwargs)
+        return RayExecutor(worker, settings)
     raise ValueError(f"unknown executor {kind!r}")

@@ -27,11 +27,32 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     #: CPUs a local Ray cluster may use (default: all)
     ray_num_cpus: int | None = None
+    #: Ray CPU reservations: an encoder actor and a reader task. Fractions, so that several
+    #: models' encoder actors and the readers feeding them fit on a small node together
+    #: (whole CPUs per actor deadlock a 2-CPU node once two models are loaded).
+    encoder_num_cpus: float = 0.5
+    reader_num_cpus: float = 0.5
 
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     #: the largest plan a single run accepts
     max_tiles: int = 20000
+
+    #: API keys as JSON: [{"name": "ci", "sha256": "<hex of the key>", "scopes": ["jobs:read", "jobs:write"]}].
+    #: Only hashes are kept; `tilefm keys hash KEY` prints one.
+    api_keys: list[dict] = Field(default_factory=list)
+    #: no authentication at all (local use only; logged loudly at start)
+    auth_disabled: bool = False
+    #: CORS origins allowed to call the APIs from a browser
+    cors_origins: list[str] = Field(default_factory=list)
+
+    #: key prefix of the job store in Redis
+    redis_prefix: str = "tilefm:"
+    #: seconds a scheduler's claim on a job lasts without renewal (a dead scheduler's jobs are
+    #: re-queued after this)
+    job_lease_s: float = 30.0
+    #: jobs one scheduler runs at once (their batches share the encoder actors round-robin)
+    scheduler_max_jobs: int = 4
 
 
 @lru_cache

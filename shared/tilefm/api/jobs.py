@@ -1,0 +1,238 @@
+"""The job API: a router factory over an injected `JobService`, and the app that wires it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Body, FastAPI, Header, Path, Query, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from tilefm import __version__, metrics
+from tilefm.api import errors
+from tilefm.api.auth import READ, WRITE, KeyRing, require
+from tilefm.jobs.models import Job, JobSpec, JobState
+from tilefm.jobs.service import JobService
+from tilefm.jobs.store import JobStore
+from tilefm.models import list_cards
+from tilefm.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+JOB_ID = Path(description="Job id (32 hex characters)", pattern=r"^[0-9a-f]{32}$", examples=["0193a4c2f1e7aa0c4e1b2d3f4a5b6c7d"])
+
+SPEC_EXAMPLES = {
+    "cloud mask": {
+        "summary": "Cloud mask of the sample scene to S3",
+        "value": {
+            "scene": {"s2": "../shared/data/s2-l2a-29RKH-20200219"},
+            "model": "ukis-csmask",
+            "zoom": 11,
+            "output_prefix": "s3://tilefm/jobs/clouds/",
+        },
+    },
+    "presto part": {
+        "summary": "Presto embeddings for part of a scene given as a STAC item",
+        "value": {
+            "scene": {"s2": "../shared/data/s2-l2a-29RKH-20200219/stac-item.json"},
+            "model": "presto",
+            "zoom": 10,
+            "bbox": [-11.6, 24.62, -11.2, 24.98],
+            "output_prefix": "s3://tilefm/jobs/presto/",
+            "priority": 7,
+            "labels": {"project": "demo"},
+        },
+    },
+}
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    title: str
+    architecture: str
+    output: str
+    inputs: list[str]
+    backends: list[str]
+
+
+def get_service(request: Request) -> JobService:
+    return request.app.state.service
+
+
+def create_router() -> APIRouter:
+    r = APIRouter(prefix="/v1")
+
+    @r.post("/jobs", status_code=202, response_model=Job, dependencies=[require(WRITE)],
+            responses={200: {"description": "The job an identical earlier request with this Idempotency-Key created", "model": Job},
+                       409: {"description": "Idempotency-Key reused with a different body"},
+                       422: {"description": "The spec cannot run (names the field and the problem)"}})
+    def submit(
+        request: Request,
+        response: Response,
+        spec: Annotated[JobSpec, Body(openapi_examples=SPEC_EXAMPLES)],
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200, examples=["3f1c-upload-42"])] = None,
+    ) -> Job:
+        """Validate a job against real files and settings, record it, and queue it."""
+        job, created = get_service(request).submit(spec, idempotency_key=idempotency_key)
+        if not created:
+            response.status_code = 200
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return job
+
+    @r.get("/jobs/{job_id}", response_model=Job, dependencies=[require(READ)])
+    def get(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
+        return get_service(request).get(job_id)
+
+    @r.get("/jobs", response_model=JobList, dependencies=[require(READ)])
+    def list_jobs(
+        request: Request,
+        state: Annotated[JobState | None, Query(examples=["running"])] = None,
+        limit: Annotated[int, Query(ge=1, le=100, examples=[20])] = 20,
+        cursor: Annotated[str | None, Query(max_length=200, examples=[None])] = None,
+    ) -> JobList:
+        """Newest first; pass `next_cursor` back as `cursor` for the next page."""
+        jobs, nxt = get_service(request).list(state=state, limit=limit, cursor=cursor)
+        return JobList(jobs=jobs, next_cursor=nxt)
+
+    def _cancel(request: Request, job_id: str) -> Job:
+        return get_service(request).cancel(job_id)
+
+    @r.post("/jobs/{job_id}:cancel", response_model=Job, dependencies=[require(WRITE)])
+    def cancel(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
+        """Queued jobs are cancelled at once; running ones stop within seconds and their partial
+        outputs are removed."""
+        return _cancel(request, job_id)
+
+    @r.delete("/jobs/{job_id}", response_model=Job, dependencies=[require(WRITE)])
+    def delete(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
+        """Same as `:cancel`."""
+        return _cancel(request, job_id)
+
+    @r.get("/jobs/{job_id}/events", dependencies=[require(READ)], response_class=StreamingResponse,
+           responses={200: {"content": {"text/event-stream": {}}, "description": "JobEvent JSON per event until a final state"}})
+    async def events(request: Request, job_id: Annotated[str, JOB_ID]) -> StreamingResponse:
+        service = get_service(request)
+        service.get(job_id)  # 404 before the stream starts
+
+        async def stream() -> AsyncIterator[bytes]:
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            stopped = threading.Event()
+            done = object()
+
+            def produce() -> None:  # the store read blocks: a thread, not the event loop
+                try:
+                    for ev in service.watch(job_id, poll_ms=1000, timeout_s=6 * 3600, stop=stopped.is_set):
+                        loop.call_soon_threadsafe(queue.put_nowait, ev)
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, done)
+
+            loop.run_in_executor(None, produce)
+            try:
+                while (ev := await queue.get()) is not done:
+                    yield f"event: {ev.state.value}\ndata: {ev.model_dump_json()}\n\n".encode()
+            finally:
+                stopped.set()  # the client left, or the job ended: the producer stops at its next poll
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @r.get("/models", response_model=list[ModelInfo])
+    def models() -> list[ModelInfo]:
+        return [
+            ModelInfo(name=c.name, title=c.title, architecture=c.architecture, output=f"{c.output.kind}[{c.output.channels}]",
+                      inputs=[i.modality for i in c.inputs], backends=list(c.backends))
+            for c in list_cards()
+        ]
+
+    return r
+
+
+def create_app(settings: Settings | None = None, *, store: JobStore | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    app = FastAPI(
+        title="tilefm jobs",
+        version=__version__,
+        description="Submit scene-level jobs that run a model over a scene and write a COG; follow them to completion.",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.service = JobService(store, settings)
+    app.state.keyring = KeyRing(settings)
+    errors.install(app)
+    app.add_middleware(GZipMiddleware, minimum_size=1000)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    app.include_router(create_router())
+    collector = metrics.JobStoreCollector(store)
+
+    @app.middleware("http")
+    async def _metrics(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.http_seconds.labels(path, request.method).observe(time.perf_counter() - t0)
+        metrics.http_requests.labels(path, request.method, str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz", include_in_schema=True)
+    def healthz() -> dict:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Redis, the object store and Ray (when an address is configured) are reachable."""
+        checks = _readiness(settings, store)
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(metrics.render(extra=[collector]), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _readiness(settings: Settings, store: JobStore) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    try:
+        store.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        checks["redis"] = f"unreachable: {type(e).__name__}"
+    try:
+        from tilefm.storage import make_s3_client
+
+        if settings.s3_endpoint_url:
+            make_s3_client(settings).list_buckets()
+        checks["object_store"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        checks["object_store"] = f"unreachable: {type(e).__name__}"
+    if settings.ray_address and not settings.ray_address.startswith("local"):
+        import socket
+
+        host, _, port = settings.ray_address.replace("ray://", "").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=1).close()
+            checks["ray"] = "ok"
+        except (OSError, ValueError) as e:
+            checks["ray"] = f"unreachable: {type(e).__name__}"
+    else:
+        checks["ray"] = "ok"  # the scheduler starts a local cluster
+    return checks
+
+

@@ -1,0 +1,365 @@
+"""The scheduler: a Ray driver that runs queued jobs, several at once, on shared encoder actors.
+
+Why a long-running driver process rather than the Ray Jobs API: tiles of many jobs share the same
+encoder actors (a model loaded once per GPU, not once per job), batches are interleaved
+round-robin across running jobs so a big job cannot starve a small one, and per-tile progress
+goes to Redis as each tile lands. The driver holds no state that matters: every finished tile's
+contribution is stored beside the job's output (`.parts/`) and recorded in Redis, and the job's
+lease expires if the driver dies, so another (or the restarted) scheduler re-queues the job and
+resumes it without redoing finished tiles.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilefm import stac
+from tilefm.errors import TileFMError
+from tilefm.grid import Tile
+from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
+from tilefm.jobs.service import output_uri, run_spec
+from tilefm.jobs.store import JobStore
+from tilefm.models.base import TileOutput
+from tilefm.pipeline import Prepared, batches, prepare, stac_uri_for
+from tilefm.runtime import WorkerSpec, ensure_ray, remote_reader, start_encoders
+from tilefm.settings import Settings
+from tilefm.stitch import Encoding, MosaicWriter, output_tags, write_cog
+from tilefm.storage import storage_for
+
+log = logging.getLogger(__name__)
+
+
+def parts_prefix(job: Job) -> str:
+    """Scratch space for a job's finished tiles, beside its output."""
+    out = output_uri(job.spec)
+    return out.rsplit("/", 1)[0] + f"/.parts/{job.id}/"
+
+
+def part_uri(job: Job, tile: Tile) -> str:
+    return f"{parts_prefix(job)}{tile.z}-{tile.x}-{tile.y}.npz"
+
+
+def encode_part(out: TileOutput, dtype: np.dtype) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, values=out.values.astype(dtype, copy=False), weight=out.weight, halo=np.int32(out.halo))
+    return buf.getvalue()
+
+
+def decode_part(data: bytes, tile: Tile) -> TileOutput:
+    with np.load(io.BytesIO(data)) as z:
+        return TileOutput(tile=tile, halo=int(z["halo"]), values=z["values"].astype(np.float32), weight=z["weight"])
+
+
+@dataclass
+class _Batch:
+    job_id: str
+    tiles: list[Tile]
+    attempt: int = 0
+
+
+@dataclass
+class _Active:
+    job: Job
+    prep: Prepared
+    encoding: Encoding
+    pending: deque[_Batch]
+    in_flight: int = 0
+    writes: list[Future[Any]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    done_at_start: int = 0
+    done: int = 0
+    finishing: Future[Any] | None = None
+    last_event: float = 0.0
+
+    @property
+    def part_dtype(self) -> np.dtype:
+        return np.dtype(np.float16) if self.encoding.nbits == 16 or self.encoding.dtype == "int8" else np.dtype(np.float32)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        *,
+        owner: str | None = None,
+        max_jobs: int = 4,
+        lease_s: float = 30.0,
+        batch_size: int = 4,
+        in_flight_per_actor: int = 2,
+        max_attempts: int = 3,
+    ):
+        self.store = store
+        self.settings = settings
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.max_jobs = max_jobs
+        self.lease_s = lease_s
+        self.batch_size = batch_size
+        self.in_flight_per_actor = in_flight_per_actor
+        self.max_attempts = max_attempts
+        self.active: dict[str, _Active] = {}
+        self.pools: dict[tuple[str, str], list[Any]] = {}
+        self.refs: dict[Any, tuple[_Batch, Any]] = {}
+        self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tilefm-parts")
+        self.ray = None
+        self._rr: deque[str] = deque()
+        self._last_renew = 0.0
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None, *, idle_sleep: float = 0.5) -> None:
+        stop = stop or threading.Event()
+        self.ray = ensure_ray(self.settings.ray_address, self.settings.ray_num_cpus)
+        self._read = remote_reader(self.ray, self.settings)
+        log.info("scheduler %s started", self.owner)
+        try:
+            while not stop.is_set():
+                busy = self.step()
+                if not busy:
+                    stop.wait(idle_sleep)
+        finally:
+            self.shutdown()
+
+    def step(self) -> bool:
+        """One pass: recover, claim, check cancels, dispatch, collect, finish. True if anything ran."""
+        for job_id in self.store.expired_running():
+            if job_id not in self.active:
+                log.warning("job %s lost its scheduler; re-queued", job_id)
+                self.store.requeue(job_id)
+        self._renew_leases()
+        while len(self.active) < self.max_jobs:
+            job = self.store.claim_next(self.owner, self.lease_s)
+            if job is None:
+                break
+            self._start(job)
+        for a in list(self.active.values()):
+            self._check_cancel(a)
+        self._dispatch()
+        self._collect(timeout=0.2 if self.refs else 0)
+        for a in list(self.active.values()):
+            self._maybe_finish(a)
+        return bool(self.active)
+
+    def shutdown(self) -> None:
+        self.io.shutdown(wait=True)
+        if self.ray is not None:
+            for actors in self.pools.values():
+                for actor in actors:
+                    self.ray.kill(actor)
+        self.pools.clear()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def _start(self, job: Job) -> None:
+        try:
+            prep = prepare(run_spec(job.spec), self.settings)
+        except TileFMError as e:
+            self._fail(job.id, JobError(message=str(e), field=e.field))
+            return
+        done = self.store.tiles_done(job.id)
+        todo = [t for t in prep.plan.tiles if str(t) not in done]
+        self.store.set_total(job.id, len(prep.plan.tiles))
+        a = _Active(
+            job=job, prep=prep, encoding=Encoding.for_card(prep.card, job.spec.dtype),
+            pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size)),
+            done_at_start=len(done), done=len(done),
+        )
+        self.active[job.id] = a
+        self._rr.append(job.id)
+        self._pool(prep)  # load the model before the first batch
+        self._event(a, f"running: {len(todo)} of {len(prep.plan.tiles)} tiles to do")
+
+    def _pool(self, prep: Prepared) -> list[Any]:
+        key = (prep.card.name, prep.backend)
+        if key not in self.pools:
+            in_use = {(a.prep.card.name, a.prep.backend) for a in self.active.values()}
+            for idle in [k for k in self.pools if k not in in_use]:  # free the node for this model
+                for actor in self.pools.pop(idle):
+                    self.ray.kill(actor)
+            worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
+            self.pools[key] = start_encoders(self.ray, worker, self.settings)
+        return self.pools[key]
+
+    def _dispatch(self) -> None:
+        """Round-robin over running jobs, a batch at a time, while actors have room."""
+        for _ in range(len(self._rr)):
+            job_id = self._rr[0]
+            self._rr.rotate(-1)
+            a = self.active.get(job_id)
+            if a is None or not a.pending or a.finishing is not None:
+                continue
+            actors = self._pool(a.prep)
+            limit = self.in_flight_per_actor * len(actors)
+            load = sum(1 for b, act in self.refs.values() if act in actors)
+            if load >= limit:
+                continue
+            batch = a.pending.popleft()
+            actor = actors[load % len(actors)]
+            inputs = self._read.remote(self._scene_ref(a), a.prep.card, batch.tiles, a.prep.card.context.halo)
+            self.refs[actor.encode.remote(inputs)] = (batch, actor)
+            a.in_flight += 1
+
+    def _scene_ref(self, a: _Active) -> Any:
+        ref = getattr(a, "_scene", None)
+        if ref is None:
+            ref = self.ray.put(a.prep.scene)
+            a._scene = ref  # type: ignore[attr-defined]
+        return ref
+
+    def _collect(self, timeout: float) -> None:
+        if not self.refs:
+            return
+        done, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=timeout)
+        for ref in done:
+            batch, _actor = self.refs.pop(ref)
+            a = self.active.get(batch.job_id)
+            if a is None:
+                continue
+            a.in_flight -= 1
+            try:
+                outputs = self.ray.get(ref)
+            except Exception as e:  # a task or actor that failed past Ray's own retries
+                batch.attempt += 1
+                if batch.attempt < self.max_attempts and a.finishing is None:
+                    log.warning("job %s: batch %s failed (%s); retrying", a.job.id, batch.tiles, e)
+                    a.pending.appendleft(batch)
+                else:
+                    for t in batch.tiles:
+                        a.failed[str(t)] = _reason(e)
+                        self.store.tile_failed(a.job.id, str(t), _reason(e))
+                continue
+            a.writes.append(self.io.submit(self._store_parts, a, outputs))
+
+    def _store_parts(self, a: _Active, outputs: list[TileOutput]) -> None:
+        store = storage_for(parts_prefix(a.job), self.settings)
+        for out in outputs:
+            store.write_bytes(part_uri(a.job, out.tile), encode_part(out, a.part_dtype))
+            if self.store.tile_done(a.job.id, str(out.tile)):
+                a.done += 1
+        now = time.monotonic()
+        if now - a.last_event > 0.5:
+            self._event(a)
+
+    def _maybe_finish(self, a: _Active) -> None:
+        if a.finishing is not None:
+            if a.finishing.done():
+                self.active.pop(a.job.id, None)
+                self._rr = deque(j for j in self._rr if j != a.job.id)
+                exc = a.finishing.exception()
+                if exc is not None:
+                    self._fail(a.job.id, JobError(message=f"finishing the output failed: {_reason(exc)}"))
+            return
+        a.writes = [w for w in a.writes if not w.done() or w.exception() is not None]
+        errors = [w.exception() for w in a.writes if w.done() and w.exception() is not None]
+        if errors:
+            self.active.pop(a.job.id, None)
+            self._fail(a.job.id, JobError(message=f"storing tiles failed: {_reason(errors[0])}"))
+            return
+        if a.pending or a.in_flight or a.writes:
+            return
+        if a.failed:
+            self.active.pop(a.job.id, None)
+            tiles = [TileFailure(tile=t, reason=r) for t, r in sorted(a.failed.items())]
+            self._fail(a.job.id, JobError(message=f"{len(tiles)} tiles failed after {self.max_attempts} attempts", tiles=tiles))
+            return
+        a.finishing = self.io.submit(self._finish, a)
+
+    def _finish(self, a: _Active) -> None:
+        """Stitch the stored tiles into the COG, publish it, then drop the parts."""
+        job, prep, card = a.job, a.prep, a.prep.card
+        done = self.store.tiles_done(job.id)
+        missing = [str(t) for t in prep.plan.tiles if str(t) not in done]
+        if missing:
+            raise RuntimeError(f"{len(missing)} tiles not recorded as done: {', '.join(missing[:5])}")
+        out = output_uri(job.spec)
+        store = storage_for(out, self.settings)
+        parts = storage_for(parts_prefix(job), self.settings)
+        with tempfile.TemporaryDirectory(prefix="tilefm-job-", dir=self.settings.work_dir) as tmp:
+            tags = output_tags(card, prep.plan, prep.scene.describe(), a.encoding, {"backend": prep.backend, "job": job.id})
+            writer = MosaicWriter(prep.plan, card, Path(tmp) / "mosaic.tif", a.encoding, halo=card.context.halo, tags=tags)
+            try:
+                for t in prep.plan.tiles:
+                    writer.add(decode_part(parts.read_bytes(part_uri(job, t)), t))
+            finally:
+                writer.close()
+            if writer.missing:
+                raise RuntimeError(f"{len(writer.missing)} tiles missing from the mosaic")
+            cog = Path(tmp) / "out.tif"
+            write_cog(Path(tmp) / "mosaic.tif", cog, prep.plan, a.encoding, colormap=writer.colormap() if card.output.kind == "classes" else None)
+            item = stac.output_item(cog, card, prep.plan, prep.scene, out, a.encoding)
+            if self.store.cancel_requested(job.id):
+                return  # the cancel path cleans up
+            store.put_file(cog, out)
+            store.write_bytes(stac_uri_for(out), stac.dumps(item))
+        self.store.transition(job.id, JobState.SUCCEEDED, outputs=[out, stac_uri_for(out)])
+        self._delete_parts(job, prep)
+
+    def _check_cancel(self, a: _Active) -> None:
+        if not self.store.cancel_requested(a.job.id):
+            return
+        a.pending.clear()
+        for ref, (batch, _) in list(self.refs.items()):
+            if batch.job_id == a.job.id:
+                self.ray.cancel(ref)
+                self.refs.pop(ref)
+        if a.finishing is not None and not a.finishing.done():
+            return  # wait for the finisher to notice
+        for w in a.writes:
+            w.exception()  # let in-flight part writes land before deleting them
+        self.active.pop(a.job.id, None)
+        self._rr = deque(j for j in self._rr if j != a.job.id)
+        try:
+            self.store.transition(a.job.id, JobState.CANCELLED)
+        except TileFMError:
+            pass  # already final
+        self._delete_parts(a.job, a.prep)
+
+    def _delete_parts(self, job: Job, prep: Prepared) -> None:
+        parts = storage_for(parts_prefix(job), self.settings)
+        for t in prep.plan.tiles:
+            parts.delete(part_uri(job, t))
+
+    def _fail(self, job_id: str, error: JobError) -> None:
+        log.error("job %s failed: %s", job_id, error.message)
+        self.store.transition(job_id, JobState.FAILED, error=error)
+
+    def _event(self, a: _Active, message: str = "") -> None:
+        """A progress event (state changes are published by the store itself)."""
+        a.last_event = time.monotonic()
+        elapsed = max(time.monotonic() - a.started, 1e-6)
+        rate = (a.done - a.done_at_start) / elapsed
+        job = self.store.get(a.job.id)
+        self.store.publish(JobEvent(job_id=a.job.id, state=job.state, progress=job.progress, tiles_per_second=round(rate, 3), time=_now(), message=message))
+
+    def _renew_leases(self) -> None:
+        now = time.monotonic()
+        if now - self._last_renew < self.lease_s / 3:
+            return
+        self._last_renew = now
+        for job_id in list(self.active):
+            if not self.store.renew_lease(job_id, self.owner, self.lease_s):
+                log.warning("job %s: lease lost; dropping it here", job_id)
+                self.active.pop(job_id, None)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,126 @@
+"""The job service's logic, shared by the HTTP and gRPC front ends: validate, record, query, cancel.
+
+Front ends stay thin: they parse their wire format into `JobSpec`, call these methods, and map
+`TileFMError`s to 4xx / gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import date
+
+from tilefm.errors import StorageError, TileFMError
+from tilefm.jobs.models import Job, JobEvent, JobSpec, JobState
+from tilefm.jobs.store import JobStore
+from tilefm.pipeline import RunSpec, prepare
+from tilefm.settings import Settings
+
+
+def body_hash(spec: JobSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def output_uri(spec: JobSpec) -> str:
+    """Where a job's COG goes: `<prefix>/<model>.tif` (the STAC item beside it)."""
+    prefix = spec.output_prefix
+    if prefix.lower().endswith((".tif", ".tiff")):
+        return prefix
+    return prefix.rstrip("/") + f"/{spec.model}.tif"
+
+
+def run_spec(spec: JobSpec, *, out: str | None = None) -> RunSpec:
+    try:
+        d = date.fromisoformat(spec.date) if spec.date else None
+    except ValueError:
+        raise TileFMError(f"expected YYYY-MM-DD, got {spec.date!r}", field="date") from None
+    return RunSpec(
+        scene=dict(spec.scene), model=spec.model, out=out or output_uri(spec), zoom=spec.zoom,
+        bbox=tuple(spec.bbox) if spec.bbox else None, backend=spec.backend, dtype=spec.dtype,
+        asset_map=dict(spec.assets), date=d,
+    )
+
+
+class JobService:
+    def __init__(self, store: JobStore, settings: Settings):
+        self.store = store
+        self.settings = settings
+
+    def validate(self, spec: JobSpec) -> int:
+        """Everything checkable before acceptance; returns the plan's tile count."""
+        if spec.dtype not in (None, "float16", "float32", "int8"):
+            raise TileFMError(f"unknown dtype {spec.dtype!r} (float16, float32 or int8)", field="dtype")
+        prep = _prepare_cached(run_spec(spec).__repr__(), spec, self.settings)
+        return len(prep.plan.tiles)
+
+    def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        tiles = self.validate(spec)
+        job, created = self.store.create(spec, idempotency_key=idempotency_key, body_hash=body_hash(spec))
+        if created:
+            self.store.set_total(job.id, tiles)
+            job = self.store.get(job.id)
+        return job, created
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(self, *, state: JobState | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
+        return self.store.list(state=state, limit=limit, cursor=cursor)
+
+    def cancel(self, job_id: str) -> Job:
+        return self.store.request_cancel(job_id)
+
+    def watch(
+        self, job_id: str, *, poll_ms: int = 1000, timeout_s: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> Iterator[JobEvent]:
+        """The job's current state, then its events, until a final state (or `stop()` / timeout).
+
+        The stream position is taken before the snapshot, so nothing between them is lost and
+        nothing older than the snapshot is replayed."""
+        last = self.store.last_event_id(job_id)
+        job = self.store.get(job_id)
+        yield _event(job)
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        while not job.state.final:
+            for last, event in self.store.events(job_id, last, block_ms=poll_ms):
+                yield event
+                if event.state.final:
+                    return
+            if (stop and stop()) or (deadline and time.monotonic() > deadline):
+                return
+            job = self.store.get(job_id)
+            if job.state.final:  # the final event fell out of the capped stream, or raced the read
+                yield _event(job)
+                return
+
+
+def _event(job: Job) -> JobEvent:
+    from datetime import datetime, timezone
+
+    return JobEvent(job_id=job.id, state=job.state, progress=job.progress, time=datetime.now(timezone.utc))
+
+
+_PREPARED: dict[str, tuple[float, object]] = {}
+_TTL_S = 30.0
+
+
+def _prepare_cached(key: str, spec: JobSpec, settings: Settings):
+    """Validation opens every file and probes the output: cache it briefly per identical spec so
+    that a burst of equal submissions (retries, idempotent replays) stays fast."""
+    now = time.monotonic()
+    hit = _PREPARED.get(key)
+    if hit and now - hit[0] < _TTL_S:
+        return hit[1]
+    try:
+        prep = prepare(run_spec(spec), settings)
+    except StorageError as e:
+        e.field = "output_prefix"
+        raise
+    _PREPARED[key] = (now, prep)
+    if len(_PREPARED) > 512:
+        for k, (t, _) in list(_PREPARED.items()):
+            if now - t > _TTL_S:
+                _PREPARED.pop(k, None)
+    return prep
