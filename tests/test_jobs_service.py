@@ -28,6 +28,7 @@ from tilefm.settings import Settings
 from tilefm.storage import storage_for
 
 KEY, READ_ONLY_KEY = "test-key-" + uuid.uuid4().hex, "read-key-" + uuid.uuid4().hex
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL_BBOX = [-11.5, 24.7, -11.3, 24.85]  # a few tiles in the middle of the scene
 
 
@@ -38,6 +39,8 @@ def env(s3_settings: Settings) -> Iterator[dict[str, str]]:
         **{k: v for k, v in os.environ.items() if k.startswith("TILEFM_")},
         "TILEFM_REDIS_PREFIX": prefix,
         "TILEFM_JOB_LEASE_S": "4",
+        "TILEFM_ALLOWED_SOURCES": json.dumps([str(SHARED_DATA), "/tmp"]),
+        "TILEFM_ALLOWED_OUTPUTS": json.dumps(["s3://tilefm/", "s3://no-such-bucket-tilefm/"]),
         "TILEFM_API_KEYS": json.dumps([
             {"name": "rw", "sha256": hash_key(KEY), "scopes": ["jobs:read", "jobs:write"]},
             {"name": "ro", "sha256": hash_key(READ_ONLY_KEY), "scopes": ["jobs:read"]},
@@ -221,6 +224,9 @@ BAD = {
     "bad uri scheme": ({"output_prefix": "gs://bucket/x/"}, 422, "output_prefix"),
     "missing bucket": ({"output_prefix": "s3://no-such-bucket-tilefm/x/"}, 422, "output_prefix"),
     "bad priority": ({"priority": 11}, 422, "priority"),
+    "source not allowed": ({"scene": {"s2": "/etc"}}, 422, "scene.s2"),
+    "source escapes": ({"scene": {"s2": "{no_b11}/../../../etc"}}, 422, "scene.s2"),
+    "output not allowed": ({"output_prefix": "file:///etc/"}, 422, "output_prefix"),
 }
 
 
@@ -248,7 +254,7 @@ def test_bad_input_is_a_clear_4xx(case: str, api: TestClient, scene_dir: Path, t
 def test_unknown_job_is_404(api: TestClient) -> None:
     r = api.get(f"/v1/jobs/{'0' * 32}")
     assert r.status_code == 404 and r.json()["error"]["field"] == "id"
-    assert api.get("/v1/jobs/not-an-id").status_code == 422
+    assert api.get("/v1/jobs/not-an-id").status_code == 404
 
 
 def test_metrics_and_readiness(api: TestClient) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tilefm import stac
 from tilefm.backends import select_backend
-from tilefm.errors import StorageError
+from tilefm.errors import SceneError, StorageError
 from tilefm.grid import Tile, TilePlan, default_zoom, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.card import ModelCard
@@ -85,14 +85,22 @@ def stac_uri_for(out: str) -> str:
     return f"{stem}.stac.json"
 
 
-def prepare(spec: RunSpec, settings: Settings | None = None) -> Prepared:
+def prepare(
+    spec: RunSpec,
+    settings: Settings | None = None,
+    *,
+    open_scene_fn: Callable[..., Scene] = open_scene,
+    check_writable_fn: Callable[[str], None] | None = None,
+) -> Prepared:
+    """Validate a run. A long-lived service passes cached `open_scene_fn` / `check_writable_fn`
+    so that validating many similar submissions does not reopen every file each time."""
     settings = settings or get_settings()
     card = get_card(spec.model)
-    scene = open_scene(spec.scene, asset_map=spec.asset_map, date_override=spec.date)
+    if not spec.out.lower().endswith(OUTPUT_SUFFIXES):
+        raise StorageError(f"output {spec.out!r} must name a GeoTIFF (.tif)")
+    scene = open_scene_fn(spec.scene, asset_map=spec.asset_map, date_override=spec.date)
     check_scene(scene, card)
     if card.architecture == "presto" and scene.date is None:
-        from tilefm.errors import SceneError
-
         raise SceneError("the scene has no date (Presto needs the month): pass --date YYYY-MM-DD", field="date")
     zoom = spec.zoom
     if zoom is None:
@@ -100,9 +108,7 @@ def prepare(spec: RunSpec, settings: Settings | None = None) -> Prepared:
     plan = plan_tiles(scene.footprint, zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
     backend = select_backend(card, spec.backend)
     weights = weights_path(card, settings.model_store)
-    if not spec.out.lower().endswith(OUTPUT_SUFFIXES):
-        raise StorageError(f"output {spec.out!r} must name a GeoTIFF (.tif)")
-    storage_for(spec.out, settings).check_writable(spec.out)
+    (check_writable_fn or storage_for(spec.out, settings).check_writable)(spec.out)
     return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights)
 
 

@@ -142,6 +142,8 @@ def open_scene(
 
 def open_modality(name: str, source: str, *, asset_map: dict[str, str] | None = None) -> Modality:
     field_name = f"scene.{name}"
+    if any(ord(c) < 32 for c in source):
+        raise SceneError("control characters are not allowed in a source", field=field_name)
     parsed = urllib.parse.urlparse(source)
     is_url = parsed.scheme in ("http", "https", "s3")
     if source.endswith(".json") or (is_url and parsed.path.endswith(".json")):

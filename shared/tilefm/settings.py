@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     #: CORS origins allowed to call the APIs from a browser
     cors_origins: list[str] = Field(default_factory=list)
 
+    #: where submitted jobs may read scenes from and write outputs to (path or URI prefixes);
+    #: empty = anywhere. A service open to others should always set both.
+    allowed_sources: list[str] = Field(default_factory=list)
+    allowed_outputs: list[str] = Field(default_factory=list)
+
     #: key prefix of the job store in Redis
     redis_prefix: str = "tilefm:"
     #: seconds a scheduler's claim on a job lasts without renewal (a dead scheduler's jobs are

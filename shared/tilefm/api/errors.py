@@ -7,7 +7,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tilefm.errors import TileFMError
 from tilefm.jobs.errors import IdempotencyConflict, InvalidTransition, JobNotFound
@@ -17,8 +19,51 @@ log = logging.getLogger(__name__)
 STATUS = {JobNotFound: 404, IdempotencyConflict: 409, InvalidTransition: 409}
 
 
+class ErrorDetail(BaseModel):
+    field: str | None = None
+    message: str | None = None
+
+
+class Error(BaseModel):
+    status: int
+    field: str | None = None
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: the HTTP status, the field it is about (when there is one) and what is wrong."""
+
+    error: Error
+
+
+def _doc(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+#: documented on every route
+RESPONSES = {
+    400: _doc("Malformed request (e.g. the body is not JSON)"),
+    401: _doc("No API key, or an unknown one"),
+    403: _doc("The API key lacks the scope this route needs"),
+    405: _doc("Method not allowed on this path"),
+    422: _doc("A field has a wrong type or value, or names something that cannot be used"),
+}
+
+
 def error_body(status: int, message: str, field: str | None = None) -> dict:
     return {"error": {"status": status, "field": field, "message": message}}
+
+
+def allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            for m in ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD"):
+                if route.matches({**request.scope, "method": m})[0] == Match.FULL:
+                    methods.add(m)
+    return methods
 
 
 def install(app: FastAPI) -> None:
@@ -42,8 +87,11 @@ def install(app: FastAPI) -> None:
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of every route on this path, not just the first route's
+            headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.convertors import Convertor, register_url_convertor
 
 from tilefm import __version__, metrics
 from tilefm.api import errors
@@ -25,6 +26,20 @@ from tilefm.models import list_cards
 from tilefm.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+class JobIdConvertor(Convertor):
+    """Job ids in paths: only 32 hex characters match, so `/jobs/{id}:cancel` is its own route."""
+
+    regex = "[0-9a-f]{32}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("jobid", JobIdConvertor())
 
 JOB_ID = Path(description="Job id (32 hex characters)", pattern=r"^[0-9a-f]{32}$", examples=["0193a4c2f1e7aa0c4e1b2d3f4a5b6c7d"])
 
@@ -72,12 +87,12 @@ def get_service(request: Request) -> JobService:
 
 
 def create_router() -> APIRouter:
-    r = APIRouter(prefix="/v1")
+    r = APIRouter(prefix="/v1", responses=errors.RESPONSES)
+    not_found = {404: errors._doc("No job with this id")}
 
     @r.post("/jobs", status_code=202, response_model=Job, dependencies=[require(WRITE)],
             responses={200: {"description": "The job an identical earlier request with this Idempotency-Key created", "model": Job},
-                       409: {"description": "Idempotency-Key reused with a different body"},
-                       422: {"description": "The spec cannot run (names the field and the problem)"}})
+                       409: errors._doc("Idempotency-Key reused with a different body")})
     def submit(
         request: Request,
         response: Response,
@@ -91,7 +106,7 @@ def create_router() -> APIRouter:
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return job
 
-    @r.get("/jobs/{job_id}", response_model=Job, dependencies=[require(READ)])
+    @r.get("/jobs/{job_id:jobid}", response_model=Job, dependencies=[require(READ)], responses=not_found)
     def get(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
         return get_service(request).get(job_id)
 
@@ -109,19 +124,21 @@ def create_router() -> APIRouter:
     def _cancel(request: Request, job_id: str) -> Job:
         return get_service(request).cancel(job_id)
 
-    @r.post("/jobs/{job_id}:cancel", response_model=Job, dependencies=[require(WRITE)])
+    @r.post("/jobs/{job_id:jobid}:cancel", response_model=Job, dependencies=[require(WRITE)],
+            responses={**not_found, 409: errors._doc("The job already succeeded or failed")})
     def cancel(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
         """Queued jobs are cancelled at once; running ones stop within seconds and their partial
         outputs are removed."""
         return _cancel(request, job_id)
 
-    @r.delete("/jobs/{job_id}", response_model=Job, dependencies=[require(WRITE)])
+    @r.delete("/jobs/{job_id:jobid}", response_model=Job, dependencies=[require(WRITE)],
+              responses={**not_found, 409: errors._doc("The job already succeeded or failed")})
     def delete(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
         """Same as `:cancel`."""
         return _cancel(request, job_id)
 
-    @r.get("/jobs/{job_id}/events", dependencies=[require(READ)], response_class=StreamingResponse,
-           responses={200: {"content": {"text/event-stream": {}}, "description": "JobEvent JSON per event until a final state"}})
+    @r.get("/jobs/{job_id:jobid}/events", dependencies=[require(READ)], response_class=StreamingResponse,
+           responses={**not_found, 200: {"content": {"text/event-stream": {}}, "description": "JobEvent JSON per event until a final state"}})
     async def events(request: Request, job_id: Annotated[str, JOB_ID]) -> StreamingResponse:
         service = get_service(request)
         service.get(job_id)  # 404 before the stream starts

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import date
@@ -16,6 +18,8 @@ from tilefm.errors import StorageError, TileFMError
 from tilefm.jobs.models import Job, JobEvent, JobSpec, JobState
 from tilefm.jobs.store import JobStore
 from tilefm.pipeline import RunSpec, prepare
+from tilefm.scene import open_scene
+from tilefm.storage import storage_for
 from tilefm.settings import Settings
 
 
@@ -50,9 +54,14 @@ class JobService:
 
     def validate(self, spec: JobSpec) -> int:
         """Everything checkable before acceptance; returns the plan's tile count."""
+        for modality, source in spec.scene.items():
+            _check_allowed(source, self.settings.allowed_sources, f"scene.{modality}")
+        for key, path in spec.assets.items():
+            _check_allowed(path, self.settings.allowed_sources, f"assets.{key}")
+        _check_allowed(spec.output_prefix, self.settings.allowed_outputs, "output_prefix")
         if spec.dtype not in (None, "float16", "float32", "int8"):
             raise TileFMError(f"unknown dtype {spec.dtype!r} (float16, float32 or int8)", field="dtype")
-        prep = _prepare_cached(run_spec(spec).__repr__(), spec, self.settings)
+        prep = _prepare_cached(spec, self.settings)
         return len(prep.plan.tiles)
 
     def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
@@ -102,25 +111,69 @@ def _event(job: Job) -> JobEvent:
     return JobEvent(job_id=job.id, state=job.state, progress=job.progress, time=datetime.now(timezone.utc))
 
 
-_PREPARED: dict[str, tuple[float, object]] = {}
-_TTL_S = 30.0
+class _TTLCache:
+    """A small time-bounded memo: the same scene or output prefix checked again within `ttl_s`
+    reuses the answer (files and buckets seldom change between two submissions)."""
+
+    def __init__(self, ttl_s: float, size: int = 256):
+        self.ttl_s, self.size = ttl_s, size
+        self.items: dict[str, tuple[float, object]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, key: str, make: Callable[[], object]) -> object:
+        now = time.monotonic()
+        with self.lock:
+            hit = self.items.get(key)
+            if hit and now - hit[0] < self.ttl_s:
+                return hit[1]
+        value = make()  # errors are not cached: a fixed input is seen at once
+        with self.lock:
+            if len(self.items) >= self.size:
+                self.items.pop(next(iter(self.items)))
+            self.items[key] = (now, value)
+        return value
 
 
-def _prepare_cached(key: str, spec: JobSpec, settings: Settings):
-    """Validation opens every file and probes the output: cache it briefly per identical spec so
-    that a burst of equal submissions (retries, idempotent replays) stays fast."""
-    now = time.monotonic()
-    hit = _PREPARED.get(key)
-    if hit and now - hit[0] < _TTL_S:
-        return hit[1]
+_scenes = _TTLCache(30.0)
+_writable = _TTLCache(60.0)
+
+
+def _prepare_cached(spec: JobSpec, settings: Settings):
+    """Validation opens every file of the scene and probes the output location: both are cached
+    briefly so that a burst of submissions stays fast."""
+
+    def open_cached(sources, *, asset_map=None, date_override=None):
+        key = json.dumps([sources, asset_map, str(date_override)], sort_keys=True)
+        return _scenes.get(key, lambda: open_scene(sources, asset_map=asset_map, date_override=date_override))
+
+    def writable_cached(uri: str) -> None:
+        prefix = uri.rsplit("/", 1)[0]
+        _writable.get(f"{prefix}|{settings.s3_endpoint_url}", lambda: storage_for(uri, settings).check_writable(uri))
+
     try:
-        prep = prepare(run_spec(spec), settings)
+        return prepare(run_spec(spec), settings, open_scene_fn=open_cached, check_writable_fn=writable_cached)
     except StorageError as e:
         e.field = "output_prefix"
         raise
-    _PREPARED[key] = (now, prep)
-    if len(_PREPARED) > 512:
-        for k, (t, _) in list(_PREPARED.items()):
-            if now - t > _TTL_S:
-                _PREPARED.pop(k, None)
-    return prep
+
+
+def _normalise(location: str) -> str:
+    """Local paths and file:// URIs as resolved absolute paths (no `..` escapes); URIs as given."""
+    if location.startswith("file://"):
+        location = location[7:]
+    if "://" in location:
+        return location
+    return os.path.realpath(os.path.expanduser(location))
+
+
+def _check_allowed(location: str, allowed: list[str], field: str) -> None:
+    if any(ord(c) < 32 for c in location):
+        raise TileFMError("control characters are not allowed in a path or URI", field=field)
+    if not allowed:
+        return
+    loc = _normalise(location)
+    for prefix in allowed:
+        p = _normalise(prefix)
+        if loc == p or loc.startswith(p.rstrip("/") + "/"):
+            return
+    raise TileFMError(f"{location!r} is outside the locations this service may use ({', '.join(allowed)})", field=field)
