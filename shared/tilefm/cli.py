@@ -339,6 +339,19 @@ def serve(
     uvicorn.run("tilefm.api.jobs:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
 
 
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Job API port.")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 50051,
+) -> None:
+    """Start the local stack: Redis, SeaweedFS (S3), the scheduler on local Ray, and the job API."""
+    from tilefm.localstack import up as run_up
+    from tilefm.settings import get_settings
+
+    s = get_settings()
+    raise typer.Exit(run_up(port, grpc_port, redis_url=s.redis_url, models=s.model_store))
+
+
 @app.command("keys")
 def keys_hash(key: str) -> None:
     """Print the TILEFM_API_KEYS entry (a sha256) for KEY; only the hash goes in settings."""

@@ -331,6 +331,54 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
     return 0
 
 
+def up(port: int = 8080, grpc_port: int = 50051, *, redis_url: str = "redis://127.0.0.1:6379/0", models: Path | None = None) -> int:
+    """The whole local stack in one command: Redis (the machine's redis-server when none answers),
+    a SeaweedFS S3 server, the scheduler (local Ray) and the job API; Ctrl-C stops what it started."""
+    import redis as redis_lib
+
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="tilefm-up-"))
+    try:
+        try:
+            redis_lib.Redis.from_url(redis_url).ping()
+            print(f"redis: using {redis_url}")
+        except redis_lib.RedisError:
+            exe = shutil.which("redis-server")
+            if not exe:
+                print(f"redis: nothing answers at {redis_url} and redis-server is not installed", file=sys.stderr)
+                return 2
+            procs.append(subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", "6379", "--appendonly", "yes", "--dir", str(tmp)],
+                                          stdout=subprocess.DEVNULL, start_new_session=True))
+            time.sleep(0.5)
+            print(f"redis: started redis-server (AOF in {tmp})")
+        with S3Server(bucket="tilefm") as s3:
+            env = {**os.environ, **s3.tilefm_env(), "TILEFM_REDIS_URL": redis_url, "RAY_USAGE_STATS_ENABLED": "0"}
+            if models:
+                env["TILEFM_MODEL_STORE"] = str(models)
+            if "TILEFM_API_KEYS" not in env:
+                env["TILEFM_AUTH_DISABLED"] = "true"
+            procs.append(subprocess.Popen([sys.executable, "-m", "tilefm", "scheduler"], env=env, start_new_session=True))
+            procs.append(subprocess.Popen([sys.executable, "-m", "tilefm", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
+                                          env=env, start_new_session=True))
+            for k, v in s3.tilefm_env().items():
+                print(f"export {k}={v}")
+            print(f"job API: http://127.0.0.1:{port}/docs  gRPC: 127.0.0.1:{grpc_port}  S3: {s3.endpoint_url} (bucket tilefm)")
+            print("Ctrl-C to stop", flush=True)
+            stop = {"now": False}
+            signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+            with contextlib.suppress(KeyboardInterrupt):
+                while not stop["now"] and all(p.poll() is None for p in procs):
+                    time.sleep(0.5)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(20)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,6 +19,7 @@ stage_seconds = Histogram(
     "tilefm_stage_seconds", "Time per stage of a batch or job", ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+ray_actors = Gauge("tilefm_ray_actors", "Encoder actors this scheduler holds", multiprocess_mode="max")
 http_requests = Counter("tilefm_http_requests_total", "HTTP requests", ["route", "method", "status"])
 http_seconds = Histogram("tilefm_http_request_seconds", "HTTP request latency", ["route", "method"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

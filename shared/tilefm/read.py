@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -45,6 +46,7 @@ class TileInput:
     date: date | None = None
     #: inputs read with their own extra halo ("modality:band" -> values, valid), e.g. a DEM for slopes
     extra: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    read_s: float = 0.0
 
     @property
     def size(self) -> int:
@@ -144,6 +146,7 @@ def read_band(band: BandFile, tile: Tile, halo: int, resampling: str) -> tuple[n
 
 
 def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int) -> TileInput:
+    t0 = time.perf_counter()
     n = TILE_SIZE + 2 * halo
     names = card_band_names(card)
     data = np.zeros((len(names), n, n), np.float32)
@@ -162,4 +165,5 @@ def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int) -> TileInput
                     values, ok = values[core], ok[core]
                 data[i], valid[i] = values, ok
             i += 1
-    return TileInput(tile=tile, halo=halo, data=data, valid=valid, band_names=names, date=scene.date, extra=extra)
+    return TileInput(tile=tile, halo=halo, data=data, valid=valid, band_names=names, date=scene.date, extra=extra,
+                     read_s=time.perf_counter() - t0)

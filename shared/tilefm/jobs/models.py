@@ -39,7 +39,7 @@ class JobSpec(BaseModel):
 
     scene: Annotated[dict[str, str], Field(min_length=1, description="modality -> source (band folder, raster or STAC item)")]
     model: Annotated[str, Field(min_length=1, max_length=100)]
-    output_prefix: Annotated[str, Field(min_length=1, description="s3://bucket/prefix/ or file:///dir/ (the job writes <model>.tif and its STAC item there)")]
+    output_prefix: Annotated[str, Field(min_length=1, description="s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its STAC item beside it")]
     zoom: Annotated[int | None, Field(ge=0, le=22)] = None
     bbox: tuple[float, float, float, float] | None = None
     backend: str = "auto"

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tilefm import stac
+from tilefm import metrics, stac
 from tilefm.errors import TileFMError
 from tilefm.grid import Tile
 from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def parts_prefix(job: Job) -> str:
     """Scratch space for a job's finished tiles, beside its output."""
-    out = output_uri(job.spec)
+    out = output_uri(job.spec, job.id)
     return out.rsplit("/", 1)[0] + f"/.parts/{job.id}/"
 
 
@@ -120,6 +120,7 @@ class Scheduler:
         self.ray = None
         self._rr: deque[str] = deque()
         self._last_renew = 0.0
+        self._lock = threading.Lock()
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, *, idle_sleep: float = 0.5) -> None:
@@ -166,7 +167,7 @@ class Scheduler:
     # -- jobs ----------------------------------------------------------------------------------
     def _start(self, job: Job) -> None:
         try:
-            prep = prepare(run_spec(job.spec), self.settings)
+            prep = prepare(run_spec(job.spec, out=output_uri(job.spec, job.id)), self.settings)
         except TileFMError as e:
             self._fail(job.id, JobError(message=str(e), field=e.field))
             return
@@ -192,6 +193,7 @@ class Scheduler:
                     self.ray.kill(actor)
             worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
             self.pools[key] = start_encoders(self.ray, worker, self.settings)
+            metrics.ray_actors.set(sum(len(p) for p in self.pools.values()))
         return self.pools[key]
 
     def _dispatch(self) -> None:
@@ -241,15 +243,23 @@ class Scheduler:
                     for t in batch.tiles:
                         a.failed[str(t)] = _reason(e)
                         self.store.tile_failed(a.job.id, str(t), _reason(e))
+                        metrics.tiles_failed.labels(a.prep.card.name, a.prep.backend).inc()
                 continue
             a.writes.append(self.io.submit(self._store_parts, a, outputs))
 
     def _store_parts(self, a: _Active, outputs: list[TileOutput]) -> None:
         store = storage_for(parts_prefix(a.job), self.settings)
+        labels = (a.prep.card.name, a.prep.backend)
         for out in outputs:
+            metrics.stage_seconds.labels("read").observe(out.read_s)
+            metrics.stage_seconds.labels("encode").observe(out.encode_s)
+            t0 = time.perf_counter()
             store.write_bytes(part_uri(a.job, out.tile), encode_part(out, a.part_dtype))
+            metrics.stage_seconds.labels("upload").observe(time.perf_counter() - t0)
             if self.store.tile_done(a.job.id, str(out.tile)):
-                a.done += 1
+                with self._lock:
+                    a.done += 1
+                metrics.tiles_processed.labels(*labels).inc()
         now = time.monotonic()
         if now - a.last_event > 0.5:
             self._event(a)
@@ -285,9 +295,10 @@ class Scheduler:
         missing = [str(t) for t in prep.plan.tiles if str(t) not in done]
         if missing:
             raise RuntimeError(f"{len(missing)} tiles not recorded as done: {', '.join(missing[:5])}")
-        out = output_uri(job.spec)
+        out = output_uri(job.spec, job.id)
         store = storage_for(out, self.settings)
         parts = storage_for(parts_prefix(job), self.settings)
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="tilefm-job-", dir=self.settings.work_dir) as tmp:
             tags = output_tags(card, prep.plan, prep.scene.describe(), a.encoding, {"backend": prep.backend, "job": job.id})
             writer = MosaicWriter(prep.plan, card, Path(tmp) / "mosaic.tif", a.encoding, halo=card.context.halo, tags=tags)
@@ -301,9 +312,12 @@ class Scheduler:
             cog = Path(tmp) / "out.tif"
             write_cog(Path(tmp) / "mosaic.tif", cog, prep.plan, a.encoding, colormap=writer.colormap() if card.output.kind == "classes" else None)
             item = stac.output_item(cog, card, prep.plan, prep.scene, out, a.encoding)
+            metrics.stage_seconds.labels("stitch").observe(time.perf_counter() - t0)
             if self.store.cancel_requested(job.id):
                 return  # the cancel path cleans up
+            t0 = time.perf_counter()
             store.put_file(cog, out)
+            metrics.stage_seconds.labels("upload").observe(time.perf_counter() - t0)
             store.write_bytes(stac_uri_for(out), stac.dumps(item))
         self.store.transition(job.id, JobState.SUCCEEDED, outputs=[out, stac_uri_for(out)])
         self._delete_parts(job, prep)

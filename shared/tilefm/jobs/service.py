@@ -27,12 +27,13 @@ def body_hash(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def output_uri(spec: JobSpec) -> str:
-    """Where a job's COG goes: `<prefix>/<model>.tif` (the STAC item beside it)."""
+def output_uri(spec: JobSpec, job_id: str | None = None) -> str:
+    """Where a job's COG goes: `<prefix>/<job id>/<model>.tif` (its STAC item beside it), so jobs
+    sharing a prefix never overwrite each other; a prefix naming a .tif is used as is."""
     prefix = spec.output_prefix
     if prefix.lower().endswith((".tif", ".tiff")):
         return prefix
-    return prefix.rstrip("/") + f"/{spec.model}.tif"
+    return prefix.rstrip("/") + (f"/{job_id}" if job_id else "") + f"/{spec.model}.tif"
 
 
 def run_spec(spec: JobSpec, *, out: str | None = None) -> RunSpec:

@@ -25,6 +25,9 @@ class TileOutput:
     halo: int
     values: np.ndarray  # [C, n, n] float32
     weight: np.ndarray  # [n, n] float32, 0 where there was no input
+    #: seconds spent reading this tile and its share of the batch's encode (for metrics)
+    read_s: float = 0.0
+    encode_s: float = 0.0
 
 
 class TileModel(ABC):
