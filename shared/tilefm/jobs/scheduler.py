@@ -11,6 +11,7 @@ resumes it without redoing finished tiles.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -39,15 +40,14 @@ from tilefm.pipeline import Prepared, batches, prepare, stac_uri_for
 from tilefm.runtime import WorkerSpec, ensure_ray, remote_reader, start_encoders
 from tilefm.settings import Settings
 from tilefm.stitch import Encoding, MosaicWriter, output_tags, write_cog
-from tilefm.storage import storage_for
+from tilefm.storage import FileLocation, parse_uri, storage_for
 
 log = logging.getLogger(__name__)
 
 
 def parts_prefix(job: Job) -> str:
-    """Scratch space for a job's finished tiles, beside its output."""
-    out = output_uri(job.spec, job.id)
-    return out.rsplit("/", 1)[0] + f"/.parts/{job.id}/"
+    """Scratch space for a job's finished tiles, in the job's own output folder."""
+    return output_uri(job.spec, job.id).rsplit("/", 1)[0] + f"/.parts-{job.id}/"
 
 
 def part_uri(job: Job, tile: Tile) -> str:
@@ -248,7 +248,7 @@ class Scheduler:
             a.writes.append(self.io.submit(self._store_parts, a, outputs))
 
     def _store_parts(self, a: _Active, outputs: list[TileOutput]) -> None:
-        store = storage_for(parts_prefix(a.job), self.settings)
+        store = storage_for(output_uri(a.job.spec, a.job.id), self.settings)  # parts live beside the output
         labels = (a.prep.card.name, a.prep.backend)
         for out in outputs:
             metrics.stage_seconds.labels("read").observe(out.read_s)
@@ -296,15 +296,14 @@ class Scheduler:
         if missing:
             raise RuntimeError(f"{len(missing)} tiles not recorded as done: {', '.join(missing[:5])}")
         out = output_uri(job.spec, job.id)
-        store = storage_for(out, self.settings)
-        parts = storage_for(parts_prefix(job), self.settings)
+        store = storage_for(out, self.settings)  # the output and its parts
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="tilefm-job-", dir=self.settings.work_dir) as tmp:
             tags = output_tags(card, prep.plan, prep.scene.describe(), a.encoding, {"backend": prep.backend, "job": job.id})
             writer = MosaicWriter(prep.plan, card, Path(tmp) / "mosaic.tif", a.encoding, halo=card.context.halo, tags=tags)
             try:
                 for t in prep.plan.tiles:
-                    writer.add(decode_part(parts.read_bytes(part_uri(job, t)), t))
+                    writer.add(decode_part(store.read_bytes(part_uri(job, t)), t))
             finally:
                 writer.close()
             if writer.missing:
@@ -343,9 +342,13 @@ class Scheduler:
         self._delete_parts(a.job, a.prep)
 
     def _delete_parts(self, job: Job, prep: Prepared) -> None:
-        parts = storage_for(parts_prefix(job), self.settings)
+        parts = storage_for(output_uri(job.spec, job.id), self.settings)
         for t in prep.plan.tiles:
             parts.delete(part_uri(job, t))
+        folder = parse_uri(parts_prefix(job).rstrip("/"))
+        if isinstance(folder, FileLocation):  # object stores have no folders to leave behind
+            with contextlib.suppress(OSError):
+                folder.path.rmdir()
 
     def _fail(self, job_id: str, error: JobError) -> None:
         log.error("job %s failed: %s", job_id, error.message)
