@@ -35,7 +35,7 @@ demo: install
 	$(PY) -m tilefm.localstack demo --data $(SHARED)/data --models $(SHARED)/models --out demo-output
 
 ## The whole test suite (real Ray, real SeaweedFS S3, real models and data from ../shared).
-test: install
+test: install tools
 	$(PY) -m pytest -ra
 
 bench: install

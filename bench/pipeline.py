@@ -40,7 +40,7 @@ def model_only(prep, batch_size: int) -> tuple[float, int]:
     for batch in batches(prep.plan.tiles, batch_size):
         tiles = [read_tile(prep.scene, prep.card, t, halo) for t in batch]
         if hasattr(model, "windows"):
-            prepared.append(model.windows(tiles)[0])
+            prepared.append(model.windows(tiles)[0].copy())  # the model reuses its window buffer
         else:  # per-pixel models: the pixel arrays
             parts = [model.pixels(t) for t in tiles]
             prepared.append(tuple(np.concatenate([p[i] for p in parts]) for i in range(3)))

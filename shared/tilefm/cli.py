@@ -299,6 +299,7 @@ def jobs_cancel(job_id: str, api: ApiUrl = "http://127.0.0.1:8080", api_key: Api
 def scheduler(
     max_jobs: Annotated[Optional[int], typer.Option(help="Jobs run at once (TILEFM_SCHEDULER_MAX_JOBS).")] = None,
     metrics_port: Annotated[int, typer.Option(help="Prometheus port (0: none).")] = 9464,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds (0.0.0.0 in a pod).")] = "127.0.0.1",
 ) -> None:
     """Run queued jobs on Ray until interrupted."""
     import logging
@@ -314,7 +315,7 @@ def scheduler(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = get_settings()
     if metrics_port:
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -126,17 +126,22 @@ class _ReaderCache(threading.local):
 _cache = _ReaderCache()
 
 
-def read_band(band: BandFile, tile: Tile, halo: int, resampling: str) -> tuple[np.ndarray, np.ndarray]:
-    """One band on the tile grid: (values float32 [H, W], valid bool [H, W])."""
-    n = TILE_SIZE + 2 * halo
+def read_band(band: BandFile, tile: Tile, halo: int, resampling: str, count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One band on the grid of `count` tiles in a row starting at `tile`, plus a halo:
+    (values float32 [H, W], valid bool [H, W])."""
+    h, w = TILE_SIZE + 2 * halo, count * TILE_SIZE + 2 * halo
+    first = TMS.xy_bounds(tile.x, tile.y, tile.z)
+    last = TMS.xy_bounds(tile.x + count - 1, tile.y, tile.z)
+    res = (first.right - first.left) / TILE_SIZE
+    bbox = (first.left - halo * res, first.bottom - halo * res, last.right + halo * res, first.top + halo * res)
     try:
         with rasterio.Env(**GDAL_ENV):
-            img = _cache.get(band.path).tile(
-                tile.x, tile.y, tile.z, tilesize=TILE_SIZE, indexes=band.index, buffer=halo or None,
-                reproject_method=resampling, vrt_options={"tolerance": WARP_TOLERANCE},
+            img = _cache.get(band.path).part(
+                bbox, dst_crs="EPSG:3857", bounds_crs="EPSG:3857", height=h, width=w,
+                indexes=band.index, reproject_method=resampling, vrt_options={"tolerance": WARP_TOLERANCE},
             )
     except TileOutsideBounds:
-        return np.zeros((n, n), np.float32), np.zeros((n, n), bool)
+        return np.zeros((h, w), np.float32), np.zeros((h, w), bool)
     arr = img.array
     values = np.asarray(arr.data[0], dtype=np.float32)
     valid = ~np.ma.getmaskarray(arr)[0]
@@ -146,24 +151,56 @@ def read_band(band: BandFile, tile: Tile, halo: int, resampling: str) -> tuple[n
 
 
 def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int) -> TileInput:
+    return read_row(scene, card, [tile], halo)[0]
+
+
+def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
+    """Tiles that follow each other in one row, read as one strip per band: with a halo, the
+    neighbours' halos overlap, and one warp of the strip reads each source pixel once."""
     t0 = time.perf_counter()
     n = TILE_SIZE + 2 * halo
     names = card_band_names(card)
-    data = np.zeros((len(names), n, n), np.float32)
-    valid = np.zeros((len(names), n, n), bool)
-    extra = {}
+    data = np.zeros((len(tiles), len(names), n, n), np.float32)
+    valid = np.zeros((len(tiles), len(names), n, n), bool)
+    extras: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in tiles]
     i = 0
     for inp in card.inputs:
         mod = scene.modalities.get(inp.modality)
         for b in inp.bands:
             band = mod.bands.get(b.name) if mod else None
             if band is not None:
-                values, ok = read_band(band, tile, halo + inp.halo, inp.resampling)
-                if inp.halo:
-                    extra[names[i]] = (values, ok)
-                    core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
-                    values, ok = values[core], ok[core]
-                data[i], valid[i] = values, ok
+                hh = halo + inp.halo
+                values, ok = read_band(band, tiles[0], hh, inp.resampling, count=len(tiles))
+                for k in range(len(tiles)):
+                    cols = slice(k * TILE_SIZE, k * TILE_SIZE + TILE_SIZE + 2 * hh)
+                    v, o = values[:, cols], ok[:, cols]
+                    if inp.halo:
+                        extras[k][names[i]] = (v, o)
+                        core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
+                        v, o = v[core], o[core]
+                    data[k, i], valid[k, i] = v, o
             i += 1
-    return TileInput(tile=tile, halo=halo, data=data, valid=valid, band_names=names, date=scene.date, extra=extra,
-                     read_s=time.perf_counter() - t0)
+    share = (time.perf_counter() - t0) / len(tiles)
+    return [
+        TileInput(tile=t, halo=halo, data=data[k], valid=valid[k], band_names=names, date=scene.date, extra=extras[k], read_s=share)
+        for k, t in enumerate(tiles)
+    ]
+
+
+def rows(tiles: list[Tile]) -> list[list[Tile]]:
+    """Split tiles into runs of horizontal neighbours (same row, consecutive columns)."""
+    runs: list[list[Tile]] = []
+    for t in tiles:
+        if runs and runs[-1][-1].y == t.y and runs[-1][-1].x + 1 == t.x and runs[-1][-1].z == t.z:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
+
+
+def read_tiles(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
+    """A batch of tiles. Per-pixel reads (no halo) go tile by tile, so that a pixel's value does
+    not depend on its batch; with a halo, each row of neighbours is one strip."""
+    if halo == 0 and not any(i.halo for i in card.inputs):
+        return [read_tile(scene, card, t, 0) for t in tiles]
+    return [ti for run in rows(tiles) for ti in read_row(scene, card, run, halo)]

@@ -10,6 +10,7 @@ Ray is imported only here and only when used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from typing import Any
 from tilefm.grid import Tile
 from tilefm.models.base import TileModel, TileOutput, load_tile_model
 from tilefm.models.card import ModelCard
-from tilefm.read import TileInput, read_tile
+from tilefm.read import TileInput, read_tiles
 from tilefm.scene import Scene
 from tilefm.settings import Settings
 
@@ -43,7 +44,7 @@ class WorkerSpec:
 
 
 def read_batch(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
-    return [read_tile(scene, card, t, halo) for t in tiles]
+    return read_tiles(scene, card, tiles, halo)
 
 
 def cpu_count() -> int:
@@ -91,17 +92,33 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     return ray
 
 
+_reader_niced = False
+
+
+def read_batch_low_priority(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
+    """`read_batch` in a reader process that yields the CPU to the encoder: reads run ahead of
+    the model (batches in flight), so they need the model's idle moments, not its cores."""
+    global _reader_niced
+    if not _reader_niced:
+        with contextlib.suppress(OSError):
+            os.nice(10)
+        _reader_niced = True
+    return read_batch(scene, card, tiles, halo)
+
+
 def remote_reader(ray: Any, settings: Settings) -> Any:
-    """`read_batch` as a Ray task (retried on worker loss)."""
-    return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_batch)
+    """The tile reader as a Ray task (retried on worker loss)."""
+    return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_batch_low_priority)
 
 
-def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, replicas: int = 1) -> list[Any]:
-    """Encoder actors for one model, restarted by Ray if they die (their tasks retried); returns
-    once every replica has loaded its model, so load errors surface before any work is queued."""
+def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, replicas: int = 1, *, wait: bool = True) -> list[Any]:
+    """Encoder actors for one model, restarted by Ray if they die (their tasks retried). With
+    `wait`, returns once every replica has loaded its model; without, the first reads overlap
+    the model load (weights were already verified, and a load error surfaces at the first batch)."""
     actor_cls = ray.remote(num_cpus=settings.encoder_num_cpus, max_restarts=3, max_task_retries=3)(EncoderActor)
     actors = [actor_cls.remote(worker) for _ in range(replicas)]
-    ray.get([a.ready.remote() for a in actors])
+    if wait:
+        ray.get([a.ready.remote() for a in actors])
     return actors
 
 
@@ -114,7 +131,7 @@ class RayExecutor:
         ray = ensure_ray(settings.ray_address, settings.ray_num_cpus)
         self.ray = ray
         self._read = remote_reader(ray, settings)
-        self.actors = start_encoders(ray, worker, settings, replicas)
+        self.actors = start_encoders(ray, worker, settings, replicas, wait=False)
         self.halo = worker.card.context.halo
         self.in_flight = in_flight
         self.card = worker.card

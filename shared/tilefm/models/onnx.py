@@ -15,8 +15,11 @@ from tilefm.windows import blend_weights, window_offsets
 
 
 def softmax(scores: np.ndarray, axis: int = 1) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    """In place (the scores are not needed afterwards)."""
+    scores -= scores.max(axis=axis, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=axis, keepdims=True)
+    return scores
 
 
 class OnnxWindowModel(TileModel):
@@ -30,20 +33,29 @@ class OnnxWindowModel(TileModel):
         self.window = ctx.window
         self.offsets = window_offsets(ctx)
         self.weights = blend_weights(ctx.window, ctx.overlap, ctx.blend)
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
 
     def windows(self, tiles: list[TileInput]) -> tuple[np.ndarray, np.ndarray]:
         """Normalised window stack [N, bands, W, W] and validity [N, W, W] (all bands present)."""
-        W = self.window
-        xs, vs = [], []
+        W, offs = self.window, self.offsets
+        shape = (len(tiles) * len(offs) ** 2, tiles[0].data.shape[0], W, W)
+        if self._buffers is None or self._buffers[0].shape != shape:
+            # reused from batch to batch: a fresh 100 MB stack per batch costs more in page
+            # faults than the copying itself
+            self._buffers = (np.empty(shape, np.float32), np.empty((shape[0], W, W), bool))
+        x, v = self._buffers
+        k = 0
         for t in tiles:
             valid = t.valid.all(axis=0)
-            x = normalize(self.card, t.data)
-            x[:, ~valid] = 0.0  # the band mean: invalid pixels carry no signal and get no weight
-            for oy in self.offsets:
-                for ox in self.offsets:
-                    xs.append(x[:, oy : oy + W, ox : ox + W])
-                    vs.append(valid[oy : oy + W, ox : ox + W])
-        return np.ascontiguousarray(np.stack(xs)), np.stack(vs)
+            # invalid pixels become the band mean (0 after normalising): no signal, and no weight below
+            norm = normalize(self.card, t.data)
+            norm *= valid
+            for oy in offs:
+                for ox in offs:
+                    x[k] = norm[:, oy : oy + W, ox : ox + W]
+                    v[k] = valid[oy : oy + W, ox : ox + W]
+                    k += 1
+        return x, v
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities [N, K, W, W] for a window stack (the model alone, no I/O)."""
