@@ -265,6 +265,20 @@ def test_metrics_and_readiness(api: TestClient) -> None:
     assert ready.json()["checks"]["redis"] == "ok" and ready.json()["checks"]["object_store"] == "ok"
 
 
+def _start_api(env: dict[str, str], port: int) -> subprocess.Popen:
+    """The API as its own process (as deployed), once it answers /healthz."""
+    cmd = [sys.executable, "-m", "uvicorn", "tilefm.api.jobs:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(150):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    _stop(proc)
+    raise AssertionError("the API did not start")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,21 +289,8 @@ def test_scheduler_and_api_restart_mid_job(env: dict[str, str], scheduler, scene
     """Kill the scheduler (the worker process) and restart the API process while a job runs: the
     job is still tracked, resumes without redoing finished tiles, and finishes with every tile once."""
     port = _free_port()
-    api_cmd = [sys.executable, "-m", "uvicorn", "tilefm.api.jobs:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)]
-    full_env = {**os.environ, **env}
-
-    def start_api() -> subprocess.Popen:
-        p = subprocess.Popen(api_cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        for _ in range(100):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    return p
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError("API did not start")
-
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30)
-    api_proc = start_api()
+    api_proc = _start_api(env, port)
     try:
         job_id = http.post("/v1/jobs", json=_spec(scene_dir, bbox=None)).json()["id"]
         deadline = time.monotonic() + 120
@@ -298,7 +299,7 @@ def test_scheduler_and_api_restart_mid_job(env: dict[str, str], scheduler, scene
             time.sleep(0.5)
         _stop(scheduler["proc"], signal.SIGKILL)  # the worker dies without a word
         _stop(api_proc, signal.SIGKILL)
-        api_proc = start_api()
+        api_proc = _start_api(env, port)
         job = http.get(f"/v1/jobs/{job_id}").json()
         assert job["state"] == "running"
         done_before = job["progress"]["tiles_done"]
@@ -358,16 +359,8 @@ def test_cli_client_submits_and_follows(env: dict[str, str], scheduler, scene_di
     """`tilefm jobs submit/list/watch` against a live API process."""
     port = _free_port()
     full_env = {**os.environ, **env, "TILEFM_API_URL": f"http://127.0.0.1:{port}", "TILEFM_API_KEY": KEY}
-    api_proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tilefm.api.jobs:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)],
-        env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    api_proc = _start_api(env, port)
     try:
-        for _ in range(100):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         run = lambda *a: subprocess.run([sys.executable, "-m", "tilefm", "jobs", *a], env=full_env, capture_output=True, text=True, timeout=300)  # noqa: E731
         r = run("submit", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11",
                 "--bbox", ",".join(map(str, SMALL_BBOX)), "--out", "s3://tilefm/cli/", "--no-watch")

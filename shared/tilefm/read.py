@@ -201,6 +201,6 @@ def rows(tiles: list[Tile]) -> list[list[Tile]]:
 def read_tiles(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
     """A batch of tiles. Per-pixel reads (no halo) go tile by tile, so that a pixel's value does
     not depend on its batch; with a halo, each row of neighbours is one strip."""
-    if halo == 0 and not any(i.halo for i in card.inputs):
+    if halo == 0:
         return [read_tile(scene, card, t, 0) for t in tiles]
     return [ti for run in rows(tiles) for ti in read_row(scene, card, run, halo)]
