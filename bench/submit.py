@@ -63,7 +63,9 @@ async def submit_load(base: str, clients: int, per_client: int, prefix: str) -> 
     errors: list[str] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": KEY}, limits=limits, timeout=30) as http:
-        await http.post("/v1/jobs", json=spec(random.Random(0), prefix))  # warm the caches
+        warm = random.Random(0)
+        for _ in range(20):  # warm every worker process's caches (the scene, the output probe)
+            await http.post("/v1/jobs", json=spec(warm, prefix))
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http, per_client, random.Random(i + 1), prefix, latencies, errors) for i in range(clients)))
         wall = time.perf_counter() - t0

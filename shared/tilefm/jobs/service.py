@@ -119,20 +119,28 @@ class _TTLCache:
     def __init__(self, ttl_s: float, size: int = 256):
         self.ttl_s, self.size = ttl_s, size
         self.items: dict[str, tuple[float, object]] = {}
+        self.making: dict[str, threading.Lock] = {}
         self.lock = threading.Lock()
 
     def get(self, key: str, make: Callable[[], object]) -> object:
-        now = time.monotonic()
+        """The cached value, or `make()`'s; concurrent misses on one key wait for a single
+        `make()` instead of all opening the same files at once."""
         with self.lock:
-            hit = self.items.get(key)
-            if hit and now - hit[0] < self.ttl_s:
-                return hit[1]
-        value = make()  # errors are not cached: a fixed input is seen at once
-        with self.lock:
-            if len(self.items) >= self.size:
-                self.items.pop(next(iter(self.items)))
-            self.items[key] = (now, value)
-        return value
+            key_lock = self.making.setdefault(key, threading.Lock())
+        with key_lock:
+            now = time.monotonic()
+            with self.lock:
+                hit = self.items.get(key)
+                if hit and now - hit[0] < self.ttl_s:
+                    return hit[1]
+            value = make()  # errors are not cached: a fixed input is seen at once
+            with self.lock:
+                if len(self.items) >= self.size:
+                    old = next(iter(self.items))
+                    self.items.pop(old)
+                    self.making.pop(old, None)
+                self.items[key] = (now, value)
+            return value
 
 
 _scenes = _TTLCache(30.0)
