@@ -311,6 +311,7 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
     if not scene.is_dir():
         print(f"demo: the sample scene is not at {scene} (pass --data)", file=sys.stderr)
         return 2
+    out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with S3Server(bucket="tilefm") as server:
         env = {**os.environ, **server.tilefm_env(), "TILEFM_MODEL_STORE": str(models), "RAY_USAGE_STATS_ENABLED": "0"}
