@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -21,6 +21,7 @@ from tilefm.backends import select_backend
 from tilefm.errors import SceneError, StorageError
 from tilefm.grid import Tile, TilePlan, default_zoom, plan_tiles
 from tilefm.models import get_card
+from tilefm.models.base import TileOutput
 from tilefm.models.card import ModelCard
 from tilefm.models.store import weights_path
 from tilefm.read import check_scene
@@ -117,6 +118,50 @@ def batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
         yield tiles[i : i + size]
 
 
+def publish(
+    prep: Prepared,
+    encoding: Encoding,
+    outputs: Iterable[TileOutput],
+    out: str,
+    settings: Settings,
+    *,
+    extra_tags: dict[str, Any] | None = None,
+    proceed: Callable[[], bool] | None = None,
+    timings: dict[str, float] | None = None,
+) -> str | None:
+    """Stitch tile outputs (in any order) into a mosaic, make the COG and its STAC item, and put
+    both at `out` — only when every tile arrived and the COG is valid, and `proceed()` (if given)
+    still says so. Returns the STAC item's URI, or None when `proceed()` said no."""
+    card, plan = prep.card, prep.plan
+    timings = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tilefm-", dir=settings.work_dir) as tmp:
+        mosaic = Path(tmp) / "mosaic.tif"
+        tags = output_tags(card, plan, prep.scene.describe(), encoding, {"backend": prep.backend, **(extra_tags or {})})
+        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags)
+        try:
+            for o in outputs:
+                writer.add(o)
+        finally:
+            writer.close()
+        if writer.missing:
+            raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
+        timings["tiles_s"] = time.perf_counter() - t0
+        cog = Path(tmp) / "out.tif"
+        write_cog(mosaic, cog, plan, encoding, colormap=writer.colormap() if card.output.kind == "classes" else None)
+        item = stac.output_item(cog, card, plan, prep.scene, out, encoding)
+        timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
+        if proceed is not None and not proceed():
+            return None
+        t1 = time.perf_counter()
+        store = storage_for(out, settings)
+        store.put_file(cog, out)
+        stac_uri = stac_uri_for(out)
+        store.write_bytes(stac_uri, stac.dumps(item))
+        timings["upload_s"] = time.perf_counter() - t1
+    return stac_uri
+
+
 def execute(
     prep: Prepared,
     settings: Settings | None = None,
@@ -125,39 +170,24 @@ def execute(
     settings = settings or get_settings()
     spec, card, plan = prep.spec, prep.card, prep.plan
     t0 = time.perf_counter()
-    encoding = Encoding.for_card(card, spec.dtype)
     worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights)
     executor = make_executor(spec.executor, worker, settings)
-    timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="tilefm-", dir=settings.work_dir) as tmp:
-        mosaic = Path(tmp) / "mosaic.tif"
-        tags = output_tags(card, plan, prep.scene.describe(), encoding, {"backend": prep.backend})
-        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags)
+
+    def outputs() -> Iterator[TileOutput]:
         done = 0
         try:
-            for outputs in executor.map(prep.scene, batches(plan.tiles, spec.batch_size)):
-                for out in outputs:
-                    writer.add(out)
-                done += len(outputs)
+            for batch in executor.map(prep.scene, batches(plan.tiles, spec.batch_size)):
+                yield from batch
+                done += len(batch)
                 if progress:
                     progress(done, len(plan.tiles))
         finally:
-            writer.close()
             executor.close()
-        if writer.missing:
-            raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
-        timings["tiles_s"] = time.perf_counter() - t0
-        cog = Path(tmp) / "out.tif"
-        colormap = writer.colormap() if card.output.kind == "classes" else None
-        write_cog(mosaic, cog, plan, encoding, colormap=colormap)
-        timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
-        stac_uri = stac_uri_for(spec.out)
-        item = stac.output_item(cog, card, plan, prep.scene, spec.out, encoding)
-        store = storage_for(spec.out, settings)
-        store.put_file(cog, spec.out)
-        store.write_bytes(stac_uri, stac.dumps(item))
+
+    timings: dict[str, float] = {}
+    stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings)
     timings["total_s"] = time.perf_counter() - t0
-    return RunResult(out=spec.out, stac_item=stac_uri, tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings)
+    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings)
 
 
 def run(spec: RunSpec, settings: Settings | None = None, progress: Callable[[int, int], None] | None = None) -> RunResult:

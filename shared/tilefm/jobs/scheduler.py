@@ -16,7 +16,6 @@ import io
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -24,22 +23,21 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tilefm import metrics, stac
+from tilefm import metrics
 from tilefm.errors import TileFMError
 from tilefm.grid import Tile
 from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
 from tilefm.jobs.service import output_uri, run_spec
 from tilefm.jobs.store import JobStore
 from tilefm.models.base import TileOutput
-from tilefm.pipeline import Prepared, batches, prepare, stac_uri_for
+from tilefm.pipeline import Prepared, batches, prepare, publish
 from tilefm.runtime import WorkerSpec, ensure_ray, remote_reader, start_encoders
 from tilefm.settings import Settings
-from tilefm.stitch import Encoding, MosaicWriter, output_tags, write_cog
+from tilefm.stitch import Encoding
 from tilefm.storage import FileLocation, parse_uri, storage_for
 
 log = logging.getLogger(__name__)
@@ -290,35 +288,22 @@ class Scheduler:
 
     def _finish(self, a: _Active) -> None:
         """Stitch the stored tiles into the COG, publish it, then drop the parts."""
-        job, prep, card = a.job, a.prep, a.prep.card
+        job, prep = a.job, a.prep
         done = self.store.tiles_done(job.id)
         missing = [str(t) for t in prep.plan.tiles if str(t) not in done]
         if missing:
             raise RuntimeError(f"{len(missing)} tiles not recorded as done: {', '.join(missing[:5])}")
         out = output_uri(job.spec, job.id)
         store = storage_for(out, self.settings)  # the output and its parts
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="tilefm-job-", dir=self.settings.work_dir) as tmp:
-            tags = output_tags(card, prep.plan, prep.scene.describe(), a.encoding, {"backend": prep.backend, "job": job.id})
-            writer = MosaicWriter(prep.plan, card, Path(tmp) / "mosaic.tif", a.encoding, halo=card.context.halo, tags=tags)
-            try:
-                for t in prep.plan.tiles:
-                    writer.add(decode_part(store.read_bytes(part_uri(job, t)), t))
-            finally:
-                writer.close()
-            if writer.missing:
-                raise RuntimeError(f"{len(writer.missing)} tiles missing from the mosaic")
-            cog = Path(tmp) / "out.tif"
-            write_cog(Path(tmp) / "mosaic.tif", cog, prep.plan, a.encoding, colormap=writer.colormap() if card.output.kind == "classes" else None)
-            item = stac.output_item(cog, card, prep.plan, prep.scene, out, a.encoding)
-            metrics.stage_seconds.labels("stitch").observe(time.perf_counter() - t0)
-            if self.store.cancel_requested(job.id):
-                return  # the cancel path cleans up
-            t0 = time.perf_counter()
-            store.put_file(cog, out)
-            metrics.stage_seconds.labels("upload").observe(time.perf_counter() - t0)
-            store.write_bytes(stac_uri_for(out), stac.dumps(item))
-        self.store.transition(job.id, JobState.SUCCEEDED, outputs=[out, stac_uri_for(out)])
+        parts = (decode_part(store.read_bytes(part_uri(job, t)), t) for t in prep.plan.tiles)
+        timings: dict[str, float] = {}
+        stac_uri = publish(prep, a.encoding, parts, out, self.settings, extra_tags={"job": job.id},
+                           proceed=lambda: not self.store.cancel_requested(job.id), timings=timings)
+        metrics.stage_seconds.labels("stitch").observe(timings["tiles_s"] + timings["cog_s"])
+        if stac_uri is None:
+            return  # cancelled while stitching: the cancel path cleans up
+        metrics.stage_seconds.labels("upload").observe(timings["upload_s"])
+        self.store.transition(job.id, JobState.SUCCEEDED, outputs=[out, stac_uri])
         self._delete_parts(job, prep)
 
     def _check_cancel(self, a: _Active) -> None:
