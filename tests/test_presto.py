@@ -23,10 +23,6 @@ REF_DIR = SHARED / "reference" / "presto"
 CASES = ("s2_only", "s2_srtm", "s2_3steps")
 TOL = 1e-4
 
-pytestmark = pytest.mark.skipif(
-    not WEIGHTS.is_file() or not all((REF_DIR / f"{c}.npz").is_file() for c in CASES),
-    reason=f"Presto weights or reference files not found under {SHARED}",
-)
 
 
 @pytest.fixture(scope="module")
