@@ -23,9 +23,8 @@ field alone also goes in the trailing metadata `tilefm-field`.
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any, NoReturn
 
@@ -121,28 +120,6 @@ def _required(value: str, field: str) -> str:
     return value
 
 
-class _ClientGone(Exception):
-    """The Watch caller went away."""
-
-
-class _StopAwareStore:
-    """A JobStore proxy whose `events()` (what JobService.watch polls, every `poll_ms`) first checks
-    that the caller is still there, so an abandoned Watch frees its server thread within one poll
-    even while its job is quiet."""
-
-    def __init__(self, store: Any, is_active: Callable[[], bool]):
-        self._store = store
-        self._is_active = is_active
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    def events(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._is_active():
-            raise _ClientGone
-        return self._store.events(*args, **kwargs)
-
-
 class JobServicer(pb_grpc.JobServiceServicer):
     """`tilefm.v1.JobService` over a JobService."""
 
@@ -186,16 +163,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
             _abort(context, exc)
 
     def Watch(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:  # noqa: N802
-        # JobService.watch, with a store that notices a caller who left (see _StopAwareStore)
-        service = copy.copy(self.service)
-        service.store = _StopAwareStore(self.service.store, context.is_active)
+        # the stop check runs at every store poll, so an abandoned Watch frees its thread within
+        # one poll even while its job is quiet
+        stop = lambda: not context.is_active()  # noqa: E731
         try:
-            for event in service.watch(_required(request.id, "id"), poll_ms=self.watch_poll_ms):
-                if not context.is_active():
+            for event in self.service.watch(_required(request.id, "id"), poll_ms=self.watch_poll_ms, stop=stop):
+                if stop():
                     return
                 yield event_to_proto(event)
-        except _ClientGone:
-            return
         except Exception as exc:  # noqa: BLE001
             _abort(context, exc)
 

@@ -10,7 +10,6 @@ Ray is imported only here and only when used.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -92,23 +91,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     return ray
 
 
-_reader_niced = False
-
-
-def read_batch_low_priority(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
-    """`read_batch` in a reader process that yields the CPU to the encoder: reads run ahead of
-    the model (batches in flight), so they need the model's idle moments, not its cores."""
-    global _reader_niced
-    if not _reader_niced:
-        with contextlib.suppress(OSError):
-            os.nice(10)
-        _reader_niced = True
-    return read_batch(scene, card, tiles, halo)
-
-
 def remote_reader(ray: Any, settings: Settings) -> Any:
     """The tile reader as a Ray task (retried on worker loss)."""
-    return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_batch_low_priority)
+    return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_batch)
 
 
 def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, replicas: int = 1, *, wait: bool = True) -> list[Any]:
