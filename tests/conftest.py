@@ -76,3 +76,123 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
     return subprocess.run(
         [sys.executable, "-m", "tilefm", *args], capture_output=True, text=True, env=full_env, timeout=timeout
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Finished jobs for the tile server's tests: real scheduler, real Ray, real S3, real models
+# ------------------------------------------------------------------------------------------------
+
+TILER_PREFIX = "s3://tilefm/tiler-test/"
+PRESTO_BBOX = [-11.5, 24.7, -11.3, 24.85]  # 2 z10 tiles in the middle of the scene
+CLOUDS_BBOX = [-11.7, 24.6, -11.2, 24.95]  # 4 x 3 z11 tiles: inner tile edges, a cloud field
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def tiler_env(s3_settings: Settings, shared_dir: Path) -> Iterator[dict[str, str]]:
+    """TILEFM_* settings of a deployment with its own Redis key prefix (removed afterwards)."""
+    import json
+    import uuid
+
+    from tilefm.jobs.store import JobStore
+
+    prefix = f"tilefm-tiler-test-{uuid.uuid4().hex[:8]}:"
+    env = {
+        **{k: v for k, v in os.environ.items() if k.startswith("TILEFM_")},
+        "TILEFM_REDIS_PREFIX": prefix,
+        "TILEFM_ALLOWED_SOURCES": json.dumps([str(shared_dir / "data")]),
+        "TILEFM_ALLOWED_OUTPUTS": json.dumps([TILER_PREFIX]),
+        "TILEFM_AUTH_DISABLED": "true",
+    }
+    yield env
+    store = JobStore.from_url("redis://127.0.0.1:6379/0", prefix=prefix)
+    keys = list(store.redis.scan_iter(f"{prefix}*"))
+    if keys:
+        store.redis.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def finished_jobs(tiler_env: dict[str, str], scene_dir: Path, tmp_path_factory) -> dict[str, str]:
+    """Two succeeded jobs, run by a real scheduler: the cloud mask (z11, 12 tiles) and Presto
+    embeddings (z10, 2 tiles) of part of the sample scene. {"clouds": id, "presto": id}."""
+    import signal
+    import time
+
+    from tilefm.jobs.models import JobSpec, JobState
+    from tilefm.jobs.service import JobService
+    from tilefm.jobs.store import JobStore
+
+    settings = settings_from(tiler_env)
+    store = JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    service = JobService(store, settings)
+    log = tmp_path_factory.mktemp("tiler-sched") / "scheduler.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tilefm", "scheduler", "--metrics-port", "0"],
+        env={**os.environ, **tiler_env, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        specs = {
+            "clouds": JobSpec(scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, bbox=tuple(CLOUDS_BBOX),
+                              output_prefix=TILER_PREFIX),
+            "presto": JobSpec(scene={"s2": str(scene_dir)}, model="presto", zoom=10, bbox=tuple(PRESTO_BBOX),
+                              output_prefix=TILER_PREFIX),
+        }
+        ids = {name: service.submit(spec)[0].id for name, spec in specs.items()}
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            jobs = {name: store.get(i) for name, i in ids.items()}
+            if all(j.state.final for j in jobs.values()):
+                break
+            time.sleep(1)
+        bad = {n: (j.state.value, j.error) for n, j in jobs.items() if j.state != JobState.SUCCEEDED}
+        assert not bad, f"jobs did not succeed: {bad}; scheduler log:\n{log.read_text()[-3000:]}"
+        return ids
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiler_app(tiler_env: dict[str, str]):
+    from tilefm.api.tiler import create_app
+
+    return create_app(settings_from(tiler_env), viewer_dir=REPO / "services" / "tiler" / "viewer")
+
+
+@pytest.fixture(scope="session")
+def tiler_server(tiler_app, finished_jobs: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """The tile server over HTTP on 127.0.0.1 (uvicorn in a thread): (base_url, finished_jobs)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(tiler_app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the tile server did not start"
+    yield f"http://127.0.0.1:{port}", finished_jobs
+    server.should_exit = True
+    thread.join(10)

@@ -344,13 +344,15 @@ def serve(
 def up(
     port: Annotated[int, typer.Option(help="Job API port.")] = 8080,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 50051,
+    tiler_port: Annotated[int, typer.Option(help="Tile server (and viewer) port.")] = 8081,
 ) -> None:
-    """Start the local stack: Redis, SeaweedFS (S3), the scheduler on local Ray, and the job API."""
+    """Start the local stack: Redis, SeaweedFS (S3), the scheduler on local Ray, the job API and the
+    tile server (viewer at http://127.0.0.1:8081/viewer)."""
     from tilefm.localstack import up as run_up
     from tilefm.settings import get_settings
 
     s = get_settings()
-    raise typer.Exit(run_up(port, grpc_port, redis_url=s.redis_url, models=s.model_store))
+    raise typer.Exit(run_up(port, grpc_port, tiler_port=tiler_port, redis_url=s.redis_url, models=s.model_store))
 
 
 @app.command("keys")

@@ -332,9 +332,15 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
     return 0
 
 
-def up(port: int = 8080, grpc_port: int = 50051, *, redis_url: str = "redis://127.0.0.1:6379/0", models: Path | None = None) -> int:
+#: the tile server's app (services/tiler beside the library in a source checkout or an image)
+TILER_APP_DIR = Path(__file__).resolve().parents[2] / "services" / "tiler"
+
+
+def up(port: int = 8080, grpc_port: int = 50051, *, tiler_port: int = 8081, redis_url: str = "redis://127.0.0.1:6379/0",
+       models: Path | None = None) -> int:
     """The whole local stack in one command: Redis (the machine's redis-server when none answers),
-    a SeaweedFS S3 server, the scheduler (local Ray) and the job API; Ctrl-C stops what it started."""
+    a SeaweedFS S3 server, the scheduler (local Ray), the job API and the tile server with its
+    viewer; Ctrl-C stops what it started."""
     import redis as redis_lib
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -361,9 +367,14 @@ def up(port: int = 8080, grpc_port: int = 50051, *, redis_url: str = "redis://12
             procs.append(subprocess.Popen([sys.executable, "-m", "tilefm", "scheduler"], env=env, start_new_session=True))
             procs.append(subprocess.Popen([sys.executable, "-m", "tilefm", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
                                           env=env, start_new_session=True))
+            env.setdefault("TILEFM_ALLOWED_OUTPUTS", json.dumps(["s3://tilefm/"]))
+            procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(TILER_APP_DIR),
+                                           "--host", "127.0.0.1", "--port", str(tiler_port), "--log-level", "warning"],
+                                          env=env, start_new_session=True))
             for k, v in s3.tilefm_env().items():
                 print(f"export {k}={v}")
             print(f"job API: http://127.0.0.1:{port}/docs  gRPC: 127.0.0.1:{grpc_port}  S3: {s3.endpoint_url} (bucket tilefm)")
+            print(f"tiles: http://127.0.0.1:{tiler_port}/docs  viewer: http://127.0.0.1:{tiler_port}/viewer")
             print("Ctrl-C to stop", flush=True)
             stop = {"now": False}
             signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))

@@ -24,6 +24,10 @@ http_requests = Counter("tilefm_http_requests_total", "HTTP requests", ["route",
 http_seconds = Histogram("tilefm_http_request_seconds", "HTTP request latency", ["route", "method"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
+tile_seconds = Histogram("tilefm_tile_request_seconds", "Tiler request latency", ["route", "format"],
+                         buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5))
+tile_cache = Counter("tilefm_tile_cache_requests_total", "Rendered-tile cache lookups", ["result"])
+
 
 class JobStoreCollector(Collector):
     """Jobs by state and queue depth, straight from the job store."""

@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     #: jobs one scheduler runs at once (their batches share the encoder actors round-robin)
     scheduler_max_jobs: int = 4
 
+    #: storage the tiler's generic COG endpoints (/cog/...) may read, as path or URI prefixes;
+    #: empty = the job outputs' locations (allowed_outputs); both empty = /cog is switched off
+    tiler_prefixes: list[str] = Field(default_factory=list)
+    #: memory for rendered tiles kept by each tiler process, MiB
+    tiler_cache_mb: int = 256
+    #: whether the tiler lists finished jobs (GET /v1/jobs), for the viewer; job ids are
+    #: unguessable, so switching this off leaves outputs reachable only by those who know an id
+    tiler_list_jobs: bool = True
+
 
 @lru_cache
 def get_settings() -> Settings:

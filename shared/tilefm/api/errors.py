@@ -13,10 +13,14 @@ from starlette.routing import Match
 
 from tilefm.errors import TileFMError
 from tilefm.jobs.errors import IdempotencyConflict, InvalidTransition, JobNotFound
+from tilefm.tiler.errors import JobNotFinished, OutputUnreadable, PathNotAllowed, TileNotAvailable
 
 log = logging.getLogger(__name__)
 
-STATUS = {JobNotFound: 404, IdempotencyConflict: 409, InvalidTransition: 409}
+STATUS = {
+    JobNotFound: 404, IdempotencyConflict: 409, InvalidTransition: 409,
+    JobNotFinished: 409, OutputUnreadable: 404, TileNotAvailable: 404, PathNotAllowed: 403,
+}
 
 
 class ErrorDetail(BaseModel):

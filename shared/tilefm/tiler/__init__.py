@@ -1,0 +1,1 @@
+"""The tile server's library: job outputs and input scenes as XYZ tiles, renderings, security."""

@@ -1,0 +1,318 @@
+"""Tiles, points, statistics and previews of job outputs and of their input scenes.
+
+`OutputTiles` reads a job's COG with rio-tiler and renders it (`render.py`); `SceneTiles` warps
+the job's input scene onto the same tiles as true colour, so outputs can be compared against
+what the model saw.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
+from rio_tiler.io import Reader
+from rio_tiler.models import ImageData
+
+from tilefm.grid import TMS
+from tilefm.scene import Scene, open_scene
+from tilefm.settings import Settings
+from tilefm.storage import gdal_env, storage_for
+from tilefm.tiler import pca, render
+from tilefm.tiler.errors import BadRenderParameter, TileNotAvailable
+from tilefm.tiler.outputs import JobOutput
+from tilefm.tiler.render import RenderParams
+
+TILE_SIZE = 256
+SUPPORTED_TMS = ("WebMercatorQuad",)
+#: true colour: Sentinel-2 L2A reflectance x 10000 shown over 0..3000 (bright surfaces and clouds saturate)
+TRUE_COLOUR = ("B04", "B03", "B02")
+TRUE_COLOUR_RESCALE = (0.0, 3000.0)
+
+
+class _Readers(threading.local):
+    """Open rio-tiler readers per thread: a COG's header is read once per thread, not per tile."""
+
+    def __init__(self) -> None:
+        self.readers: dict[str, Reader] = {}
+
+    def get(self, path: str) -> Reader:
+        r = self.readers.get(path)
+        if r is None:
+            if len(self.readers) > 64:
+                for old in self.readers.values():
+                    old.close()
+                self.readers.clear()
+            r = self.readers[path] = Reader(path)
+        return r
+
+
+def check_tile(tms: str, z: int, x: int, y: int, minzoom: int, maxzoom: int, scale: int) -> None:
+    if tms not in SUPPORTED_TMS:
+        raise TileNotAvailable(f"unknown tile matrix set {tms!r}; available: {', '.join(SUPPORTED_TMS)}", field="tms")
+    if not minzoom <= z <= maxzoom:
+        raise TileNotAvailable(f"zoom {z} is outside this layer's range {minzoom}..{maxzoom}")
+    if not (0 <= x < 2**z and 0 <= y < 2**z):
+        raise TileNotAvailable(f"tile {z}/{x}/{y} does not exist (x and y run 0..{2**z - 1} at zoom {z})", field="x")
+    if scale not in (1, 2, 3, 4):
+        raise BadRenderParameter(f"scale must be 1, 2, 3 or 4, not {scale}", field="scale")
+
+
+def encode_image(rgb: np.ndarray, mask: np.ndarray, fmt: str, img: ImageData) -> bytes:
+    """uint8 [3, H, W] + validity [H, W] -> PNG/WEBP (with alpha) or JPEG (no-data black)."""
+    data = np.ma.MaskedArray(rgb, mask=np.broadcast_to(~mask, rgb.shape))
+    return ImageData(data, bounds=img.bounds, crs=img.crs).render(img_format=render.IMAGE_FORMATS[fmt], add_mask=fmt != "jpg")
+
+
+def encode_raw(values: np.ndarray, fmt: str, img: ImageData, nodata: float | None) -> bytes:
+    """Raw values: .npy (numpy's format, NaN = no data) or a georeferenced GeoTIFF."""
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, values)
+        return buf.getvalue()
+    mask = np.isnan(values) if values.dtype.kind == "f" else (values == nodata)
+    data = np.ma.MaskedArray(values, mask=mask)
+    return ImageData(data, bounds=img.bounds, crs=img.crs).render(img_format="GTIFF", add_mask=False)
+
+
+@dataclass
+class OutputTiles:
+    """Reads and renders one deployment's job outputs."""
+
+    settings: Settings
+
+    def __post_init__(self) -> None:
+        self._readers = _Readers()
+        self._env = gdal_env(self.settings)
+        self._stats: dict[str, pca.RenderStats] = {}
+        self._stats_lock = threading.Lock()
+        self._samples: dict[str, np.ndarray] = {}
+
+    def env(self) -> rasterio.Env:
+        return rasterio.Env(**self._env)
+
+    def stats(self, out: JobOutput) -> pca.RenderStats:
+        with self._stats_lock:  # one computation per job, however many tiles ask at once
+            s = self._stats.get(out.job_id)
+            if s is None:
+                s = self._stats[out.job_id] = pca.load_or_compute(out, storage_for(out.uri, self.settings), self._env)
+            return s
+
+    def sample(self, out: JobOutput) -> np.ndarray:
+        """A few thousand valid pixels of the whole output, [bands, N] (for similarity ranges)."""
+        with self._stats_lock:
+            smp = self._samples.get(out.job_id)
+        if smp is None:
+            with self.env():
+                img = self._readers.get(out.path).preview(max_size=128, resampling_method="nearest")
+            values = out.dequantize(np.ma.getdata(img.array)).reshape(out.count, -1)
+            values[:, np.ma.getmaskarray(img.array).reshape(out.count, -1).any(axis=0)] = np.nan
+            smp = values[:, np.isfinite(values).all(axis=0)]
+            with self._stats_lock:
+                self._samples[out.job_id] = smp
+        return smp
+
+    def similarity_quantiles(self, out: JobOutput, query: np.ndarray) -> tuple[float, ...]:
+        """Percentiles 0..100 of the whole output's similarity to the query. Similarity maps are
+        drawn by rank (a pixel's colour says how many pixels of the map are less similar): embeddings
+        share a large common direction (half of Presto's pixels are > 0.998 similar to any given
+        one), so any linear range paints most of the map alike."""
+        smp = self.sample(out)
+        if smp.shape[1] == 0:
+            return tuple(np.linspace(-1.0, 1.0, 101))
+        sims = render.cosine_similarity(smp[:, :, None], query)[:, 0]
+        return tuple(float(v) for v in np.percentile(sims[np.isfinite(sims)], np.arange(101)))
+
+    def params(self, out: JobOutput, render_name: str | None, bands: str | None, rescale: str | None,
+               colormap_name: str | None, lon: float | None, lat: float | None, vector: str | None) -> RenderParams:
+        name = render_name or out.default_render
+        allowed = out.renders + ["raw"]
+        if name not in allowed:
+            raise BadRenderParameter(f"render {name!r} is not available for a {out.kind} output; choose one of {', '.join(allowed)}", field="render")
+        query = None
+        if name == "similarity":
+            if vector:
+                query = render.parse_vector(vector, out.count)
+            elif lon is not None and lat is not None:
+                query = self.vector_at(out, lon, lat)
+            else:
+                raise BadRenderParameter("similarity needs a query: lon and lat of a pixel, or vector", field="lon")
+        resc = render.parse_rescale(rescale)
+        return RenderParams(
+            render=name, bands=render.parse_bands(bands, out.count) if name == "rgb" else (),
+            rescale=resc, colormap_name=colormap_name or "viridis", query=query,
+            quantiles=self.similarity_quantiles(out, query) if query is not None and resc is None else None,
+        )
+
+    def _indexes(self, out: JobOutput, p: RenderParams) -> list[int] | None:
+        if p.render == "classes":
+            return [1]
+        if p.render == "rgb":
+            return list(p.bands)
+        return None  # all bands
+
+    def tile(self, out: JobOutput, tms: str, z: int, x: int, y: int, scale: int, fmt: str, p: RenderParams) -> bytes:
+        check_tile(tms, z, x, y, out.minzoom, out.maxzoom, scale)
+        stats = self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
+        with self.env():
+            try:
+                img = self._readers.get(out.path).tile(
+                    x, y, z, tilesize=TILE_SIZE * scale, indexes=self._indexes(out, p), resampling_method="nearest",
+                )
+            except TileOutsideBounds:
+                raise TileNotAvailable(f"tile {z}/{x}/{y} is outside the output's bounds") from None
+        return self._render(out, img, fmt, p, stats)
+
+    def preview(self, out: JobOutput, fmt: str, p: RenderParams, max_size: int) -> bytes:
+        stats = self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
+        with self.env():
+            img = self._readers.get(out.path).preview(indexes=self._indexes(out, p), max_size=max_size, resampling_method="nearest")
+        return self._render(out, img, fmt, p, stats)
+
+    def _render(self, out: JobOutput, img: ImageData, fmt: str, p: RenderParams, stats: pca.RenderStats | None) -> bytes:
+        raw = np.ma.getdata(img.array)
+        valid = ~np.ma.getmaskarray(img.array).any(axis=0)
+        if p.render == "classes":
+            if fmt in render.RAW_FORMATS:
+                return encode_raw(raw.astype(np.uint8), fmt, img, out.nodata)
+            return ImageData(img.array, bounds=img.bounds, crs=img.crs).render(
+                img_format=render.IMAGE_FORMATS[fmt], colormap=out.colormap(), add_mask=fmt != "jpg")
+        values = out.dequantize(raw)
+        values[:, ~valid] = np.nan
+        if p.render == "similarity":
+            sim = render.cosine_similarity(values, p.query)
+            if fmt in render.RAW_FORMATS:
+                return encode_raw(sim[None], fmt, img, None)
+            shown = render.rank(sim, p.quantiles) if p.quantiles else sim
+            rgb = render.colormap_rgb(shown, p.colormap_name, p.rescale or (0.0, 1.0))
+            return encode_image(rgb, np.isfinite(sim), fmt, img)
+        if fmt in render.RAW_FORMATS:
+            return encode_raw(values, fmt, img, None)
+        if p.render == "rgb":
+            rgb = render.rgb_bands(values, stats, p.bands, p.rescale)
+        elif p.render == "pca":
+            rgb = render.pca(values, stats) if not p.rescale else render.to_uint8(stats.project(values), *p.rescale)
+        else:  # raw drawn as an image: the first band in grey
+            rgb = np.repeat(render.to_uint8(values[:1], *(p.rescale or (np.nanmin(values[0]), np.nanmax(values[0])))), 3, axis=0)
+        return encode_image(rgb, valid, fmt, img)
+
+    def values_at(self, out: JobOutput, lon: float, lat: float) -> np.ndarray:
+        """The de-quantized output values of the pixel at lon/lat (NaN = no data)."""
+        if not (-180 <= lon <= 180 and -85.06 <= lat <= 85.06):
+            raise BadRenderParameter(f"lon/lat ({lon}, {lat}) is not a valid web-mercator position", field="lon")
+        with self.env():
+            try:
+                pt = self._readers.get(out.path).point(lon, lat)
+            except PointOutsideBounds:
+                raise TileNotAvailable(f"({lon}, {lat}) is outside the output's bounds", field="lon") from None
+        values = out.dequantize(np.ma.getdata(pt.array).reshape(-1)) if not out.is_classes else np.ma.getdata(pt.array).astype(np.float32)
+        values[np.ma.getmaskarray(pt.array).reshape(-1)] = np.nan
+        return values
+
+    def vector_at(self, out: JobOutput, lon: float, lat: float) -> np.ndarray:
+        v = self.values_at(out, lon, lat)
+        if not np.isfinite(v).all():
+            raise BadRenderParameter(f"the output has no value at ({lon}, {lat}) to compare with", field="lon")
+        return v
+
+    def point(self, out: JobOutput, lon: float, lat: float) -> dict[str, Any]:
+        v = self.values_at(out, lon, lat)
+        values = [None if not np.isfinite(x) else float(x) for x in v]
+        body: dict[str, Any] = {"coordinates": [lon, lat], "values": values, "band_names": out.band_names}
+        if out.is_classes:
+            c = next((c for c in out.classes if values[0] is not None and c.value == int(values[0])), None)
+            body["class"] = {"value": c.value, "name": c.name, "color": c.color} if c else None
+        return body
+
+    def statistics(self, out: JobOutput, bands: list[int] | None, max_size: int) -> dict[str, Any]:
+        indexes = bands or list(range(1, out.count + 1))
+        if not all(1 <= b <= out.count for b in indexes):
+            raise BadRenderParameter(f"bands must be between 1 and {out.count}", field="bands")
+        with self.env():
+            img = self._readers.get(out.path).preview(indexes=indexes, max_size=max_size, resampling_method="nearest")
+        raw = np.ma.getdata(img.array)
+        valid = ~np.ma.getmaskarray(img.array)
+        result: dict[str, Any] = {}
+        for i, b in enumerate(indexes):
+            name = out.band_names[b - 1]
+            if out.is_classes:
+                vals = raw[i][valid[i]].astype(int)
+                hist = {c.name: int((vals == c.value).sum()) for c in out.classes}
+                total = max(1, int(valid[i].sum()))
+                result[name] = {"count": int(valid[i].sum()), "classes": hist,
+                                "fractions": {k: round(v / total, 6) for k, v in hist.items()}}
+                continue
+            v = out.dequantize(raw[i])[valid[i]]
+            v = v[np.isfinite(v)]
+            if v.size == 0:
+                result[name] = {"count": 0}
+                continue
+            p2, p98 = np.percentile(v, [2, 98])
+            result[name] = {"count": int(v.size), "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
+                            "std": float(v.std()), "percentile_2": float(p2), "percentile_98": float(p98)}
+        return result
+
+
+@dataclass
+class SceneTiles:
+    """True-colour tiles of a job's input scene (the Sentinel-2 bands B04, B03, B02)."""
+
+    settings: Settings
+
+    def __post_init__(self) -> None:
+        self._scenes: dict[str, Scene] = {}
+        self._lock = threading.Lock()
+        self._readers = _Readers()
+        self._env = gdal_env(self.settings)
+
+    def scene(self, out: JobOutput, sources: dict[str, str]) -> Scene:
+        with self._lock:
+            s = self._scenes.get(out.job_id)
+        if s is None:
+            with rasterio.Env(**self._env):
+                s = open_scene(sources)
+            with self._lock:
+                self._scenes[out.job_id] = s
+        return s
+
+    def bands(self, scene: Scene) -> list:
+        s2 = scene.modalities.get("s2")
+        if s2 is None or not all(b in s2.bands for b in TRUE_COLOUR):
+            raise TileNotAvailable("the scene has no true-colour bands (s2 B04, B03, B02)", field="scene")
+        return [s2.bands[b] for b in TRUE_COLOUR]
+
+    def tile(self, out: JobOutput, scene: Scene, tms: str, z: int, x: int, y: int, scale: int, fmt: str,
+             rescale: tuple[float, float] | None) -> bytes:
+        check_tile(tms, z, x, y, out.minzoom, out.maxzoom, scale)
+        if fmt in render.RAW_FORMATS:
+            raise BadRenderParameter("the scene is served as png, webp or jpg", field="format")
+        n = TILE_SIZE * scale
+        bands = self.bands(scene)
+        values = np.zeros((3, n, n), np.float32)
+        valid = np.ones((n, n), bool)
+        img = None
+        with self.env():
+            for i, band in enumerate(bands):
+                try:
+                    img = self._readers.get(band.path).tile(
+                        x, y, z, tilesize=n, indexes=band.index, resampling_method="bilinear",
+                        reproject_method="bilinear",
+                    )
+                except TileOutsideBounds:
+                    raise TileNotAvailable(f"tile {z}/{x}/{y} is outside the scene") from None
+                values[i] = np.ma.getdata(img.array)[0] + np.float32(band.offset)
+                valid &= ~np.ma.getmaskarray(img.array)[0]
+        rgb = render.to_uint8(values, *(rescale or TRUE_COLOUR_RESCALE))
+        return encode_image(rgb, valid, fmt, img)
+
+    def env(self) -> rasterio.Env:
+        return rasterio.Env(**self._env)
+
+
+def tile_bounds(z: int, x: int, y: int) -> tuple[float, float, float, float]:
+    b = TMS.bounds(x, y, z)
+    return b.left, b.bottom, b.right, b.top
