@@ -109,10 +109,10 @@ def tile_paths(cog: Path) -> list[tuple[int, int, int]]:
 def wrk(url_file: Path, base: str, conns: int, duration: int, seed: int) -> dict[str, float]:
     script = url_file.with_suffix(f".{seed}.lua")
     script.write_text(LUA % (url_file, seed))
-    out = subprocess.run(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{duration}s", "--latency", "-s", str(script), base],
+    out = subprocess.run(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{duration}s", "--latency", "--timeout", "10s", "-s", str(script), base],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    pct = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)\.000%\s+(\S+)", out, re.M)}
+    pct = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50_ms": pct["50"], "p99_ms": pct["99"], "non_2xx": int(errors.group(1)) if errors else 0}
 

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     #: whether the tiler lists finished jobs (GET /v1/jobs), for the viewer; job ids are
     #: unguessable, so switching this off leaves outputs reachable only by those who know an id
     tiler_list_jobs: bool = True
+    #: threads a tiler process renders tiles on at once (0 = anyio's default of 40). A tile costs
+    #: ~1-2 ms of CPU: a few threads keep the cores busy, many only contend for the GIL and
+    #: stretch the latency tail
+    tiler_threads: int = 4
 
 
 @lru_cache

@@ -9,12 +9,14 @@ long-lived `Cache-Control: immutable` and an ETag.
 from __future__ import annotations
 
 import hashlib
+from contextlib import asynccontextmanager
 import logging
 import time
 from enum import Enum
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
@@ -345,7 +347,13 @@ def mount_cog_endpoints(app: FastAPI, settings: Settings) -> None:
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None, viewer_dir: FilePath | None = None) -> FastAPI:
     settings = settings or get_settings()
     store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
-    app = FastAPI(title="tilefm tiles", version=__version__,
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if settings.tiler_threads:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = settings.tiler_threads
+        yield
+
+    app = FastAPI(title="tilefm tiles", version=__version__, lifespan=lifespan,
                   description="Finished jobs' outputs and input scenes as web-map tiles (XYZ, TileJSON, WMTS), values at points, and a viewer.")
     app.state.settings = settings
     app.state.store = store

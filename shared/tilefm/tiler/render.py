@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import io
+
 import numpy as np
+from PIL import Image
 from rio_tiler.colormap import cmap as colormaps
 
 from tilefm.tiler.errors import BadRenderParameter
@@ -122,3 +125,50 @@ def parse_vector(text: str, count: int) -> np.ndarray:
     if v.size != count:
         raise BadRenderParameter(f"vector has {v.size} values; the output has {count} bands", field="vector")
     return v
+
+
+#: zlib level 1: PNG tiles ~10 % larger than level 6, encoded 3-4x faster (tiles are served far
+#: more often than they are fetched over slow links; HTTP caches keep them)
+PNG_LEVEL = 1
+QUALITY = 85
+
+
+def encode_rgba(rgb: np.ndarray, valid: np.ndarray, fmt: str) -> bytes:
+    """uint8 [3, H, W] + validity [H, W] -> PNG/WEBP with alpha, or JPEG (no data black)."""
+    hwc = np.moveaxis(rgb, 0, -1)
+    if fmt == "jpg":
+        img = Image.fromarray(np.where(valid[..., None], hwc, 0).astype(np.uint8), "RGB")
+    else:
+        img = Image.fromarray(np.dstack([hwc, np.where(valid, 255, 0).astype(np.uint8)]), "RGBA")
+    return _save(img, fmt)
+
+
+def encode_classes(classes: np.ndarray, colormap: dict[int, tuple[int, int, int, int]], nodata: int, fmt: str) -> bytes:
+    """uint8 class numbers [H, W] -> a paletted PNG (the class numbers are the palette indexes,
+    no data transparent), or WEBP/JPEG in the palette's colours."""
+    palette = np.zeros((256, 3), np.uint8)
+    alpha = np.full(256, 255, np.uint8)
+    for value, rgba in colormap.items():
+        palette[value] = rgba[:3]
+        alpha[value] = rgba[3]
+    alpha[nodata] = 0
+    img = Image.fromarray(np.ascontiguousarray(classes, np.uint8), "P")
+    img.putpalette(palette.tobytes())
+    if fmt == "png":
+        img.info["transparency"] = alpha.tobytes()
+        return _save(img, fmt)
+    if fmt == "jpg":
+        return _save(img.convert("RGB"), fmt)
+    rgba = np.dstack([palette[classes], alpha[classes]])
+    return _save(Image.fromarray(rgba, "RGBA"), fmt)
+
+
+def _save(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, "PNG", compress_level=PNG_LEVEL, **({"transparency": img.info["transparency"]} if "transparency" in img.info else {}))
+    elif fmt == "webp":
+        img.save(buf, "WEBP", quality=QUALITY, method=0)
+    else:
+        img.save(buf, "JPEG", quality=QUALITY)
+    return buf.getvalue()

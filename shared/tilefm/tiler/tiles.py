@@ -64,8 +64,7 @@ def check_tile(tms: str, z: int, x: int, y: int, minzoom: int, maxzoom: int, sca
 
 def encode_image(rgb: np.ndarray, mask: np.ndarray, fmt: str, img: ImageData) -> bytes:
     """uint8 [3, H, W] + validity [H, W] -> PNG/WEBP (with alpha) or JPEG (no-data black)."""
-    data = np.ma.MaskedArray(rgb, mask=np.broadcast_to(~mask, rgb.shape))
-    return ImageData(data, bounds=img.bounds, crs=img.crs).render(img_format=render.IMAGE_FORMATS[fmt], add_mask=fmt != "jpg")
+    return render.encode_rgba(rgb, mask, fmt)
 
 
 def encode_raw(values: np.ndarray, fmt: str, img: ImageData, nodata: float | None) -> bytes:
@@ -77,6 +76,51 @@ def encode_raw(values: np.ndarray, fmt: str, img: ImageData, nodata: float | Non
     mask = np.isnan(values) if values.dtype.kind == "f" else (values == nodata)
     data = np.ma.MaskedArray(values, mask=mask)
     return ImageData(data, bounds=img.bounds, crs=img.crs).render(img_format="GTIFF", add_mask=False)
+
+
+def read_aligned(src, out: JobOutput, z: int, x: int, y: int, size: int, indexes: list[int] | None) -> ImageData:
+    """A tile of an output COG, read as a window: tilefm writes outputs on the tile grid (origin on
+    a tile corner, pixel = the native zoom's, 256-px blocks and overviews per zoom level), so a
+    tile is whole blocks of one overview, or part of a block upsampled (nearest) past the native
+    zoom. No warping: ~10x cheaper than a generic reprojected read, and the same pixels."""
+    idx = indexes or list(range(1, src.count + 1))
+    b = TMS.xy_bounds(x, y, z)
+    res = src.transform.a
+    col0 = (b.left - src.transform.c) / res
+    row0 = (src.transform.f - b.top) / res
+    span = (b.right - b.left) / res  # tile width in native pixels
+    if not (abs(col0 - round(col0)) < 1e-6 and abs(row0 - round(row0)) < 1e-6 and abs(span - round(span)) < 1e-6):
+        raise TileNotAvailable(f"tile {z}/{x}/{y} is not on this output's grid")  # not a tilefm COG
+    col0, row0, span = round(col0), round(row0), round(span)
+    # the part of the tile inside the raster, in native pixels
+    c0, r0 = max(col0, 0), max(row0, 0)
+    c1, r1 = min(col0 + span, src.width), min(row0 + span, src.height)
+    if c1 <= c0 or r1 <= r0:
+        raise TileNotAvailable(f"tile {z}/{x}/{y} is outside the output's bounds")
+    dtype = src.dtypes[0]
+    nodata = src.nodata
+    fill = nodata if nodata is not None else 0
+    data = np.full((len(idx), size, size), fill, dtype=dtype)
+    px = size / span  # output pixels per native pixel
+    oc0, or0 = round((c0 - col0) * px), round((r0 - row0) * px)
+    oc1, or1 = round((c1 - col0) * px), round((r1 - row0) * px)
+    win = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
+    if px >= 1:  # at or past the native zoom: read native pixels, repeat them
+        part = src.read(idx, window=win)
+        k = round(px)
+        data[:, or0:or1, oc0:oc1] = np.repeat(np.repeat(part, k, axis=1), k, axis=2)
+    else:  # zoomed out: GDAL reads the matching overview
+        data[:, or0:or1, oc0:oc1] = src.read(idx, window=win, out_shape=(len(idx), or1 - or0, oc1 - oc0),
+                                            resampling=rasterio.enums.Resampling.nearest)
+    if nodata is None:
+        mask = np.zeros(data.shape, bool)
+    elif np.isnan(nodata):
+        mask = np.isnan(data)
+    else:
+        mask = data == nodata
+    mask[:, :or0, :] = mask[:, or1:, :] = True
+    mask[:, :, :oc0] = mask[:, :, oc1:] = True
+    return ImageData(np.ma.MaskedArray(data, mask=mask), bounds=tuple(b), crs=TMS.rasterio_crs)
 
 
 @dataclass
@@ -159,12 +203,7 @@ class OutputTiles:
         check_tile(tms, z, x, y, out.minzoom, out.maxzoom, scale)
         stats = self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
         with self.env():
-            try:
-                img = self._readers.get(out.path).tile(
-                    x, y, z, tilesize=TILE_SIZE * scale, indexes=self._indexes(out, p), resampling_method="nearest",
-                )
-            except TileOutsideBounds:
-                raise TileNotAvailable(f"tile {z}/{x}/{y} is outside the output's bounds") from None
+            img = read_aligned(self._readers.get(out.path).dataset, out, z, x, y, TILE_SIZE * scale, self._indexes(out, p))
         return self._render(out, img, fmt, p, stats)
 
     def preview(self, out: JobOutput, fmt: str, p: RenderParams, max_size: int) -> bytes:
@@ -179,8 +218,8 @@ class OutputTiles:
         if p.render == "classes":
             if fmt in render.RAW_FORMATS:
                 return encode_raw(raw.astype(np.uint8), fmt, img, out.nodata)
-            return ImageData(img.array, bounds=img.bounds, crs=img.crs).render(
-                img_format=render.IMAGE_FORMATS[fmt], colormap=out.colormap(), add_mask=fmt != "jpg")
+            classes = np.where(np.ma.getmaskarray(img.array)[0], 255, raw[0]).astype(np.uint8)
+            return render.encode_classes(classes, out.colormap(), 255, fmt)
         values = out.dequantize(raw)
         values[:, ~valid] = np.nan
         if p.render == "similarity":
