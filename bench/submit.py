@@ -75,6 +75,48 @@ async def submit_load(base: str, clients: int, per_client: int, prefix: str) -> 
             "max_ms": round(max(latencies) * 1000, 1), "submissions_per_s": round(len(latencies) / wall, 1)}
 
 
+WRK_LUA = """
+local prefix = "%s"
+local scene = "%s"
+local n = 0
+math.randomseed(%d)
+request = function()
+  n = n + 1
+  local lon = -11.8 + math.random() * 0.7
+  local lat = 24.45 + math.random() * 0.65
+  local body = string.format('{"scene":{"s2":"%%s"},"model":"ukis-csmask","zoom":11,"bbox":[%%.6f,%%.6f,%%.6f,%%.6f],"output_prefix":"%%s"}',
+    scene, lon, lat, lon + 0.05, lat + 0.05, prefix)
+  local headers = {["Content-Type"] = "application/json", ["X-API-Key"] = "%s",
+                   ["Idempotency-Key"] = string.format("%%d-%%d-%%d", %d, n, math.random(1, 1e9))}
+  return wrk.format("POST", "/v1/jobs", headers, body)
+end
+"""
+
+
+def submit_load_wrk(base: str, clients: int, seconds: int, prefix: str, work: Path) -> dict:
+    """The same submissions from wrk (C, event loop): the load generator takes a few % of a core
+    instead of the ~1 ms of CPU per request an asyncio Python client spends."""
+    import re
+
+    asyncio.run(submit_load(base, 1, 20, prefix))  # warm every worker's caches first
+    script = work / "submit.lua"
+    script.write_text(WRK_LUA % (prefix, SCENE, 7, KEY, 7))
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{seconds}s", "--latency", "--timeout", "10s", "-s", str(script), base],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ms(text: str) -> float:
+        value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+        return round(float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit], 1)
+
+    pct = {m.group(1): ms(m.group(2)) for m in re.finditer(r"^\s+(50|90|99)(?:\.0+)?%\s+(\S+)", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"generator": "wrk", "clients": clients, "requests": total, "errors": int(errors.group(1)) if errors else 0,
+            "p50_ms": pct["50"], "p90_ms": pct["90"], "p99_ms": pct["99"],
+            "max_ms": ms(re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out).group(1)),
+            "submissions_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+
+
 def jobs_per_minute(base: str, n: int, prefix: str) -> dict:
     http = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30)
     rng = random.Random(42)
@@ -98,6 +140,10 @@ def main() -> int:
     p.add_argument("--per-client", type=int, default=10)
     p.add_argument("--small-jobs", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--generator", choices=["wrk", "python"], default="wrk",
+                   help="load generator: wrk (Debian package; default) or the asyncio httpx client")
+    p.add_argument("--seconds", type=int, default=15, help="wrk: how long to submit")
+    p.add_argument("--skip-small-jobs", action="store_true")
     args = p.parse_args()
 
     redis_prefix = f"tilefm-bench-{uuid.uuid4().hex[:8]}:"
@@ -117,8 +163,15 @@ def main() -> int:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.2)
-            load = asyncio.run(submit_load(base, args.clients, args.per_client, "s3://tilefm/bench-submit/"))
+            if args.generator == "wrk":
+                import tempfile
+
+                load = submit_load_wrk(base, args.clients, args.seconds, "s3://tilefm/bench-submit/", Path(tempfile.mkdtemp()))
+            else:
+                load = asyncio.run(submit_load(base, args.clients, args.per_client, "s3://tilefm/bench-submit/"))
             print(json.dumps({"submit": load}), flush=True)
+            if args.skip_small_jobs:
+                return 0
             # drop the queued load-test jobs, then measure throughput with a scheduler
             store = JobStore.from_url("redis://127.0.0.1:6379/0", prefix=redis_prefix)
             store.redis.delete(*store.redis.keys(f"{redis_prefix}*"))

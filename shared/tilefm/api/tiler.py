@@ -344,6 +344,33 @@ def mount_cog_endpoints(app: FastAPI, settings: Settings) -> None:
     app.include_router(factory.router, prefix="/cog", tags=["Cloud Optimized GeoTIFF (restricted)"])
 
 
+class HTTPMetrics:
+    """Request counts and latency by route, as plain ASGI (starlette's BaseHTTPMiddleware costs
+    a task and a queue per request, on the event loop every tile request goes through)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def _send(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.http_seconds.labels(route, scope["method"]).observe(time.perf_counter() - t0)
+            metrics.http_requests.labels(route, scope["method"], str(status["code"])).inc()
+
+
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None, viewer_dir: FilePath | None = None) -> FastAPI:
     settings = settings or get_settings()
     store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
@@ -381,14 +408,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     if viewer_dir is not None:
         app.include_router(create_viewer_router(viewer_dir))
 
-    @app.middleware("http")
-    async def _metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.http_seconds.labels(route, request.method).observe(time.perf_counter() - t0)
-        metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
-        return response
+    app.add_middleware(HTTPMetrics)
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -8,6 +8,7 @@ that wrote the same tags.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -105,6 +106,14 @@ def _hex_rgb(color: str) -> tuple[int, int, int]:
     return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
 
 
+def _inward(bounds: tuple[float, float, float, float], digits: int = 7) -> tuple[float, float, float, float]:
+    """Bounds rounded towards the inside: outputs end exactly on tile edges, and bounds rounded
+    outwards by 1e-7 degree make web maps ask for a row of tiles past the edge (all 404s)."""
+    q = 10.0**digits
+    w, s, e, n = bounds
+    return math.ceil(w * q) / q, math.ceil(s * q) / q, math.floor(e * q) / q, math.floor(n * q) / q
+
+
 def read_output(job: Job, settings: Settings) -> JobOutput:
     """Open the job's COG once and describe it."""
     uri = next((o for o in job.outputs if o.endswith(".tif")), None)
@@ -128,7 +137,7 @@ def read_output(job: Job, settings: Settings) -> JobOutput:
         kind=tags.get("TILEFM_OUTPUT_KIND", "embedding"), count=count, band_names=descriptions, dtype=dtype,
         nodata=nodata, scale=float(tags.get("TILEFM_SCALE", 1.0)), offset=float(tags.get("TILEFM_OFFSET", 0.0)),
         native_zoom=zoom, minzoom=max(0, zoom - levels), maxzoom=min(24, zoom + OVERZOOM),
-        bounds=tuple(round(b, 7) for b in bounds), classes=classes,
+        bounds=_inward(bounds), classes=classes,
         scene=json.loads(tags.get("TILEFM_SCENE", "{}")) or {}, created=tags.get("TILEFM_CREATED", ""),
         version=job.timings.finished.isoformat() if job.timings.finished else tags.get("TILEFM_CREATED", ""),
     )
