@@ -70,7 +70,7 @@ def run(
     out: Annotated[str, typer.Option(help="Output COG URI: file:///path.tif, s3://bucket/key.tif or a local path.")],
     zoom: Annotated[Optional[int], typer.Option(help="Web-mercator zoom; default matches the scene's native resolution.")] = None,
     bbox: Annotated[Optional[str], typer.Option(help="minlon,minlat,maxlon,maxlat (WGS84) to process only part of the scene.")] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch or onnxruntime.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (the fastest available), torch, torch-cuda, onnxruntime or tensorrt.")] = "auto",
     dtype: Annotated[Optional[str], typer.Option(help="Embedding storage: float16 (default), float32 or int8 (scale/offset recorded).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Tiles per batch sent to an encoder.")] = 4,
     executor: Annotated[str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")] = "ray",
@@ -135,8 +135,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-re
     rows = []
     for card in list_cards():
         try:
-            weights_path(card, get_settings().model_store, verify=False)
-            have = "yes"
+            have = "yes" if weights_path(card, get_settings().model_store, verify=False) else "seeded"
         except TileFMError:
             have = "no"
         rows.append({

@@ -60,7 +60,8 @@ class Prepared:
     card: ModelCard
     plan: TilePlan
     backend: str
-    weights: Path
+    #: None for a card without a checkpoint (seeded init, throughput work only)
+    weights: Path | None
 
     def summary(self) -> dict[str, Any]:
         return {

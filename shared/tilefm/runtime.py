@@ -35,7 +35,8 @@ class WorkerSpec:
 
     card: ModelCard
     backend: str
-    weights: Path
+    #: None: the card has no checkpoint (seeded init)
+    weights: Path | None
     threads: int | None = None
 
     def load(self) -> TileModel:

@@ -33,6 +33,17 @@ class Settings(BaseSettings):
     encoder_num_cpus: float = 0.5
     reader_num_cpus: float = 0.5
 
+    #: model precision on GPU backends: auto (bf16/fp16 where the card allows), fp32, fp16, bf16
+    precision: str = "auto"
+    #: largest batch an encoder worker runs: TensorRT's optimisation profile and the CUDA graphs'
+    #: fixed shape (smaller batches are padded to it)
+    max_batch: int = 8
+    #: torch-cuda: torch.compile the model (slow first batch, faster after) and replay CUDA graphs
+    torch_compile: bool = False
+    cuda_graphs: bool = True
+    #: where TensorRT engines are cached (file path or s3:// prefix), shared by all workers
+    engine_cache: str = str(Path("~/.cache/tilefm/engines").expanduser())
+
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     #: the largest plan a single run accepts

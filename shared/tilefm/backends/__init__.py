@@ -1,34 +1,163 @@
-"""Inference backends behind one interface. A backend turns a model file or module into a callable
-on numpy arrays; which one runs is chosen per worker (`auto` takes the first the card lists that
-is installed). TensorRT and CUDA backends plug in here."""
+"""Inference backends behind one interface, chosen per worker.
+
+A backend turns a torch module (the fp32 reference) into a `Runner`: numpy batch in, numpy batch
+out. `torch` (CPU, fp32), `torch-cuda` (autocast, CUDA graphs, torch.compile), `onnxruntime`
+(CPU, or its CUDA execution provider where present) and `tensorrt` (engines cached in the object
+store). `auto` takes the fastest one that is available and that the card lists: tensorrt >
+torch-cuda > onnxruntime on CUDA > the card's own order among the CPU ones. Heavy imports happen
+only when a backend is used, so a CPU machine never needs TensorRT or CUDA.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from tilefm.errors import BackendError
 from tilefm.models.card import ModelCard
 
-#: backends tilefm knows, in order of preference for `auto`
-KNOWN = ("tensorrt", "torch", "onnxruntime")
-_MODULES = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+if TYPE_CHECKING:
+    from torch import nn
+
+#: backends tilefm knows, fastest first
+KNOWN = ("tensorrt", "torch-cuda", "onnxruntime", "torch")
+_MODULES = {"torch": "torch", "torch-cuda": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+#: how to get each backend, for error messages
+INSTALL_HINTS = {
+    "torch": "pip install tilefm",
+    "torch-cuda": "a CUDA build of PyTorch (pip install torch --index-url https://download.pytorch.org/whl/cu124) on a machine with an NVIDIA GPU",
+    "onnxruntime": "pip install tilefm (onnxruntime-gpu for its CUDA execution provider)",
+    "tensorrt": "pip install 'tilefm[tensorrt]' on a machine with an NVIDIA GPU and a CUDA build of PyTorch",
+}
 
 
 def is_installed(name: str) -> bool:
     return importlib.util.find_spec(_MODULES[name]) is not None
 
 
+@lru_cache
+def cuda_available() -> bool:
+    """A CUDA device that PyTorch can use (torch-cuda and tensorrt run their I/O through it)."""
+    if not is_installed("torch"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@lru_cache
+def ort_cuda_available() -> bool:
+    if not is_installed("onnxruntime"):
+        return False
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why `name` cannot run here (with what to install), or None when it can."""
+    if name not in KNOWN:
+        return f"unknown backend {name!r} (choose auto, {', '.join(KNOWN)})"
+    if not is_installed(name):
+        return f"backend {name!r} is not installed: {INSTALL_HINTS[name]}"
+    if name in ("torch-cuda", "tensorrt") and not cuda_available():
+        return f"backend {name!r} needs a CUDA GPU and none is visible to PyTorch; install {INSTALL_HINTS[name]}"
+    return None
+
+
+def _auto_order(card: ModelCard) -> list[str]:
+    gpu = [n for n in ("tensorrt", "torch-cuda") if n in card.backends]
+    if "onnxruntime" in card.backends and ort_cuda_available():
+        gpu.append("onnxruntime")
+    cpu = [n for n in card.backends if n in ("torch", "onnxruntime") and n not in gpu]
+    return gpu + cpu
+
+
 def select_backend(card: ModelCard, requested: str = "auto") -> str:
     """The backend to run `card` with, or a BackendError that says what to do instead."""
     if requested == "auto":
-        for name in card.backends:
-            if is_installed(name):
+        for name in _auto_order(card):
+            if unavailable_reason(name) is None:
                 return name
         raise BackendError(f"no backend for model {card.name!r} is installed (it runs on: {', '.join(card.backends)})")
     if requested not in KNOWN:
         raise BackendError(f"unknown backend {requested!r} (choose auto, {', '.join(KNOWN)})")
     if requested not in card.backends:
         raise BackendError(f"model {card.name!r} cannot run on {requested!r}; it runs on: {', '.join(card.backends)}")
-    if not is_installed(requested):
-        raise BackendError(f"backend {requested!r} is not installed (pip install tilefm[{requested}])")
+    reason = unavailable_reason(requested)
+    if reason:
+        raise BackendError(reason)
     return requested
+
+
+def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") -> str:
+    """fp32 on CPU backends; on GPU ones `auto` is bf16 where the card allows it, else fp16,
+    else fp32. An explicit precision the card does not allow is an error."""
+    gpu = backend in ("torch-cuda", "tensorrt") or (backend == "onnxruntime" and ort_cuda_available())
+    if requested == "auto":
+        if backend in ("torch-cuda", "tensorrt"):
+            for p in ("bf16", "fp16"):
+                if p in card.precisions:
+                    return p
+        return "fp32"
+    if requested not in card.precisions:
+        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {requested!r}")
+    if requested != "fp32" and not gpu:
+        raise BackendError(f"precision {requested!r} needs a GPU backend; {backend!r} runs fp32")
+    if requested == "int8":
+        raise BackendError("int8 needs a calibration set, which tilefm does not ship yet; use fp16 or bf16")
+    if backend == "onnxruntime" and requested != "fp32":
+        raise BackendError("onnxruntime runs the exported fp32 graph; use torch-cuda or tensorrt for fp16/bf16")
+    return requested
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a worker runs its model (from Settings: TILEFM_PRECISION, TILEFM_MAX_BATCH, ...)."""
+
+    precision: str = "auto"
+    #: the largest batch the worker sends: TensorRT's profile and the CUDA graphs' shape
+    max_batch: int = 8
+    compile: bool = False
+    cuda_graphs: bool = True
+    #: URI prefix (file or s3) where TensorRT engines are cached
+    engine_cache: str | None = None
+    threads: int | None = None
+    #: name used in cache keys and logs
+    model_name: str = "model"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """A model bound to a backend: [N, ...] float32 in, [N, ...] float32 out."""
+
+    backend: str
+    precision: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str) -> Runner:
+    """Build `backend`'s runner for a fp32 CPU module taking [N, *sample_shape]."""
+    if backend == "torch":
+        from tilefm.backends.torch_cpu import TorchRunner
+
+        return TorchRunner(module, threads=options.threads)
+    if backend == "torch-cuda":
+        from tilefm.backends.torch_cuda import TorchCudaRunner
+
+        return TorchCudaRunner(module, sample_shape, precision=options.precision, max_batch=options.max_batch, compile=options.compile, cuda_graphs=options.cuda_graphs)
+    if backend == "onnxruntime":
+        from tilefm.backends.onnx_export import export_onnx
+        from tilefm.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(export_onnx(module, sample_shape), threads=options.threads)
+    if backend == "tensorrt":
+        from tilefm.backends.tensorrt import tensorrt_runner
+
+        return tensorrt_runner(module, sample_shape, options, model_sha256=model_sha256)
+    raise BackendError(f"unknown backend {backend!r} (choose auto, {', '.join(KNOWN)})")

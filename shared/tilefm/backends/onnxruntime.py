@@ -9,7 +9,7 @@ import numpy as np
 
 
 class OrtSession:
-    def __init__(self, path: Path, *, threads: int | None = None, device: str = "auto"):
+    def __init__(self, path: Path | bytes, *, threads: int | None = None, device: str = "auto"):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -23,9 +23,24 @@ class OrtSession:
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        model = path if isinstance(path, bytes) else str(path)
+        self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.providers = self.session.get_providers()
 
     def __call__(self, **inputs: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, inputs)
+
+
+class OrtRunner:
+    """An exported graph with one input and one output, as a backend Runner."""
+
+    backend = "onnxruntime"
+    precision = "fp32"
+
+    def __init__(self, model: Path | bytes, *, threads: int | None = None, device: str = "auto"):
+        self.session = OrtSession(model, threads=threads, device=device)
+        self.input_name = self.session.input_names[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session(**{self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]

@@ -52,8 +52,8 @@ class JobSpec(BaseModel):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if v not in ("auto", "torch", "onnxruntime", "tensorrt"):
-            raise ValueError("must be one of auto, torch, onnxruntime, tensorrt")
+        if v not in ("auto", "torch", "torch-cuda", "onnxruntime", "tensorrt"):
+            raise ValueError("must be one of auto, torch, torch-cuda, onnxruntime, tensorrt")
         return v
 
 

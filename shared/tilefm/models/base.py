@@ -55,14 +55,21 @@ def normalize(card: ModelCard, data: np.ndarray) -> np.ndarray:
     return data * a + c
 
 
-def load_tile_model(card: ModelCard, backend: str, weights: Path, *, threads: int | None = None) -> TileModel:
-    """Build the runner for a card's architecture on the chosen backend."""
+def load_tile_model(card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None) -> TileModel:
+    """Build the runner for a card's architecture on the chosen backend (`weights` is None only
+    for cards without a checkpoint, which only `vit` allows)."""
     if card.architecture == "onnx":
         from tilefm.models.onnx import OnnxWindowModel
 
+        assert weights is not None
         return OnnxWindowModel(card, backend, weights, threads=threads)
     if card.architecture == "presto":
         from tilefm.models.presto_tiles import PrestoTileModel
 
+        assert weights is not None
         return PrestoTileModel(card, backend, weights, threads=threads)
+    if card.architecture == "vit":
+        from tilefm.models.vit_tiles import ViTTileModel
+
+        return ViTTileModel(card, backend, weights, threads=threads)
     raise ValueError(f"no runner for architecture {card.architecture!r}")

@@ -97,31 +97,93 @@ class Context(BaseModel):
 
 
 class Weights(BaseModel):
-    file: str
-    sha256: str
+    """A checkpoint in the model store, or none: then the network starts from `seed` and its
+    outputs are good for throughput work only (no checkpoint = no meaning)."""
+
+    #: file in the model store; None = no checkpoint (seeded init)
+    file: str | None = None
+    sha256: str = ""
     size: int | None = None
     #: where `tilefm models pull` fetches them from
-    url: str
+    url: str = ""
     source: str = ""
     license: str = ""
+    #: seed of the initial weights when there is no checkpoint
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Weights":
+        if self.file is None and self.seed is None:
+            raise ValueError("weights need a file (with sha256 and url) or, for no checkpoint, a seed")
+        if self.file is not None and not (self.sha256 and self.url):
+            raise ValueError(f"weights file {self.file!r} needs its sha256 and url")
+        return self
+
+    @property
+    def checkpoint(self) -> bool:
+        return self.file is not None
+
+
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+BackendName = Literal["tensorrt", "torch-cuda", "onnxruntime", "torch"]
+
+
+class ViTSpec(BaseModel):
+    """Shape of a `vit` network (models/vit.py): DOFA-style wavelength-conditioned patch
+    embedding and a ViT trunk. Defaults are DOFA v1's."""
+
+    patch: int = 16
+    #: DOFA v1 convolves its patches with padding 1 (kept so that its checkpoints mean the same)
+    patch_padding: int = 1
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    #: width of the wavelength encoding and of the hypernetwork that turns it into patch weights
+    wv_planes: int = 128
+    #: per-patch embeddings onto the tile's pixels: bilinear, or nearest (each pixel gets its
+    #: patch's embedding unchanged, i.e. the values at patch stride)
+    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    #: central wavelength (um) per "modality:band", overriding models/vit.py's WAVELENGTHS_UM
+    wavelengths: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ViTSpec":
+        if 256 % self.patch or self.dim % self.heads or self.dim % 4:
+            raise ValueError("patch must divide 256, heads must divide dim, dim a multiple of 4")
+        return self
 
 
 class ModelCard(BaseModel):
     name: str
     title: str
     version: str
-    architecture: Literal["presto", "onnx"]
+    architecture: Literal["presto", "onnx", "vit"]
     description: str = ""
     inputs: list[Input]
     output: Output
     context: Context = Field(default_factory=Context)
     weights: Weights
-    backends: list[Literal["torch", "onnxruntime"]]
+    backends: list[BackendName]
+    #: precisions the model may run in (GPU backends); fp32 is the reference
+    precisions: list[Precision] = Field(default_factory=lambda: ["fp32"])
+    #: network shape for `architecture: vit`
+    vit: ViTSpec | None = None
     #: max abs difference to a reference allowed by `tilefm models verify`
     tolerance: float = 1e-4
     #: input/output tensor names for ONNX graphs
     onnx_input: str | None = None
     references: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelCard":
+        if self.architecture == "vit" and self.vit is None:
+            raise ValueError("a vit card needs its `vit` section")
+        if self.architecture == "vit" and self.output.channels != self.vit.dim:
+            raise ValueError(f"output.channels ({self.output.channels}) must be vit.dim ({self.vit.dim})")
+        if not self.weights.checkpoint and self.architecture != "vit":
+            raise ValueError(f"architecture {self.architecture!r} needs a weights file")
+        return self
 
     @classmethod
     def from_yaml(cls, path: Path) -> "ModelCard":

@@ -35,8 +35,11 @@ def candidate_dirs(store: Path, card: ModelCard) -> list[Path]:
     return [store / card.name] + sorted(p for p in store.glob(f"{card.name}-*") if p.is_dir())
 
 
-def weights_path(card: ModelCard, store: Path, *, verify: bool = True) -> Path:
-    """The weights file for `card`, verified (once per process per file version)."""
+def weights_path(card: ModelCard, store: Path, *, verify: bool = True) -> Path | None:
+    """The weights file for `card`, verified (once per process per file version); None for a
+    card without a checkpoint (its network starts from a seeded init)."""
+    if card.weights.file is None:
+        return None
     for d in candidate_dirs(Path(store), card):
         path = d / card.weights.file
         if path.is_file():
@@ -64,6 +67,13 @@ def _check(path: Path, card: ModelCard) -> None:
 
 def pull(card: ModelCard, store: Path, *, url: str | None = None) -> Path:
     """Fetch the weights from the card's official source (or `url`), verify, install atomically."""
+    if card.weights.file is None and url is None:
+        raise WeightsError(
+            f"model {card.name!r} has no published checkpoint (it runs from a seeded init, "
+            "for throughput work); there is nothing to pull"
+        )
+    if card.weights.file is None:
+        raise WeightsError(f"model {card.name!r}'s card names no weights file; add one (with its sha256) to pull {url}")
     url = url or card.weights.url
     dest_dir = Path(store) / card.name
     dest_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,43 @@
+"""Torch modules to ONNX with a dynamic batch axis: what onnxruntime and TensorRT run."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from torch import nn
+
+from tilefm.errors import BackendError
+
+#: ONNX opset: 17 has LayerNormalization (one fused op for TensorRT) and is read by TensorRT >= 8.6
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "x", "y"
+
+
+def export_onnx(module: nn.Module, sample_shape: tuple[int, ...], *, batch: int = 2) -> bytes:
+    """The ONNX graph of `module` (fp32, eval) for inputs [N, *sample_shape], N dynamic.
+
+    Uses the TorchScript exporter (`dynamo=False`): it needs only the `onnx` package, and its
+    graphs of plain conv/attention/LayerNorm parse in TensorRT as they are.
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; say so plainly if it is missing)
+    except ImportError:
+        raise BackendError("exporting to ONNX needs the onnx package: pip install onnx") from None
+    module = module.float().eval()
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+        torch.onnx.export(
+            module,
+            (torch.zeros((batch, *sample_shape)),),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return buf.getvalue()

@@ -1,0 +1,99 @@
+"""The ViT encoder on tiles: each tile is one 256-pixel window, its bands those with data.
+
+A tile's band set is the card bands with at least one valid pixel in it; the hypernetwork makes
+the patch kernel for that set, and the backend runner for it is built once and reused (a scene
+usually has one band set). Missing pixels of a present band are set to the band mean (0 after
+normalising) and get weight 0 in the mosaic. Per-patch embeddings are upsampled to pixels (card
+`vit.upsample`); patches do not see across tile edges, so a bilinear upsample still steps there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tilefm.backends import BackendOptions, Runner, make_runner, resolve_precision
+from tilefm.errors import SceneError
+from tilefm.grid import TILE_SIZE
+from tilefm.models.base import TileModel, TileOutput, normalize
+from tilefm.models.card import ModelCard
+from tilefm.models.vit import card_wavelengths, load_vit, state_sha256, upsample
+from tilefm.read import TileInput
+
+log = logging.getLogger(__name__)
+
+
+def options_from_settings(card: ModelCard, backend: str, threads: int | None = None) -> BackendOptions:
+    from tilefm.settings import get_settings
+
+    s = get_settings()
+    return BackendOptions(
+        precision=resolve_precision(card, backend, s.precision),
+        max_batch=s.max_batch,
+        compile=s.torch_compile,
+        cuda_graphs=s.cuda_graphs,
+        engine_cache=s.engine_cache,
+        threads=threads,
+        model_name=card.name,
+    )
+
+
+class ViTTileModel(TileModel):
+    def __init__(self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None):
+        super().__init__(card, backend)
+        assert card.vit is not None
+        self.net = load_vit(card, weights)
+        self.wavelengths = card_wavelengths(card)
+        self.options = options or options_from_settings(card, backend, threads)
+        self._runners: dict[tuple[int, ...], Runner] = {}
+
+    def runner(self, bands: tuple[int, ...]) -> Runner:
+        """The backend runner for one band set (built on first use: export, engine, graphs)."""
+        if bands not in self._runners:
+            t0 = time.perf_counter()
+            bound = self.net.bind([self.wavelengths[i] for i in bands])
+            self._runners[bands] = make_runner(bound, self.backend, (len(bands), TILE_SIZE, TILE_SIZE), self.options, model_sha256=state_sha256(bound))
+            log.info("%s on %s (%s) for %d bands ready in %.1f s", self.card.name, self.backend, self.options.precision, len(bands), time.perf_counter() - t0)
+        return self._runners[bands]
+
+    def inputs(self, t: TileInput) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+        """(band set, normalised input [bands, 256, 256] with gaps at 0, pixel validity [256, 256])."""
+        h = t.halo
+        core = (slice(None), slice(h, h + TILE_SIZE), slice(h, h + TILE_SIZE))
+        valid = t.valid[core]
+        bands = tuple(int(i) for i in np.flatnonzero(valid.any(axis=(1, 2))))
+        x = normalize(self.card, t.data[core])[list(bands)]
+        ok = valid[list(bands)]
+        x[~ok] = 0.0
+        return bands, x, ok.all(axis=0) if bands else np.zeros(valid.shape[1:], bool)
+
+    def embed(self, bands: tuple[int, ...], x: np.ndarray) -> np.ndarray:
+        """Per-patch embeddings [N, dim, 16, 16] for a stack of one band set (the model alone)."""
+        run = self.runner(bands)
+        step = self.options.max_batch
+        return np.concatenate([run(x[i : i + step]) for i in range(0, len(x), step)])
+
+    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
+        if not tiles:
+            return []
+        parts = [self.inputs(t) for t in tiles]
+        C = self.card.output.channels
+        outs: list[TileOutput | None] = [None] * len(tiles)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, (bands, _, _) in enumerate(parts):
+            groups.setdefault(bands, []).append(k)
+        for bands, idx in groups.items():
+            if not bands:  # nothing to see: weight 0 everywhere
+                for k in idx:
+                    outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=np.zeros((C, TILE_SIZE, TILE_SIZE), np.float32), weight=np.zeros((TILE_SIZE, TILE_SIZE), np.float32))
+                continue
+            emb = self.embed(bands, np.stack([parts[k][1] for k in idx]))
+            for j, k in enumerate(idx):
+                values = upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
+                outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=values, weight=parts[k][2].astype(np.float32))
+        if any(o is None for o in outs):
+            raise SceneError("internal: a tile got no output")
+        return outs  # type: ignore[return-value]

@@ -1,0 +1,201 @@
+"""Backends: selection (`auto` takes the fastest available), clear errors for missing ones,
+TensorRT engine cache keys, and (with CUDA only) every GPU backend against the torch fp32
+reference on real tiles: max relative error = max|out - ref| / max|ref|, fp32 < 1e-4,
+fp16/bf16 < 2e-2."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tilefm.backends as backends
+from conftest import run_cli
+from tilefm.backends import BackendOptions, resolve_precision, select_backend
+from tilefm.backends.engine_cache import engine_key, engine_uri, load_or_build
+from tilefm.errors import BackendError
+from tilefm.jobs.models import JobSpec
+from tilefm.models import get_card
+
+SHA = "ab" * 32
+CUDA = torch.cuda.is_available()
+
+
+def gpu(test):
+    """GPU-only: marked `gpu` and skipped (before any fixture runs) without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs CUDA")(test))
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch):
+    """Pretend which backends this machine has: machine(cuda=..., trt=..., ort_cuda=...)."""
+
+    def set_(*, cuda: bool = False, trt: bool = False, ort_cuda: bool = False) -> None:
+        installed = {"torch": True, "torch-cuda": True, "onnxruntime": True, "tensorrt": trt}
+        monkeypatch.setattr(backends, "is_installed", lambda name: installed[name])
+        monkeypatch.setattr(backends, "cuda_available", lambda: cuda)
+        monkeypatch.setattr(backends, "ort_cuda_available", lambda: ort_cuda)
+
+    return set_
+
+
+def test_auto_picks_the_fastest_available(machine) -> None:
+    vit, presto, clouds = get_card("vit-small"), get_card("presto"), get_card("ukis-csmask")
+    machine()
+    assert select_backend(vit) == "onnxruntime"  # CPU: the card's order
+    assert select_backend(presto) == "torch" and select_backend(clouds) == "onnxruntime"
+    machine(ort_cuda=True)
+    assert select_backend(vit) == "onnxruntime"
+    machine(cuda=True)
+    assert select_backend(vit) == "torch-cuda"
+    machine(cuda=True, trt=True)
+    assert select_backend(vit) == "tensorrt"
+    assert select_backend(clouds) == "onnxruntime"  # only what the card lists
+    machine(trt=True)  # TensorRT installed but no GPU: falls back
+    assert select_backend(vit) == "onnxruntime"
+
+
+def test_explicit_backend_that_is_missing_says_how_to_get_it(machine) -> None:
+    vit = get_card("vit-small")
+    machine()
+    with pytest.raises(BackendError, match=r"not installed: pip install 'tilefm\[tensorrt\]'"):
+        select_backend(vit, "tensorrt")
+    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+        select_backend(vit, "torch-cuda")
+    with pytest.raises(BackendError, match="cannot run on 'tensorrt'"):
+        select_backend(get_card("ukis-csmask"), "tensorrt")
+    with pytest.raises(BackendError, match="unknown backend 'cuda'"):
+        select_backend(vit, "cuda")
+    assert select_backend(vit, "torch") == "torch"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_missing_is_a_clear_error() -> None:
+    from tilefm.backends.tensorrt import require_tensorrt
+
+    with pytest.raises(BackendError, match=r"tilefm\[tensorrt\]"):
+        require_tensorrt()
+    scene = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-20200219"
+    r = run_cli("run", "--scene", f"s2={scene}", "--model", "vit-small", "--backend", "tensorrt", "--out", "/tmp/x.tif", "--dry-run")
+    assert r.returncode == 2 and "tilefm[tensorrt]" in r.stderr, r.stderr
+
+
+def test_precision(machine) -> None:
+    vit, presto = get_card("vit-small"), get_card("presto")
+    machine(cuda=True)
+    assert resolve_precision(vit, "torch") == "fp32"
+    assert resolve_precision(vit, "torch-cuda") == "bf16" and resolve_precision(vit, "tensorrt", "fp16") == "fp16"
+    assert resolve_precision(presto, "torch-cuda") == "fp32"  # the card allows nothing else
+    with pytest.raises(BackendError, match="needs a GPU backend"):
+        resolve_precision(vit, "torch", "fp16")
+    with pytest.raises(BackendError, match="may run in"):
+        resolve_precision(presto, "torch-cuda", "bf16")
+
+
+def test_job_spec_accepts_torch_cuda() -> None:
+    spec = JobSpec(scene={"s2": "/x"}, model="vit-small", output_prefix="file:///o/", backend="torch-cuda")
+    assert spec.backend == "torch-cuda"
+
+
+def test_engine_cache_key_is_stable_and_covers_everything() -> None:
+    base = dict(model_sha256=SHA, compute_capability=(9, 0), tensorrt_version="10.3.0", precision="fp16", input_shape=(10, 256, 256), max_batch=8)
+    key = engine_key(**base)
+    assert key == engine_key(**base) and key.digest() == engine_key(**base).digest()
+    assert key.batch_sizes == (1, 8, 8)
+    assert key.filename.startswith("abababababab-sm90-trt10.3.0-fp16-10x256x256-b8-") and key.filename.endswith(".engine")
+    changes = dict(model_sha256="cd" * 32, compute_capability=(8, 9), tensorrt_version="10.4.0", precision="bf16", input_shape=(13, 256, 256), max_batch=16)
+    digests = {key.digest()}
+    for field, value in changes.items():
+        digests.add(engine_key(**{**base, field: value}).digest())
+    digests.add(engine_key(**base, opt_batch=4).digest())
+    assert len(digests) == len(changes) + 2
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        engine_key(**{**base, "model_sha256": "abc"})
+    assert engine_uri("s3://bucket/engines/", key) == f"s3://bucket/engines/{key.filename}"
+
+
+def test_engine_cache_builds_once_then_loads(tmp_path: Path) -> None:
+    key = engine_key(SHA, (9, 0), "10.3.0", "fp16", (10, 256, 256), 8)
+    builds = []
+
+    def build() -> bytes:
+        builds.append(1)
+        return b"engine bytes"
+
+    prefix = str(tmp_path / "engines")
+    assert load_or_build(prefix, key, build) == (b"engine bytes", True)
+    assert load_or_build(prefix, key, build) == (b"engine bytes", False)  # another worker loads it
+    assert len(builds) == 1 and (tmp_path / "engines" / key.filename).read_bytes() == b"engine bytes"
+    assert [p.name for p in (tmp_path / "engines").iterdir()] == [key.filename]  # no temporary left
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(scene_dir: Path):
+    """vit-small bound to the S2 bands, real tiles, and the torch fp32 CPU output."""
+    from tilefm.grid import plan_tiles
+    from tilefm.models.vit_tiles import ViTTileModel
+    from tilefm.read import read_tile
+    from tilefm.scene import open_scene
+
+    scene = open_scene({"s2": str(scene_dir)})
+    card = get_card("vit-small")
+    plan = plan_tiles(scene.footprint, 10, bbox=(-11.5, 24.7, -11.3, 24.85))
+    model = ViTTileModel(card, "torch", None)
+    parts = [model.inputs(read_tile(scene, card, t, 0)) for t in plan.tiles[:3]]
+    bands = parts[0][0]
+    x = np.stack([p[1] for p in parts])
+    bound = model.net.bind([model.wavelengths[i] for i in bands])
+    return bound, x, model.embed(bands, x)
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+LIMITS = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("graphs", [True, False])
+def test_torch_cuda_matches_reference(reference, precision: str, graphs: bool) -> None:
+    from tilefm.backends.torch_cuda import TorchCudaRunner
+
+    bound, x, ref = reference
+    run = TorchCudaRunner(bound, x.shape[1:], precision=precision, max_batch=2, cuda_graphs=graphs)
+    got = run(x)  # 3 tiles with batch 2: one full batch and one padded one
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) < LIMITS[precision], (precision, rel_err(got, ref))
+
+
+@gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_matches_reference(reference, precision: str, tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt")
+    from tilefm.backends.tensorrt import tensorrt_runner
+    from tilefm.models.vit import state_sha256
+
+    bound, x, ref = reference
+    opts = BackendOptions(precision=precision, max_batch=2, engine_cache=str(tmp_path))
+    got = tensorrt_runner(bound, x.shape[1:], opts, model_sha256=state_sha256(bound))(x)
+    assert rel_err(got, ref) < LIMITS[precision]
+    assert len(list(tmp_path.glob("*.engine"))) == 1
+
+
+@gpu
+@pytest.mark.skipif(not backends.ort_cuda_available(), reason="needs onnxruntime's CUDA execution provider")
+def test_onnxruntime_cuda_matches_reference(reference) -> None:
+    from tilefm.backends.onnx_export import export_onnx
+    from tilefm.backends.onnxruntime import OrtRunner
+
+    bound, x, ref = reference
+    run = OrtRunner(export_onnx(bound, x.shape[1:]), device="cuda")
+    assert "CUDAExecutionProvider" in run.session.providers
+    assert rel_err(run(x), ref) < 1e-4

@@ -1,0 +1,137 @@
+"""The ViT encoder: DOFA key layout, safetensors checkpoints, seeded init, any band set, and the
+ONNX export against the torch fp32 reference on real tiles of the sample scene."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from tilefm.backends.onnx_export import export_onnx
+from tilefm.backends.onnxruntime import OrtRunner
+from tilefm.errors import WeightsError
+from tilefm.grid import plan_tiles
+from tilefm.models import get_card
+from tilefm.models.card import ModelCard
+from tilefm.models.store import pull, weights_path
+from tilefm.models.vit import ViTEncoder, card_wavelengths, dofa_state, load_vit, save_vit, state_sha256
+from tilefm.models.vit_tiles import ViTTileModel
+from tilefm.read import read_tile
+from tilefm.scene import open_scene
+
+BBOX = (-11.5, 24.7, -11.3, 24.85)
+
+
+def tiny_card(**weights: object) -> ModelCard:
+    """vit-small's card with a 2-layer, 64-wide trunk: the same code, seconds instead of minutes."""
+    card = get_card("vit-small").model_dump()
+    card["vit"].update(dim=64, depth=2, heads=4)
+    card["output"]["channels"] = 64
+    card["weights"] = weights or {"seed": 3}
+    return ModelCard.model_validate(card)
+
+
+@pytest.fixture(scope="module")
+def tiles(scene_dir: Path) -> list:
+    scene = open_scene({"s2": str(scene_dir)})
+    card = get_card("vit-small")
+    plan = plan_tiles(scene.footprint, 10, bbox=BBOX)
+    return [read_tile(scene, card, t, 0) for t in plan.tiles[:2]]
+
+
+def test_cards_say_there_is_no_checkpoint() -> None:
+    for name, dim in (("vit-small", 384), ("vit-base", 768)):
+        card = get_card(name)
+        assert card.architecture == "vit" and card.vit.dim == dim and card.output.channels == dim
+        assert not card.weights.checkpoint and card.weights.seed is not None
+        assert "NO CHECKPOINT" in card.description and "throughput" in card.description
+        assert weights_path(card, Path("/nonexistent")) is None
+    with pytest.raises(WeightsError, match="no published checkpoint"):
+        pull(get_card("vit-small"), Path("/tmp/unused"))
+
+
+def test_key_layout_follows_dofa_v1() -> None:
+    keys = set(ViTEncoder(tiny_card().vit).state_dict())
+    for k in (
+        "cls_token", "norm.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.bias", "blocks.0.mlp.fc1.weight",
+        "blocks.0.norm1.weight", "patch_embed.fclayer.w1.weight", "patch_embed.weight_generator.fc_weight.weight",
+        "patch_embed.weight_generator.fc_bias.bias", "patch_embed.weight_generator.weight_tokens",
+        "patch_embed.weight_generator.bias_token",
+        "patch_embed.weight_generator.transformer_encoder.layers.0.self_attn.in_proj_weight",
+    ):  # fmt: skip
+        assert k in keys, k
+    assert "pos_embed" not in keys  # fixed sin/cos, rebuilt for the grid
+    # a DOFA classification checkpoint: `module.` prefix, fc_norm, a head and a 14x14 pos_embed
+    state = {f"module.{k}": v for k, v in ViTEncoder(tiny_card().vit).state_dict().items() if not k.startswith("norm.")}
+    state |= {"module.fc_norm.weight": torch.ones(64), "module.fc_norm.bias": torch.zeros(64), "module.head.weight": torch.zeros(45, 64), "module.pos_embed": torch.zeros(1, 197, 64)}
+    assert set(dofa_state(state)) == keys
+
+
+def test_safetensors_checkpoint_round_trip(tmp_path: Path) -> None:
+    seeded = tiny_card()
+    net = load_vit(seeded, None)
+    assert state_sha256(net) == state_sha256(load_vit(seeded, None))  # the seed fixes the weights
+    path = tmp_path / "vit.safetensors"
+    save_vit(net, path)
+    card = tiny_card(file="vit.safetensors", sha256=hashlib.sha256(path.read_bytes()).hexdigest(), url=path.as_uri())
+    loaded = load_vit(card, path)
+    x = torch.randn(1, 3, 256, 256)
+    bands = card_wavelengths(card)[:3]
+    with torch.no_grad():
+        assert torch.equal(net.bind(bands)(x), loaded.bind(bands)(x))
+    other = ViTEncoder(tiny_card().vit.model_copy(update={"depth": 1}))
+    save_vit(other, tmp_path / "short.safetensors")
+    with pytest.raises(WeightsError, match="depth-2"):
+        load_vit(card, tmp_path / "short.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(WeightsError, match="safetensors"):
+        load_vit(card, tmp_path / "junk.safetensors")
+
+
+def test_any_band_set() -> None:
+    card = tiny_card()
+    net = load_vit(card, None)
+    wl = card_wavelengths(card)  # 10 S2 bands, VV, VH, elevation
+    with torch.no_grad():
+        for bands in ([0, 1, 2], [10, 11], list(range(13))):
+            y = net.bind([wl[i] for i in bands])(torch.zeros(2, len(bands), 256, 256))
+            assert y.shape == (2, 64, 16, 16)
+        # different wavelengths, different kernels
+        a, _ = net.patch_embed.kernel([0.49])
+        b, _ = net.patch_embed.kernel([3.5])
+    assert not torch.allclose(a, b)
+
+
+def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
+    card = get_card("vit-small")
+    model = ViTTileModel(card, "torch", None)
+    bands, x0, valid = model.inputs(tiles[0])
+    assert bands == tuple(range(10)) and valid.mean() > 0.5  # the S2 bands, no S1/DEM
+    x = np.stack([model.inputs(t)[1] for t in tiles])
+    ref = model.embed(bands, x)
+    assert ref.shape == (len(tiles), 384, 16, 16)
+    bound = model.net.bind([model.wavelengths[i] for i in bands])
+    ort = OrtRunner(export_onnx(bound, x.shape[1:]))
+    for n in (1, len(tiles)):  # the batch axis is dynamic
+        got = ort(x[:n])
+        rel = np.abs(got - ref[:n]).max() / np.abs(ref[:n]).max()
+        assert rel < 1e-4, rel
+    outs = model.encode(tiles)
+    assert outs[0].values.shape == (384, 256, 256) and outs[0].weight.shape == (256, 256)
+    # bilinear upsampling keeps each patch's mean roughly where the patch is
+    np.testing.assert_allclose(outs[0].values[:, 112:128, 112:128].mean(axis=(1, 2)), ref[0, :, 7, 7], atol=0.5)
+
+
+def test_cli_run_end_to_end(scene_dir: Path, tmp_path: Path) -> None:
+    import rasterio
+
+    out = tmp_path / "vit.tif"
+    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "vit-small", "--zoom", "10", "--bbox=-11.5,24.7,-11.45,24.75",
+                "--out", str(out), "--executor", "local", "--backend", "torch")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with rasterio.open(out) as ds:
+        assert ds.count == 384 and ds.tags()["TILEFM_BACKEND"] == "torch"
