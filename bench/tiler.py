@@ -109,7 +109,7 @@ def tile_paths(cog: Path) -> list[tuple[int, int, int]]:
 def wrk(url_file: Path, base: str, conns: int, duration: int, seed: int) -> dict[str, float]:
     script = url_file.with_suffix(f".{seed}.lua")
     script.write_text(LUA % (url_file, seed))
-    out = subprocess.run(["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{duration}s", "--latency", "--timeout", "10s", "-s", str(script), base],
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(conns), "-d", f"{duration}s", "--latency", "--timeout", "10s", "-s", str(script), base],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     pct = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)", out, re.M)}
@@ -164,10 +164,12 @@ def main() -> None:
         for rnd in range(args.rounds):
             for conns in clients:
                 for name in ("job route", "plain TiTiler") if rnd % 2 == 0 else ("plain TiTiler", "job route"):
+                    time.sleep(2)  # the previous server drains what it still had queued: no overlap
                     res = wrk(files[name], f"http://127.0.0.1:{ports[name]}", conns, args.duration, seed=rnd * 100 + conns)
                     results[name].setdefault(conns, []).append(res)
                     print(f"round {rnd + 1} {name:14s} c={conns:2d}: {res['rps']:7.1f} tiles/s  p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  non-2xx {res['non_2xx']}", flush=True)
         for conns in clients:
+            time.sleep(2)
             res = wrk(files["job route (cache on)"], f"http://127.0.0.1:{ports['job route (cache on)']}", conns, args.duration, seed=999)
             results["job route (cache on)"].setdefault(conns, []).append(res)
         print(f"\n{len(tiles)} tiles (zooms {min(t[0] for t in tiles)}-{max(t[0] for t in tiles)}) of {cog.name}, {args.rounds} rounds of {args.duration} s, median of rounds\n")
