@@ -97,6 +97,28 @@ def settings_from(env: dict[str, str]) -> Settings:
         os.environ.update(saved)
 
 
+def start_scheduler(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`tilefm scheduler` in its own process group, on a local Ray cluster, logging to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tilefm", "scheduler", "--metrics-port", "0"],
+        env={**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_process(proc: subprocess.Popen, sig: int | None = None) -> None:
+    """Signal the process group (SIGTERM by default); SIGKILL it if it has not gone in 30 s."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig or signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def tiler_env(s3_settings: Settings, shared_dir: Path) -> Iterator[dict[str, str]]:
     """TILEFM_* settings of a deployment with its own Redis key prefix (removed afterwards)."""
@@ -124,7 +146,6 @@ def tiler_env(s3_settings: Settings, shared_dir: Path) -> Iterator[dict[str, str
 def finished_jobs(tiler_env: dict[str, str], scene_dir: Path, tmp_path_factory) -> dict[str, str]:
     """Two succeeded jobs, run by a real scheduler: the cloud mask (z11, 12 tiles) and Presto
     embeddings (z10, 2 tiles) of part of the sample scene. {"clouds": id, "presto": id}."""
-    import signal
     import time
 
     from tilefm.jobs.models import JobSpec, JobState
@@ -135,11 +156,7 @@ def finished_jobs(tiler_env: dict[str, str], scene_dir: Path, tmp_path_factory) 
     store = JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
     service = JobService(store, settings)
     log = tmp_path_factory.mktemp("tiler-sched") / "scheduler.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tilefm", "scheduler", "--metrics-port", "0"],
-        env={**os.environ, **tiler_env, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc = start_scheduler(tiler_env, log)
     try:
         specs = {
             "clouds": JobSpec(scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, bbox=tuple(CLOUDS_BBOX),
@@ -158,13 +175,7 @@ def finished_jobs(tiler_env: dict[str, str], scene_dir: Path, tmp_path_factory) 
         assert not bad, f"jobs did not succeed: {bad}; scheduler log:\n{log.read_text()[-3000:]}"
         return ids
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import rasterio
 from fastapi.testclient import TestClient
 from rio_cogeo import cog_validate
 
+from conftest import settings_from, start_scheduler, stop_process
 from tilefm.api.auth import hash_key
 from tilefm.api.jobs import create_app
 from tilefm.jobs.store import JobStore
@@ -53,46 +54,20 @@ def env(s3_settings: Settings) -> Iterator[dict[str, str]]:
         store.redis.delete(*keys)
 
 
-def _settings(env: dict[str, str]) -> Settings:
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 @pytest.fixture(scope="module")
 def api(env: dict[str, str]) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(env)), headers={"Authorization": f"Bearer {KEY}"}) as client:
+    with TestClient(create_app(settings_from(env)), headers={"Authorization": f"Bearer {KEY}"}) as client:
         yield client
 
 
-def _start_scheduler(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tilefm", "scheduler", "--metrics-port", "0"],
-        env={**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def scheduler(env: dict[str, str], tmp_path_factory) -> Iterator[dict]:
     log = tmp_path_factory.mktemp("sched") / "scheduler.log"
-    holder = {"proc": _start_scheduler(env, log), "log": log}
+    holder = {"proc": start_scheduler(env, log), "log": log}
     yield holder
-    _stop(holder["proc"])
+    stop_process(holder["proc"])
 
 
 def _wait(api: TestClient, job_id: str, states: set[str], timeout: float = 300, until=None) -> dict:
@@ -135,11 +110,14 @@ def test_cloud_job_over_http_succeeds_with_events(api: TestClient, scheduler, sc
     with rasterio.open(local) as src:
         assert src.crs.to_epsg() == 3857 and src.tags()["TILEFM_JOB"] == job["id"]
     assert json.loads(storage_for(stac_uri, s3_settings).read_bytes(stac_uri))["assets"]["data"]["href"] == cog_uri
-    # the parts are gone once the COG is published
+    # the parts go once the COG is published (deleted just after the job is marked succeeded:
+    # the other order would lose a job whose scheduler dies between the two steps)
     parts = cog_uri.rsplit("/", 1)[0] + f"/.parts-{job['id']}/"
     client = storage_for(parts, s3_settings).client
-    listing = client.list_objects_v2(Bucket="tilefm", Prefix=parts.split("tilefm/", 1)[1])
-    assert listing.get("KeyCount", 0) == 0
+    deadline = time.monotonic() + 30
+    while (left := client.list_objects_v2(Bucket="tilefm", Prefix=parts.split("tilefm/", 1)[1]).get("KeyCount", 0)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == 0, f"{left} parts left 30 s after the job succeeded"
 
 
 def test_presto_job_over_http(api: TestClient, scheduler, scene_dir: Path) -> None:
@@ -202,7 +180,7 @@ def test_list_paginates_and_filters(api: TestClient, scene_dir: Path) -> None:
 
 
 def test_auth(api: TestClient, env: dict[str, str], scene_dir: Path) -> None:
-    with TestClient(create_app(_settings(env))) as anon:
+    with TestClient(create_app(settings_from(env))) as anon:
         assert anon.get("/v1/jobs").status_code == 401
         assert anon.get("/v1/jobs", headers={"X-API-Key": "wrong"}).status_code == 401
         assert anon.get("/v1/jobs", headers={"X-API-Key": READ_ONLY_KEY}).status_code == 200
@@ -275,7 +253,7 @@ def _start_api(env: dict[str, str], port: int) -> subprocess.Popen:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.2)
-    _stop(proc)
+    stop_process(proc)
     raise AssertionError("the API did not start")
 
 
@@ -292,33 +270,34 @@ def test_scheduler_and_api_restart_mid_job(env: dict[str, str], scheduler, scene
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30)
     api_proc = _start_api(env, port)
     try:
-        job_id = http.post("/v1/jobs", json=_spec(scene_dir, bbox=None)).json()["id"]
+        # 20 tiles: long enough to crash in the middle of, a third of the whole scene's time
+        job_id = http.post("/v1/jobs", json=_spec(scene_dir, bbox=[-11.8, 24.45, -11.2, 25.0])).json()["id"]
         deadline = time.monotonic() + 120
         while http.get(f"/v1/jobs/{job_id}").json()["progress"]["tiles_done"] < 8:
             assert time.monotonic() < deadline
             time.sleep(0.5)
-        _stop(scheduler["proc"], signal.SIGKILL)  # the worker dies without a word
-        _stop(api_proc, signal.SIGKILL)
+        stop_process(scheduler["proc"], signal.SIGKILL)  # the worker dies without a word
+        stop_process(api_proc, signal.SIGKILL)
         api_proc = _start_api(env, port)
         job = http.get(f"/v1/jobs/{job_id}").json()
         assert job["state"] == "running"
         done_before = job["progress"]["tiles_done"]
-        scheduler["proc"] = _start_scheduler(env, scheduler["log"])
+        scheduler["proc"] = start_scheduler(env, scheduler["log"])
         deadline = time.monotonic() + 300
         while (job := http.get(f"/v1/jobs/{job_id}").json())["state"] not in ("succeeded", "failed"):
             assert time.monotonic() < deadline, job
             time.sleep(1)
         assert job["state"] == "succeeded", job
-        assert job["progress"]["tiles_done"] == job["progress"]["tiles_total"] == 56
+        assert job["progress"]["tiles_done"] == job["progress"]["tiles_total"] == 20
         assert "re-queued" in scheduler["log"].read_text()
         # resumed: the second run planned only the tiles not done before the crash
         store = JobStore.from_url("redis://127.0.0.1:6379/0", prefix=env["TILEFM_REDIS_PREFIX"])
         starts = [e.message for _, e in store.events(job_id, "0", block_ms=0, count=1000) if e.message.startswith("running:")]
-        assert starts[0] == "running: 56 of 56 tiles to do"
-        assert starts[-1] == f"running: {56 - done_before} of 56 tiles to do", starts
-        assert 0 < done_before < 56
+        assert starts[0] == "running: 20 of 20 tiles to do"
+        assert starts[-1] == f"running: {20 - done_before} of 20 tiles to do", starts
+        assert 0 < done_before < 20
     finally:
-        _stop(api_proc)
+        stop_process(api_proc)
 
 
 def test_jobs_over_grpc_succeed_and_watch_ends_final(env: dict[str, str], scheduler, scene_dir: Path, s3_settings, tmp_path: Path) -> None:
@@ -330,7 +309,7 @@ def test_jobs_over_grpc_succeed_and_watch_ends_final(env: dict[str, str], schedu
 
     import grpc
 
-    settings = _settings(env)
+    settings = settings_from(env)
     service = JobService(JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix), settings)
     server, port = create_server(service, "127.0.0.1:0")
     server.start()
@@ -373,4 +352,4 @@ def test_cli_client_submits_and_follows(env: dict[str, str], scheduler, scene_di
         r = run("submit", "--scene", f"s2={scene_dir}", "--model", "nope", "--out", "s3://tilefm/cli/")
         assert r.returncode == 2 and "model" in r.stderr and "Traceback" not in r.stderr
     finally:
-        _stop(api_proc)
+        stop_process(api_proc)

@@ -109,21 +109,26 @@ def check_scene(scene: Scene, card: ModelCard) -> None:
         )
 
 
-class _ReaderCache(threading.local):
-    """Open datasets per thread/process: reopening a COG per tile costs more than reading it."""
+class ReaderCache(threading.local):
+    """Open rio-tiler readers per thread: reopening a COG per tile costs more than reading it.
+    Bounded, since a long-lived process (the tiler) meets ever new files."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
         self.readers: dict[str, Reader] = {}
 
     def get(self, path: str) -> Reader:
         r = self.readers.get(path)
         if r is None:
-            r = Reader(path)
-            self.readers[path] = r
+            if len(self.readers) >= self.size:
+                for old in self.readers.values():
+                    old.close()
+                self.readers.clear()
+            r = self.readers[path] = Reader(path)
         return r
 
 
-_cache = _ReaderCache()
+_cache = ReaderCache()
 
 
 def read_band(band: BandFile, tile: Tile, halo: int, resampling: str, count: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from rasterio.errors import RasterioIOError
 
 from tilefm import __version__, metrics
 from tilefm.api import errors
-from tilefm.api.jobs import JOB_ID, JobIdConvertor, _readiness  # noqa: F401 - registers the jobid convertor
+from tilefm.api.jobs import JOB_ID, _readiness  # importing api.jobs registers the `jobid` path convertor
 from tilefm.jobs.models import JobState
 from tilefm.jobs.store import JobStore
 from tilefm.settings import Settings, get_settings

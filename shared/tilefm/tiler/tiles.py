@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import rasterio
 from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
-from rio_tiler.io import Reader
 from rio_tiler.models import ImageData
 
 from tilefm.grid import TMS
+from tilefm.read import ReaderCache
 from tilefm.scene import Scene, open_scene
 from tilefm.settings import Settings
 from tilefm.storage import gdal_env, storage_for
@@ -55,23 +55,6 @@ def thread_env(options: dict) -> contextlib.AbstractContextManager:
         _thread_env.env.__enter__()
         _thread_env.key = key
     return contextlib.nullcontext()
-
-
-class _Readers(threading.local):
-    """Open rio-tiler readers per thread: a COG's header is read once per thread, not per tile."""
-
-    def __init__(self) -> None:
-        self.readers: dict[str, Reader] = {}
-
-    def get(self, path: str) -> Reader:
-        r = self.readers.get(path)
-        if r is None:
-            if len(self.readers) > 64:
-                for old in self.readers.values():
-                    old.close()
-                self.readers.clear()
-            r = self.readers[path] = Reader(path)
-        return r
 
 
 def check_tile(tms: str, z: int, x: int, y: int, minzoom: int, maxzoom: int, scale: int) -> None:
@@ -153,7 +136,7 @@ class OutputTiles:
     settings: Settings
 
     def __post_init__(self) -> None:
-        self._readers = _Readers()
+        self._readers = ReaderCache()
         self._env = gdal_env(self.settings)
         self._stats: dict[str, pca.RenderStats] = {}
         self._stats_lock = threading.Lock()
@@ -328,7 +311,7 @@ class SceneTiles:
     def __post_init__(self) -> None:
         self._scenes: dict[str, Scene] = {}
         self._lock = threading.Lock()
-        self._readers = _Readers()
+        self._readers = ReaderCache()
         self._env = gdal_env(self.settings)
 
     def scene(self, out: JobOutput, sources: dict[str, str]) -> Scene:
