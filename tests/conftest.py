@@ -97,6 +97,16 @@ def settings_from(env: dict[str, str]) -> Settings:
         os.environ.update(saved)
 
 
+def drop_redis_keys(prefix: str) -> None:
+    """Remove a test deployment's keys from the machine's Redis."""
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    keys = list(client.scan_iter(f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+
+
 def start_scheduler(env: dict[str, str], log: Path) -> subprocess.Popen:
     """`tilefm scheduler` in its own process group, on a local Ray cluster, logging to `log`."""
     return subprocess.Popen(
@@ -125,8 +135,6 @@ def tiler_env(s3_settings: Settings, shared_dir: Path) -> Iterator[dict[str, str
     import json
     import uuid
 
-    from tilefm.jobs.store import JobStore
-
     prefix = f"tilefm-tiler-test-{uuid.uuid4().hex[:8]}:"
     env = {
         **{k: v for k, v in os.environ.items() if k.startswith("TILEFM_")},
@@ -136,10 +144,7 @@ def tiler_env(s3_settings: Settings, shared_dir: Path) -> Iterator[dict[str, str
         "TILEFM_AUTH_DISABLED": "true",
     }
     yield env
-    store = JobStore.from_url("redis://127.0.0.1:6379/0", prefix=prefix)
-    keys = list(store.redis.scan_iter(f"{prefix}*"))
-    if keys:
-        store.redis.delete(*keys)
+    drop_redis_keys(prefix)
 
 
 @pytest.fixture(scope="session")

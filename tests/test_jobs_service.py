@@ -21,7 +21,7 @@ import rasterio
 from fastapi.testclient import TestClient
 from rio_cogeo import cog_validate
 
-from conftest import settings_from, start_scheduler, stop_process
+from conftest import drop_redis_keys, settings_from, start_scheduler, stop_process
 from tilefm.api.auth import hash_key
 from tilefm.api.jobs import create_app
 from tilefm.jobs.store import JobStore
@@ -48,10 +48,7 @@ def env(s3_settings: Settings) -> Iterator[dict[str, str]]:
         ]),
     }
     yield values
-    store = JobStore.from_url("redis://127.0.0.1:6379/0", prefix=prefix)
-    keys = list(store.redis.scan_iter(f"{prefix}*"))
-    if keys:
-        store.redis.delete(*keys)
+    drop_redis_keys(prefix)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,7 @@ class OutputTiles:
         self._stats: dict[str, pca.RenderStats] = {}
         self._stats_lock = threading.Lock()
         self._samples: dict[str, np.ndarray] = {}
+        self._queries: OrderedDict[tuple, tuple[np.ndarray, tuple[float, ...]]] = OrderedDict()
 
     def env(self) -> contextlib.AbstractContextManager:
         return thread_env(self._env)
@@ -183,20 +185,36 @@ class OutputTiles:
         allowed = out.renders + ["raw"]
         if name not in allowed:
             raise BadRenderParameter(f"render {name!r} is not available for a {out.kind} output; choose one of {', '.join(allowed)}", field="render")
-        query = None
-        if name == "similarity":
-            if vector:
-                query = render.parse_vector(vector, out.count)
-            elif lon is not None and lat is not None:
-                query = self.vector_at(out, lon, lat)
-            else:
-                raise BadRenderParameter("similarity needs a query: lon and lat of a pixel, or vector", field="lon")
+        query, quantiles = None, None
         resc = render.parse_rescale(rescale)
+        if name == "similarity":
+            if not vector and (lon is None or lat is None):
+                raise BadRenderParameter("similarity needs a query: lon and lat of a pixel, or vector", field="lon")
+            query, quantiles = self._similarity_query(out, lon, lat, vector)
         return RenderParams(
             render=name, bands=render.parse_bands(bands, out.count) if name == "rgb" else (),
             rescale=resc, colormap_name=colormap_name or "viridis", query=query,
-            quantiles=self.similarity_quantiles(out, query) if query is not None and resc is None else None,
+            quantiles=quantiles if resc is None else None,
         )
+
+    def _similarity_query(self, out: JobOutput, lon: float | None, lat: float | None,
+                          vector: str | None) -> tuple[np.ndarray, tuple[float, ...]]:
+        """The query vector and the map's similarity percentiles, once per (job, query): every
+        tile of a similarity layer asks the same question, and the answer costs a point read and
+        a pass over the job's sample."""
+        key = (out.job_id, out.version, vector or (lon, lat))
+        with self._stats_lock:
+            hit = self._queries.get(key)
+            if hit is not None:
+                self._queries.move_to_end(key)
+                return hit
+        query = render.parse_vector(vector, out.count) if vector else self.vector_at(out, lon, lat)
+        hit = (query, self.similarity_quantiles(out, query))
+        with self._stats_lock:
+            self._queries[key] = hit
+            while len(self._queries) > 256:
+                self._queries.popitem(last=False)
+        return hit
 
     def _indexes(self, out: JobOutput, p: RenderParams) -> list[int] | None:
         if p.render == "classes":
