@@ -84,15 +84,16 @@ def test_tensorrt_missing_is_a_clear_error() -> None:
 
 
 def test_precision(machine) -> None:
-    vit, presto = get_card("vit-small"), get_card("presto")
+    vit, presto, clouds = get_card("vit-small"), get_card("presto"), get_card("ukis-csmask")
     machine(cuda=True)
     assert resolve_precision(vit, "torch") == "fp32"
     assert resolve_precision(vit, "torch-cuda") == "bf16" and resolve_precision(vit, "tensorrt", "fp16") == "fp16"
-    assert resolve_precision(presto, "torch-cuda") == "fp32"  # the card allows nothing else
+    assert resolve_precision(presto, "torch-cuda") == "bf16" and resolve_precision(presto, "torch-cuda", "fp32") == "fp32"
+    assert resolve_precision(clouds, "onnxruntime") == "fp32"  # the card allows nothing else
     with pytest.raises(BackendError, match="needs a GPU backend"):
         resolve_precision(vit, "torch", "fp16")
     with pytest.raises(BackendError, match="may run in"):
-        resolve_precision(presto, "torch-cuda", "bf16")
+        resolve_precision(clouds, "onnxruntime", "bf16")
 
 
 def test_job_spec_accepts_torch_cuda() -> None:
@@ -199,3 +200,61 @@ def test_onnxruntime_cuda_matches_reference(reference) -> None:
     run = OrtRunner(export_onnx(bound, x.shape[1:]), device="cuda")
     assert "CUDAExecutionProvider" in run.session.providers
     assert rel_err(run(x), ref) < 1e-4
+
+
+@gpu
+def test_torch_compile_matches_reference(reference) -> None:
+    from tilefm.backends.torch_cuda import TorchCudaRunner
+
+    bound, x, ref = reference
+    got = TorchCudaRunner(bound, x.shape[1:], precision="bf16", max_batch=2, compile=True)(x)
+    assert rel_err(got, ref) < LIMITS["bf16"]
+
+
+@pytest.fixture(scope="module")
+def presto_pixels(scene_dir: Path, model_store: Path):
+    """One real tile's pixels and Presto's torch fp32 CPU embeddings of them."""
+    from tilefm.grid import plan_tiles
+    from tilefm.models.presto_tiles import PrestoTileModel
+    from tilefm.models.store import weights_path
+    from tilefm.read import read_tile
+    from tilefm.scene import open_scene
+
+    scene = open_scene({"s2": str(scene_dir)})
+    card = get_card("presto")
+    tile = plan_tiles(scene.footprint, 10, bbox=(-11.5, 24.7, -11.3, 24.85)).tiles[0]
+    weights = weights_path(card, model_store)
+    cpu = PrestoTileModel(card, "torch", weights)
+    raw, present, latlons, _ = cpu.pixels(read_tile(scene, card, tile, cpu.read_halo))
+    month = scene.date.month - 1
+    return card, weights, (raw, present, latlons, month), cpu.embed(raw, present, latlons, month)
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_presto_torch_cuda_matches_cpu(presto_pixels, precision: str) -> None:
+    from tilefm.models.presto_tiles import PrestoTileModel
+
+    card, weights, inputs, ref = presto_pixels
+    got = PrestoTileModel(card, "torch-cuda", weights, precision=precision, out_dtype="float32").embed(*inputs)
+    assert got.shape == ref.shape == (65536, 128)
+    assert rel_err(got, ref) < LIMITS[precision], (precision, rel_err(got, ref))
+    # what a job stores: float16 from the GPU, as the COG holds it
+    half = PrestoTileModel(card, "torch-cuda", weights, precision=precision).embed(*inputs)
+    assert half.dtype == np.float16 and rel_err(half.astype(np.float32), ref) < LIMITS[precision] + 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("model", ["presto", "vit-small"])
+def test_run_on_torch_cuda(scene_dir: Path, tmp_path: Path, model: str) -> None:
+    """`tilefm run --backend torch-cuda` end to end: a valid COG that names the backend."""
+    import rasterio
+    from rio_cogeo import cog_validate
+
+    out = tmp_path / "out.tif"
+    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", model, "--zoom", "10",
+                "--bbox=-11.5,24.7,-11.3,24.85", "--backend", "torch-cuda", "--executor", "local", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert cog_validate(str(out), quiet=True)[0]
+    with rasterio.open(out) as ds:
+        assert ds.tags()["TILEFM_BACKEND"] == "torch-cuda"

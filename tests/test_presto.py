@@ -186,3 +186,20 @@ def test_loaded_model_state(model):
     state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     assert set(model.state_dict()) == set(enc)
+
+
+def test_normalize_torch_equals_numpy() -> None:
+    """The GPU path normalises in torch: the same float32 values, masks and NDVI rule as numpy."""
+    import torch
+
+    from tilefm.models.presto import RAW_BAND_NAMES, normalize, normalize_torch
+
+    rng = np.random.default_rng(7)
+    raw = rng.uniform(-100, 12000, (5000, 1, len(RAW_BAND_NAMES))).astype(np.float32)
+    present = rng.random(raw.shape) > 0.2
+    raw[~present] = np.nan  # ignored where missing
+    raw[:50, :, RAW_BAND_NAMES.index("B4")] = -raw[:50, :, RAW_BAND_NAMES.index("B8")]  # B8 + B4 <= 0
+    x, mask = normalize(raw, present)
+    xt, mt = normalize_torch(torch.from_numpy(raw), torch.from_numpy(present))
+    np.testing.assert_array_equal(xt.numpy(), x)
+    np.testing.assert_array_equal(mt.numpy(), mask)

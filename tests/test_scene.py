@@ -517,3 +517,18 @@ def test_row_reads_match_tile_reads(scene_dir: Path):
     exact = read_tiles(scene, get_card("presto"), batch, 0)
     for t, got in zip(batch, exact):
         assert (got.data == read_tile(scene, get_card("presto"), t, 0).data).all()
+
+
+def test_reading_leaves_gdal_block_cache_alone(s2_scene: Scene) -> None:
+    """Reads in threads (the local executor, the tiler) must not shrink the process-wide GDAL
+    block cache: a tiny one made the 384-band COG step re-decompress every block (minutes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rasterio._env import get_gdal_config
+
+    before = int(get_gdal_config("GDAL_CACHEMAX"))
+    card = get_card("vit-small")
+    tiles = plan_tiles(s2_scene.footprint, 10).tiles[:4]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda t: read_tile(s2_scene, card, t, 0), tiles))
+    assert int(get_gdal_config("GDAL_CACHEMAX")) == before >= 64 << 20

@@ -124,3 +124,36 @@ def test_embedding_quantization(tmp_path: Path, dtype: str) -> None:
     else:
         assert np.isnan(got[:, :10]).all()
         assert np.abs(got[:, 10:] - truth[t][:, 10:]).max() <= 5 * 2.0**-11 * 1.0001  # float16 rounding at |v| <= 5
+
+
+def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
+    """At stride 16, each z12 tile's 16 x 16 output lands on its block of the z8 parent, in any
+    order; patches of unplanned children and patches without data are nodata."""
+    card = get_card("vit-small")
+    plan = plan_tiles(box(-11.9, 24.5, -11.1, 25.1), 12)
+    rng = np.random.default_rng(3)
+    outputs = []
+    for t in plan.tiles:
+        w = np.ones((16, 16), np.float32)
+        w[0, 0] = 0  # a patch without data
+        outputs.append(TileOutput(tile=t, halo=0, values=rng.normal(size=(card.output.channels, 16, 16)).astype(np.float32), weight=w))
+    random.Random(1).shuffle(outputs)
+    path = tmp_path / "m.tif"
+    writer = MosaicWriter(plan, card, path, Encoding.for_card(card, "float32"), halo=0, stride=16)
+    for o in outputs:
+        writer.add(o)
+    writer.close()
+    assert not writer.missing and writer.out_plan.zoom == 8
+    with rasterio.open(path) as ds:
+        assert ds.res[0] == pytest.approx(plan.transform.a * 16)
+        data = ds.read()
+    covered = np.zeros(data.shape[1:], bool)
+    for o in outputs:
+        row, col = writer.out_plan.offset(writer._parent(o.tile))
+        r0 = row + (o.tile.y % 16) * 16
+        c0 = col + (o.tile.x % 16) * 16
+        block = data[:, r0 : r0 + 16, c0 : c0 + 16]
+        assert np.isnan(block[:, 0, 0]).all()
+        np.testing.assert_array_equal(block[:, 1:, :], o.values[:, 1:, :])
+        covered[r0 : r0 + 16, c0 : c0 + 16] = True
+    assert np.isnan(data[0][~covered]).all()

@@ -19,6 +19,7 @@ from tilefm.models import get_card
 from tilefm.models.card import ModelCard
 from tilefm.models.store import pull, weights_path
 from tilefm.models.vit import ViTEncoder, card_wavelengths, dofa_state, load_vit, save_vit, state_sha256
+from tilefm.grid import resolution
 from tilefm.models.vit_tiles import ViTTileModel
 from tilefm.read import read_tile
 from tilefm.scene import open_scene
@@ -120,9 +121,16 @@ def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
         got = ort(x[:n])
         rel = np.abs(got - ref[:n]).max() / np.abs(ref[:n]).max()
         assert rel < 1e-4, rel
+    # the card's default: one output pixel per patch, the embeddings themselves
     outs = model.encode(tiles)
+    assert outs[0].values.shape == (384, 16, 16) and outs[0].weight.shape == (16, 16)
+    np.testing.assert_array_equal(outs[0].values, ref[0])
+    seen = valid.reshape(16, 16, 16, 16).mean(axis=(1, 3)) >= 0.5
+    np.testing.assert_array_equal(outs[0].weight > 0, seen)
+    # upsampled to pixels: bilinear keeps each patch's mean roughly where the patch is
+    up = ViTTileModel(card.model_copy(update={"vit": card.vit.model_copy(update={"upsample": "bilinear"})}), "torch", None)
+    outs = up.encode(tiles)
     assert outs[0].values.shape == (384, 256, 256) and outs[0].weight.shape == (256, 256)
-    # bilinear upsampling keeps each patch's mean roughly where the patch is
     np.testing.assert_allclose(outs[0].values[:, 112:128, 112:128].mean(axis=(1, 2)), ref[0, :, 7, 7], atol=0.5)
 
 
@@ -135,3 +143,9 @@ def test_cli_run_end_to_end(scene_dir: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     with rasterio.open(out) as ds:
         assert ds.count == 384 and ds.tags()["TILEFM_BACKEND"] == "torch"
+        # per-patch outputs: the mosaic is the z10 tiles' z6 parent, one pixel per 16 x 16 patch
+        tags = ds.tags()
+        assert (tags["TILEFM_ZOOM"], tags["TILEFM_TILE_ZOOM"], tags["TILEFM_OUTPUT_STRIDE"]) == ("6", "10", "16")
+        assert abs(ds.res[0] - resolution(6)) < 1e-6 and (ds.width, ds.height) == (256, 256)
+        a = ds.read(1, masked=True)
+        assert 0 < a.count() < 256 * 256  # the planned tiles' patches hold values, the rest is nodata

@@ -92,6 +92,16 @@ class TilePlan:
         """Pixel (row, col) of a tile's top-left corner in the mosaic."""
         return (tile.y - self.y_range[0]) * TILE_SIZE, (tile.x - self.x_range[0]) * TILE_SIZE
 
+    def coarsen(self, k: int) -> "TilePlan":
+        """The parents `k` zooms up of the planned tiles: the mosaic of an output whose pixels
+        are 2^k of the tiles' pixels (per-patch outputs: 16-pixel patches, k = 4)."""
+        if k == 0:
+            return self
+        if k > self.zoom:
+            raise PlanError(f"zoom {self.zoom} has no parents {k} levels up", field="zoom")
+        tiles = sorted({Tile(t.x >> k, t.y >> k, self.zoom - k) for t in self.tiles}, key=lambda t: (t.y, t.x))
+        return _plan(tiles, self.zoom - k, self.footprint)
+
     def summary(self) -> dict:
         res = resolution(self.zoom)
         area_km2 = len(self.tiles) * (TILE_SIZE * res / 1000) ** 2
@@ -158,6 +168,10 @@ def plan_tiles(
             field="zoom",
         )
     tiles.sort(key=lambda t: (t.y, t.x))
+    return _plan(tiles, zoom, area)
+
+
+def _plan(tiles: list[Tile], zoom: int, area: BaseGeometry) -> TilePlan:
     xs = [t.x for t in tiles]
     ys = [t.y for t in tiles]
     span = max(max(xs) - min(xs), max(ys) - min(ys)) + 1

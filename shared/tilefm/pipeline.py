@@ -138,8 +138,11 @@ def publish(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tilefm-", dir=settings.work_dir) as tmp:
         mosaic = Path(tmp) / "mosaic.tif"
-        tags = output_tags(card, plan, prep.scene.describe(), encoding, {"backend": prep.backend, **(extra_tags or {})})
-        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags)
+        stride = card.output_stride
+        out_plan = plan.coarsen(stride.bit_length() - 1)
+        extra = {"backend": prep.backend, **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
+        tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
+        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, stride=stride)
         try:
             for o in outputs:
                 writer.add(o)
@@ -149,8 +152,8 @@ def publish(
             raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
         timings["tiles_s"] = time.perf_counter() - t0
         cog = Path(tmp) / "out.tif"
-        write_cog(mosaic, cog, plan, encoding, colormap=writer.colormap() if card.output.kind == "classes" else None)
-        item = stac.output_item(cog, card, plan, prep.scene, out, encoding)
+        write_cog(mosaic, cog, out_plan, encoding, colormap=writer.colormap() if card.output.kind == "classes" else None)
+        item = stac.output_item(cog, card, out_plan, prep.scene, out, encoding)
         timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
         if proceed is not None and not proceed():
             return None
@@ -173,6 +176,7 @@ def execute(
     t0 = time.perf_counter()
     worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights)
     executor = make_executor(spec.executor, worker, settings)
+    load_s = time.perf_counter() - t0
 
     def outputs() -> Iterator[TileOutput]:
         done = 0
@@ -185,7 +189,7 @@ def execute(
         finally:
             executor.close()
 
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"load_s": load_s}
     stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings)
     timings["total_s"] = time.perf_counter() - t0
     return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings)

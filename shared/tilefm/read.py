@@ -28,7 +28,10 @@ from tilefm.scene import BandFile, Scene
 #: read with a halo); 0.001 brings that to <= 1 DN at no measurable cost.
 WARP_TOLERANCE = 0.001
 # GDAL settings for tile reads: no directory listing of sidecar files, modest block cache
-GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_CACHEMAX": 256, "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.jp2,.vrt"}
+#: per-read GDAL options. Not GDAL_CACHEMAX: rasterio.Env takes a number there as bytes and sets
+#: the process-wide block cache (a `256` meant as MiB was a 256-byte cache, which made every
+#: multi-band read re-decompress its blocks); the cache is the process's (env var, or 5% of RAM)
+GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.jp2,.vrt"}
 
 
 @dataclass

@@ -52,22 +52,25 @@ def cpu_count() -> int:
 
 
 class LocalExecutor:
-    """One process: a thread reads ahead while the model encodes (GDAL and the backends release the GIL)."""
+    """One process: reader threads read ahead while the model encodes (GDAL and the backends
+    release the GIL). Batches come back in plan order; at most `readers + prefetch` are read
+    ahead, so memory stays bounded however fast the readers are."""
 
     name = "local"
 
-    def __init__(self, worker: WorkerSpec, *, prefetch: int = 2):
+    def __init__(self, worker: WorkerSpec, *, readers: int = 1, prefetch: int = 2):
         self.model = worker.load()
+        self.readers = max(1, readers)
         self.prefetch = prefetch
 
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
         halo = self.model.read_halo
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilefm-read") as pool:
+        ahead = self.readers + self.prefetch
+        with ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tilefm-read") as pool:
             queue: list[Future[list[TileInput]]] = []
-            it = iter(batches)
-            for batch in it:
+            for batch in batches:
                 queue.append(pool.submit(read_batch, scene, self.model.card, batch, halo))
-                if len(queue) > self.prefetch:
+                if len(queue) > ahead:
                     yield self.model.encode(queue.pop(0).result())
             while queue:
                 yield self.model.encode(queue.pop(0).result())
@@ -176,7 +179,7 @@ class EncoderActor:
 
 def make_executor(kind: str, worker: WorkerSpec, settings: Settings) -> LocalExecutor | RayExecutor:
     if kind == "local":
-        return LocalExecutor(worker)
+        return LocalExecutor(worker, readers=settings.local_readers or min(4, cpu_count()))
     if kind == "ray":
         return RayExecutor(worker, settings)
     raise ValueError(f"unknown executor {kind!r}")

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     #: (whole CPUs per actor deadlock a 2-CPU node once two models are loaded).
     encoder_num_cpus: float = 0.5
     reader_num_cpus: float = 0.5
+    #: reader threads of the local executor (`tilefm run --executor local`); 0 = min(4, CPUs)
+    local_readers: int = Field(0, ge=0, le=256)
 
     #: model precision on GPU backends: auto (bf16/fp16 where the card allows), fp32, fp16, bf16
     precision: str = "auto"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.windows import Window
-from rio_cogeo import cog_translate, cog_validate
+from rasterio.shutil import copy as rio_copy
+from rio_cogeo import cog_validate
 
 from tilefm import __version__
 from tilefm.grid import TILE_SIZE, Tile, TilePlan
@@ -90,11 +92,21 @@ class MosaicWriter:
     encoding: Encoding
     halo: int
     tags: dict[str, str] = field(default_factory=dict)
+    #: input pixels per output pixel (per-patch outputs: the patch); the mosaic is then the
+    #: plan's parents log2(stride) zooms up, each filled by its planned children's outputs
+    stride: int = 1
 
     def __post_init__(self) -> None:
-        self.planned = set(self.plan.tiles)
+        self.k = self.stride.bit_length() - 1
+        if self.stride != 1 << self.k or self.stride > TILE_SIZE or (self.stride > 1 and self.halo):
+            raise ValueError(f"output stride {self.stride} must be a power of two up to {TILE_SIZE}, without a halo")
+        self.out_plan = self.plan.coarsen(self.k)
+        self.planned = set(self.out_plan.tiles)
         self.written: set[Tile] = set()
-        self.expected = {t: self._expected(t) for t in self.plan.tiles}
+        if self.k:
+            self.expected = Counter(self._parent(t) for t in self.plan.tiles)
+        else:
+            self.expected = {t: self._expected(t) for t in self.plan.tiles}
         self.pending: dict[Tile, _Acc] = {}
         self.channels = self.card.output.channels
         self.dataset = rasterio.open(self.path, "w", **self._profile())
@@ -110,8 +122,8 @@ class MosaicWriter:
     def _profile(self) -> dict[str, Any]:
         enc = self.encoding
         profile = dict(
-            driver="GTiff", width=self.plan.width, height=self.plan.height, count=self.channels,
-            dtype=enc.dtype, nodata=enc.nodata, crs="EPSG:3857", transform=self.plan.transform,
+            driver="GTiff", width=self.out_plan.width, height=self.out_plan.height, count=self.channels,
+            dtype=enc.dtype, nodata=enc.nodata, crs="EPSG:3857", transform=self.out_plan.transform,
             tiled=True, blockxsize=TILE_SIZE, blockysize=TILE_SIZE, compress="ZSTD", zstd_level=1,
             interleave="pixel", sparse_ok=True, bigtiff="IF_SAFER",
         )
@@ -144,8 +156,32 @@ class MosaicWriter:
     def _expected(self, tile: Tile) -> int:
         return sum(1 for n in self._neighbours(tile) if n in self.planned)
 
+    def _parent(self, tile: Tile) -> Tile:
+        return Tile(tile.x >> self.k, tile.y >> self.k, tile.z - self.k)
+
+    def _add_child(self, out: TileOutput) -> None:
+        """A per-patch output: its block of the parent tile, which is written once complete."""
+        t, n = self._parent(out.tile), TILE_SIZE >> self.k
+        if out.values.shape[1:] != (n, n):
+            raise ValueError(f"tile {out.tile}: expected a {n} x {n} output at stride {self.stride}, got {out.values.shape[1:]}")
+        acc = self.pending.get(t)
+        if acc is None:
+            acc = self.pending[t] = _Acc(
+                np.zeros((out.values.shape[0], TILE_SIZE, TILE_SIZE), np.float32),
+                np.zeros((TILE_SIZE, TILE_SIZE), np.float32),
+                self.expected[t],
+            )
+        oy, ox = (out.tile.y - (t.y << self.k)) * n, (out.tile.x - (t.x << self.k)) * n
+        acc.values[:, oy : oy + n, ox : ox + n] = out.values
+        acc.weight[oy : oy + n, ox : ox + n] = out.weight
+        acc.remaining -= 1
+        if acc.remaining == 0:
+            self._write(t, self.pending.pop(t))
+
     def add(self, out: TileOutput) -> None:
         """Add one tile's output (and its halo's share to the neighbours); write what is complete."""
+        if self.k:
+            return self._add_child(out)
         h = out.halo
         ox, oy = out.tile.x * TILE_SIZE - h, out.tile.y * TILE_SIZE - h  # global pixel origin
         n = out.weight.shape[0]
@@ -184,13 +220,13 @@ class MosaicWriter:
         else:
             values = acc.values / np.where(valid, acc.weight, 1.0)[None]
             data = self.encoding.encode(values, valid)
-        row, col = self.plan.offset(tile)
+        row, col = self.out_plan.offset(tile)
         self.dataset.write(data, window=Window(col, row, TILE_SIZE, TILE_SIZE))
         self.written.add(tile)
 
     @property
     def missing(self) -> list[Tile]:
-        return [t for t in self.plan.tiles if t not in self.written]
+        return [t for t in self.out_plan.tiles if t not in self.written]
 
     def close(self) -> None:
         if not self.dataset.closed:
@@ -198,18 +234,27 @@ class MosaicWriter:
 
 
 def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding, *, colormap: dict | None = None) -> None:
-    """Copy the mosaic into a COG: 256-px internal tiles on the tile grid, overviews, compression."""
-    profile = dict(
-        driver="GTiff", interleave="pixel", tiled=True, blockxsize=TILE_SIZE, blockysize=TILE_SIZE,
-        compress="DEFLATE", predictor=encoding.predictor, bigtiff="IF_SAFER",
+    """Copy the mosaic into a COG: 256-px internal tiles on the tile grid, overviews, compression.
+
+    GDAL's COG driver copies the mosaic block by block (it is already on the grid: nothing to
+    warp), keeping tags, band descriptions, nodata, scales and the colour map; on a 384-band
+    output it takes a third of the time of rio-cogeo's path through a warped VRT."""
+    predictor = {1: "NO", 2: "STANDARD", 3: "FLOATING_POINT"}[encoding.predictor]
+    options: dict[str, Any] = dict(
+        COMPRESS="DEFLATE", PREDICTOR=predictor, BLOCKSIZE=TILE_SIZE, BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+        OVERVIEW_RESAMPLING=encoding.resampling.upper(), INTERLEAVE="PIXEL",
     )
+    if plan.overview_levels:
+        options["OVERVIEW_COUNT"] = plan.overview_levels
+    else:
+        options["OVERVIEWS"] = "NONE"
     if encoding.nbits:
-        profile["nbits"] = encoding.nbits
-    cog_translate(
-        str(mosaic), str(dst), profile, nodata=encoding.nodata, overview_level=plan.overview_levels,
-        overview_resampling=encoding.resampling, in_memory=False, quiet=True, colormap=colormap,
-        config={"GDAL_NUM_THREADS": "ALL_CPUS", "GDAL_TIFF_OVR_BLOCKSIZE": str(TILE_SIZE)},
-    )
+        options["NBITS"] = encoding.nbits
+    with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=str(TILE_SIZE)):
+        if colormap is not None:
+            with rasterio.open(mosaic, "r+") as ds:
+                ds.write_colormap(1, colormap)
+        rio_copy(str(mosaic), str(dst), driver="COG", **options)
     valid, errors, _warnings = cog_validate(str(dst), quiet=True)
     if not valid:
         raise RuntimeError(f"the COG written to {dst} is not valid: {errors}")

@@ -141,9 +141,10 @@ class ViTSpec(BaseModel):
     mlp_ratio: float = 4.0
     #: width of the wavelength encoding and of the hypernetwork that turns it into patch weights
     wv_planes: int = 128
-    #: per-patch embeddings onto the tile's pixels: bilinear, or nearest (each pixel gets its
-    #: patch's embedding unchanged, i.e. the values at patch stride)
-    upsample: Literal["bilinear", "nearest"] = "bilinear"
+    #: per-patch embeddings in the output: `none` keeps them at patch stride (one output pixel
+    #: per patch, the mosaic 2^log2(patch) zooms coarser: 256x fewer values than upsampled),
+    #: `bilinear` / `nearest` upsample them onto the tile's pixels
+    upsample: Literal["none", "bilinear", "nearest"] = "none"
     #: central wavelength (um) per "modality:band", overriding models/vit.py's WAVELENGTHS_UM
     wavelengths: dict[str, float] = Field(default_factory=dict)
 
@@ -191,3 +192,10 @@ class ModelCard(BaseModel):
 
     def input_for(self, modality: str) -> Input | None:
         return next((i for i in self.inputs if i.modality == modality), None)
+
+    @property
+    def output_stride(self) -> int:
+        """Input pixels per output pixel along each axis: the patch for per-patch outputs, else 1."""
+        if self.vit is not None and self.vit.upsample == "none":
+            return self.vit.patch
+        return 1

@@ -16,7 +16,7 @@ from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, resolution
 from tilefm.models.base import TileModel, TileOutput
 from tilefm.models.card import ModelCard
-from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, normalize
+from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, normalize, normalize_torch
 from tilefm.read import TileInput, tile_latitudes
 
 #: card band "modality:name" -> Presto raw band
@@ -49,14 +49,34 @@ def horn_slope(elev: np.ndarray, valid: np.ndarray, cell_x: np.ndarray, cell_y: 
     return slope, ok
 
 
+#: pixels per forward pass: small chunks are faster on CPU (cache), large ones fill a GPU
+CPU_CHUNK, GPU_CHUNK = 1024, 1 << 18
+
+
 class PrestoTileModel(TileModel):
-    def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None):
+    def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None):
         super().__init__(card, backend)
-        if backend != "torch":
-            raise ValueError(f"Presto runs on torch here, not {backend!r}")
+        if backend not in ("torch", "torch-cuda"):
+            raise ValueError(f"Presto runs on torch or torch-cuda, not {backend!r}")
         if threads:
             torch.set_num_threads(threads)
         self.net = load_presto(weights)
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+        self.chunk = CPU_CHUNK
+        if backend == "torch-cuda":
+            from tilefm.backends import resolve_precision
+            from tilefm.errors import BackendError
+            from tilefm.settings import get_settings
+
+            if not torch.cuda.is_available():
+                raise BackendError("backend 'torch-cuda' needs a CUDA GPU and none is visible to PyTorch")
+            self.precision = resolve_precision(card, backend, precision or get_settings().precision)
+            self.device = torch.device("cuda")
+            self.net = self.net.to(self.device)
+            self.chunk = GPU_CHUNK
+        #: dtype embeddings come back in from the GPU: the card's (float16 halves the copy)
+        self.out_dtype = torch.float16 if (out_dtype or card.output.dtype) == "float16" else torch.float32
         names = [f"{i.modality}:{b.name}" for i in card.inputs for b in i.bands]
         self.raw_index = {n: RAW_BAND_NAMES.index(CARD_TO_RAW[n]) for n in names}
         self.elev_name = "dem:elevation" if "dem:elevation" in names else None
@@ -118,8 +138,30 @@ class PrestoTileModel(TileModel):
         """Embeddings [n, 128] for single-timestep pixels (the model alone, no I/O)."""
         if len(raw) == 0:
             return np.zeros((0, self.card.output.channels), np.float32)
+        if self.device.type == "cuda":
+            return self._embed_cuda(raw, present, latlons, month)
         x, mask = normalize(raw, present)
         dw = np.full(x.shape[:2], DW_MISSING, np.int64)
         with torch.inference_mode():
-            return self.net(x, mask, dw, latlons, month).numpy()
+            return self.net(x, mask, dw, latlons, month, chunk_size=self.chunk).numpy()
+
+    @torch.inference_mode()
+    def _embed_cuda(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int) -> np.ndarray:
+        """Raw values and masks go to the GPU (normalised there, in chunks); embeddings come back
+        in the card's output dtype (float16: half the bytes over PCIe, and what the COG stores)."""
+        dev = self.device
+        out_dtype = self.out_dtype
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        n = len(raw)
+        out = torch.empty((n, self.card.output.channels), dtype=out_dtype, device=dev)
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            r = torch.from_numpy(np.ascontiguousarray(raw[s:e])).to(dev, non_blocking=True)
+            p = torch.from_numpy(np.ascontiguousarray(present[s:e])).to(dev, non_blocking=True)
+            ll = torch.from_numpy(np.ascontiguousarray(latlons[s:e], dtype=np.float32)).to(dev, non_blocking=True)
+            x, mask = normalize_torch(r, p)
+            dw = torch.full(x.shape[:2], DW_MISSING, dtype=torch.long, device=dev)
+            with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+                out[s:e] = self.net._encode(x, mask, dw, ll, month).to(out_dtype)
+        return out.cpu().numpy()
 

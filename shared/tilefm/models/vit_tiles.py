@@ -3,8 +3,9 @@
 A tile's band set is the card bands with at least one valid pixel in it; the hypernetwork makes
 the patch kernel for that set, and the backend runner for it is built once and reused (a scene
 usually has one band set). Missing pixels of a present band are set to the band mean (0 after
-normalising) and get weight 0 in the mosaic. Per-patch embeddings are upsampled to pixels (card
-`vit.upsample`); patches do not see across tile edges, so a bilinear upsample still steps there.
+normalising) and get weight 0 in the mosaic. Per-patch embeddings stay at patch stride (card
+`vit.upsample: none`: a 16 x 16 output per tile, the mosaic four zooms coarser) or are upsampled
+to pixels; patches do not see across tile edges, so a bilinear upsample still steps there.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class ViTTileModel(TileModel):
             return []
         parts = [self.inputs(t) for t in tiles]
         C = self.card.output.channels
+        stride = self.card.output_stride
+        n = TILE_SIZE // stride
         outs: list[TileOutput | None] = [None] * len(tiles)
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, (bands, _, _) in enumerate(parts):
@@ -88,10 +91,15 @@ class ViTTileModel(TileModel):
         for bands, idx in groups.items():
             if not bands:  # nothing to see: weight 0 everywhere
                 for k in idx:
-                    outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=np.zeros((C, TILE_SIZE, TILE_SIZE), np.float32), weight=np.zeros((TILE_SIZE, TILE_SIZE), np.float32))
+                    outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=np.zeros((C, n, n), np.float32), weight=np.zeros((n, n), np.float32))
                 continue
             emb = self.embed(bands, np.stack([parts[k][1] for k in idx]))
             for j, k in enumerate(idx):
+                if stride > 1:  # at patch stride: a patch counts when most of its pixels had data
+                    g = TILE_SIZE // stride
+                    seen = parts[k][2].reshape(g, stride, g, stride).mean(axis=(1, 3))
+                    outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=emb[j], weight=(seen >= 0.5).astype(np.float32))
+                    continue
                 values = upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
                 outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=values, weight=parts[k][2].astype(np.float32))
         if any(o is None for o in outs):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs on a lent GPU machine (the `device` tool) over a copy of this checkout: that machine has
+# Python 3.12 with CUDA PyTorch but none of tilefm's GDAL stack and no network, so the wheels
+# (unpacked, xz) and the sample data travel in the ignored folder .gpu/ (see docs/benchmarks.md):
+#   .gpu/site312.tar.xz            rasterio, pyproj, shapely, rio-tiler, pydantic, ... for cp312
+#   .gpu/shared/{data,models}      ../shared's scene and Presto weights
+# Usage: bash bench/device.sh PHASE... (tests, bench-presto, bench-vit, bench-vit-small); results in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site
+for t in .gpu/*.tar.xz; do tar -xJf "$t" -C /tmp/site || exit 1; done
+export PYTHONPATH=/tmp/site:$PWD/shared PYTHONUNBUFFERED=1 TILEFM_MODEL_STORE=$PWD/.gpu/shared/models
+# the local executor's reader threads: most of the 16 cores (the GPU needs one feeding thread)
+export TILEFM_LOCAL_READERS=${TILEFM_LOCAL_READERS:-12}
+[ -e ../shared ] || ln -s "$PWD/.gpu/shared" ../shared
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,utilization.gpu --format=csv
+python3 -c "import torch, rasterio; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), 'rasterio', rasterio.__version__, 'gdal', rasterio.__gdal_version__)"
+nproc
+python3 -c "import tilefm.pipeline, tilefm.models.vit_tiles, tilefm.models.presto_tiles, tilefm.localstack, pynvml" || exit 1
+for phase in "$@"; do
+  echo "=== $phase $(date +%T)"
+  case $phase in
+    tests) python3 -m pytest -q -p no:cacheprovider -rs tests/test_backends.py tests/test_vit.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    bench-vit) python3 bench/encoder.py --gpu --models vit-base --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs,bf16-compile}" \
+        --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -12 ;;
+    bench-vit-small) python3 bench/encoder.py --gpu --models vit-small --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs}" \
+        --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit-small.jsonl" --out "$OUT/vit-small.md" 2>&1 | tail -12 ;;
+    bench-presto) python3 bench/encoder.py --gpu --models presto --backends torch-cuda --variants "${PRESTO_VARIANTS:-fp32,bf16}" --batch-sizes 16 \
+        --zoom 11 --bbox all --min-tiles 256 --presto-pixels 120560400 --e2e best --json-out "$OUT/presto.jsonl" --out "$OUT/presto.md" 2>&1 | tail -12 ;;
+  esac
+done
+echo "=== done $(date +%T)"
