@@ -12,7 +12,7 @@ What is measured (all on the same tile plan, `--zoom` / `--bbox`):
   not counted). Host<->device copies are included.
 - error: the variant's output on the first real batch against the torch fp32 CPU reference,
   max |a - b| / max |b| (the limits in tests/test_backends.py: fp32 1e-4, fp16/bf16 2e-2).
-- end-to-end: `tilefm run --executor local` on the same plan (readers, encode, stitch, COG),
+- end-to-end: `tilefm run --executor local|ray` on the same plan (readers, encode, stitch, COG),
   wall clock without the model load (timed from the first batch handed to the readers).
 - Presto on `--presto-pixels` pixels (10980^2 = one 10 m Sentinel-2 tile): the scene's real
   pixels cycled through the encoder, wall clock with the GPU synchronised.
@@ -163,11 +163,11 @@ def model_only(work: Workload, model: Any, batch: int, min_tiles: int, reference
     return {"tiles": tiles, "model_tiles_s": tiles / seconds, "model_gpu_util": gpu.mean, "rel_err": err}
 
 
-def end_to_end(spec_kw: dict[str, Any], backend: str, batch: int) -> dict[str, Any]:
+def end_to_end(spec_kw: dict[str, Any], backend: str, batch: int, executor: str = "local") -> dict[str, Any]:
     from tilefm.pipeline import RunSpec, execute, prepare
 
     with tempfile.TemporaryDirectory() as tmp, GpuSampler() as gpu:
-        spec = RunSpec(**spec_kw, out=str(Path(tmp) / "out.tif"), backend=backend, batch_size=batch, executor="local")
+        spec = RunSpec(**spec_kw, out=str(Path(tmp) / "out.tif"), backend=backend, batch_size=batch, executor=executor)
         result = execute(prepare(spec))
     t = result.timings
     # model load happens before the first batch; the rest is the pipeline as a user meets it
@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--min-tiles", type=int, default=0, help="model-only: cycle the plan's tiles up to this many")
     ap.add_argument("--gpu", action="store_true", help="include torch-cuda / tensorrt (needs CUDA)")
     ap.add_argument("--e2e", default="best", choices=["best", "all", "none"], help="end-to-end runs: the fastest model-only variant per model and backend, every row, or none")
+    ap.add_argument("--executor", default="local", choices=["local", "ray"], help="end-to-end: reader threads in this process, or Ray reader tasks (processes) and an encoder actor")
     ap.add_argument("--presto-pixels", type=int, default=0, help="also time Presto over this many pixels (10980^2 = 120560400)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     ap.add_argument("--json-out", type=Path, default=None, help="append each row as JSON here")
@@ -253,7 +254,7 @@ def main() -> None:
                     row = {"model": name, "backend": backend, "variant": vname, "precision": v["precision"], "batch": batch,
                            **model_only(work, model, batch, args.min_tiles, reference)}  # fmt: skip
                     if args.e2e == "all":
-                        row |= end_to_end(spec_kw, backend, batch)
+                        row |= end_to_end(spec_kw, backend, batch, args.executor)
                     emit(row)
                     if best is None or row["model_tiles_s"] > best[0]:
                         best = (row["model_tiles_s"], row)
@@ -265,7 +266,7 @@ def main() -> None:
             if args.e2e == "best" and best is not None:
                 b = best[1]
                 settings_env(b["batch"], VARIANTS[b["variant"]])
-                e2e = end_to_end(spec_kw, backend, b["batch"])
+                e2e = end_to_end(spec_kw, backend, b["batch"], args.executor)
                 emit({**b, **e2e, "ratio": e2e["e2e_tiles_s"] / b["model_tiles_s"]})
 
     def f(v: Any, fmt: str = "{:.1f}") -> str:
