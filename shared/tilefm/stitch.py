@@ -159,18 +159,21 @@ class MosaicWriter:
     def _parent(self, tile: Tile) -> Tile:
         return Tile(tile.x >> self.k, tile.y >> self.k, tile.z - self.k)
 
+    def _acc(self, tile: Tile, channels: int) -> _Acc:
+        """The accumulator of an output tile, made on its first contribution."""
+        acc = self.pending.get(tile)
+        if acc is None:
+            acc = self.pending[tile] = _Acc(
+                np.zeros((channels, TILE_SIZE, TILE_SIZE), np.float32), np.zeros((TILE_SIZE, TILE_SIZE), np.float32), self.expected[tile]
+            )
+        return acc
+
     def _add_child(self, out: TileOutput) -> None:
         """A per-patch output: its block of the parent tile, which is written once complete."""
         t, n = self._parent(out.tile), TILE_SIZE >> self.k
         if out.values.shape[1:] != (n, n):
             raise ValueError(f"tile {out.tile}: expected a {n} x {n} output at stride {self.stride}, got {out.values.shape[1:]}")
-        acc = self.pending.get(t)
-        if acc is None:
-            acc = self.pending[t] = _Acc(
-                np.zeros((out.values.shape[0], TILE_SIZE, TILE_SIZE), np.float32),
-                np.zeros((TILE_SIZE, TILE_SIZE), np.float32),
-                self.expected[t],
-            )
+        acc = self._acc(t, out.values.shape[0])
         oy, ox = (out.tile.y - (t.y << self.k)) * n, (out.tile.x - (t.x << self.k)) * n
         acc.values[:, oy : oy + n, ox : ox + n] = out.values
         acc.weight[oy : oy + n, ox : ox + n] = out.weight
@@ -193,13 +196,7 @@ class MosaicWriter:
             y0, y1 = max(oy, ty), min(oy + n, ty + TILE_SIZE)
             if x0 >= x1 or y0 >= y1:
                 continue
-            acc = self.pending.get(t)
-            if acc is None:
-                acc = self.pending[t] = _Acc(
-                    np.zeros((out.values.shape[0], TILE_SIZE, TILE_SIZE), np.float32),
-                    np.zeros((TILE_SIZE, TILE_SIZE), np.float32),
-                    self.expected[t],
-                )
+            acc = self._acc(t, out.values.shape[0])
             src = (slice(y0 - oy, y1 - oy), slice(x0 - ox, x1 - ox))
             dst = (slice(y0 - ty, y1 - ty), slice(x0 - tx, x1 - tx))
             if acc.remaining == self.expected[t] and h == 0:
