@@ -139,7 +139,7 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
         outputs.append(TileOutput(tile=t, halo=0, values=rng.normal(size=(card.output.channels, 16, 16)).astype(np.float32), weight=w))
     random.Random(1).shuffle(outputs)
     path = tmp_path / "m.tif"
-    writer = MosaicWriter(plan, card, path, Encoding.for_card(card, "float32"), halo=0, stride=16)
+    writer = MosaicWriter(plan, card, path, Encoding.for_card(card, "float32"), halo=0, out_plan=plan.coarsen(4))
     for o in outputs:
         writer.add(o)
     writer.close()

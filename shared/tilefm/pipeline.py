@@ -142,7 +142,7 @@ def publish(
         out_plan = plan.coarsen(stride.bit_length() - 1)
         extra = {"backend": prep.backend, **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
         tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
-        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, stride=stride)
+        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan)
         try:
             for o in outputs:
                 writer.add(o)
@@ -152,7 +152,7 @@ def publish(
             raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
         timings["tiles_s"] = time.perf_counter() - t0
         cog = Path(tmp) / "out.tif"
-        write_cog(mosaic, cog, out_plan, encoding, colormap=writer.colormap() if card.output.kind == "classes" else None)
+        write_cog(mosaic, cog, out_plan, encoding)
         item = stac.output_item(cog, card, out_plan, prep.scene, out, encoding)
         timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
         if proceed is not None and not proceed():

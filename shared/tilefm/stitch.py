@@ -92,15 +92,15 @@ class MosaicWriter:
     encoding: Encoding
     halo: int
     tags: dict[str, str] = field(default_factory=dict)
-    #: input pixels per output pixel (per-patch outputs: the patch); the mosaic is then the
-    #: plan's parents log2(stride) zooms up, each filled by its planned children's outputs
-    stride: int = 1
+    #: the mosaic's plan when it is coarser than the tiles' (per-patch outputs: `plan.coarsen(4)`,
+    #: each output tile filled by its planned children's 16 x 16 outputs); None: `plan`
+    out_plan: TilePlan | None = None
 
     def __post_init__(self) -> None:
-        self.k = self.stride.bit_length() - 1
-        if self.stride != 1 << self.k or self.stride > TILE_SIZE or (self.stride > 1 and self.halo):
-            raise ValueError(f"output stride {self.stride} must be a power of two up to {TILE_SIZE}, without a halo")
-        self.out_plan = self.plan.coarsen(self.k)
+        self.out_plan = self.out_plan or self.plan
+        self.k = self.plan.zoom - self.out_plan.zoom
+        if not 0 <= self.k <= 8 or (self.k and self.halo):
+            raise ValueError(f"an output {self.k} zooms above the tiles must be 0..8 zooms up, without a halo")
         self.planned = set(self.out_plan.tiles)
         self.written: set[Tile] = set()
         if self.k:
@@ -172,7 +172,7 @@ class MosaicWriter:
         """A per-patch output: its block of the parent tile, which is written once complete."""
         t, n = self._parent(out.tile), TILE_SIZE >> self.k
         if out.values.shape[1:] != (n, n):
-            raise ValueError(f"tile {out.tile}: expected a {n} x {n} output at stride {self.stride}, got {out.values.shape[1:]}")
+            raise ValueError(f"tile {out.tile}: expected a {n} x {n} output, got {out.values.shape[1:]}")
         acc = self._acc(t, out.values.shape[0])
         oy, ox = (out.tile.y - (t.y << self.k)) * n, (out.tile.x - (t.x << self.k)) * n
         acc.values[:, oy : oy + n, ox : ox + n] = out.values
@@ -230,11 +230,12 @@ class MosaicWriter:
             self.dataset.close()
 
 
-def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding, *, colormap: dict | None = None) -> None:
+def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> None:
     """Copy the mosaic into a COG: 256-px internal tiles on the tile grid, overviews, compression.
 
     GDAL's COG driver copies the mosaic block by block (it is already on the grid: nothing to
-    warp), keeping tags, band descriptions, nodata, scales and the colour map; on a 384-band
+    warp), keeping the tags, band descriptions, nodata, scales and colour map the MosaicWriter
+    gave it; on a 384-band
     output it takes a third of the time of rio-cogeo's path through a warped VRT."""
     predictor = {1: "NO", 2: "STANDARD", 3: "FLOATING_POINT"}[encoding.predictor]
     options: dict[str, Any] = dict(
@@ -248,9 +249,6 @@ def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding, *, co
     if encoding.nbits:
         options["NBITS"] = encoding.nbits
     with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=str(TILE_SIZE)):
-        if colormap is not None:
-            with rasterio.open(mosaic, "r+") as ds:
-                ds.write_colormap(1, colormap)
         rio_copy(str(mosaic), str(dst), driver="COG", **options)
     valid, errors, _warnings = cog_validate(str(dst), quiet=True)
     if not valid:

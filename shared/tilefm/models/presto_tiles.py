@@ -150,10 +150,9 @@ class PrestoTileModel(TileModel):
         """Raw values and masks go to the GPU (normalised there, in chunks); embeddings come back
         in the card's output dtype (float16: half the bytes over PCIe, and what the COG stores)."""
         dev = self.device
-        out_dtype = self.out_dtype
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         n = len(raw)
-        out = torch.empty((n, self.card.output.channels), dtype=out_dtype, device=dev)
+        out = torch.empty((n, self.card.output.channels), dtype=self.out_dtype, device=dev)
         for s in range(0, n, self.chunk):
             e = min(n, s + self.chunk)
             r = torch.from_numpy(np.ascontiguousarray(raw[s:e])).to(dev, non_blocking=True)
@@ -162,6 +161,6 @@ class PrestoTileModel(TileModel):
             x, mask = normalize_torch(r, p)
             dw = torch.full(x.shape[:2], DW_MISSING, dtype=torch.long, device=dev)
             with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-                out[s:e] = self.net._encode(x, mask, dw, ll, month).to(out_dtype)
+                out[s:e] = self.net._encode(x, mask, dw, ll, month).to(self.out_dtype)
         return out.cpu().numpy()
 

@@ -96,8 +96,7 @@ class ViTTileModel(TileModel):
             emb = self.embed(bands, np.stack([parts[k][1] for k in idx]))
             for j, k in enumerate(idx):
                 if stride > 1:  # at patch stride: a patch counts when most of its pixels had data
-                    g = TILE_SIZE // stride
-                    seen = parts[k][2].reshape(g, stride, g, stride).mean(axis=(1, 3))
+                    seen = parts[k][2].reshape(n, stride, n, stride).mean(axis=(1, 3))
                     outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=emb[j], weight=(seen >= 0.5).astype(np.float32))
                     continue
                 values = upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
