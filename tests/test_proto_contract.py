@@ -91,6 +91,8 @@ def _check_field(model: type[BaseModel], name: str, fd: FieldDescriptor) -> None
         rest = [a for a in args if a is not type(None)]
         assert len(rest) == 1, f"{where}: only `X | None` unions are supported"
         tp = rest[0]
+        if typing.get_origin(tp) is typing.Annotated:  # e.g. Timestamp: a datetime with a JSON format
+            tp = typing.get_args(tp)[0]
         # absent and set must stay distinguishable
         assert fd.has_presence and not fd.is_repeated, f"{where} may be None: the proto field needs presence"
     elif fd.has_presence and fd.type != FieldDescriptor.TYPE_MESSAGE:
@@ -292,3 +294,17 @@ def test_states() -> None:
         conv.state_from_proto(99)
     with pytest.raises(ValueError):
         conv.job_from_proto(conv.job_to_proto(_jobs()[0]).__class__(state=pb.JOB_STATE_UNSPECIFIED))
+
+
+def test_json_times_are_fixed_width_and_sort_as_strings() -> None:
+    from datetime import UTC, datetime
+
+    from tilefm.jobs.models import Timings
+
+    whole = datetime(2026, 11, 25, 15, 16, 12, tzinfo=UTC)
+    later = whole.replace(microsecond=83_000)
+    a, b = (Timings(created=t).model_dump(mode="json")["created"] for t in (whole, later))
+    assert (a, b) == ("2026-11-25T15:16:12.000Z", "2026-11-25T15:16:12.083Z")
+    assert sorted([b, a]) == [a, b]
+    # and they read back as the same instants
+    assert Timings.model_validate({"created": b}).created == later

@@ -4,10 +4,10 @@ keeps them in step); the HTTP API speaks these, gRPC speaks the generated messag
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
 
 class JobState(str, enum.Enum):
@@ -57,6 +57,16 @@ class JobSpec(BaseModel):
         return v
 
 
+def _utc_ms(t: datetime) -> str:
+    """Fixed-width UTC to the millisecond, so that times sort as strings: pydantic's own format drops
+    the fraction when it is zero ('...:12Z' sorts after '...:12.083Z')."""
+    t = t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+Timestamp = Annotated[datetime, PlainSerializer(_utc_ms, return_type=str, when_used="json")]
+
+
 class Progress(BaseModel):
     tiles_total: int = 0
     tiles_done: int = 0
@@ -64,9 +74,9 @@ class Progress(BaseModel):
 
 
 class Timings(BaseModel):
-    created: datetime
-    started: datetime | None = None
-    finished: datetime | None = None
+    created: Timestamp
+    started: Timestamp | None = None
+    finished: Timestamp | None = None
 
 
 class TileFailure(BaseModel):
@@ -95,5 +105,5 @@ class JobEvent(BaseModel):
     state: JobState
     progress: Progress
     tiles_per_second: float = 0.0
-    time: datetime
+    time: Timestamp
     message: str = ""
