@@ -143,6 +143,7 @@ def main() -> int:
     p.add_argument("--generator", choices=["wrk", "python"], default="wrk",
                    help="load generator: wrk (Debian package; default) or the asyncio httpx client")
     p.add_argument("--seconds", type=int, default=15, help="wrk: how long to submit")
+    p.add_argument("--rounds", type=int, default=1, help="wrk: rounds on the same server; the last is reported")
     p.add_argument("--skip-small-jobs", action="store_true")
     args = p.parse_args()
 
@@ -166,7 +167,11 @@ def main() -> int:
             if args.generator == "wrk":
                 import tempfile
 
-                load = submit_load_wrk(base, args.clients, args.seconds, "s3://tilefm/bench-submit/", Path(tempfile.mkdtemp()))
+                rounds = [submit_load_wrk(base, args.clients, args.seconds, "s3://tilefm/bench-submit/", Path(tempfile.mkdtemp()))
+                          for _ in range(args.rounds)]
+                for i, r in enumerate(rounds[:-1]):
+                    print(json.dumps({"submit_round": i + 1, **r}), flush=True)
+                load = rounds[-1]
             else:
                 load = asyncio.run(submit_load(base, args.clients, args.per_client, "s3://tilefm/bench-submit/"))
             print(json.dumps({"submit": load}), flush=True)

@@ -72,6 +72,11 @@ def test_create_and_get(store: JobStore):
     assert store.get(job.id) == job
     assert store.queue_depth() == 1
     assert store.counts_by_state() == {s: int(s is JobState.QUEUED) for s in JobState}
+    # the tile count known at validation goes in with the record (no window with a 0 total)
+    sized, _ = store.create(spec(), total=12)
+    assert sized.progress.tiles_total == 12 == store.get(sized.id).progress.tiles_total
+    with pytest.raises(ValueError):
+        store.create(spec(), total=-1)
 
 
 def test_list_paginates_newest_first(store: JobStore):

@@ -304,7 +304,7 @@ def test_json_times_are_fixed_width_and_sort_as_strings() -> None:
     whole = datetime(2026, 11, 25, 15, 16, 12, tzinfo=UTC)
     later = whole.replace(microsecond=83_000)
     a, b = (Timings(created=t).model_dump(mode="json")["created"] for t in (whole, later))
-    assert (a, b) == ("2026-11-25T15:16:12.000Z", "2026-11-25T15:16:12.083Z")
+    assert (a, b) == ("2026-11-25T15:16:12.000000Z", "2026-11-25T15:16:12.083000Z")
     assert sorted([b, a]) == [a, b]
     # and they read back as the same instants
     assert Timings.model_validate({"created": b}).created == later

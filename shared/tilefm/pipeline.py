@@ -93,9 +93,10 @@ def prepare(
     *,
     open_scene_fn: Callable[..., Scene] = open_scene,
     check_writable_fn: Callable[[str], None] | None = None,
+    weights_fn: Callable[[ModelCard, Path], Path | None] = weights_path,
 ) -> Prepared:
-    """Validate a run. A long-lived service passes cached `open_scene_fn` / `check_writable_fn`
-    so that validating many similar submissions does not reopen every file each time."""
+    """Validate a run. A long-lived service passes cached `open_scene_fn` / `check_writable_fn` /
+    `weights_fn` so that validating many similar submissions does not reopen every file each time."""
     settings = settings or get_settings()
     card = get_card(spec.model)
     if not spec.out.lower().endswith(OUTPUT_SUFFIXES):
@@ -109,7 +110,7 @@ def prepare(
         zoom = default_zoom(scene.resolution_m, scene.footprint.centroid.y)
     plan = plan_tiles(scene.footprint, zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
     backend = select_backend(card, spec.backend)
-    weights = weights_path(card, settings.model_store)
+    weights = weights_fn(card, settings.model_store)
     (check_writable_fn or storage_for(spec.out, settings).check_writable)(spec.out)
     return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights)
 

@@ -7,6 +7,7 @@ a bad scene fails before any tile is planned.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import urllib.parse
@@ -95,8 +96,9 @@ class Scene:
     #: overrides the sources' dates (e.g. for a band folder with no metadata)
     date_override: date | None = None
 
-    @property
+    @functools.cached_property
     def footprint(self) -> BaseGeometry:
+        # cached: a service validates many submissions against one opened scene
         return unary_union([m.footprint for m in self.modalities.values() if m.footprint is not None])
 
     @property

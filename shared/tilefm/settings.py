@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     #: ~1-2 ms of CPU: a few threads keep the cores busy, many only contend for the GIL and
     #: stretch the latency tail
     tiler_threads: int = 4
+    #: threads per job-API process for its blocking handlers (validation, Redis); the same GIL
+    #: argument: a submission is ~1 ms of CPU and one Redis round trip
+    api_threads: int = 8
 
 
 @lru_cache

@@ -47,7 +47,7 @@ def presented_key(request: Request) -> str | None:
 
 
 def require(scope: str) -> Callable[..., None]:
-    def dependency(request: Request) -> None:
+    async def dependency(request: Request) -> None:  # async: no thread-pool hop for a hash and a compare
         ring: KeyRing = request.app.state.keyring
         if ring.disabled:
             return

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Body, FastAPI, Header, Path, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
@@ -19,6 +20,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from tilefm import __version__, metrics
 from tilefm.api import errors
 from tilefm.api.auth import READ, WRITE, KeyRing, require
+from tilefm.api.middleware import HTTPMetrics
 from tilefm.jobs.models import Job, JobSpec, JobState
 from tilefm.jobs.service import JobService
 from tilefm.jobs.store import JobStore
@@ -179,8 +181,15 @@ def create_router() -> APIRouter:
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None) -> FastAPI:
     settings = settings or get_settings()
     store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if settings.api_threads:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
     app = FastAPI(
         title="tilefm jobs",
+        lifespan=lifespan,
         version=__version__,
         description="Submit scene-level jobs that run a model over a scene and write a COG; follow them to completion.",
     )
@@ -195,15 +204,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.include_router(create_router())
     collector = metrics.JobStoreCollector(store)
 
-    @app.middleware("http")
-    async def _metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.http_seconds.labels(path, request.method).observe(time.perf_counter() - t0)
-        metrics.http_requests.labels(path, request.method, str(response.status_code)).inc()
-        return response
+    app.add_middleware(HTTPMetrics)
 
     @app.get("/healthz", include_in_schema=True)
     def healthz() -> dict:

@@ -26,6 +26,7 @@ from rasterio.errors import RasterioIOError
 
 from tilefm import __version__, metrics
 from tilefm.api import errors
+from tilefm.api.middleware import HTTPMetrics
 from tilefm.api.jobs import JOB_ID, _readiness  # importing api.jobs registers the `jobid` path convertor
 from tilefm.jobs.models import JobState
 from tilefm.jobs.store import JobStore
@@ -342,33 +343,6 @@ def mount_cog_endpoints(app: FastAPI, settings: Settings) -> None:
     env = gdal_env(settings)
     factory = TilerFactory(router_prefix="/cog", path_dependency=cog_path, environment_dependency=lambda: env)
     app.include_router(factory.router, prefix="/cog", tags=["Cloud Optimized GeoTIFF (restricted)"])
-
-
-class HTTPMetrics:
-    """Request counts and latency by route, as plain ASGI (starlette's BaseHTTPMiddleware costs
-    a task and a queue per request, on the event loop every tile request goes through)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = {"code": 500}
-
-        async def _send(message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            metrics.http_seconds.labels(route, scope["method"]).observe(time.perf_counter() - t0)
-            metrics.http_requests.labels(route, scope["method"], str(status["code"])).inc()
 
 
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None, viewer_dir: FilePath | None = None) -> FastAPI:

@@ -57,14 +57,14 @@ class JobSpec(BaseModel):
         return v
 
 
-def _utc_ms(t: datetime) -> str:
-    """Fixed-width UTC to the millisecond, so that times sort as strings: pydantic's own format drops
-    the fraction when it is zero ('...:12Z' sorts after '...:12.083Z')."""
+def _utc_us(t: datetime) -> str:
+    """Fixed-width UTC to the microsecond (lossless), so that times sort as strings: pydantic's own
+    format drops the fraction when it is zero ('...:12Z' sorts after '...:12.083000Z')."""
     t = t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-Timestamp = Annotated[datetime, PlainSerializer(_utc_ms, return_type=str, when_used="json")]
+Timestamp = Annotated[datetime, PlainSerializer(_utc_us, return_type=str, when_used="json")]
 
 
 class Progress(BaseModel):

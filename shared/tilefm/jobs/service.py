@@ -17,6 +17,7 @@ from datetime import date
 from tilefm.errors import StorageError, TileFMError
 from tilefm.jobs.models import Job, JobEvent, JobSpec, JobState
 from tilefm.jobs.store import JobStore
+from tilefm.models.store import weights_path
 from tilefm.pipeline import RunSpec, prepare
 from tilefm.scene import open_scene
 from tilefm.storage import storage_for
@@ -67,11 +68,7 @@ class JobService:
 
     def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
         tiles = self.validate(spec)
-        job, created = self.store.create(spec, idempotency_key=idempotency_key, body_hash=body_hash(spec))
-        if created:
-            self.store.set_total(job.id, tiles)
-            job = self.store.get(job.id)
-        return job, created
+        return self.store.create(spec, idempotency_key=idempotency_key, body_hash=body_hash(spec), total=tiles)
 
     def get(self, job_id: str) -> Job:
         return self.store.get(job_id)
@@ -145,6 +142,7 @@ class _TTLCache:
 
 _scenes = _TTLCache(30.0)
 _writable = _TTLCache(60.0)
+_weights = _TTLCache(60.0)
 
 
 def _prepare_cached(spec: JobSpec, settings: Settings):
@@ -159,8 +157,12 @@ def _prepare_cached(spec: JobSpec, settings: Settings):
         prefix = uri.rsplit("/", 1)[0]
         _writable.get(f"{prefix}|{settings.s3_endpoint_url}", lambda: storage_for(uri, settings).check_writable(uri))
 
+    def weights_cached(card, store):
+        return _weights.get(f"{card.name}|{store}", lambda: weights_path(card, store))
+
     try:
-        return prepare(run_spec(spec), settings, open_scene_fn=open_cached, check_writable_fn=writable_cached)
+        return prepare(run_spec(spec), settings, open_scene_fn=open_cached, check_writable_fn=writable_cached,
+                       weights_fn=weights_cached)
     except StorageError as e:
         e.field = "output_prefix"
         raise

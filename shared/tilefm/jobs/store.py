@@ -33,8 +33,9 @@ API:
     class JobStore:
         def __init__(self, redis: redis.Redis, prefix: str = "tilefm:")
         @classmethod from_url(url, prefix="tilefm:", **redis_kwargs) -> JobStore   # decode_responses=True
-        def create(self, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None) -> tuple[Job, bool]
-            # returns (job, created); same key + same hash -> the existing job, created False;
+        def create(self, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None,
+                   total: int = 0) -> tuple[Job, bool]
+            # one script: record (tiles_total = total), indexes, queue entry, first event; returns (job, created); same key + same hash -> the existing job, created False;
             # same key + another hash -> raises IdempotencyConflict; new jobs are queued.
             # body_hash None -> the hash of the spec's canonical JSON
         def get(self, job_id: str) -> Job             # raises JobNotFound
@@ -196,7 +197,7 @@ end
 """
 )
 
-# ARGV: prefix, id, idem_key|'', body_hash, idem_ttl_s, now_iso, created_ms, qscore, priority, spec_json
+# ARGV: prefix, id, idem_key|'', body_hash, idem_ttl_s, now_iso, created_ms, qscore, priority, spec_json, total
 _CREATE = """
 local id, idem, hash = ARGV[2], ARGV[3], ARGV[4]
 if idem ~= '' then
@@ -211,7 +212,7 @@ if idem ~= '' then
 end
 local k = jkey(id)
 redis.call('HSET', k, 'id', id, 'state', 'queued', 'spec', ARGV[10], 'created', ARGV[6],
-           'created_ms', ARGV[7], 'qscore', ARGV[8], 'priority', ARGV[9], 'total', 0,
+           'created_ms', ARGV[7], 'qscore', ARGV[8], 'priority', ARGV[9], 'total', ARGV[11],
            'outputs', '[]', 'version', 1)
 redis.call('ZADD', P .. 'jobs:all', ARGV[7], id)
 redis.call('ZADD', P .. 'jobs:state:queued', ARGV[7], id)
@@ -425,8 +426,11 @@ class JobStore:
     # -- create / read ---------------------------------------------------------------------------
 
     def create(
-        self, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None
+        self, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None, total: int = 0
     ) -> tuple[Job, bool]:
+        """One round trip: the job, its tile count (known at validation) and the queue entry together."""
+        if total < 0:
+            raise ValueError("total must be >= 0")
         now, ms = _now()
         job_id = new_job_id(ms)
         if idempotency_key is not None and body_hash is None:
@@ -443,6 +447,7 @@ class JobStore:
                 queue_score(spec.priority, ms),
                 spec.priority,
                 spec.model_dump_json(),
+                int(total),
             ]
         )
         status = _str(res[0])
