@@ -98,7 +98,7 @@ def submit_load_wrk(base: str, clients: int, seconds: int, prefix: str, work: Pa
     instead of the ~1 ms of CPU per request an asyncio Python client spends."""
     import re
 
-    asyncio.run(submit_load(base, 1, 20, prefix))  # warm every worker's caches first
+    asyncio.run(submit_load(base, clients, 2, prefix))  # warm every worker's caches first (many connections reach them all)
     script = work / "submit.lua"
     script.write_text(WRK_LUA % (prefix, SCENE, 7, KEY, 7))
     out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{seconds}s", "--latency", "--timeout", "10s", "-s", str(script), base],

@@ -455,3 +455,28 @@ def test_job_not_found(store: JobStore, call):
     assert exc.value.field == "id" and exc.value.job_id == "nope"
     assert not store.renew_lease("nope", "w", 1)
     assert store.counts_by_state() == {s: 0 for s in JobState} and store.queue_depth() == 0
+
+
+def test_create_async_is_create_on_an_event_loop(store: JobStore) -> None:
+    import asyncio
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    async def go():
+        client = AsyncRedis.from_url(REDIS_URL, decode_responses=True)
+        try:
+            a, made_a = await store.create_async(client, spec(), idempotency_key="ka", body_hash="h", total=7)
+            b, made_b = await store.create_async(client, spec(), idempotency_key="ka", body_hash="h", total=7)
+            with pytest.raises(IdempotencyConflict):
+                await store.create_async(client, spec(), idempotency_key="ka", body_hash="other")
+            await client.script_flush()  # a restarted Redis has no scripts: the body is sent again
+            c, made_c = await store.create_async(client, spec(), total=2)
+            return a, made_a, b, made_b, c, made_c
+        finally:
+            await client.aclose()
+
+    a, made_a, b, made_b, c, made_c = asyncio.run(go())
+    assert made_a and not made_b and made_c and a.id == b.id != c.id
+    assert store.get(a.id) == a and a.progress.tiles_total == 7 and c.progress.tiles_total == 2
+    assert store.queue_depth() == 2
+    assert store.create(spec())[1]  # and the sync path still finds (reloads) its script

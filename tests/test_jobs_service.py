@@ -350,3 +350,53 @@ def test_cli_client_submits_and_follows(env: dict[str, str], scheduler, scene_di
         assert r.returncode == 2 and "model" in r.stderr and "Traceback" not in r.stderr
     finally:
         stop_process(api_proc)
+
+
+def test_validation_cache_serves_stale_while_one_thread_remakes() -> None:
+    import threading
+
+    from tilefm.jobs.service import _TTLCache
+
+    cache = _TTLCache(ttl_s=0.2, stale_s=5.0)
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def make(value: int, block: bool = False):
+        def _make():
+            calls.append(value)
+            if block:
+                gate.wait(5)
+            if value < 0:
+                raise OSError("gone")
+            return value
+        return _make
+
+    # concurrent misses: one make, every caller gets its value
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("k", make(1, block=True)))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert results == [1] * 6 and calls == [1]
+    assert cache.get("k", make(2)) == 1 and calls == [1]  # fresh: no remake
+    time.sleep(0.3)
+    gate.clear()
+    t0 = time.monotonic()
+    assert cache.get("k", make(2, block=True)) == 1  # expired: the stale value at once ...
+    assert cache.get("k", make(3)) == 1 and time.monotonic() - t0 < 0.1  # ... one remake only
+    gate.set()
+    deadline = time.monotonic() + 5
+    while cache.get("k", make(4)) != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.get("k", make(4)) == 2 and calls == [1, 2]
+    # a failed remake drops the entry: the next caller makes it again and sees the error
+    time.sleep(0.3)
+    assert cache.get("k", make(-1)) == 2
+    deadline = time.monotonic() + 5
+    while "k" in cache.items and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="gone"):
+        cache.get("k", make(-1))

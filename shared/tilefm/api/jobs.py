@@ -15,12 +15,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from redis.asyncio import Redis as AsyncRedis
 from starlette.convertors import Convertor, register_url_convertor
 
 from tilefm import __version__, metrics
 from tilefm.api import errors
 from tilefm.api.auth import READ, WRITE, KeyRing, require
-from tilefm.api.middleware import HTTPMetrics
+from tilefm.api.middleware import HTTPMetrics, settle_heap
 from tilefm.jobs.models import Job, JobSpec, JobState
 from tilefm.jobs.service import JobService
 from tilefm.jobs.store import JobStore
@@ -95,14 +96,15 @@ def create_router() -> APIRouter:
     @r.post("/jobs", status_code=202, response_model=Job, dependencies=[require(WRITE)],
             responses={200: {"description": "The job an identical earlier request with this Idempotency-Key created", "model": Job},
                        409: errors._doc("Idempotency-Key reused with a different body")})
-    def submit(
+    async def submit(
         request: Request,
         response: Response,
         spec: Annotated[JobSpec, Body(openapi_examples=SPEC_EXAMPLES)],
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200, examples=["3f1c-upload-42"])] = None,
     ) -> Job:
         """Validate a job against real files and settings, record it, and queue it."""
-        job, created = get_service(request).submit(spec, idempotency_key=idempotency_key)
+        job, created = await get_service(request).submit_async(
+            spec, idempotency_key=idempotency_key, aredis=getattr(request.app.state, "aredis", None))
         if not created:
             response.status_code = 200
         response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -180,12 +182,23 @@ def create_router() -> APIRouter:
 
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None) -> FastAPI:
     settings = settings or get_settings()
+    own_store = store is None
     store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if settings.api_threads:
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-        yield
+        await anyio.to_thread.run_sync(app.state.service.warm)
+        settle_heap()
+        # submissions are recorded from the event loop through an asyncio client of the store's
+        # Redis (made here: its connections belong to this loop); an injected store keeps threads
+        app.state.aredis = AsyncRedis.from_url(settings.redis_url, decode_responses=True) if own_store else None
+        try:
+            yield
+        finally:
+            if app.state.aredis is not None:
+                await app.state.aredis.aclose()
 
     app = FastAPI(
         title="tilefm jobs",

@@ -38,6 +38,7 @@ API:
             # one script: record (tiles_total = total), indexes, queue entry, first event; returns (job, created); same key + same hash -> the existing job, created False;
             # same key + another hash -> raises IdempotencyConflict; new jobs are queued.
             # body_hash None -> the hash of the spec's canonical JSON
+        async def create_async(self, client: redis.asyncio.Redis, spec, ...) -> tuple[Job, bool]   # the same, on an event loop
         def get(self, job_id: str) -> Job             # raises JobNotFound
         def list(self, *, state: JobState | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]
             # newest first; cursor is opaque; next cursor None at the end; InvalidPage for a bad
@@ -80,7 +81,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis as redis_lib
 
@@ -95,6 +96,9 @@ from tilefm.jobs.models import (
     Progress,
     Timings,
 )
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis as AsyncRedis
 
 __all__ = ["JobStore", "new_job_id", "queue_score", "spec_hash"]
 
@@ -429,27 +433,43 @@ class JobStore:
         self, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None, total: int = 0
     ) -> tuple[Job, bool]:
         """One round trip: the job, its tile count (known at validation) and the queue entry together."""
+        args = self._create_args(spec, idempotency_key, body_hash, total)
+        return self._created(self._create(args=args), idempotency_key)
+
+    async def create_async(
+        self, client: AsyncRedis, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None,
+        total: int = 0,
+    ) -> tuple[Job, bool]:
+        """`create` over an asyncio client of the same Redis (the API's event loop records jobs
+        without a thread hop); the same script, so the two are interchangeable."""
+        args = self._create_args(spec, idempotency_key, body_hash, total)
+        try:
+            res = await client.evalsha(self._create.sha, 0, *args)
+        except redis_lib.exceptions.NoScriptError:  # a restarted or flushed Redis
+            res = await client.eval(self._create.script, 0, *args)
+        return self._created(res, idempotency_key)
+
+    def _create_args(self, spec: JobSpec, idempotency_key: str | None, body_hash: str | None, total: int) -> list[Any]:
         if total < 0:
             raise ValueError("total must be >= 0")
         now, ms = _now()
-        job_id = new_job_id(ms)
         if idempotency_key is not None and body_hash is None:
             body_hash = spec_hash(spec)
-        res = self._create(
-            args=[
-                self.prefix,
-                job_id,
-                idempotency_key or "",
-                body_hash or "",
-                IDEMPOTENCY_TTL_S,
-                now.isoformat(),
-                ms,
-                queue_score(spec.priority, ms),
-                spec.priority,
-                spec.model_dump_json(),
-                int(total),
-            ]
-        )
+        return [
+            self.prefix,
+            new_job_id(ms),
+            idempotency_key or "",
+            body_hash or "",
+            IDEMPOTENCY_TTL_S,
+            now.isoformat(),
+            ms,
+            queue_score(spec.priority, ms),
+            spec.priority,
+            spec.model_dump_json(),
+            int(total),
+        ]
+
+    def _created(self, res: list[Any], idempotency_key: str | None) -> tuple[Job, bool]:
         status = _str(res[0])
         if status == "conflict":
             raise IdempotencyConflict(idempotency_key or "", _str(res[1]))
