@@ -5,6 +5,7 @@
 #   .gpu/site312.tar.xz            rasterio, pyproj, shapely, rio-tiler, pydantic, ... for cp312
 #   .gpu/shared/{data,models}      ../shared's scene and Presto weights
 # Usage: bash bench/device.sh PHASE... (tests, bench-presto, bench-vit, bench-vit-small); results in $OUT.
+# Narrower runs: TESTS_K (pytest -k), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site
 for t in .gpu/*.tar.xz; do tar -xJf "$t" -C /tmp/site || exit 1; done
@@ -19,13 +20,13 @@ python3 -c "import tilefm.pipeline, tilefm.models.vit_tiles, tilefm.models.prest
 for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
-    tests) python3 -m pytest -q -p no:cacheprovider -rs tests/test_backends.py tests/test_vit.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider -rs ${TESTS_K:+-k "$TESTS_K"} tests/test_backends.py tests/test_vit.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
     bench-vit) python3 bench/encoder.py --gpu --models vit-base --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs,bf16-compile}" \
         --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -12 ;;
     bench-vit-small) python3 bench/encoder.py --gpu --models vit-small --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs}" \
         --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit-small.jsonl" --out "$OUT/vit-small.md" 2>&1 | tail -12 ;;
     bench-presto) python3 bench/encoder.py --gpu --models presto --backends torch-cuda --variants "${PRESTO_VARIANTS:-fp32,bf16}" --batch-sizes 16 \
-        --zoom 11 --bbox all --min-tiles 256 --presto-pixels 120560400 --e2e best --json-out "$OUT/presto.jsonl" --out "$OUT/presto.md" 2>&1 | tail -12 ;;
+        --zoom 11 --bbox all --min-tiles "${PRESTO_MIN_TILES:-256}" --presto-pixels 120560400 --e2e "${PRESTO_E2E:-best}" --json-out "$OUT/presto.jsonl" --out "$OUT/presto.md" 2>&1 | tail -12 ;;
   esac
 done
 echo "=== done $(date +%T)"

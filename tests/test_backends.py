@@ -242,6 +242,13 @@ def test_presto_torch_cuda_matches_cpu(presto_pixels, precision: str) -> None:
     # what a job stores: float16 from the GPU, as the COG holds it
     half = PrestoTileModel(card, "torch-cuda", weights, precision=precision).embed(*inputs)
     assert half.dtype == np.float16 and rel_err(half.astype(np.float32), ref) < LIMITS[precision] + 1e-3
+    # seven chunks, the last one partial: the two pinned slots are reused, every row lands in place
+    chunked = PrestoTileModel(card, "torch-cuda", weights, precision=precision, out_dtype="float32")
+    chunked.chunk = 10_000
+    many = chunked.embed(*inputs)
+    assert many.shape == ref.shape and rel_err(many, ref) < LIMITS[precision], (precision, rel_err(many, ref))
+    again = chunked.embed(*(a[:12_345] if isinstance(a, np.ndarray) else a for a in inputs))  # the slots, kept
+    assert again.shape == (12_345, 128) and rel_err(again, many[:12_345]) < LIMITS[precision]
 
 
 @gpu
