@@ -26,7 +26,7 @@ from rasterio.errors import RasterioIOError
 
 from tilefm import __version__, metrics
 from tilefm.api import errors
-from tilefm.api.middleware import HTTPMetrics
+from tilefm.api.middleware import HTTPMetrics, settle_heap
 from tilefm.api.jobs import JOB_ID, _readiness  # importing api.jobs registers the `jobid` path convertor
 from tilefm.jobs.models import JobState
 from tilefm.jobs.store import JobStore
@@ -352,6 +352,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     async def lifespan(_: FastAPI):
         if settings.tiler_threads:
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.tiler_threads
+        settle_heap()
         yield
 
     app = FastAPI(title="tilefm tiles", version=__version__, lifespan=lifespan,
