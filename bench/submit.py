@@ -1,9 +1,11 @@
 """Job API benchmark: submit latency under concurrency, and jobs/min for small jobs.
 
-    .venv/bin/python bench/submit.py [--clients 50] [--per-client 10] [--small-jobs 20]
+    .venv/bin/python bench/submit.py [--clients 50] [--seconds 10] [--rounds 3] [--small-jobs 20]
 
 Everything real and local: Redis at 127.0.0.1:6379 (a private key prefix), a SeaweedFS S3 server,
 the API under uvicorn (2 worker processes), and for jobs/min a scheduler on a local Ray cluster.
+The load comes from wrk (Debian package; `--generator python` for asyncio clients): the workers
+are warmed by `--clients` concurrent clients, then `--rounds` rounds of `--seconds` each.
 Each submission is a distinct job (its own bbox inside the sample scene, its own
 Idempotency-Key), validated against the real files before the 202, as in production.
 """
