@@ -144,8 +144,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--generator", choices=["wrk", "python"], default="wrk",
                    help="load generator: wrk (Debian package; default) or the asyncio httpx client")
-    p.add_argument("--seconds", type=int, default=15, help="wrk: how long to submit")
-    p.add_argument("--rounds", type=int, default=1, help="wrk: rounds on the same server; the last is reported")
+    p.add_argument("--seconds", type=int, default=10, help="wrk: how long to submit")
+    p.add_argument("--rounds", type=int, default=3, help="wrk: rounds on the same server; the last is reported")
     p.add_argument("--skip-small-jobs", action="store_true")
     args = p.parse_args()
 
