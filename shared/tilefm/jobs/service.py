@@ -28,7 +28,11 @@ from tilefm.storage import storage_for
 from tilefm.settings import Settings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from redis.asyncio import Redis as AsyncRedis
+
+    from tilefm.models.card import ModelCard
 
 
 def body_hash(spec: JobSpec) -> str:
@@ -68,7 +72,7 @@ class JobService:
 
         for card in list_cards():
             try:
-                _weights.get(f"{card.name}|{self.settings.model_store}", lambda c=card: weights_path(c, self.settings.model_store))
+                _cached_weights(card, self.settings.model_store)
             except TileFMError:
                 pass  # not installed here: submissions for it get the error
 
@@ -215,6 +219,10 @@ _writable = _TTLCache(60.0)
 _weights = _TTLCache(60.0)
 
 
+def _cached_weights(card: ModelCard, store: Path, *, block: bool = True) -> Path | None:
+    return _weights.get(f"{card.name}|{store}", lambda: weights_path(card, store), block=block)
+
+
 def _prepare_cached(spec: JobSpec, settings: Settings, *, block: bool = True):
     """Validation opens every file of the scene and probes the output location: both are cached
     briefly so that a burst of submissions stays fast."""
@@ -227,12 +235,9 @@ def _prepare_cached(spec: JobSpec, settings: Settings, *, block: bool = True):
         prefix = uri.rsplit("/", 1)[0]
         _writable.get(f"{prefix}|{settings.s3_endpoint_url}", lambda: storage_for(uri, settings).check_writable(uri), block=block)
 
-    def weights_cached(card, store):
-        return _weights.get(f"{card.name}|{store}", lambda: weights_path(card, store), block=block)
-
     try:
         return prepare(run_spec(spec), settings, open_scene_fn=open_cached, check_writable_fn=writable_cached,
-                       weights_fn=weights_cached)
+                       weights_fn=functools.partial(_cached_weights, block=block))
     except StorageError as e:
         e.field = "output_prefix"
         raise
