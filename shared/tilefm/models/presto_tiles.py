@@ -188,6 +188,9 @@ class PrestoTileModel(TileModel):
         if getattr(self, "_slots_key", None) != key:
             self._slots = [_PinnedSlot(self.chunk, inputs, out) for _ in range(2)]
             self._slots_key = key
+        for slot in self._slots:  # a call that raised may have left copies in flight: not this call's rows
+            slot.done.synchronize()
+            slot.pending = None
         return self._slots
 
 
