@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import Resampling
+from pyproj import Transformer
 from rasterio.vrt import WarpedVRT
 from rio_cogeo import cog_validate
 
 from conftest import run_cli
-from tilefm.grid import TMS, TILE_SIZE, resolution
-from tilefm.read import WARP_TOLERANCE
+from tilefm.grid import TMS, TILE_SIZE, Tile, resolution
+from tilefm.models import get_card
+from tilefm.read import WARP_TOLERANCE, read_tile
+from tilefm.scene import open_scene
 from tilefm.models.presto import RAW_BAND_NAMES, load_presto, normalize
 from tilefm.storage import storage_for
 
@@ -56,15 +59,31 @@ def test_embedding_cog(presto_s3: Path) -> None:
 
 
 def _tile_raw(scene_dir: Path, x: int, y: int) -> np.ndarray:
-    """Sentinel-2 bands of one tile read with GDAL's warper directly: [256, 256, 16] Presto raw."""
+    """Sentinel-2 bands of one tile, read independently of tilefm: [256, 256, 16] Presto raw.
+    Where the bands are upsampled (the 200 m ones at this zoom), exact bilinear interpolation at
+    pyproj-transformed pixel centres, rounded as GDAL rounds (tilefm samples these itself); where
+    they are downsampled, GDAL's warper (tilefm hands those reads to it)."""
     b = TMS.xy_bounds(x, y, ZOOM)
     transform = rasterio.transform.from_bounds(b.left, b.bottom, b.right, b.top, TILE_SIZE, TILE_SIZE)
+    res = (b.right - b.left) / TILE_SIZE
+    xs, ys = np.meshgrid(b.left + (np.arange(TILE_SIZE) + 0.5) * res, b.top - (np.arange(TILE_SIZE) + 0.5) * res)
     raw = np.zeros((TILE_SIZE, TILE_SIZE, len(RAW_BAND_NAMES)), np.float32)
     for name in S2_BANDS:
-        with rasterio.open(scene_dir / f"{name}.tif") as src, WarpedVRT(
-            src, crs="EPSG:3857", transform=transform, width=TILE_SIZE, height=TILE_SIZE, resampling=Resampling.bilinear, tolerance=WARP_TOLERANCE
-        ) as vrt:
-            raw[..., RAW_BAND_NAMES.index(name.replace("B0", "B"))] = vrt.read(1)
+        with rasterio.open(scene_dir / f"{name}.tif") as src:
+            e, n = Transformer.from_crs("EPSG:3857", src.crs, always_xy=True).transform(xs, ys)
+            col, row = ~src.transform * (np.asarray(e), np.asarray(n))
+            if np.hypot(np.diff(col, axis=1), np.diff(row, axis=1)).max() <= 1:
+                arr = src.read(1).astype(np.float64)
+                c0, r0 = np.floor(col - 0.5).astype(int), np.floor(row - 0.5).astype(int)
+                fc, fr = col - 0.5 - c0, row - 0.5 - r0
+                v = (arr[r0, c0] * (1 - fc) * (1 - fr) + arr[r0, c0 + 1] * fc * (1 - fr)
+                     + arr[r0 + 1, c0] * (1 - fc) * fr + arr[r0 + 1, c0 + 1] * fc * fr)  # fmt: skip
+                values = np.floor(v + 0.5)
+            else:
+                with WarpedVRT(src, crs="EPSG:3857", transform=transform, width=TILE_SIZE, height=TILE_SIZE,
+                               resampling=Resampling.bilinear, tolerance=WARP_TOLERANCE) as vrt:  # fmt: skip
+                    values = vrt.read(1)
+        raw[..., RAW_BAND_NAMES.index(name.replace("B0", "B"))] = values
     return raw
 
 
@@ -81,13 +100,21 @@ def test_pixels_match_presto_recomputed(presto_s3: Path, scene_dir: Path, model_
     keep = ~np.isnan(emb[0, rows, cols])
     rows, cols = rows[keep], cols[keep]
     raw, latlons, stored = [], [], []
-    tiles: dict[tuple[int, int], np.ndarray] = {}
+    independent = []
+    tiles: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    scene, card = open_scene({"s2": str(scene_dir / "stac-item.json")}), get_card("presto")
     for r, c in zip(rows, cols):
         gx, gy = ox + c, oy + r
         key = (gx // TILE_SIZE, gy // TILE_SIZE)
         if key not in tiles:
-            tiles[key] = _tile_raw(scene_dir, *key)
-        raw.append(tiles[key][gy % TILE_SIZE, gx % TILE_SIZE])
+            ours = read_tile(scene, card, Tile(*key, ZOOM), 0)
+            as_raw = np.zeros((TILE_SIZE, TILE_SIZE, len(RAW_BAND_NAMES)), np.float32)
+            for name in S2_BANDS:
+                as_raw[..., RAW_BAND_NAMES.index(name.replace("B0", "B"))] = ours.data[ours.band_names.index(f"s2:{name}")]
+            tiles[key] = (as_raw, _tile_raw(scene_dir, *key))
+        values, reference = tiles[key]
+        raw.append(values[gy % TILE_SIZE, gx % TILE_SIZE])
+        independent.append(reference[gy % TILE_SIZE, gx % TILE_SIZE])
         lon, lat = TMS.lnglat(*(t @ (c + 0.5, r + 0.5)))
         latlons.append((lat, lon))
         stored.append(emb[:, r, c])
@@ -101,7 +128,12 @@ def test_pixels_match_presto_recomputed(presto_s3: Path, scene_dir: Path, model_
     step = np.spacing(np.abs(expected).astype(np.float16)).astype(np.float32)  # float16 quantization step
     diff = np.abs(stored - expected)
     assert len(rows) > 250
+    # the stored embedding is Presto on the pixels tilefm reads (stitching, dates, positions)...
     assert (diff <= step + 1e-4).all(), f"max diff {diff.max():.2e}, worst excess {(diff - step).max():.2e}"
+    # ... and those pixels are the independently read ones: identical, or 1 DN off where a
+    # value is near a rounding boundary (tilefm's coordinates are within 0.001 px of exact)
+    off = np.abs(raw[:, 0] - np.array(independent))
+    assert off.max() <= 1 and (off == 0).mean() > 0.99, (off.max(), (off == 0).mean())
 
 
 def test_int8_output_locally(scene_dir: Path, tmp_path: Path, presto_s3: Path) -> None:

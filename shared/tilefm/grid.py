@@ -166,7 +166,7 @@ def plan_tiles(
     return _plan(tiles, zoom, area)
 
 
-def _tile_span(zoom: int) -> tuple[float, float, float]:
+def tile_span(zoom: int) -> tuple[float, float, float]:
     """The grid's origin (x, y) and one tile's width in metres at `zoom`."""
     m = TMS.matrix(zoom)
     ox, oy = m.pointOfOrigin
@@ -176,7 +176,7 @@ def _tile_span(zoom: int) -> tuple[float, float, float]:
 def _tile_range(bounds: tuple[float, float, float, float], zoom: int) -> tuple[np.ndarray, np.ndarray]:
     """Columns and rows of the tiles whose closed extent meets web-mercator `bounds` (edge
     neighbours included: `_covering` drops those that share only an edge)."""
-    ox, oy, span = _tile_span(zoom)
+    ox, oy, span = tile_span(zoom)
     minx, miny, maxx, maxy = bounds
     last = 2**zoom - 1
     x0, x1 = (min(max(math.floor((v - ox) / span), 0), last) for v in (minx, maxx))
@@ -187,7 +187,7 @@ def _tile_range(bounds: tuple[float, float, float, float], zoom: int) -> tuple[n
 def _covering(xs: np.ndarray, ys: np.ndarray, zoom: int, area_3857: BaseGeometry) -> list[tuple[int, int]]:
     """The (x, y) of the candidate tiles that overlap `area_3857` with a positive area, in one
     vectorised pass (a scene at zoom 14 has thousands of candidates)."""
-    ox, oy, span = _tile_span(zoom)
+    ox, oy, span = tile_span(zoom)
     gx, gy = np.meshgrid(xs, ys)
     gx, gy = gx.ravel(), gy.ravel()
     cells = shapely.box(ox + gx * span, oy - (gy + 1) * span, ox + (gx + 1) * span, oy - gy * span)

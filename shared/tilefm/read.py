@@ -1,8 +1,11 @@
-"""Tile reads: every band a model needs, warped onto one XYZ tile (plus a halo) with rio-tiler.
+"""Tile reads: every band a model needs, resampled onto one XYZ tile (plus a halo).
 
-Bands come from files of different resolutions and CRSs; each is reprojected onto the same
+Bands come from files of different resolutions and CRSs; each is resampled onto the same
 WebMercatorQuad pixel grid, so the model sees one aligned stack. Nodata and masks travel with the
-values as a per-band validity array; nothing is filled silently.
+values as a per-band validity array; nothing is filled silently. A row of neighbouring tiles is
+read as one strip: bands on one source grid are sampled together by `tilefm.warp` where it
+computes what GDAL's warper does (bilinear / nearest, no downsampling), and by GDAL's warper
+through rio-tiler elsewhere (`TILEFM_WARP=gdal` for every read).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from tilefm.errors import MissingBandError, SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile
 from tilefm.models.card import ModelCard
 from tilefm.scene import BandFile, Scene
+from tilefm.settings import get_settings
+from tilefm.warp import GridSampler, SourceGrid, Strip
 
 #: the warper's largest approximation error, in pixels. GDAL's default (0.125) makes a pixel's
 #: value depend on the extent it is read with (up to ~60 DN here between a tile and the same tile
@@ -151,21 +156,24 @@ def read_band(band: BandFile, tile: Tile, halo: int, resampling: str, count: int
     except TileOutsideBounds:
         return np.zeros((h, w), np.float32), np.zeros((h, w), bool)
     arr = img.array
-    values = np.asarray(arr.data[0], dtype=np.float32)
     valid = ~np.ma.getmaskarray(arr)[0]
+    # invalid pixels hold 0, whatever the nodata value (a NaN would poison a model's sums)
+    values = np.where(valid, np.asarray(arr.data[0], dtype=np.float32), np.float32(0))
     if band.offset:
         values = values + np.float32(band.offset)
     return values, valid
 
 
-def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int) -> TileInput:
-    return read_row(scene, card, [tile], halo)[0]
+def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int, warp: str | None = None) -> TileInput:
+    return read_row(scene, card, [tile], halo, warp)[0]
 
 
-def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
-    """Tiles that follow each other in one row, read as one strip per band: with a halo, the
-    neighbours' halos overlap, and one warp of the strip reads each source pixel once."""
+def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None = None) -> list[TileInput]:
+    """Tiles that follow each other in one row, read as one strip per source grid: each source
+    pixel is decoded once for the row, and with a halo the neighbours' overlapping halos too.
+    `warp`: "auto" or "gdal" (default: the settings'), see `tilefm.warp`."""
     t0 = time.perf_counter()
+    warp = warp or get_settings().warp
     n = TILE_SIZE + 2 * halo
     names = card_band_names(card)
     data = np.zeros((len(tiles), len(names), n, n), np.float32)
@@ -174,14 +182,12 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> lis
     i = 0
     for inp in card.inputs:
         mod = scene.modalities.get(inp.modality)
+        hh = halo + inp.halo
+        found = {b.name: mod.bands[b.name] for b in inp.bands if mod and b.name in mod.bands}
+        per_tile = _read_bands(list(found.values()), tiles, hh, inp.resampling, warp)
         for b in inp.bands:
-            band = mod.bands.get(b.name) if mod else None
-            if band is not None:
-                hh = halo + inp.halo
-                values, ok = read_band(band, tiles[0], hh, inp.resampling, count=len(tiles))
-                for k in range(len(tiles)):
-                    cols = slice(k * TILE_SIZE, k * TILE_SIZE + TILE_SIZE + 2 * hh)
-                    v, o = values[:, cols], ok[:, cols]
+            if b.name in found:
+                for k, (v, o) in enumerate(per_tile[found[b.name]]):
                     if inp.halo:
                         extras[k][names[i]] = (v, o)
                         core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
@@ -195,6 +201,41 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> lis
     ]
 
 
+def _read_bands(
+    bands: list[BandFile], tiles: list[Tile], halo: int, resampling: str, warp: str
+) -> dict[BandFile, list[tuple[np.ndarray, np.ndarray]]]:
+    """Each band on each tile of the row plus the halo: (values, valid), [H, W] each. Bands on one
+    source grid are sampled together where `tilefm.warp` reproduces GDAL's kernel; the rest go
+    through GDAL one band at a time."""
+    out: dict[BandFile, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in bands}
+    strip = Strip.of_row(tiles[0].x, tiles[0].y, tiles[0].z, len(tiles), halo)
+    chunks = [slice(k * TILE_SIZE, (k + 1) * TILE_SIZE + 2 * halo) for k in range(len(tiles))]
+    groups: dict[SourceGrid, list[BandFile]] = {}
+    gdal: list[BandFile] = []
+    for band in bands:
+        grid = SourceGrid.of(_cache.get(band.path).dataset) if warp == "auto" else None
+        (groups.setdefault(grid, []) if grid is not None else gdal).append(band)
+    with rasterio.Env(**GDAL_ENV):
+        for grid, members in groups.items():
+            sampler = GridSampler(grid, strip, tolerance=WARP_TOLERANCE)
+            if not sampler.supports(resampling):
+                gdal.extend(members)
+                continue
+            datasets = [(_cache.get(b.path).dataset, b.index) for b in members]
+            for values, ok in sampler.sample(datasets, resampling, chunks):
+                for k, b in enumerate(members):
+                    out[b].append((values[k] + np.float32(b.offset) if b.offset else values[k], ok[k]))
+    for band in gdal:
+        if halo == 0 and len(tiles) > 1:
+            # GDAL's values depend (within ~1 DN) on the extent read: tile by tile, a pixel's
+            # value does not depend on its batch
+            out[band] = [read_band(band, t, 0, resampling) for t in tiles]
+        else:
+            values, ok = read_band(band, tiles[0], halo, resampling, count=len(tiles))
+            out[band] = [(values[:, c], ok[:, c]) for c in chunks]
+    return out
+
+
 def rows(tiles: list[Tile]) -> list[list[Tile]]:
     """Split tiles into runs of horizontal neighbours (same row, consecutive columns)."""
     runs: list[list[Tile]] = []
@@ -206,9 +247,7 @@ def rows(tiles: list[Tile]) -> list[list[Tile]]:
     return runs
 
 
-def read_tiles(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
-    """A batch of tiles. Per-pixel reads (no halo) go tile by tile, so that a pixel's value does
-    not depend on its batch; with a halo, each row of neighbours is one strip."""
-    if halo == 0:
-        return [read_tile(scene, card, t, 0) for t in tiles]
-    return [ti for run in rows(tiles) for ti in read_row(scene, card, run, halo)]
+def read_tiles(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None = None) -> list[TileInput]:
+    """A batch of tiles, each row of neighbours read as one strip (a pixel's value does not
+    depend on its batch, except within GDAL's ~1 DN where GDAL reads a strip with a halo)."""
+    return [ti for run in rows(tiles) for ti in read_row(scene, card, run, halo, warp)]

@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +33,10 @@ class Settings(BaseSettings):
     #: (whole CPUs per actor deadlock a 2-CPU node once two models are loaded).
     encoder_num_cpus: float = 0.5
     reader_num_cpus: float = 0.5
+    #: how tile reads resample: `auto` = tilefm's own sampler where it computes what GDAL's
+    #: 4-sample kernels do (bilinear / nearest, no downsampling; ~10x faster) and GDAL's warper
+    #: elsewhere; `gdal` = GDAL's warper for every read
+    warp: Literal["auto", "gdal"] = "auto"
     #: reader threads of the local executor (`tilefm run --executor local`); 0 = min(4, CPUs)
     local_readers: int = Field(0, ge=0, le=256)
 

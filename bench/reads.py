@@ -1,0 +1,91 @@
+"""Tile reads: tiles/s of tilefm's sampler (`--warp auto`) against GDAL's warper (`gdal`) on the
+same tiles, rounds alternating, and with 1..N reader threads in one process.
+
+    .venv/bin/python bench/reads.py                          # the three cards' read shapes
+    .venv/bin/python bench/reads.py --cases vit-small:13 --threads 1,2,4 --rounds 3
+
+A case is MODEL:ZOOM: that card's bands and halo over the sample scene's tiles at that zoom,
+read in batches of `--batch` tiles (rows of neighbours as strips, as the pipeline reads them).
+A thread's share of the tiles is the plan's tiles split into contiguous batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-20200219"
+
+
+def run(scene, card, tiles, batch: int, threads: int, warp: str) -> float:
+    """tiles/s reading `tiles` in batches on `threads` threads."""
+    from tilefm.read import read_tiles
+
+    halo = card.context.halo
+    batches = [tiles[i : i + batch] for i in range(0, len(tiles), batch)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(lambda b: read_tiles(scene, card, b, halo, warp), batches):
+            pass
+    return len(tiles) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="vit-small:13,ukis-csmask:11,presto:12")
+    ap.add_argument("--tiles", type=int, default=104, help="tiles per measurement (from the middle of the plan)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from tilefm.grid import plan_tiles
+    from tilefm.models import get_card
+    from tilefm.read import card_band_names, read_tiles
+    from tilefm.scene import open_scene
+
+    torch.set_num_threads(1)  # one core per reader thread: the numbers are per core
+    scene = open_scene({"s2": str(SCENE)})
+    rows = []
+    for case in args.cases.split(","):
+        model, zoom = case.split(":")
+        card = get_card(model)
+        plan = plan_tiles(scene.footprint, int(zoom)).tiles
+        start = max(0, len(plan) // 2 - args.tiles // 2)
+        tiles = plan[start : start + args.tiles]
+        read_tiles(scene, card, tiles[:2], card.context.halo, "auto")  # imports, first opens
+        for threads in map(int, args.threads.split(",")):
+            got: dict[str, list[float]] = {"auto": [], "gdal": []}
+            for _ in range(args.rounds):
+                for warp in ("auto", "gdal"):
+                    got[warp].append(run(scene, card, tiles, args.batch, threads, warp))
+            row = {
+                "case": case, "bands": len(card_band_names(card)),
+                "bands_read": sum(b.name in scene.modalities[i.modality].bands for i in card.inputs if i.modality in scene.modalities for b in i.bands),
+                "halo": card.context.halo,
+                "tiles": len(tiles), "batch": args.batch, "threads": threads,
+                "auto_tiles_s": statistics.median(got["auto"]), "gdal_tiles_s": statistics.median(got["gdal"]),
+                "rounds": got, "cpus": len(os.sched_getaffinity(0)),
+            }  # fmt: skip
+            row["speedup"] = row["auto_tiles_s"] / row["gdal_tiles_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json_out:
+                with args.json_out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print("\n| case | bands read | halo | threads | tilefm tiles/s | GDAL tiles/s | x |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['case']} | {r['bands_read']} | {r['halo']} | {r['threads']} | {r['auto_tiles_s']:.1f} | {r['gdal_tiles_s']:.1f} | {r['speedup']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
