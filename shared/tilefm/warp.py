@@ -319,19 +319,18 @@ def _bilinear(
     np.multiply(cols + np.float32(oc - c0), np.float32(2 / ws), out=grid[0, ..., 0])
     np.multiply(rows + np.float32(orow - r0), np.float32(2 / hs), out=grid[0, ..., 1])
     grid -= 1
-    out = F.grid_sample(
-        torch.from_numpy(channels)[None], torch.from_numpy(grid),
-        mode="bilinear", padding_mode="zeros", align_corners=False,
-    )[0].numpy()  # fmt: skip
+    x, g = torch.from_numpy(channels)[None], torch.from_numpy(grid)
+    out = F.grid_sample(x, g, mode="bilinear", padding_mode="zeros", align_corners=False)[0].numpy()
     if not dens:
         return out, np.ones(out.shape, bool)
     num, den = out[:n], out[n:]
-    num /= np.where(den > MIN_WEIGHT, den, 1)
-    # GDAL gives a pixel a value only where the source pixel under its centre has one
-    r, c = _under(mask.shape[1:], cols, rows, origin)
-    ok = mask[:, r, c] & (den > MIN_WEIGHT)
+    # GDAL gives a pixel a value only where the source pixel under its centre has one (nearest
+    # on the validity channels; a centre exactly on a pixel edge may go either way, as in GDAL)
+    under = F.grid_sample(x[:, n:], g, mode="nearest", padding_mode="zeros", align_corners=False)[0].numpy()
+    ok = (under > 0.5) & (den > MIN_WEIGHT)
+    num /= np.where(ok, den, 1)
     num *= ok
-    return num, ok
+    return num, np.broadcast_to(ok, num.shape).copy() if dens == 1 else ok
 
 
 def _nearest(
