@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,8 @@ from tilefm.models.base import TileOutput
 from tilefm.models.card import ModelCard
 
 CLASS_NODATA = 255
+#: finished tiles waiting for the writer thread before `add` waits too
+WRITES_AHEAD = 2
 INT8_NODATA = -128
 
 
@@ -68,9 +71,10 @@ class Encoding:
             q = np.clip(np.rint((values - self.offset) / self.scale), -127, 127).astype(np.int8)
             q[:, ~valid] = INT8_NODATA
             return q
-        if self.nbits == 16:
-            values = values.astype(np.float16).astype(np.float32)
-        out = values.astype(np.float32, copy=True)
+        if self.nbits == 16:  # rounded here, so that GDAL's 16-bit store is exact
+            out = values.astype(np.float16).astype(np.float32)
+        else:
+            out = values.astype(np.float32, copy=True)
         out[:, ~valid] = np.nan
         return out
 
@@ -108,6 +112,8 @@ class MosaicWriter:
         else:
             self.expected = {t: self._expected(t) for t in self.plan.tiles}
         self.pending: dict[Tile, _Acc] = {}
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future[None]] = []
         self.channels = self.card.output.channels
         self.dataset = rasterio.open(self.path, "w", **self._profile())
         self.dataset.update_tags(**self.tags)
@@ -129,6 +135,13 @@ class MosaicWriter:
         )
         if enc.nbits:
             profile["nbits"] = enc.nbits
+        if self.k:
+            # per-patch outputs (hundreds of bands, 1/256 of the pixels): a band-interleaved,
+            # uncompressed scratch file takes a parent tile in a quarter of the time, so the
+            # writer keeps up with a GPU; the COG step compresses and interleaves (threaded)
+            profile.update(interleave="band", compress=None, sparse_ok=True)
+            profile.pop("zstd_level", None)
+            profile.pop("nbits", None)
         return profile
 
     def band_descriptions(self) -> list[str]:
@@ -169,17 +182,22 @@ class MosaicWriter:
         return acc
 
     def _add_child(self, out: TileOutput) -> None:
-        """A per-patch output: its block of the parent tile, which is written once complete."""
+        """A per-patch output: final on arrival (children do not overlap), so it is encoded
+        straight into its block of the parent tile, which is written once complete. Blocks of
+        children that never come (outside the plan) keep the nodata value."""
         t, n = self._parent(out.tile), TILE_SIZE >> self.k
         if out.values.shape[1:] != (n, n):
             raise ValueError(f"tile {out.tile}: expected a {n} x {n} output, got {out.values.shape[1:]}")
-        acc = self._acc(t, out.values.shape[0])
+        acc = self.pending.get(t)
+        if acc is None:
+            channels = 1 if self.card.output.kind == "classes" else out.values.shape[0]
+            data = np.full((channels, TILE_SIZE, TILE_SIZE), self.encoding.nodata, self.encoding.dtype)
+            acc = self.pending[t] = _Acc(data, np.zeros(0, np.float32), self.expected[t])
         oy, ox = (out.tile.y - (t.y << self.k)) * n, (out.tile.x - (t.x << self.k)) * n
-        acc.values[:, oy : oy + n, ox : ox + n] = out.values
-        acc.weight[oy : oy + n, ox : ox + n] = out.weight
+        acc.values[:, oy : oy + n, ox : ox + n] = self._encoded(out.values, out.weight)
         acc.remaining -= 1
         if acc.remaining == 0:
-            self._write(t, self.pending.pop(t))
+            self._submit(t, self.pending.pop(t).values)
 
     def add(self, out: TileOutput) -> None:
         """Add one tile's output (and its halo's share to the neighbours); write what is complete."""
@@ -209,25 +227,48 @@ class MosaicWriter:
             if acc.remaining == 0:
                 self._write(t, self.pending.pop(t))
 
-    def _write(self, tile: Tile, acc: _Acc) -> None:
-        valid = acc.weight > 0
+    def _encoded(self, values: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Blended values (weighted sums / weights) as stored: classes by argmax, the rest by
+        the encoding; nodata where nothing contributed."""
+        valid = weight > 0
         if self.card.output.kind == "classes":
-            data = np.argmax(acc.values, axis=0).astype(np.uint8)[None]
+            data = np.argmax(values, axis=0).astype(np.uint8)[None]
             data[:, ~valid] = CLASS_NODATA
-        else:
-            values = acc.values / np.where(valid, acc.weight, 1.0)[None]
-            data = self.encoding.encode(values, valid)
+            return data
+        return self.encoding.encode(values / np.where(valid, weight, 1.0)[None], valid)
+
+    def _write(self, tile: Tile, acc: _Acc) -> None:
+        self._submit(tile, self._encoded(acc.values, acc.weight))
+
+    def _submit(self, tile: Tile, data: np.ndarray) -> None:
+        """Write a finished tile on the writer thread (GDAL compresses without the GIL, so the
+        caller goes on stitching); at most WRITES_AHEAD wait, which bounds the memory."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilefm-mosaic")
+        while len(self._writes) >= WRITES_AHEAD:
+            self._writes.pop(0).result()
+        self._writes.append(self._writer.submit(self._write_now, tile, data))
+        self.written.add(tile)  # complete; `close` raises if its write failed
+
+    def _write_now(self, tile: Tile, data: np.ndarray) -> None:
         row, col = self.out_plan.offset(tile)
         self.dataset.write(data, window=Window(col, row, TILE_SIZE, TILE_SIZE))
-        self.written.add(tile)
 
     @property
     def missing(self) -> list[Tile]:
         return [t for t in self.out_plan.tiles if t not in self.written]
 
     def close(self) -> None:
-        if not self.dataset.closed:
-            self.dataset.close()
+        """Wait for the writes (raising the first that failed), then close the file."""
+        try:
+            while self._writes:
+                self._writes.pop(0).result()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            if not self.dataset.closed:
+                self.dataset.close()
 
 
 def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> None:
