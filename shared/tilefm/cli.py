@@ -72,7 +72,7 @@ def run(
     bbox: Annotated[Optional[str], typer.Option(help="minlon,minlat,maxlon,maxlat (WGS84) to process only part of the scene.")] = None,
     backend: Annotated[str, typer.Option(help="auto (the fastest available), torch, torch-cuda, onnxruntime or tensorrt.")] = "auto",
     dtype: Annotated[Optional[str], typer.Option(help="Embedding storage: float16 (default), float32 or int8 (scale/offset recorded).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Tiles per batch sent to an encoder.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch sent to an encoder (default: what a GPU encoder's memory allows, else 4).")] = None,
     executor: Annotated[str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")] = "ray",
     asset: Annotated[list[str], typer.Option(help="STAC asset KEY=PATH, to read an item's assets from local files; repeatable.")] = [],  # noqa: B006
     scene_date: Annotated[Optional[str], typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none.")] = None,
@@ -120,7 +120,7 @@ def run(
         except TileFMError as e:
             fail(e)
     typer.echo(
-        f"wrote {result.out} ({result.tiles} tiles, {result.seconds:.1f} s) and {result.stac_item}",
+        f"wrote {result.out} ({result.tiles} tiles in batches of {result.batch_size} on {result.backend}, {result.seconds:.1f} s) and {result.stac_item}",
         err=True,
     )
 

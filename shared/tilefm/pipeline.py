@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from tilefm.storage import storage_for
 log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".tif", ".tiff")
+#: tiles per batch when neither the run nor the encoders say
+DEFAULT_BATCH = 4
 
 
 @dataclass
@@ -45,7 +47,8 @@ class RunSpec:
     bbox: tuple[float, float, float, float] | None = None
     backend: str = "auto"
     dtype: str | None = None
-    batch_size: int = 4
+    #: tiles per batch; None: what the encoders' device takes (GPU memory), else DEFAULT_BATCH
+    batch_size: int | None = None
     executor: str = "ray"
     asset_map: dict[str, str] = field(default_factory=dict)
     date: date | None = None
@@ -80,6 +83,9 @@ class RunResult:
     seconds: float
     plan: dict[str, Any]
     timings: dict[str, float]
+    #: what ran: the backend (as the encoders resolved it) and the tiles per batch
+    backend: str = ""
+    batch_size: int = 0
 
 
 def stac_uri_for(out: str) -> str:
@@ -109,7 +115,7 @@ def prepare(
     if zoom is None:
         zoom = default_zoom(scene.resolution_m, scene.footprint.centroid.y)
     plan = plan_tiles(scene.footprint, zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
-    backend = select_backend(card, spec.backend)
+    backend = select_backend(card, spec.backend, remote=spec.executor == "ray" and bool(settings.ray_address))
     weights = weights_fn(card, settings.model_store)
     (check_writable_fn or storage_for(spec.out, settings).check_writable)(spec.out)
     return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights)
@@ -176,13 +182,16 @@ def execute(
     spec, card, plan = prep.spec, prep.card, prep.plan
     t0 = time.perf_counter()
     worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights)
-    executor = make_executor(spec.executor, worker, settings)
+    executor = make_executor(spec.executor, worker, settings, requested=spec.backend)
     load_s = time.perf_counter() - t0
+    if executor.backend != prep.backend:  # GPU encoders picked their own (the output says which)
+        prep = replace(prep, backend=executor.backend)
+    batch_size = spec.batch_size or executor.batch_size or DEFAULT_BATCH
 
     def outputs() -> Iterator[TileOutput]:
         done = 0
         try:
-            for batch in executor.map(prep.scene, batches(plan.tiles, spec.batch_size)):
+            for batch in executor.map(prep.scene, batches(plan.tiles, batch_size)):
                 yield from batch
                 done += len(batch)
                 if progress:
@@ -193,7 +202,7 @@ def execute(
     timings: dict[str, float] = {"load_s": load_s}
     stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings)
     timings["total_s"] = time.perf_counter() - t0
-    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings)
+    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings, backend=prep.backend, batch_size=batch_size)
 
 
 def run(spec: RunSpec, settings: Settings | None = None, progress: Callable[[int, int], None] | None = None) -> RunResult:

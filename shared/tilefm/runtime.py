@@ -15,10 +15,12 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tilefm.backends import GPU_BACKENDS, select_backend
+from tilefm.errors import BackendError
 from tilefm.grid import Tile
 from tilefm.models.base import TileModel, TileOutput, load_tile_model
 from tilefm.models.card import ModelCard
@@ -52,8 +54,8 @@ def cpu_count() -> int:
 
 
 class LocalExecutor:
-    """One process: reader threads read ahead while the model encodes (GDAL and the backends
-    release the GIL). Batches come back in plan order; at most `readers + prefetch` are read
+    """One process: reader threads read ahead and prepare the model's input (`TileModel.prepare`)
+    while this thread feeds the model (the sampler, GDAL and the backends release the GIL). Batches come back in plan order; at most `readers + prefetch` are read
     ahead, so memory stays bounded however fast the readers are."""
 
     name = "local"
@@ -63,24 +65,46 @@ class LocalExecutor:
         self.readers = max(1, readers)
         self.prefetch = prefetch
 
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.model.batch_size()
+
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
-        halo = self.model.read_halo
+        halo, model = self.model.read_halo, self.model
         ahead = self.readers + self.prefetch
+
+        def read(batch: list[Tile]) -> tuple[Any, list[float]]:
+            inputs = read_batch(scene, model.card, batch, halo)
+            return model.prepare(inputs), [t.read_s for t in inputs]
+
+        def encode(prepared: tuple[Any, list[float]]) -> list[TileOutput]:
+            t0 = time.perf_counter()
+            outputs = model.run(prepared[0])
+            share = (time.perf_counter() - t0) / max(len(outputs), 1)
+            for out, read_s in zip(outputs, prepared[1]):
+                out.read_s, out.encode_s = read_s, share
+            return outputs
+
         with ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tilefm-read") as pool:
-            queue: list[Future[list[TileInput]]] = []
+            queue: list[Future[tuple[Any, list[float]]]] = []
             for batch in batches:
-                queue.append(pool.submit(read_batch, scene, self.model.card, batch, halo))
+                queue.append(pool.submit(read, batch))
                 if len(queue) > ahead:
-                    yield self.model.encode(queue.pop(0).result())
+                    yield encode(queue.pop(0).result())
             while queue:
-                yield self.model.encode(queue.pop(0).result())
+                yield encode(queue.pop(0).result())
 
     def close(self) -> None:
         pass
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
-    """Connect to `address`, or start a local cluster once per process."""
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> Any:
+    """Connect to `address`, or start a local cluster once per process (`num_gpus`: the GPUs it
+    declares; default: those Ray detects)."""
     import ray
 
     if not ray.is_initialized():
@@ -91,8 +115,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or cpu_count(), include_dashboard=False, **kwargs)
+            ray.init(num_cpus=num_cpus or cpu_count(), num_gpus=num_gpus, include_dashboard=False, **kwargs)
     return ray
+
+
+def connect(settings: Settings) -> Any:
+    return ensure_ray(settings.ray_address, settings.ray_num_cpus, settings.ray_num_gpus)
 
 
 def remote_reader(ray: Any, settings: Settings) -> Any:
@@ -100,15 +128,92 @@ def remote_reader(ray: Any, settings: Settings) -> Any:
     return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_batch)
 
 
-def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, replicas: int = 1, *, wait: bool = True) -> list[Any]:
-    """Encoder actors for one model, restarted by Ray if they die (their tasks retried). With
-    `wait`, returns once every replica has loaded its model; without, the first reads overlap
+@dataclass(frozen=True)
+class Placement:
+    """How one model's encoder actors sit on the cluster."""
+
+    replicas: int
+    #: GPUs each actor reserves (0: a CPU actor)
+    num_gpus: float
+    #: what each actor is asked to run: the driver's choice on CPUs; on GPUs the backend asked
+    #: for, `auto` resolved by the actor on its own host (the driver may have no GPU at all)
+    backend: str
+    #: batches outstanding per actor: enough on a GPU for every reader slot to hold one
+    in_flight: int
+
+
+def place_encoders(worker: WorkerSpec, requested: str, settings: Settings, cluster: dict[str, float]) -> Placement:
+    """One actor per GPU where the cluster has GPUs and the model can use one (`requested` is
+    `auto` or a GPU backend); otherwise CPU actors running the driver's backend. With
+    `encoder_num_gpus` set, actors ask for GPUs even if the cluster has none yet (an autoscaler
+    adds them; `start_encoders` gives up after `encoder_start_timeout_s`)."""
+    gpus = float(cluster.get("GPU", 0))
+    each = settings.encoder_num_gpus
+    if each is None:
+        each = 1.0 if gpus >= 1 else 0.0
+    # onnxruntime too: on a GPU host with onnxruntime-gpu it runs on CUDA
+    card_gpu = any(b in worker.card.backends for b in (*GPU_BACKENDS, "onnxruntime"))
+    wants_gpu = requested in GPU_BACKENDS or (requested == "auto" and card_gpu)
+    if each > 0 and wants_gpu:
+        replicas = settings.encoder_replicas or max(1, int(gpus // each))
+        slots = int(float(cluster.get("CPU", 1)) // max(settings.reader_num_cpus, 1e-3))
+        in_flight = settings.encoder_in_flight or max(2, -(-slots // replicas))
+        return Placement(replicas, each, requested, in_flight)
+    return Placement(settings.encoder_replicas or 1, 0.0, worker.backend, settings.encoder_in_flight or 2)
+
+
+@dataclass
+class EncoderPool:
+    """A model's encoder actors and what they reported once loaded (None until `wait`)."""
+
+    actors: list[Any]
+    placement: Placement
+    infos: list[EncoderInfo] | None = None
+
+    @property
+    def backend(self) -> str:
+        """The backend the actors run (their own answer where they resolved it)."""
+        if not self.infos:
+            return self.placement.backend
+        return ",".join(sorted({i.backend for i in self.infos}))
+
+    @property
+    def batch_size(self) -> int | None:
+        """Tiles per batch the actors' devices take at once (the smallest), None if unknown."""
+        sizes = [i.batch_size for i in self.infos or [] if i.batch_size]
+        return min(sizes) if sizes else None
+
+
+def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requested: str | None = None, wait: bool = True) -> EncoderPool:
+    """Encoder actors for one model, restarted by Ray if they die (their tasks retried), placed
+    by `place_encoders`. With `wait` (always on GPUs, where the actors pick their backend and
+    batch), returns once every replica has loaded its model; without, the first reads overlap
     the model load (weights were already verified, and a load error surfaces at the first batch)."""
-    actor_cls = ray.remote(num_cpus=settings.encoder_num_cpus, max_restarts=3, max_task_retries=3)(EncoderActor)
-    actors = [actor_cls.remote(worker) for _ in range(replicas)]
-    if wait:
-        ray.get([a.ready.remote() for a in actors])
-    return actors
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    placement = place_encoders(worker, requested or worker.backend, settings, ray.cluster_resources())
+    actor_cls = ray.remote(
+        num_cpus=settings.encoder_num_cpus, num_gpus=placement.num_gpus, max_restarts=3, max_task_retries=3
+    )(EncoderActor)
+    spec = replace(worker, backend=placement.backend)
+    pool = EncoderPool([actor_cls.remote(spec) for _ in range(placement.replicas)], placement)
+    if wait or placement.num_gpus:
+        try:
+            pool.infos = ray.get([a.info.remote() for a in pool.actors], timeout=settings.encoder_start_timeout_s)
+        except GetTimeoutError:
+            for a in pool.actors:
+                ray.kill(a)
+            raise BackendError(
+                f"{placement.replicas} encoder actor(s) for {worker.card.name!r} wanting {placement.num_gpus:g} GPU(s) each "
+                f"were not running after {settings.encoder_start_timeout_s:g} s (the cluster has "
+                f"{ray.cluster_resources().get('GPU', 0):g} GPUs; see TILEFM_ENCODER_NUM_GPUS, TILEFM_ENCODER_REPLICAS)",
+                field="backend",
+            ) from None
+        except (RayActorError, RayTaskError) as e:  # the model did not load there (after Ray's restarts)
+            last = [line for line in str(e).splitlines() if line.strip()][-1]
+            raise BackendError(f"encoder actors for {worker.card.name!r} on {placement.backend!r} failed to start: {last}", field="backend") from None
+        log.info("encoders for %s: %s", worker.card.name, "; ".join(map(str, pool.infos)))
+    return pool
 
 
 class RayExecutor:
@@ -116,14 +221,23 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, worker: WorkerSpec, settings: Settings, *, replicas: int = 1, in_flight: int = 2):
-        ray = ensure_ray(settings.ray_address, settings.ray_num_cpus)
+    def __init__(self, worker: WorkerSpec, settings: Settings, *, requested: str | None = None):
+        ray = connect(settings)
         self.ray = ray
         self._read = remote_reader(ray, settings)
-        self.actors = start_encoders(ray, worker, settings, replicas, wait=False)
+        self.pool = start_encoders(ray, worker, settings, requested=requested, wait=False)
+        self.actors = self.pool.actors
         self.halo = worker.card.context.halo
-        self.in_flight = in_flight
+        self.in_flight = self.pool.placement.in_flight
         self.card = worker.card
+
+    @property
+    def backend(self) -> str:
+        return self.pool.backend
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.pool.batch_size
 
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
         ray = self.ray
@@ -157,16 +271,52 @@ class RayExecutor:
         self.actors = []
 
 
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an encoder actor runs, as it reports it once loaded."""
+
+    backend: str
+    precision: str
+    #: Ray's GPU ids for the actor (empty on a CPU actor) and where it runs
+    gpu_ids: tuple[str, ...]
+    host: str
+    pid: int
+    #: tiles per batch its device takes at once (None: no preference)
+    batch_size: int | None
+    read_halo: int
+    #: tiles it has encoded since it (re)started
+    encoded: int = 0
+
+    def __str__(self) -> str:
+        gpus = f" GPU {','.join(self.gpu_ids)}" if self.gpu_ids else ""
+        return f"{self.backend} ({self.precision}) on {self.host}:{self.pid}{gpus}, batch {self.batch_size or '-'}"
+
+
 class EncoderActor:
-    """Owns one model on one backend (one per GPU on a GPU cluster)."""
+    """Owns one model on one backend (one per GPU on a GPU cluster). A backend of `auto` is
+    resolved here, on the host that runs the model."""
 
     def __init__(self, worker: WorkerSpec):
+        if worker.backend == "auto":
+            worker = replace(worker, backend=select_backend(worker.card, "auto"))
         self.worker = worker
         self.model = worker.load()
+        self.encoded = 0
 
     def ready(self) -> int:
         """The read halo the model needs; calling it also proves the model loaded."""
         return self.model.read_halo
+
+    def info(self) -> EncoderInfo:
+        import socket
+
+        import ray
+
+        return EncoderInfo(
+            backend=self.model.backend, precision=self.model.precision, gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
+            host=socket.gethostname(), pid=os.getpid(), batch_size=self.model.batch_size(), read_halo=self.model.read_halo,
+            encoded=self.encoded,
+        )
 
     def encode(self, inputs: list[TileInput]) -> list[TileOutput]:
         t0 = time.perf_counter()
@@ -174,12 +324,14 @@ class EncoderActor:
         share = (time.perf_counter() - t0) / max(len(outputs), 1)
         for out, inp in zip(outputs, inputs):
             out.read_s, out.encode_s = inp.read_s, share
+        self.encoded += len(outputs)
         return outputs
 
 
-def make_executor(kind: str, worker: WorkerSpec, settings: Settings) -> LocalExecutor | RayExecutor:
+def make_executor(kind: str, worker: WorkerSpec, settings: Settings, *, requested: str | None = None) -> LocalExecutor | RayExecutor:
+    """`requested`: the backend the user asked for (`auto`, say), which GPU encoder actors resolve on their own host."""
     if kind == "local":
         return LocalExecutor(worker, readers=settings.local_readers or min(4, cpu_count()))
     if kind == "ray":
-        return RayExecutor(worker, settings)
+        return RayExecutor(worker, settings, requested=requested)
     raise ValueError(f"unknown executor {kind!r}")

@@ -28,11 +28,24 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     #: CPUs a local Ray cluster may use (default: all)
     ray_num_cpus: int | None = None
+    #: GPUs a local Ray cluster declares (default: those Ray detects)
+    ray_num_gpus: int | None = Field(None, ge=0)
     #: Ray CPU reservations: an encoder actor and a reader task. Fractions, so that several
     #: models' encoder actors and the readers feeding them fit on a small node together
     #: (whole CPUs per actor deadlock a 2-CPU node once two models are loaded).
     encoder_num_cpus: float = 0.5
     reader_num_cpus: float = 0.5
+    #: GPUs each encoder actor reserves: unset = 1 where the cluster has GPUs now and the model
+    #: can run on one (one actor per GPU); a number = always (an autoscaled GPU group starts
+    #: nodes for them; the chart sets it); 0 = encoders never take a GPU
+    encoder_num_gpus: float | None = Field(None, ge=0)
+    #: how long encoder actors may take to be placed and load their model before the run fails
+    encoder_start_timeout_s: float = Field(900.0, gt=0)
+    #: encoder actors per model; 0 = one per `encoder_num_gpus` GPUs of the cluster, or one
+    encoder_replicas: int = Field(0, ge=0)
+    #: batches outstanding per encoder actor; 0 = 2 on CPUs, and on GPUs enough for every
+    #: reader slot of the cluster to hold one (the GPU must not wait for a read)
+    encoder_in_flight: int = Field(0, ge=0)
     #: how tile reads resample: `auto` = tilefm's own sampler where it computes what GDAL's
     #: 4-sample kernels do (bilinear / nearest, no downsampling; ~10x faster) and GDAL's warper
     #: elsewhere; `gdal` = GDAL's warper for every read
@@ -43,8 +56,10 @@ class Settings(BaseSettings):
     #: model precision on GPU backends: auto (bf16/fp16 where the card allows), fp32, fp16, bf16
     precision: str = "auto"
     #: largest batch an encoder worker runs: TensorRT's optimisation profile and the CUDA graphs'
-    #: fixed shape (smaller batches are padded to it)
-    max_batch: int = 8
+    #: fixed shape (smaller batches are padded to it); 0 = on a GPU what its free memory holds
+    #: (measured at load, up to `batch_cap`, and also the run's tiles per batch), 8 on a CPU
+    max_batch: int = Field(0, ge=0)
+    batch_cap: int = Field(64, ge=1, le=1024)
     #: torch-cuda: torch.compile the model (slow first batch, faster after) and replay CUDA graphs
     torch_compile: bool = False
     cuda_graphs: bool = True

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: backends tilefm knows, fastest first
 KNOWN = ("tensorrt", "torch-cuda", "onnxruntime", "torch")
+#: backends that need a GPU (an encoder actor running one reserves a GPU on Ray)
+GPU_BACKENDS = ("tensorrt", "torch-cuda")
 _MODULES = {"torch": "torch", "torch-cuda": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 #: how to get each backend, for error messages
 INSTALL_HINTS = {
@@ -77,8 +79,10 @@ def _auto_order(card: ModelCard) -> list[str]:
     return gpu + cpu
 
 
-def select_backend(card: ModelCard, requested: str = "auto") -> str:
-    """The backend to run `card` with, or a BackendError that says what to do instead."""
+def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = False) -> str:
+    """The backend to run `card` with, or a BackendError that says what to do instead.
+    `remote`: the model runs on a Ray cluster elsewhere, whose GPU workers may have what this
+    host lacks; a GPU backend the card allows is then left for those workers to check."""
     if requested == "auto":
         for name in _auto_order(card):
             if unavailable_reason(name) is None:
@@ -89,7 +93,7 @@ def select_backend(card: ModelCard, requested: str = "auto") -> str:
     if requested not in card.backends:
         raise BackendError(f"model {card.name!r} cannot run on {requested!r}; it runs on: {', '.join(card.backends)}")
     reason = unavailable_reason(requested)
-    if reason:
+    if reason and not (remote and requested in GPU_BACKENDS):
         raise BackendError(reason)
     return requested
 

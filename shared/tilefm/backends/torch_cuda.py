@@ -91,3 +91,41 @@ class TorchCudaRunner:
             self.host_out.copy_(out, non_blocking=True)
         self.stream.synchronize()
         return self.host_out[:n].numpy().copy()
+
+
+def batch_for_memory(free_bytes: int, per_sample_bytes: int, fixed_bytes: int = 0, *, fraction: float = 0.5, cap: int = 64) -> int:
+    """The largest power-of-two batch (1..`cap`) whose activations, `per_sample_bytes` each plus
+    `fixed_bytes` of workspace, fit in `fraction` of the free device memory. A power of two, so
+    that a CUDA graph or TensorRT profile sized by it also suits the other replicas' GPUs."""
+    budget = free_bytes * fraction - fixed_bytes
+    n = 1
+    while n * 2 <= cap and (n * 2) * max(per_sample_bytes, 1) <= budget:
+        n *= 2
+    return n
+
+
+@torch.no_grad()
+def probe_batch(module: nn.Module, sample_shape: tuple[int, ...], *, precision: str, cap: int = 64, device: str = "cuda") -> int:
+    """The batch `module` can run on this GPU at `precision`: the peak memory of batches of 1
+    and 2 gives the per-sample and fixed parts, then `batch_for_memory` on the free memory."""
+    dev = torch.device(device)
+    home = next(module.parameters()).device
+    module = module.float().eval().to(dev)
+    dtype = DTYPES[precision]
+    peaks = []
+    for n in (1, 2):
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        x = torch.zeros((n, *sample_shape), device=dev)
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            module(x)
+        torch.cuda.synchronize(dev)
+        peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+        del x
+    module.to(home)  # the probe leaves the module where it found it (the runner moves it itself)
+    torch.cuda.empty_cache()
+    per_sample = max(peaks[1] - peaks[0], 1)
+    fixed = max(peaks[0] - per_sample, 0)
+    free, _total = torch.cuda.mem_get_info(dev)
+    return batch_for_memory(free, per_sample, fixed, cap=cap)

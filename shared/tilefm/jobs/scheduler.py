@@ -34,8 +34,8 @@ from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
 from tilefm.jobs.service import output_uri, run_spec
 from tilefm.jobs.store import JobStore
 from tilefm.models.base import TileOutput
-from tilefm.pipeline import Prepared, batches, prepare, publish
-from tilefm.runtime import WorkerSpec, ensure_ray, remote_reader, start_encoders
+from tilefm.pipeline import DEFAULT_BATCH, Prepared, batches, prepare, publish
+from tilefm.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders
 from tilefm.settings import Settings
 from tilefm.stitch import Encoding
 from tilefm.storage import FileLocation, parse_uri, storage_for
@@ -99,8 +99,8 @@ class Scheduler:
         owner: str | None = None,
         max_jobs: int = 4,
         lease_s: float = 30.0,
-        batch_size: int = 4,
-        in_flight_per_actor: int = 2,
+        batch_size: int | None = None,
+        in_flight_per_actor: int | None = None,
         max_attempts: int = 3,
     ):
         self.store = store
@@ -112,7 +112,7 @@ class Scheduler:
         self.in_flight_per_actor = in_flight_per_actor
         self.max_attempts = max_attempts
         self.active: dict[str, _Active] = {}
-        self.pools: dict[tuple[str, str], list[Any]] = {}
+        self.pools: dict[tuple[str, str], EncoderPool] = {}
         self.refs: dict[Any, tuple[_Batch, Any]] = {}
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tilefm-parts")
         self.ray = None
@@ -123,7 +123,7 @@ class Scheduler:
     # -- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, *, idle_sleep: float = 0.5) -> None:
         stop = stop or threading.Event()
-        self.ray = ensure_ray(self.settings.ray_address, self.settings.ray_num_cpus)
+        self.ray = connect(self.settings)
         self._read = remote_reader(self.ray, self.settings)
         log.info("scheduler %s started", self.owner)
         try:
@@ -157,8 +157,8 @@ class Scheduler:
     def shutdown(self) -> None:
         self.io.shutdown(wait=True)
         if self.ray is not None:
-            for actors in self.pools.values():
-                for actor in actors:
+            for pool in self.pools.values():
+                for actor in pool.actors:
                     self.ray.kill(actor)
         self.pools.clear()
 
@@ -172,26 +172,26 @@ class Scheduler:
         done = self.store.tiles_done(job.id)
         todo = [t for t in prep.plan.tiles if str(t) not in done]
         self.store.set_total(job.id, len(prep.plan.tiles))
+        pool = self._pool(prep)  # load the model before the first batch (on GPUs: its batch size)
         a = _Active(
             job=job, prep=prep, encoding=Encoding.for_card(prep.card, job.spec.dtype),
-            pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size)),
+            pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size or pool.batch_size or DEFAULT_BATCH)),
             done_at_start=len(done), done=len(done),
         )
         self.active[job.id] = a
         self._rr.append(job.id)
-        self._pool(prep)  # load the model before the first batch
         self._event(a, f"running: {len(todo)} of {len(prep.plan.tiles)} tiles to do")
 
-    def _pool(self, prep: Prepared) -> list[Any]:
+    def _pool(self, prep: Prepared) -> EncoderPool:
         key = (prep.card.name, prep.backend)
         if key not in self.pools:
             in_use = {(a.prep.card.name, a.prep.backend) for a in self.active.values()}
             for idle in [k for k in self.pools if k not in in_use]:  # free the node for this model
-                for actor in self.pools.pop(idle):
+                for actor in self.pools.pop(idle).actors:
                     self.ray.kill(actor)
             worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
-            self.pools[key] = start_encoders(self.ray, worker, self.settings)
-            metrics.ray_actors.set(sum(len(p) for p in self.pools.values()))
+            self.pools[key] = start_encoders(self.ray, worker, self.settings, requested=prep.spec.backend)
+            metrics.ray_actors.set(sum(len(p.actors) for p in self.pools.values()))
         return self.pools[key]
 
     def _dispatch(self) -> None:
@@ -202,8 +202,9 @@ class Scheduler:
             a = self.active.get(job_id)
             if a is None or not a.pending or a.finishing is not None:
                 continue
-            actors = self._pool(a.prep)
-            limit = self.in_flight_per_actor * len(actors)
+            pool = self._pool(a.prep)
+            actors = pool.actors
+            limit = (self.in_flight_per_actor or pool.placement.in_flight) * len(actors)
             load = sum(1 for b, act in self.refs.values() if act in actors)
             if load >= limit:
                 continue

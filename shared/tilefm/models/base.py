@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,14 @@ class TileModel(ABC):
         self.card = card
         self.backend = backend
 
+    #: what the backend computes in (GPU backends: fp16 / bf16 where the card allows)
+    precision: str = "fp32"
+
+    def batch_size(self) -> int | None:
+        """Tiles per batch this model's device takes at once (a GPU's from its memory), or None
+        for no preference (the run's own batch size is used)."""
+        return None
+
     @property
     def read_halo(self) -> int:
         """Pixels read around each tile (at least the card's halo; more if a derived input needs it)."""
@@ -45,6 +54,15 @@ class TileModel(ABC):
     @abstractmethod
     def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
         """Run the model on a batch of tiles."""
+
+    def prepare(self, tiles: list[TileInput]) -> Any:
+        """The host-side part of `encode` that needs no model (normalising, stacking): run by
+        the reader threads, so that the thread feeding the device only feeds it. `run` takes
+        what this returns; `encode(t) == run(prepare(t))`."""
+        return tiles
+
+    def run(self, prepared: Any) -> list[TileOutput]:
+        return self.encode(prepared)
 
 
 def normalize(card: ModelCard, data: np.ndarray) -> np.ndarray:

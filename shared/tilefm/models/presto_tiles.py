@@ -51,6 +51,8 @@ def horn_slope(elev: np.ndarray, valid: np.ndarray, cell_x: np.ndarray, cell_y: 
 
 #: pixels per forward pass: small chunks are faster on CPU (cache), large ones fill a GPU
 CPU_CHUNK, GPU_CHUNK = 1024, 1 << 18
+#: tiles per batch on a GPU
+GPU_BATCH = 16
 
 
 class PrestoTileModel(TileModel):
@@ -80,6 +82,11 @@ class PrestoTileModel(TileModel):
         names = [f"{i.modality}:{b.name}" for i in card.inputs for b in i.bands]
         self.raw_index = {n: RAW_BAND_NAMES.index(CARD_TO_RAW[n]) for n in names}
         self.elev_name = "dem:elevation" if "dem:elevation" in names else None
+
+    def batch_size(self) -> int | None:
+        """On a GPU, 16 tiles per batch (~1 M pixels, 4 of the double-buffered chunks: the H100
+        runs in docs/benchmarks.md); on a CPU, no preference."""
+        return GPU_BATCH if self.device.type == "cuda" else None
 
     def pixels(self, t: TileInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(raw [n_pix, 1, 16], present [n_pix, 1, 16], latlons [n_pix, 2], pixel validity [256, 256])."""
@@ -114,15 +121,23 @@ class PrestoTileModel(TileModel):
         ) if n else (np.zeros((0, 1, raw.shape[-1]), np.float32), np.zeros((0, 1, raw.shape[-1]), bool), np.zeros((0, 2), np.float32), pix_valid)
 
     def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
+        return self.run(self.prepare(tiles))
+
+    def prepare(self, tiles: list[TileInput]) -> tuple[list[TileInput], list[tuple[np.ndarray, ...]], tuple[np.ndarray, ...] | None]:
+        """The tiles' valid pixels as Presto's arrays (slopes included), concatenated."""
         if not tiles:
-            return []
+            return tiles, [], None
         if tiles[0].date is None:
             raise SceneError("Presto needs the scene date (month)", field="date")
-        month = tiles[0].date.month - 1
         parts = [self.pixels(t) for t in tiles]
-        raw = np.concatenate([p[0] for p in parts])
-        present = np.concatenate([p[1] for p in parts])
-        latlons = np.concatenate([p[2] for p in parts])
+        return tiles, parts, tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+
+    def run(self, prepared: tuple[list[TileInput], list[tuple[np.ndarray, ...]], tuple[np.ndarray, ...] | None]) -> list[TileOutput]:
+        tiles, parts, arrays = prepared
+        if not tiles or arrays is None:
+            return []
+        month = tiles[0].date.month - 1  # type: ignore[union-attr]
+        raw, present, latlons = arrays
         emb = self.embed(raw, present, latlons, month)
         outs, start = [], 0
         C = emb.shape[1]

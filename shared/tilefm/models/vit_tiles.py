@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from tilefm.backends import BackendOptions, Runner, make_runner, resolve_precision
+from tilefm.backends import GPU_BACKENDS, BackendOptions, Runner, make_runner, resolve_precision
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE
 from tilefm.models.base import TileModel, TileOutput, normalize
@@ -25,6 +26,9 @@ from tilefm.models.vit import card_wavelengths, load_vit, state_sha256, upsample
 from tilefm.read import TileInput
 
 log = logging.getLogger(__name__)
+
+#: tiles per runner call on a CPU backend (TILEFM_MAX_BATCH=0)
+CPU_BATCH = 8
 
 
 def options_from_settings(card: ModelCard, backend: str, threads: int | None = None) -> BackendOptions:
@@ -49,7 +53,26 @@ class ViTTileModel(TileModel):
         self.net = load_vit(card, weights)
         self.wavelengths = card_wavelengths(card)
         self.options = options or options_from_settings(card, backend, threads)
+        self.precision = self.options.precision
+        if self.options.max_batch <= 0:  # auto: from the GPU's memory, or CPU_BATCH
+            self.options = replace(self.options, max_batch=self._auto_batch())
         self._runners: dict[tuple[int, ...], Runner] = {}
+
+    def _auto_batch(self) -> int:
+        """On a GPU, the batch its free memory holds for the full band set (`probe_batch`),
+        capped by TILEFM_BATCH_CAP; on a CPU, CPU_BATCH."""
+        if self.backend not in GPU_BACKENDS:
+            return CPU_BATCH
+        from tilefm.backends.torch_cuda import probe_batch
+        from tilefm.settings import get_settings
+
+        bound = self.net.bind(self.wavelengths)
+        n = probe_batch(bound, (len(self.wavelengths), TILE_SIZE, TILE_SIZE), precision=self.precision, cap=get_settings().batch_cap)
+        log.info("%s: batch %d from free GPU memory", self.card.name, n)
+        return n
+
+    def batch_size(self) -> int | None:
+        return self.options.max_batch if self.backend in GPU_BACKENDS else None
 
     def runner(self, bands: tuple[int, ...]) -> Runner:
         """The backend runner for one band set (built on first use: export, engine, graphs)."""
@@ -78,9 +101,15 @@ class ViTTileModel(TileModel):
         return np.concatenate([run(x[i : i + step]) for i in range(0, len(x), step)])
 
     def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
+        return self.run(self.prepare(tiles))
+
+    def prepare(self, tiles: list[TileInput]) -> tuple[list[TileInput], list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]]:
+        return tiles, [self.inputs(t) for t in tiles]
+
+    def run(self, prepared: tuple[list[TileInput], list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]]) -> list[TileOutput]:
+        tiles, parts = prepared
         if not tiles:
             return []
-        parts = [self.inputs(t) for t in tiles]
         C = self.card.output.channels
         stride = self.card.output_stride
         n = TILE_SIZE // stride
