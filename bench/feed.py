@@ -1,0 +1,115 @@
+"""Feed benchmark: how many tiles/s the host side of a run can hand a GPU, with the model itself
+replaced by an instant one (what an infinitely fast device would leave as the bottleneck).
+
+    TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/feed.py --model vit-base --zoom 13 --readers 1,2
+
+Everything else is the real pipeline of `tilefm run --executor local`: reader threads read the
+tiles (tilefm's sampler or GDAL) and prepare the model's input (`TileModel.prepare`: normalising,
+band sets, stacking), the main thread hands batches to the model and stitches the outputs (the
+mosaic writer's own thread writes finished tiles), then the COG step. The stand-in model returns
+outputs of the card's shape (zeros, weight 1), so the numbers say nothing about the model. Feed
+tiles/s >= a device's model-only tiles/s means that device would not wait for the host; divide
+by the readers to get a per-core rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-20200219"
+
+
+class InstantModel:
+    """The real model's `prepare`, then outputs of the right shape without running anything."""
+
+    def __init__(self, model: Any):
+        self.model, self.card, self.read_halo = model, model.card, model.read_halo
+        self.backend, self.precision = "instant", "-"
+        self.prepare = model.prepare
+        self.n = 256 // model.card.output_stride
+
+    def batch_size(self) -> None:
+        return None
+
+    def run(self, prepared: Any) -> list:
+        from tilefm.models.base import TileOutput
+
+        tiles = prepared[0] if isinstance(prepared, tuple) else prepared
+        C, n = self.card.output.channels, self.n
+        values, weight = np.zeros((C, n, n), np.float32), np.ones((n, n), np.float32)
+        return [TileOutput(tile=t.tile, halo=0, values=values, weight=weight) for t in tiles]
+
+
+def feed(prep: Any, readers: int, batch: int, cog: bool) -> dict[str, Any]:
+    from tilefm.pipeline import batches, publish
+    from tilefm.runtime import LocalExecutor, WorkerSpec
+    from tilefm.settings import get_settings
+    from tilefm.stitch import Encoding
+
+    ex = LocalExecutor.__new__(LocalExecutor)
+    ex.model = InstantModel(WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights).load())
+    ex.readers, ex.prefetch = readers, 2
+    settings = get_settings()
+    timings: dict[str, float] = {}
+    n = len(prep.plan.tiles)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        outputs = (o for b in ex.map(prep.scene, batches(prep.plan.tiles, batch)) for o in b)
+        if cog:
+            publish(prep, Encoding.for_card(prep.card), outputs, str(Path(tmp) / "out.tif"), settings, timings=timings)
+        else:
+            done = sum(1 for _ in outputs)
+            assert done == n
+            timings["tiles_s"] = time.perf_counter() - t0
+        total = time.perf_counter() - t0
+    return {"readers": readers, "batch": batch, "tiles": n, "feed_tiles_s": n / timings["tiles_s"],
+            "stream_s": round(timings["tiles_s"], 2), "cog_s": round(timings.get("cog_s", 0.0), 2), "total_s": round(total, 2),
+            "stitched": cog}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit-base")
+    ap.add_argument("--zoom", type=int, default=13)
+    ap.add_argument("--bbox", default="all", help="minlon,minlat,maxlon,maxlat, or all")
+    ap.add_argument("--readers", default="1,2", help="reader thread counts, comma separated")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per reader count (alternating); the best is reported")
+    ap.add_argument("--no-stitch", action="store_true", help="count outputs instead of stitching them and making the COG")
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from tilefm.grid import parse_bbox
+    from tilefm.pipeline import RunSpec, prepare
+
+    spec = RunSpec(scene={"s2": str(SCENE)}, model=args.model, zoom=args.zoom, out="/tmp/feed.tif",
+                   bbox=None if args.bbox == "all" else parse_bbox(args.bbox), executor="local", date=None)  # fmt: skip
+    prep = prepare(spec)
+    readers = [int(r) for r in args.readers.split(",")]
+    rows: dict[int, list[dict[str, Any]]] = {r: [] for r in readers}
+    for _ in range(args.rounds):
+        for r in readers:
+            rows[r].append(feed(prep, r, args.batch, not args.no_stitch))
+    cpus = len(os.sched_getaffinity(0))
+    print(f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}")
+    print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: |")
+    for r, rs in rows.items():
+        best = max(rs, key=lambda x: x["feed_tiles_s"])
+        each = ", ".join(f"{x['feed_tiles_s']:.1f}" for x in rs)
+        print(f"| {r} | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} |")
+        if args.json_out:
+            with args.json_out.open("a") as f:
+                f.write(json.dumps({"model": args.model, "zoom": args.zoom, "cpus": cpus, **best, "rounds": [x["feed_tiles_s"] for x in rs]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
