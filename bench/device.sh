@@ -4,7 +4,7 @@
 # (unpacked, xz) and the sample data travel in the ignored folder .gpu/ (see docs/benchmarks.md):
 #   .gpu/site312.tar.xz            rasterio, pyproj, shapely, rio-tiler, pydantic, ... for cp312
 #   .gpu/shared/{data,models}      ../shared's scene and Presto weights
-# Usage: bash bench/device.sh PHASE... (tests, bench-presto, bench-vit, bench-vit-small); results in $OUT.
+# Usage: bash bench/device.sh PHASE... (tests, feed, bench-presto, bench-vit, bench-vit-small); results in $OUT.
 # Narrower runs: TESTS_K (pytest -k), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site
@@ -20,7 +20,8 @@ python3 -c "import tilefm.pipeline, tilefm.models.vit_tiles, tilefm.models.prest
 for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
-    tests) python3 -m pytest -q -p no:cacheprovider -rs ${TESTS_K:+-k "$TESTS_K"} tests/test_backends.py tests/test_vit.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider -rs ${TESTS_K:+-k "$TESTS_K"} tests/test_backends.py tests/test_vit.py tests/test_ray_encoders.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    feed) python3 bench/feed.py --model vit-base --zoom 13 --readers "${FEED_READERS:-4,8,12}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -8 ;;
     bench-vit) python3 bench/encoder.py --gpu --models vit-base --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs,bf16-compile}" \
         --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -12 ;;
     bench-vit-small) python3 bench/encoder.py --gpu --models vit-small --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs}" \

@@ -134,6 +134,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_encoders_on_logical_gpus_of_a_real_ray_cluster(scene_dir: Path) -> None:
+    pytest.importorskip("ray")  # the lent GPU machine runs the GPU tests without Ray
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(scene_dir)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

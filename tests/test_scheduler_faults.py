@@ -46,7 +46,7 @@ def test_killed_encoder_actor_is_replaced_and_no_tile_is_lost(store: JobStore, s
         while store.get(job.id).progress.tiles_done < 2:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        (actor,) = next(iter(scheduler.pools.values()))
+        (actor,) = next(iter(scheduler.pools.values())).actors
         ray.kill(actor, no_restart=False)  # Ray restarts it and retries its tasks
         while (j := store.get(job.id)).state not in (JobState.SUCCEEDED, JobState.FAILED):
             assert time.monotonic() < deadline + 180, j
