@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -54,16 +57,18 @@ def cpu_count() -> int:
 
 
 class LocalExecutor:
-    """One process: reader threads read ahead and prepare the model's input (`TileModel.prepare`)
-    while this thread feeds the model (the sampler, GDAL and the backends release the GIL). Batches come back in plan order; at most `readers + prefetch` are read
-    ahead, so memory stays bounded however fast the readers are."""
+    """One process, three kinds of thread: readers read ahead and prepare the model's input
+    (`TileModel.prepare`), one device thread only runs the model, and the caller stitches what
+    comes out (the sampler, GDAL, numpy and the backends release the GIL). Batches come back in
+    plan order; at most `readers + prefetch` are read ahead and `prefetch` encoded ones wait for
+    the caller, so memory stays bounded however fast either side is."""
 
     name = "local"
 
     def __init__(self, worker: WorkerSpec, *, readers: int = 1, prefetch: int = 2):
         self.model = worker.load()
         self.readers = max(1, readers)
-        self.prefetch = prefetch
+        self.prefetch = max(1, prefetch)
 
     @property
     def backend(self) -> str:
@@ -76,6 +81,8 @@ class LocalExecutor:
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
         halo, model = self.model.read_halo, self.model
         ahead = self.readers + self.prefetch
+        done: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
 
         def read(batch: list[Tile]) -> tuple[Any, list[float]]:
             inputs = read_batch(scene, model.card, batch, halo)
@@ -89,17 +96,53 @@ class LocalExecutor:
                 out.read_s, out.encode_s = read_s, share
             return outputs
 
-        with ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tilefm-read") as pool:
-            queue: list[Future[tuple[Any, list[float]]]] = []
-            for batch in batches:
-                queue.append(pool.submit(read, batch))
-                if len(queue) > ahead:
-                    yield encode(queue.pop(0).result())
-            while queue:
-                yield encode(queue.pop(0).result())
+        def put(item: Any) -> bool:
+            """Hand an item to the caller; False once the caller has gone."""
+            while not stop.is_set():
+                try:
+                    done.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def feed() -> None:
+            pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tilefm-read")
+            try:
+                reads: deque[Future[tuple[Any, list[float]]]] = deque()
+                for batch in batches:
+                    reads.append(pool.submit(read, batch))
+                    if len(reads) > ahead and not put(encode(reads.popleft().result())):
+                        return
+                while reads:
+                    if not put(encode(reads.popleft().result())):
+                        return
+                put(_END)
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                put(e)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        device = threading.Thread(target=feed, name="tilefm-device", daemon=True)
+        device.start()
+        try:
+            while True:
+                item = done.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            device.join()
 
     def close(self) -> None:
         pass
+
+
+#: the device thread's last item
+_END = object()
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> Any:
