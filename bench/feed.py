@@ -46,12 +46,12 @@ class InstantModel:
     def run(self, prepared: Any) -> list:
         from tilefm.models.base import TileOutput
 
-        tiles = prepared[0] if isinstance(prepared, tuple) else prepared
+        tiles = [getattr(t, "tile", t) for t in getattr(prepared, "tiles", prepared)]  # prepared batch, or TileInputs
         if self.device_s:  # a GPU computing: the feeding thread waits without the GIL, as in a CUDA sync
             time.sleep(self.device_s * len(tiles))
         C, n = self.card.output.channels, self.n
         values, weight = np.zeros((C, n, n), np.float32), np.ones((n, n), np.float32)
-        return [TileOutput(tile=t.tile, halo=0, values=values, weight=weight) for t in tiles]
+        return [TileOutput(tile=t, halo=0, values=values, weight=weight) for t in tiles]
 
 
 def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0) -> dict[str, Any]:

@@ -122,11 +122,12 @@ SCRIPT = textwrap.dedent(
     infos = ray.get([a.info.remote() for a in ex.actors])
     model = WorkerSpec(card=card, backend=infos[0].backend, weights=None).load()
     ref = {o.tile: o for o in model.encode(read_tiles(scene, card, tiles, 0))}
-    err = max(float(np.abs(o.values - ref[o.tile].values).max()) for o in outs)
+    # relative: the actors' torch runs on other thread counts, so sums differ in the last bits
+    err = max(float(np.abs(o.values - ref[o.tile].values).max() / np.abs(ref[o.tile].values).max()) for o in outs)
     print(json.dumps({
         "placement": ex.pool.placement.__dict__, "backend": ex.backend, "tiles": len(tiles),
         "outputs": sorted(str(o.tile) for o in outs), "planned": sorted(str(t) for t in tiles),
-        "infos": [dict(i.__dict__) for i in infos], "max_abs_err": err, "timeout": timeout_error(),
+        "infos": [dict(i.__dict__) for i in infos], "max_rel_err": err, "timeout": timeout_error(),
     }))
     ex.close()
     """
@@ -138,20 +139,20 @@ def test_encoders_on_logical_gpus_of_a_real_ray_cluster(scene_dir: Path) -> None
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(scene_dir)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["placement"]["replicas"] == 2 and got["placement"]["num_gpus"] == 1.0
+    assert got["placement"]["replicas"] == 2 and got["placement"]["num_gpus"] == 1.0, got
     infos = got["infos"]
     # each actor holds its own GPU, and both did work
-    assert sorted(tuple(i["gpu_ids"]) for i in infos) == [("0",), ("1",)]
+    assert sorted(tuple(i["gpu_ids"]) for i in infos) == [("0",), ("1",)], infos
     assert all(i["encoded"] > 0 for i in infos), infos
-    assert sum(i["encoded"] for i in infos) == got["tiles"]
+    assert sum(i["encoded"] for i in infos) == got["tiles"], infos
     # no CUDA behind those ids here: `auto` resolved on the actors to the card's CPU backend
     assert {i["backend"] for i in infos} == {select_backend(get_card("vit-small"), "auto")}
     assert got["backend"] == infos[0]["backend"]
     # every planned tile exactly once, values as the same model computes them in-process
     assert got["outputs"] == got["planned"]
-    assert got["max_abs_err"] < 1e-4
-    assert got["timeout"].startswith("BackendError: backend: 1 encoder actor(s) for 'vit-small' wanting 4 GPU(s) each were not running after 3 s")
-    assert "the cluster has 2 GPUs" in got["timeout"]
+    assert got["max_rel_err"] < 1e-5, got["max_rel_err"]
+    assert got["timeout"] and got["timeout"].startswith("BackendError: backend: 1 encoder actor(s) for 'vit-small' wanting 4 GPU(s) each were not running after 3 s")
+    assert "the cluster has 2 GPUs" in got["timeout"], got["timeout"]
 
 
 @pytest.mark.gpu

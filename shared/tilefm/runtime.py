@@ -25,7 +25,7 @@ from typing import Any
 from tilefm.backends import GPU_BACKENDS, select_backend
 from tilefm.errors import BackendError
 from tilefm.grid import Tile
-from tilefm.models.base import TileModel, TileOutput, load_tile_model
+from tilefm.models.base import TileModel, TileOutput, input_preparer, load_tile_model
 from tilefm.models.card import ModelCard
 from tilefm.read import TileInput, read_tiles
 from tilefm.scene import Scene
@@ -50,6 +50,20 @@ class WorkerSpec:
 
 def read_batch(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
     return read_tiles(scene, card, tiles, halo)
+
+
+@dataclass
+class PreparedBatch:
+    """A batch read and prepared for its model (`input_preparer`), as a reader task hands it
+    to an encoder actor: the actor only runs the model."""
+
+    prepared: Any
+    read_s: list[float]
+
+
+def read_prepared(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> PreparedBatch:
+    inputs = read_tiles(scene, card, tiles, halo)
+    return PreparedBatch(input_preparer(card)(inputs), [t.read_s for t in inputs])
 
 
 def cpu_count() -> int:
@@ -167,8 +181,9 @@ def connect(settings: Settings) -> Any:
 
 
 def remote_reader(ray: Any, settings: Settings) -> Any:
-    """The tile reader as a Ray task (retried on worker loss)."""
-    return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_batch)
+    """The tile reader as a Ray task (retried on worker loss): reads and prepares the model's
+    input, so the encoder actor's thread only runs the model."""
+    return ray.remote(num_cpus=settings.reader_num_cpus, max_retries=3)(read_prepared)
 
 
 @dataclass(frozen=True)
@@ -361,12 +376,15 @@ class EncoderActor:
             encoded=self.encoded,
         )
 
-    def encode(self, inputs: list[TileInput]) -> list[TileOutput]:
+    def encode(self, inputs: PreparedBatch | list[TileInput]) -> list[TileOutput]:
+        """Run the model on a prepared batch (from `read_prepared`), or read tiles."""
+        if not isinstance(inputs, PreparedBatch):
+            inputs = PreparedBatch(self.model.prepare(inputs), [t.read_s for t in inputs])
         t0 = time.perf_counter()
-        outputs = self.model.encode(inputs)
+        outputs = self.model.run(inputs.prepared)
         share = (time.perf_counter() - t0) / max(len(outputs), 1)
-        for out, inp in zip(outputs, inputs):
-            out.read_s, out.encode_s = inp.read_s, share
+        for out, read_s in zip(outputs, inputs.read_s):
+            out.read_s, out.encode_s = read_s, share
         self.encoded += len(outputs)
         return outputs
 

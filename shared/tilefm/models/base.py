@@ -57,12 +57,35 @@ class TileModel(ABC):
 
     def prepare(self, tiles: list[TileInput]) -> Any:
         """The host-side part of `encode` that needs no model (normalising, stacking): run by
-        the reader threads, so that the thread feeding the device only feeds it. `run` takes
-        what this returns; `encode(t) == run(prepare(t))`."""
-        return tiles
+        the reader threads or tasks (`input_preparer`), so that what feeds the device only feeds
+        it. `run` takes what this returns; `encode(t) == run(prepare(t))`."""
+        return input_preparer(self.card)(tiles)
 
     def run(self, prepared: Any) -> list[TileOutput]:
         return self.encode(prepared)
+
+
+class InputPreparer:
+    """A model's input preparation without the model: small and picklable, built from the card
+    alone, so that a Ray reader task hands the encoder actor its input ready to run."""
+
+    def __init__(self, card: ModelCard):
+        self.card = card
+
+    def __call__(self, tiles: list[TileInput]) -> Any:
+        return tiles
+
+
+def input_preparer(card: ModelCard) -> InputPreparer:
+    if card.architecture == "vit":
+        from tilefm.models.vit_tiles import ViTInputs
+
+        return ViTInputs(card)
+    if card.architecture == "presto":
+        from tilefm.models.presto_tiles import PrestoInputs
+
+        return PrestoInputs(card)
+    return InputPreparer(card)
 
 
 def normalize(card: ModelCard, data: np.ndarray) -> np.ndarray:

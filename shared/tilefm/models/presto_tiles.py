@@ -7,14 +7,15 @@ one-pixel halo so that slopes agree across tile edges.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tilefm.errors import SceneError
-from tilefm.grid import TILE_SIZE, resolution
-from tilefm.models.base import TileModel, TileOutput
+from tilefm.grid import TILE_SIZE, Tile, resolution
+from tilefm.models.base import InputPreparer, TileModel, TileOutput
 from tilefm.models.card import ModelCard
 from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, normalize, normalize_torch
 from tilefm.read import TileInput, tile_latitudes
@@ -55,38 +56,14 @@ CPU_CHUNK, GPU_CHUNK = 1024, 1 << 18
 GPU_BATCH = 16
 
 
-class PrestoTileModel(TileModel):
-    def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None):
-        super().__init__(card, backend)
-        if backend not in ("torch", "torch-cuda"):
-            raise ValueError(f"Presto runs on torch or torch-cuda, not {backend!r}")
-        if threads:
-            torch.set_num_threads(threads)
-        self.net = load_presto(weights)
-        self.device = torch.device("cpu")
-        self.precision = "fp32"
-        self.chunk = CPU_CHUNK
-        if backend == "torch-cuda":
-            from tilefm.backends import resolve_precision
-            from tilefm.errors import BackendError
-            from tilefm.settings import get_settings
+class PrestoInputs(InputPreparer):
+    """The tiles' valid pixels as Presto's arrays (slopes included), concatenated."""
 
-            if not torch.cuda.is_available():
-                raise BackendError("backend 'torch-cuda' needs a CUDA GPU and none is visible to PyTorch")
-            self.precision = resolve_precision(card, backend, precision or get_settings().precision)
-            self.device = torch.device("cuda")
-            self.net = self.net.to(self.device)
-            self.chunk = GPU_CHUNK
-        #: dtype embeddings come back in from the GPU: the card's (float16 halves the copy)
-        self.out_dtype = torch.float16 if (out_dtype or card.output.dtype) == "float16" else torch.float32
+    def __init__(self, card: ModelCard):
+        super().__init__(card)
         names = [f"{i.modality}:{b.name}" for i in card.inputs for b in i.bands]
         self.raw_index = {n: RAW_BAND_NAMES.index(CARD_TO_RAW[n]) for n in names}
         self.elev_name = "dem:elevation" if "dem:elevation" in names else None
-
-    def batch_size(self) -> int | None:
-        """On a GPU, 16 tiles per batch (~1 M pixels, 4 of the double-buffered chunks: the H100
-        runs in docs/benchmarks.md); on a CPU, no preference."""
-        return GPU_BATCH if self.device.type == "cuda" else None
 
     def pixels(self, t: TileInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(raw [n_pix, 1, 16], present [n_pix, 1, 16], latlons [n_pix, 2], pixel validity [256, 256])."""
@@ -120,33 +97,79 @@ class PrestoTileModel(TileModel):
             pix_valid,
         ) if n else (np.zeros((0, 1, raw.shape[-1]), np.float32), np.zeros((0, 1, raw.shape[-1]), bool), np.zeros((0, 2), np.float32), pix_valid)
 
-    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
-        return self.run(self.prepare(tiles))
-
-    def prepare(self, tiles: list[TileInput]) -> tuple[list[TileInput], list[tuple[np.ndarray, ...]], tuple[np.ndarray, ...] | None]:
-        """The tiles' valid pixels as Presto's arrays (slopes included), concatenated."""
+    def __call__(self, tiles: list[TileInput]) -> PrestoBatch:
         if not tiles:
-            return tiles, [], None
+            return PrestoBatch([], 0, [], *(np.zeros((0,)) for _ in range(3)))
         if tiles[0].date is None:
             raise SceneError("Presto needs the scene date (month)", field="date")
         parts = [self.pixels(t) for t in tiles]
-        return tiles, parts, tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+        raw, present, latlons = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        return PrestoBatch([t.tile for t in tiles], tiles[0].date.month - 1, [p[3] for p in parts], raw, present, latlons)
 
-    def run(self, prepared: tuple[list[TileInput], list[tuple[np.ndarray, ...]], tuple[np.ndarray, ...] | None]) -> list[TileOutput]:
-        tiles, parts, arrays = prepared
-        if not tiles or arrays is None:
+
+@dataclass
+class PrestoBatch:
+    """A prepared batch: the tiles, the scene's month, each tile's pixel validity, and the valid
+    pixels of all tiles as Presto's arrays."""
+
+    tiles: list[Tile]
+    month: int
+    valid: list[np.ndarray]
+    raw: np.ndarray
+    present: np.ndarray
+    latlons: np.ndarray
+
+
+class PrestoTileModel(TileModel):
+    def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None):
+        super().__init__(card, backend)
+        if backend not in ("torch", "torch-cuda"):
+            raise ValueError(f"Presto runs on torch or torch-cuda, not {backend!r}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.net = load_presto(weights)
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+        self.chunk = CPU_CHUNK
+        if backend == "torch-cuda":
+            from tilefm.backends import resolve_precision
+            from tilefm.errors import BackendError
+            from tilefm.settings import get_settings
+
+            if not torch.cuda.is_available():
+                raise BackendError("backend 'torch-cuda' needs a CUDA GPU and none is visible to PyTorch")
+            self.precision = resolve_precision(card, backend, precision or get_settings().precision)
+            self.device = torch.device("cuda")
+            self.net = self.net.to(self.device)
+            self.chunk = GPU_CHUNK
+        #: dtype embeddings come back in from the GPU: the card's (float16 halves the copy)
+        self.out_dtype = torch.float16 if (out_dtype or card.output.dtype) == "float16" else torch.float32
+        self._inputs = PrestoInputs(card)
+
+    def batch_size(self) -> int | None:
+        """On a GPU, 16 tiles per batch (~1 M pixels, 4 of the double-buffered chunks: the H100
+        runs in docs/benchmarks.md); on a CPU, no preference."""
+        return GPU_BATCH if self.device.type == "cuda" else None
+
+    def pixels(self, t: TileInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self._inputs.pixels(t)
+
+    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
+        return self.run(self.prepare(tiles))
+
+    def run(self, prepared: PrestoBatch) -> list[TileOutput]:
+        if not prepared.tiles:
             return []
-        month = tiles[0].date.month - 1  # type: ignore[union-attr]
-        raw, present, latlons = arrays
+        raw, present, latlons, month = prepared.raw, prepared.present, prepared.latlons, prepared.month
         emb = self.embed(raw, present, latlons, month)
         outs, start = [], 0
         C = emb.shape[1]
-        for t, (_, _, _, valid) in zip(tiles, parts):
+        for t, valid in zip(prepared.tiles, prepared.valid):
             k = int(valid.sum())
             values = np.zeros((C, TILE_SIZE * TILE_SIZE), np.float32)
             values[:, valid.ravel()] = emb[start : start + k].T
             start += k
-            outs.append(TileOutput(tile=t.tile, halo=0, values=values.reshape(C, TILE_SIZE, TILE_SIZE), weight=valid.astype(np.float32)))
+            outs.append(TileOutput(tile=t, halo=0, values=values.reshape(C, TILE_SIZE, TILE_SIZE), weight=valid.astype(np.float32)))
         return outs
 
     def embed(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int) -> np.ndarray:

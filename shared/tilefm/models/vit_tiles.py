@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from tilefm.backends import GPU_BACKENDS, BackendOptions, Runner, make_runner, resolve_precision
 from tilefm.errors import SceneError
-from tilefm.grid import TILE_SIZE
-from tilefm.models.base import TileModel, TileOutput, normalize
+from tilefm.grid import TILE_SIZE, Tile
+from tilefm.models.base import InputPreparer, TileModel, TileOutput, normalize
 from tilefm.models.card import ModelCard
 from tilefm.models.vit import card_wavelengths, load_vit, state_sha256, upsample
 from tilefm.read import TileInput
@@ -46,6 +46,32 @@ def options_from_settings(card: ModelCard, backend: str, threads: int | None = N
     )
 
 
+class ViTInputs(InputPreparer):
+    """Per tile: the band set with data, the normalised stack with gaps at 0, pixel validity."""
+
+    def tile(self, t: TileInput) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+        """(band set, normalised input [bands, 256, 256] with gaps at 0, pixel validity [256, 256])."""
+        h = t.halo
+        core = (slice(None), slice(h, h + TILE_SIZE), slice(h, h + TILE_SIZE))
+        valid = t.valid[core]
+        bands = tuple(int(i) for i in np.flatnonzero(valid.any(axis=(1, 2))))
+        x = normalize(self.card, t.data[core])[list(bands)]
+        ok = valid[list(bands)]
+        x[~ok] = 0.0
+        return bands, x, ok.all(axis=0) if bands else np.zeros(valid.shape[1:], bool)
+
+    def __call__(self, tiles: list[TileInput]) -> ViTBatch:
+        return ViTBatch([t.tile for t in tiles], [self.tile(t) for t in tiles])
+
+
+@dataclass
+class ViTBatch:
+    """A prepared batch: the tiles and, per tile, (band set, normalised stack, pixel validity)."""
+
+    tiles: list[Tile]
+    parts: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]
+
+
 class ViTTileModel(TileModel):
     def __init__(self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None):
         super().__init__(card, backend)
@@ -57,6 +83,7 @@ class ViTTileModel(TileModel):
         if self.options.max_batch <= 0:  # auto: from the GPU's memory, or CPU_BATCH
             self.options = replace(self.options, max_batch=self._auto_batch())
         self._runners: dict[tuple[int, ...], Runner] = {}
+        self._inputs = ViTInputs(card)
 
     def _auto_batch(self) -> int:
         """On a GPU, the batch its free memory holds for the full band set (`probe_batch`),
@@ -84,15 +111,7 @@ class ViTTileModel(TileModel):
         return self._runners[bands]
 
     def inputs(self, t: TileInput) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-        """(band set, normalised input [bands, 256, 256] with gaps at 0, pixel validity [256, 256])."""
-        h = t.halo
-        core = (slice(None), slice(h, h + TILE_SIZE), slice(h, h + TILE_SIZE))
-        valid = t.valid[core]
-        bands = tuple(int(i) for i in np.flatnonzero(valid.any(axis=(1, 2))))
-        x = normalize(self.card, t.data[core])[list(bands)]
-        ok = valid[list(bands)]
-        x[~ok] = 0.0
-        return bands, x, ok.all(axis=0) if bands else np.zeros(valid.shape[1:], bool)
+        return self._inputs.tile(t)
 
     def embed(self, bands: tuple[int, ...], x: np.ndarray) -> np.ndarray:
         """Per-patch embeddings [N, dim, 16, 16] for a stack of one band set (the model alone)."""
@@ -103,11 +122,8 @@ class ViTTileModel(TileModel):
     def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
         return self.run(self.prepare(tiles))
 
-    def prepare(self, tiles: list[TileInput]) -> tuple[list[TileInput], list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]]:
-        return tiles, [self.inputs(t) for t in tiles]
-
-    def run(self, prepared: tuple[list[TileInput], list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]]) -> list[TileOutput]:
-        tiles, parts = prepared
+    def run(self, prepared: ViTBatch) -> list[TileOutput]:
+        tiles, parts = prepared.tiles, prepared.parts
         if not tiles:
             return []
         C = self.card.output.channels
@@ -120,16 +136,16 @@ class ViTTileModel(TileModel):
         for bands, idx in groups.items():
             if not bands:  # nothing to see: weight 0 everywhere
                 for k in idx:
-                    outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=np.zeros((C, n, n), np.float32), weight=np.zeros((n, n), np.float32))
+                    outs[k] = TileOutput(tile=tiles[k], halo=0, values=np.zeros((C, n, n), np.float32), weight=np.zeros((n, n), np.float32))
                 continue
             emb = self.embed(bands, np.stack([parts[k][1] for k in idx]))
             for j, k in enumerate(idx):
                 if stride > 1:  # at patch stride: a patch counts when most of its pixels had data
                     seen = parts[k][2].reshape(n, stride, n, stride).mean(axis=(1, 3))
-                    outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=emb[j], weight=(seen >= 0.5).astype(np.float32))
+                    outs[k] = TileOutput(tile=tiles[k], halo=0, values=emb[j], weight=(seen >= 0.5).astype(np.float32))
                     continue
                 values = upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
-                outs[k] = TileOutput(tile=tiles[k].tile, halo=0, values=values, weight=parts[k][2].astype(np.float32))
+                outs[k] = TileOutput(tile=tiles[k], halo=0, values=values, weight=parts[k][2].astype(np.float32))
         if any(o is None for o in outs):
             raise SceneError("internal: a tile got no output")
         return outs  # type: ignore[return-value]
