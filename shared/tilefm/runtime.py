@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,10 +48,6 @@ class WorkerSpec:
         return load_tile_model(self.card, self.backend, self.weights, threads=self.threads)
 
 
-def read_batch(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> list[TileInput]:
-    return read_tiles(scene, card, tiles, halo)
-
-
 @dataclass
 class PreparedBatch:
     """A batch read and prepared for its model (`input_preparer`), as a reader task hands it
@@ -61,9 +57,23 @@ class PreparedBatch:
     read_s: list[float]
 
 
-def read_prepared(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> PreparedBatch:
+def read_prepared(
+    scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, prepare: Callable[[list[TileInput]], Any] | None = None
+) -> PreparedBatch:
+    """Read a batch and prepare it (`prepare`: the card's `input_preparer` unless given)."""
     inputs = read_tiles(scene, card, tiles, halo)
-    return PreparedBatch(input_preparer(card)(inputs), [t.read_s for t in inputs])
+    return PreparedBatch((prepare or input_preparer(card))(inputs), [t.read_s for t in inputs])
+
+
+def run_prepared(model: TileModel, batch: PreparedBatch) -> list[TileOutput]:
+    """Run the model on a prepared batch; each output notes its tile's read seconds and its
+    share of the run (for the stage metrics)."""
+    t0 = time.perf_counter()
+    outputs = model.run(batch.prepared)
+    share = (time.perf_counter() - t0) / max(len(outputs), 1)
+    for out, read_s in zip(outputs, batch.read_s):
+        out.read_s, out.encode_s = read_s, share
+    return outputs
 
 
 def cpu_count() -> int:
@@ -98,18 +108,6 @@ class LocalExecutor:
         done: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
-        def read(batch: list[Tile]) -> tuple[Any, list[float]]:
-            inputs = read_batch(scene, model.card, batch, halo)
-            return model.prepare(inputs), [t.read_s for t in inputs]
-
-        def encode(prepared: tuple[Any, list[float]]) -> list[TileOutput]:
-            t0 = time.perf_counter()
-            outputs = model.run(prepared[0])
-            share = (time.perf_counter() - t0) / max(len(outputs), 1)
-            for out, read_s in zip(outputs, prepared[1]):
-                out.read_s, out.encode_s = read_s, share
-            return outputs
-
         def put(item: Any) -> bool:
             """Hand an item to the caller; False once the caller has gone."""
             while not stop.is_set():
@@ -123,13 +121,13 @@ class LocalExecutor:
         def feed() -> None:
             pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tilefm-read")
             try:
-                reads: deque[Future[tuple[Any, list[float]]]] = deque()
+                reads: deque[Future[PreparedBatch]] = deque()
                 for batch in batches:
-                    reads.append(pool.submit(read, batch))
-                    if len(reads) > ahead and not put(encode(reads.popleft().result())):
+                    reads.append(pool.submit(read_prepared, scene, model.card, batch, halo, model.prepare))
+                    if len(reads) > ahead and not put(run_prepared(model, reads.popleft().result())):
                         return
                 while reads:
-                    if not put(encode(reads.popleft().result())):
+                    if not put(run_prepared(model, reads.popleft().result())):
                         return
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
@@ -361,10 +359,6 @@ class EncoderActor:
         self.model = worker.load()
         self.encoded = 0
 
-    def ready(self) -> int:
-        """The read halo the model needs; calling it also proves the model loaded."""
-        return self.model.read_halo
-
     def info(self) -> EncoderInfo:
         import socket
 
@@ -380,11 +374,7 @@ class EncoderActor:
         """Run the model on a prepared batch (from `read_prepared`), or read tiles."""
         if not isinstance(inputs, PreparedBatch):
             inputs = PreparedBatch(self.model.prepare(inputs), [t.read_s for t in inputs])
-        t0 = time.perf_counter()
-        outputs = self.model.run(inputs.prepared)
-        share = (time.perf_counter() - t0) / max(len(outputs), 1)
-        for out, read_s in zip(outputs, inputs.read_s):
-            out.read_s, out.encode_s = read_s, share
+        outputs = run_prepared(self.model, inputs)
         self.encoded += len(outputs)
         return outputs
 

@@ -84,6 +84,8 @@ class _Active:
     done: int = 0
     finishing: Future[Any] | None = None
     last_event: float = 0.0
+    #: the backend the encoder actors run (GPU actors resolve `auto` themselves)
+    backend: str = ""
 
     @property
     def part_dtype(self) -> np.dtype:
@@ -176,7 +178,7 @@ class Scheduler:
         a = _Active(
             job=job, prep=prep, encoding=Encoding.for_card(prep.card, job.spec.dtype),
             pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size or pool.batch_size or DEFAULT_BATCH)),
-            done_at_start=len(done), done=len(done),
+            done_at_start=len(done), done=len(done), backend=pool.backend,
         )
         self.active[job.id] = a
         self._rr.append(job.id)
@@ -298,7 +300,7 @@ class Scheduler:
         store = storage_for(out, self.settings)  # the output and its parts
         parts = (decode_part(store.read_bytes(part_uri(job, t)), t) for t in prep.plan.tiles)
         timings: dict[str, float] = {}
-        stac_uri = publish(prep, a.encoding, parts, out, self.settings, extra_tags={"job": job.id},
+        stac_uri = publish(prep, a.encoding, parts, out, self.settings, extra_tags={"job": job.id, "backend": a.backend or prep.backend},
                            proceed=lambda: not self.store.cancel_requested(job.id), timings=timings)
         metrics.stage_seconds.labels("stitch").observe(timings["tiles_s"] + timings["cog_s"])
         if stac_uri is None:
