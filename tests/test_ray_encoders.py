@@ -147,6 +147,9 @@ def test_encoders_on_logical_gpus_of_a_real_ray_cluster(scene_dir: Path) -> None
     assert sum(i["encoded"] for i in infos) == got["tiles"], infos
     # no CUDA behind those ids here: `auto` resolved on the actors to the card's CPU backend
     assert {i["backend"] for i in infos} == {select_backend(get_card("vit-small"), "auto")}
+    # ... and they say that they compute on the CPU, and the driver warned that the GPUs sit idle
+    assert not any(i["on_gpu"] for i in infos)
+    assert "2 encoder actor(s) for vit-small hold a GPU but run onnxruntime on the CPU" in r.stderr
     # and the executor reports theirs (the output's TILEFM_BACKEND tag), not the driver's
     assert got["backend"] == infos[0]["backend"] != "torch"
     # every planned tile exactly once, values as the same model computes them in-process

@@ -269,6 +269,13 @@ def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requeste
             last = [line for line in str(e).splitlines() if line.strip()][-1]
             raise BackendError(f"encoder actors for {worker.card.name!r} on {placement.backend!r} failed to start: {last}", field="backend") from None
         log.info("encoders for %s: %s", worker.card.name, "; ".join(map(str, pool.infos)))
+        idle = [i for i in pool.infos if i.gpu_ids and not i.on_gpu]
+        if idle:
+            log.warning(
+                "%d encoder actor(s) for %s hold a GPU but run %s on the CPU (the GPU stays idle): "
+                "install what that backend needs on the GPU workers, or set TILEFM_ENCODER_NUM_GPUS=0",
+                len(idle), worker.card.name, idle[0].backend,
+            )
     return pool
 
 
@@ -340,12 +347,15 @@ class EncoderInfo:
     #: tiles per batch its device takes at once (None: no preference)
     batch_size: int | None
     read_halo: int
+    #: whether the model computes on a GPU (False on a GPU actor: the GPU sits idle)
+    on_gpu: bool = False
     #: tiles it has encoded since it (re)started
     encoded: int = 0
 
     def __str__(self) -> str:
         gpus = f" GPU {','.join(self.gpu_ids)}" if self.gpu_ids else ""
-        return f"{self.backend} ({self.precision}) on {self.host}:{self.pid}{gpus}, batch {self.batch_size or '-'}"
+        where = "GPU" if self.on_gpu else "CPU"
+        return f"{self.backend} ({self.precision}, {where}) on {self.host}:{self.pid}{gpus}, batch {self.batch_size or '-'}"
 
 
 class EncoderActor:
@@ -367,7 +377,7 @@ class EncoderActor:
         return EncoderInfo(
             backend=self.model.backend, precision=self.model.precision, gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
             host=socket.gethostname(), pid=os.getpid(), batch_size=self.model.batch_size(), read_halo=self.model.read_halo,
-            encoded=self.encoded,
+            on_gpu=self.model.on_gpu, encoded=self.encoded,
         )
 
     def encode(self, inputs: PreparedBatch | list[TileInput]) -> list[TileOutput]:

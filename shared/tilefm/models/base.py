@@ -41,6 +41,13 @@ class TileModel(ABC):
     #: what the backend computes in (GPU backends: fp16 / bf16 where the card allows)
     precision: str = "fp32"
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the model computes on a GPU (an actor holding one while it does not wastes it)."""
+        from tilefm.backends import GPU_BACKENDS, ort_cuda_available
+
+        return self.backend in GPU_BACKENDS or (self.backend == "onnxruntime" and ort_cuda_available())
+
     def batch_size(self) -> int | None:
         """Tiles per batch this model's device takes at once (a GPU's from its memory), or None
         for no preference (the run's own batch size is used)."""

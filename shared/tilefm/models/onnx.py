@@ -35,6 +35,10 @@ class OnnxWindowModel(TileModel):
         self.weights = blend_weights(ctx.window, ctx.overlap, ctx.blend)
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None
 
+    @property
+    def on_gpu(self) -> bool:
+        return "CUDAExecutionProvider" in self.session.providers
+
     def windows(self, tiles: list[TileInput]) -> tuple[np.ndarray, np.ndarray]:
         """Normalised window stack [N, bands, W, W] and validity [N, W, W] (all bands present)."""
         W, offs = self.window, self.offsets
