@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -300,7 +300,8 @@ class Scheduler:
         store = storage_for(out, self.settings)  # the output and its parts
         parts = (decode_part(store.read_bytes(part_uri(job, t)), t) for t in prep.plan.tiles)
         timings: dict[str, float] = {}
-        stac_uri = publish(prep, a.encoding, parts, out, self.settings, extra_tags={"job": job.id, "backend": a.backend or prep.backend},
+        ran = replace(prep, backend=a.backend)  # what the encoders ran, as a run's output says
+        stac_uri = publish(ran, a.encoding, parts, out, self.settings, extra_tags={"job": job.id},
                            proceed=lambda: not self.store.cancel_requested(job.id), timings=timings)
         metrics.stage_seconds.labels("stitch").observe(timings["tiles_s"] + timings["cog_s"])
         if stac_uri is None:

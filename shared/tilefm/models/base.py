@@ -37,6 +37,7 @@ class TileModel(ABC):
     def __init__(self, card: ModelCard, backend: str):
         self.card = card
         self.backend = backend
+        self.preparer = input_preparer(card)
 
     #: what the backend computes in (GPU backends: fp16 / bf16 where the card allows)
     precision: str = "fp32"
@@ -58,18 +59,19 @@ class TileModel(ABC):
         """Pixels read around each tile (at least the card's halo; more if a derived input needs it)."""
         return self.card.context.halo
 
-    @abstractmethod
     def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
         """Run the model on a batch of tiles."""
+        return self.run(self.prepare(tiles))
 
     def prepare(self, tiles: list[TileInput]) -> Any:
         """The host-side part of `encode` that needs no model (normalising, stacking): run by
         the reader threads or tasks (`input_preparer`), so that what feeds the device only feeds
-        it. `run` takes what this returns; `encode(t) == run(prepare(t))`."""
-        return input_preparer(self.card)(tiles)
+        it."""
+        return self.preparer(tiles)
 
+    @abstractmethod
     def run(self, prepared: Any) -> list[TileOutput]:
-        return self.encode(prepared)
+        """The model on a prepared batch (what `prepare` returned)."""
 
 
 class InputPreparer:

@@ -65,7 +65,8 @@ class OnnxWindowModel(TileModel):
         """Class probabilities [N, K, W, W] for a window stack (the model alone, no I/O)."""
         return softmax(self.session(**{self.input_name: x})[0], axis=1)
 
-    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
+    def run(self, tiles: list[TileInput]) -> list[TileOutput]:
+        """Tiles need no preparation here: the window stack is a buffer reused per batch."""
         if not tiles:
             return []
         x, valid = self.windows(tiles)

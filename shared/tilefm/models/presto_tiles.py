@@ -121,6 +121,8 @@ class PrestoBatch:
 
 
 class PrestoTileModel(TileModel):
+    preparer: PrestoInputs
+
     def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None):
         super().__init__(card, backend)
         if backend not in ("torch", "torch-cuda"):
@@ -144,7 +146,6 @@ class PrestoTileModel(TileModel):
             self.chunk = GPU_CHUNK
         #: dtype embeddings come back in from the GPU: the card's (float16 halves the copy)
         self.out_dtype = torch.float16 if (out_dtype or card.output.dtype) == "float16" else torch.float32
-        self._inputs = PrestoInputs(card)
 
     def batch_size(self) -> int | None:
         """On a GPU, 16 tiles per batch (~1 M pixels, 4 of the double-buffered chunks: the H100
@@ -152,10 +153,7 @@ class PrestoTileModel(TileModel):
         return GPU_BATCH if self.device.type == "cuda" else None
 
     def pixels(self, t: TileInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return self._inputs.pixels(t)
-
-    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
-        return self.run(self.prepare(tiles))
+        return self.preparer.pixels(t)
 
     def run(self, prepared: PrestoBatch) -> list[TileOutput]:
         if not prepared.tiles:

@@ -73,6 +73,8 @@ class ViTBatch:
 
 
 class ViTTileModel(TileModel):
+    preparer: ViTInputs
+
     def __init__(self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None):
         super().__init__(card, backend)
         assert card.vit is not None
@@ -83,7 +85,6 @@ class ViTTileModel(TileModel):
         if self.options.max_batch <= 0:  # auto: from the GPU's memory, or CPU_BATCH
             self.options = replace(self.options, max_batch=self._auto_batch())
         self._runners: dict[tuple[int, ...], Runner] = {}
-        self._inputs = ViTInputs(card)
 
     def _auto_batch(self) -> int:
         """On a GPU, the batch its free memory holds for the full band set (`probe_batch`),
@@ -111,16 +112,13 @@ class ViTTileModel(TileModel):
         return self._runners[bands]
 
     def inputs(self, t: TileInput) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-        return self._inputs.tile(t)
+        return self.preparer.tile(t)
 
     def embed(self, bands: tuple[int, ...], x: np.ndarray) -> np.ndarray:
         """Per-patch embeddings [N, dim, 16, 16] for a stack of one band set (the model alone)."""
         run = self.runner(bands)
         step = self.options.max_batch
         return np.concatenate([run(x[i : i + step]) for i in range(0, len(x), step)])
-
-    def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
-        return self.run(self.prepare(tiles))
 
     def run(self, prepared: ViTBatch) -> list[TileOutput]:
         tiles, parts = prepared.tiles, prepared.parts
