@@ -1,7 +1,8 @@
 """Backends: selection (`auto` takes the fastest available), clear errors for missing ones,
-TensorRT engine cache keys, and (with CUDA only) every GPU backend against the torch fp32
-reference on real tiles: max relative error = max|out - ref| / max|ref|, fp32 < 1e-4,
-fp16/bf16 < 2e-2."""
+TensorRT engine cache keys, and every backend against the torch fp32 reference on real tiles
+(onnxruntime fp32 and int8 here; the GPU ones with CUDA only): max relative error =
+max|out - ref| / max|ref| (fp32 < 1e-4, fp16/bf16 < 2e-2, int8 < 5e-2) and the share of pixels
+keeping their class in a k-means class map of the embeddings (`tilefm.backends.compare`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import tilefm.backends as backends
 from conftest import run_cli
 from tilefm.backends import BackendOptions, resolve_precision, select_backend
+from tilefm.backends.compare import LIMITS, MIN_AGREEMENT, agreement, class_agreement, kmeans, rel_error
 from tilefm.backends.engine_cache import engine_key, engine_uri, load_or_build
 from tilefm.errors import BackendError
 from tilefm.jobs.models import JobSpec
@@ -94,6 +96,30 @@ def test_precision(machine) -> None:
         resolve_precision(vit, "torch", "fp16")
     with pytest.raises(BackendError, match="may run in"):
         resolve_precision(clouds, "onnxruntime", "bf16")
+    # int8: ONNX Runtime's CPU kernels, where the card allows it
+    assert resolve_precision(vit, "onnxruntime", "int8") == "int8"
+    for backend, says in (("tensorrt", "calibration set"), ("torch-cuda", "runs on onnxruntime"), ("torch", "runs on onnxruntime")):
+        with pytest.raises(BackendError, match=says) as e:
+            resolve_precision(vit, backend, "int8")
+        assert e.value.field == "precision"
+    with pytest.raises(BackendError, match="fp32 graph or its int8"):
+        resolve_precision(vit, "onnxruntime", "fp16")
+    with pytest.raises(BackendError, match="may run in fp32, bf16, fp16, not 'int8'"):
+        resolve_precision(presto, "torch", "int8")
+
+
+def test_auto_backend_follows_the_precision(machine) -> None:
+    vit, presto = get_card("vit-small"), get_card("presto")
+    machine(cuda=True, trt=True)
+    assert select_backend(vit, precision="int8") == "onnxruntime"  # not the GPU ones
+    assert select_backend(vit, precision="fp16") == "tensorrt"
+    machine()
+    with pytest.raises(BackendError, match="in bf16 .*it needs tensorrt or torch-cuda") as e:
+        select_backend(vit, precision="bf16")
+    assert e.value.field == "precision"
+    assert select_backend(vit, precision="bf16", remote=True) == "auto"  # the cluster's GPU workers decide
+    with pytest.raises(BackendError, match="none of its backends"):
+        select_backend(presto, precision="int8")
 
 
 def test_job_spec_accepts_torch_cuda() -> None:
@@ -133,7 +159,7 @@ def test_engine_cache_builds_once_then_loads(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "engines").iterdir()] == [key.filename]  # no temporary left
 
 
-# --- GPU only -------------------------------------------------------------------------------
+# --- against the torch fp32 reference on real tiles (GPU backends with CUDA only) ------------
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +181,54 @@ def reference(scene_dir: Path):
     return bound, x, model.embed(bands, x)
 
 
-def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
+rel_err = rel_error
 
 
-LIMITS = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
+def check(got: np.ndarray, ref: np.ndarray, precision: str) -> None:
+    """Within the precision's error limit, and the k-means class map of the embeddings kept."""
+    a = agreement(got, ref)
+    assert a.rel_error < LIMITS[precision] and a.class_agreement >= MIN_AGREEMENT[precision], (precision, str(a))
+
+
+def test_class_agreement_tells_class_maps_apart() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 32)).astype(np.float32) * 5
+    ref = (centres[rng.integers(0, 4, 4000)] + rng.normal(size=(4000, 32))).astype(np.float32)
+    assert class_agreement(ref, ref, k=4) == 1.0
+    assert class_agreement(ref + 1e-3 * rng.normal(size=ref.shape).astype(np.float32), ref, k=4) > 0.999
+    shuffled = ref[rng.permutation(len(ref))]  # same values, other pixels: chance-level agreement
+    assert class_agreement(shuffled, ref, k=4) < 0.5
+    # [N, C, H, W] maps: pixels, not tiles, are what is labelled
+    assert class_agreement(ref.reshape(10, 20, 20, 32).transpose(0, 3, 1, 2), ref.reshape(10, 20, 20, 32).transpose(0, 3, 1, 2), k=4) == 1.0
+    assert kmeans(ref, 4).shape == (4, 32)
+    with pytest.raises(ValueError, match="at least 8 distinct"):
+        kmeans(np.ones((100, 3), np.float32))
+    with pytest.raises(ValueError, match="shapes differ"):
+        rel_error(ref[:10], ref[:11])
+
+
+def test_onnxruntime_fp32_and_int8_match_reference(reference) -> None:
+    """The exported graph, and its int8 quantization, against torch fp32 on real tiles. The int8
+    graph must really be quantized (its matrix products integer ones), not the fp32 one again."""
+    import onnx
+
+    from tilefm.backends.onnx_export import export_onnx, quantize_int8
+    from tilefm.backends.onnxruntime import OrtRunner
+
+    bound, x, ref = reference
+    fp32 = export_onnx(bound, x.shape[1:])
+    check(OrtRunner(fp32)(x), ref, "fp32")
+    int8 = quantize_int8(fp32)
+    ops = [n.op_type for n in onnx.load_from_string(int8).graph.node]
+    # per block: q/k/v, the attention's projection and the MLP's two (q@k and attn@v stay float)
+    assert ops.count("MatMulInteger") >= 4 * get_card("vit-small").vit.depth and "DynamicQuantizeLinear" in ops
+    assert len(int8) < 0.4 * len(fp32)  # int8 weights
+    run = OrtRunner(fp32, precision="int8")
+    assert run.precision == "int8" and run.session.providers == ["CPUExecutionProvider"]
+    got = run(x)
+    assert got.shape == ref.shape
+    check(got, ref, "int8")
+    assert rel_err(got, ref) > 1e-4  # it is the quantized graph that ran
 
 
 @gpu
@@ -172,7 +241,7 @@ def test_torch_cuda_matches_reference(reference, precision: str, graphs: bool) -
     run = TorchCudaRunner(bound, x.shape[1:], precision=precision, max_batch=2, cuda_graphs=graphs)
     got = run(x)  # 3 tiles with batch 2: one full batch and one padded one
     assert got.shape == ref.shape
-    assert rel_err(got, ref) < LIMITS[precision], (precision, rel_err(got, ref))
+    check(got, ref, precision)
 
 
 @gpu
@@ -186,7 +255,7 @@ def test_tensorrt_matches_reference(reference, precision: str, tmp_path: Path) -
     bound, x, ref = reference
     opts = BackendOptions(precision=precision, max_batch=2, engine_cache=str(tmp_path))
     got = tensorrt_runner(bound, x.shape[1:], opts, model_sha256=state_sha256(bound))(x)
-    assert rel_err(got, ref) < LIMITS[precision]
+    check(got, ref, precision)
     assert len(list(tmp_path.glob("*.engine"))) == 1
 
 
@@ -199,7 +268,7 @@ def test_onnxruntime_cuda_matches_reference(reference) -> None:
     bound, x, ref = reference
     run = OrtRunner(export_onnx(bound, x.shape[1:]), device="cuda")
     assert "CUDAExecutionProvider" in run.session.providers
-    assert rel_err(run(x), ref) < 1e-4
+    check(run(x), ref, "fp32")
 
 
 @gpu
@@ -208,7 +277,7 @@ def test_torch_compile_matches_reference(reference) -> None:
 
     bound, x, ref = reference
     got = TorchCudaRunner(bound, x.shape[1:], precision="bf16", max_batch=2, compile=True)(x)
-    assert rel_err(got, ref) < LIMITS["bf16"]
+    check(got, ref, "bf16")
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +307,7 @@ def test_presto_torch_cuda_matches_cpu(presto_pixels, precision: str) -> None:
     card, weights, inputs, ref = presto_pixels
     got = PrestoTileModel(card, "torch-cuda", weights, precision=precision, out_dtype="float32").embed(*inputs)
     assert got.shape == ref.shape == (65536, 128)
-    assert rel_err(got, ref) < LIMITS[precision], (precision, rel_err(got, ref))
+    check(got, ref, precision)
     # what a job stores: float16 from the GPU, as the COG holds it
     half = PrestoTileModel(card, "torch-cuda", weights, precision=precision).embed(*inputs)
     assert half.dtype == np.float16 and rel_err(half.astype(np.float32), ref) < LIMITS[precision] + 1e-3

@@ -53,6 +53,10 @@ CASES = {
     "out not a tif": (["--scene", "s2={scene}", "--model", "ukis-csmask", "--out", "{tmp}/x.png"], ["GeoTIFF"]),
     "bad date": (["--scene", "s2={scene}", "--model", "presto", "--date", "2020-13-01"], ["date", "YYYY-MM-DD"]),
     "bad dtype": (["--scene", "s2={scene}", "--model", "presto", "--dtype", "int4"], ["dtype", "int4"]),
+    "unknown precision": (["--scene", "s2={scene}", "--model", "vit-small", "--precision", "fp8"], ["precision:", "'fp8'", "int8"]),
+    "precision the card lacks": (["--scene", "s2={scene}", "--model", "presto", "--precision", "int8"], ["precision:", "fp32, bf16, fp16"]),
+    "gpu precision without a gpu": (["--scene", "s2={scene}", "--model", "vit-small", "--precision", "bf16"], ["precision:", "bf16", "tensorrt or torch-cuda"]),
+    "int8 on torch": (["--scene", "s2={scene}", "--model", "vit-small", "--backend", "torch", "--precision", "int8"], ["precision:", "onnxruntime"]),
 }
 
 

@@ -202,6 +202,8 @@ BAD = {
     "source not allowed": ({"scene": {"s2": "/etc"}}, 422, "scene.s2"),
     "source escapes": ({"scene": {"s2": "{no_b11}/../../../etc"}}, 422, "scene.s2"),
     "output not allowed": ({"output_prefix": "file:///etc/"}, 422, "output_prefix"),
+    "unknown precision": ({"precision": "fp8"}, 422, "precision"),
+    "precision the model lacks": ({"precision": "int8"}, 422, "precision"),
 }
 
 

@@ -51,6 +51,10 @@ def test_cpu_encoders_where_there_is_no_gpu_or_a_cpu_backend_was_asked() -> None
     assert (asked.replicas, asked.num_gpus, asked.backend) == (1, 0.0, "torch")
     off = place_encoders(worker("vit-base", "torch"), "auto", Settings(encoder_num_gpus=0), {"CPU": 16.0, "GPU": 4.0})
     assert off.num_gpus == 0.0
+    # int8 runs on ONNX Runtime's CPU kernels: an actor holding a GPU would leave it idle
+    int8 = WorkerSpec(card=get_card("vit-base"), backend="onnxruntime", weights=None, precision="int8")
+    p = place_encoders(int8, "auto", s, {"CPU": 16.0, "GPU": 4.0})
+    assert (p.num_gpus, p.backend) == (0.0, "onnxruntime")
 
 
 def test_placement_settings() -> None:

@@ -149,3 +149,29 @@ def test_cli_run_end_to_end(scene_dir: Path, tmp_path: Path) -> None:
         assert abs(ds.res[0] - resolution(6)) < 1e-6 and (ds.width, ds.height) == (256, 256)
         a = ds.read(1, masked=True)
         assert 0 < a.count() < 256 * 256  # the planned tiles' patches hold values, the rest is nodata
+
+
+def test_cli_run_in_int8_keeps_the_embeddings(scene_dir: Path, tmp_path: Path) -> None:
+    """`--precision int8`: `auto` takes onnxruntime (the backend that runs int8), the output says
+    so, and its embeddings match an fp32 run of the same tiles within the int8 limits."""
+    import rasterio
+
+    from tilefm.backends.compare import LIMITS, MIN_AGREEMENT, agreement
+
+    args = ["--scene", f"s2={scene_dir}", "--model", "vit-small", "--zoom", "11", "--bbox=-11.5,24.7,-11.4,24.8", "--executor", "local"]
+    pixels = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.tif"
+        r = run_cli("run", *args, "--precision", precision, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert f"on onnxruntime ({precision})" in r.stderr
+        with rasterio.open(out) as ds:
+            assert (ds.tags()["TILEFM_BACKEND"], ds.tags()["TILEFM_PRECISION"]) == ("onnxruntime", precision)
+            a = ds.read(masked=True)
+        seen = ~np.ma.getmaskarray(a[0])
+        pixels[precision] = a.data[:, seen].T.astype(np.float32)  # [pixels, 384]
+    assert pixels["fp32"].shape == pixels["int8"].shape and len(pixels["fp32"]) >= 256
+    a = agreement(pixels["int8"], pixels["fp32"])
+    # float16 storage adds ~5e-4 to both sides
+    assert a.rel_error < LIMITS["int8"] and a.class_agreement >= MIN_AGREEMENT["int8"], str(a)
+    assert a.rel_error > 1e-3  # the int8 graph ran, not fp32 twice

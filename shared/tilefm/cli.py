@@ -71,6 +71,7 @@ def run(
     zoom: Annotated[Optional[int], typer.Option(help="Web-mercator zoom; default matches the scene's native resolution.")] = None,
     bbox: Annotated[Optional[str], typer.Option(help="minlon,minlat,maxlon,maxlat (WGS84) to process only part of the scene.")] = None,
     backend: Annotated[str, typer.Option(help="auto (the fastest available), torch, torch-cuda, onnxruntime or tensorrt.")] = "auto",
+    precision: Annotated[Optional[str], typer.Option(help="Model arithmetic: auto (bf16/fp16 on a GPU, else fp32), fp32, fp16, bf16 or int8 (onnxruntime on CPUs); default TILEFM_PRECISION.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Embedding storage: float16 (default), float32 or int8 (scale/offset recorded).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch sent to an encoder (default: what a GPU encoder's memory allows, else 4).")] = None,
     executor: Annotated[str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")] = "ray",
@@ -95,7 +96,7 @@ def run(
             raise TileFMError(f"expected YYYY-MM-DD, got {scene_date!r}", field="date") from None
         spec = RunSpec(
             scene=scenes, model=model, out=out, zoom=zoom, bbox=parse_bbox(bbox) if bbox else None,
-            backend=backend, dtype=dtype, batch_size=batch_size, executor=executor,
+            backend=backend, precision=precision, dtype=dtype, batch_size=batch_size, executor=executor,
             asset_map=_pairs(asset, "asset"), date=d,
         )
         prep = prepare(spec)
@@ -106,7 +107,7 @@ def run(
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(
-        f"{summary['model']} on {summary['backend']}: {summary['tiles']} tiles at zoom {summary['zoom']} "
+        f"{summary['model']} on {summary['backend']} ({summary['precision']}): {summary['tiles']} tiles at zoom {summary['zoom']} "
         f"({summary['pixel_size_m']} m pixels) -> {out}",
         err=True,
     )
@@ -120,7 +121,7 @@ def run(
         except TileFMError as e:
             fail(e)
     typer.echo(
-        f"wrote {result.out} ({result.tiles} tiles in batches of {result.batch_size} on {result.backend}, {result.seconds:.1f} s) and {result.stac_item}",
+        f"wrote {result.out} ({result.tiles} tiles in batches of {result.batch_size} on {result.backend} ({result.precision}), {result.seconds:.1f} s) and {result.stac_item}",
         err=True,
     )
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tilefm import stac
-from tilefm.backends import select_backend
-from tilefm.errors import SceneError, StorageError
+from tilefm.backends import GPU_BACKENDS, resolve_precision, select_backend
+from tilefm.errors import BackendError, SceneError, StorageError
 from tilefm.grid import Tile, TilePlan, default_zoom, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.base import TileOutput
@@ -46,6 +46,8 @@ class RunSpec:
     zoom: int | None = None
     bbox: tuple[float, float, float, float] | None = None
     backend: str = "auto"
+    #: model precision (auto, fp32, fp16, bf16, int8); None: TILEFM_PRECISION
+    precision: str | None = None
     dtype: str | None = None
     #: tiles per batch; None: what the encoders' device takes (GPU memory), else DEFAULT_BATCH
     batch_size: int | None = None
@@ -65,11 +67,15 @@ class Prepared:
     backend: str
     #: None for a card without a checkpoint (seeded init, throughput work only)
     weights: Path | None
+    #: resolved for `backend` where this host resolved it; `auto` or as asked where GPU
+    #: encoder actors resolve it on their own hosts
+    precision: str = "auto"
 
     def summary(self) -> dict[str, Any]:
         return {
             "model": self.card.name,
             "backend": self.backend,
+            "precision": self.precision,
             "out": self.spec.out,
             **self.plan.summary(),
         }
@@ -86,6 +92,7 @@ class RunResult:
     #: what ran: the backend (as the encoders resolved it) and the tiles per batch
     backend: str = ""
     batch_size: int = 0
+    precision: str = ""
 
 
 def stac_uri_for(out: str) -> str:
@@ -115,10 +122,16 @@ def prepare(
     if zoom is None:
         zoom = default_zoom(scene.resolution_m, scene.footprint.centroid.y)
     plan = plan_tiles(scene.footprint, zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
-    backend = select_backend(card, spec.backend, remote=spec.executor == "ray" and bool(settings.ray_address))
+    remote = spec.executor == "ray" and bool(settings.ray_address)
+    precision = spec.precision or settings.precision
+    if precision != "auto" and precision not in card.precisions:
+        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {precision!r}", field="precision")
+    backend = select_backend(card, spec.backend, remote=remote, precision=precision)
+    if backend != "auto" and not (remote and backend in GPU_BACKENDS):
+        precision = resolve_precision(card, backend, precision)
     weights = weights_fn(card, settings.model_store)
     (check_writable_fn or storage_for(spec.out, settings).check_writable)(spec.out)
-    return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights)
+    return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights, precision=precision)
 
 
 def batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
@@ -147,7 +160,7 @@ def publish(
         mosaic = Path(tmp) / "mosaic.tif"
         stride = card.output_stride
         out_plan = plan.coarsen(stride.bit_length() - 1)
-        extra = {"backend": prep.backend, **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
+        extra = {"backend": prep.backend, "precision": prep.precision, **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
         tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
         writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan)
         try:
@@ -181,11 +194,16 @@ def execute(
     settings = settings or get_settings()
     spec, card, plan = prep.spec, prep.card, prep.plan
     t0 = time.perf_counter()
-    worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights)
+    worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights, precision=prep.precision)
     executor = make_executor(spec.executor, worker, settings, requested=spec.backend)
+    try:
+        executor.warm(prep.scene.modalities)
+    except BaseException:
+        executor.close()
+        raise
     load_s = time.perf_counter() - t0
-    if executor.backend != prep.backend:  # GPU encoders picked their own (the output says which)
-        prep = replace(prep, backend=executor.backend)
+    if (executor.backend, executor.precision) != (prep.backend, prep.precision):  # GPU encoders picked their own (the output says which)
+        prep = replace(prep, backend=executor.backend, precision=executor.precision)
     batch_size = spec.batch_size or executor.batch_size or DEFAULT_BATCH
 
     def outputs() -> Iterator[TileOutput]:
@@ -202,7 +220,7 @@ def execute(
     timings: dict[str, float] = {"load_s": load_s}
     stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings)
     timings["total_s"] = time.perf_counter() - t0
-    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings, backend=prep.backend, batch_size=batch_size)
+    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings, backend=prep.backend, batch_size=batch_size, precision=prep.precision)
 
 
 def run(spec: RunSpec, settings: Settings | None = None, progress: Callable[[int, int], None] | None = None) -> RunResult:

@@ -22,14 +22,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tilefm.backends import GPU_BACKENDS, select_backend
+from tilefm.backends import GPU_BACKENDS, resolve_precision, select_backend
 from tilefm.errors import BackendError
 from tilefm.grid import Tile
 from tilefm.models.base import TileModel, TileOutput, input_preparer, load_tile_model
 from tilefm.models.card import ModelCard
 from tilefm.read import TileInput, read_tiles
 from tilefm.scene import Scene
-from tilefm.settings import Settings
+from tilefm.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,11 @@ class WorkerSpec:
     #: None: the card has no checkpoint (seeded init)
     weights: Path | None
     threads: int | None = None
+    #: the run's precision; None or `auto`: TILEFM_PRECISION's choice for the backend
+    precision: str | None = None
 
     def load(self) -> TileModel:
-        return load_tile_model(self.card, self.backend, self.weights, threads=self.threads)
+        return load_tile_model(self.card, self.backend, self.weights, threads=self.threads, precision=self.precision)
 
 
 @dataclass
@@ -101,6 +103,13 @@ class LocalExecutor:
     @property
     def batch_size(self) -> int | None:
         return self.model.batch_size()
+
+    @property
+    def precision(self) -> str:
+        return self.model.precision
+
+    def warm(self, modalities: Iterable[str]) -> None:
+        self.model.warm(modalities)
 
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
         halo, model = self.model.read_halo, self.model
@@ -209,7 +218,8 @@ def place_encoders(worker: WorkerSpec, requested: str, settings: Settings, clust
         each = 1.0 if gpus >= 1 else 0.0
     # onnxruntime too: on a GPU host with onnxruntime-gpu it runs on CUDA
     card_gpu = any(b in worker.card.backends for b in (*GPU_BACKENDS, "onnxruntime"))
-    wants_gpu = requested in GPU_BACKENDS or (requested == "auto" and card_gpu)
+    # int8 is ONNX Runtime's CPU kernels: a GPU would sit idle
+    wants_gpu = worker.precision != "int8" and (requested in GPU_BACKENDS or (requested == "auto" and card_gpu))
     if each > 0 and wants_gpu:
         replicas = settings.encoder_replicas or max(1, int(gpus // each))
         slots = int(float(cluster.get("CPU", 1)) // max(settings.reader_num_cpus, 1e-3))
@@ -238,6 +248,14 @@ class EncoderPool:
         """Tiles per batch the actors' devices take at once (the smallest), None if unknown."""
         sizes = [i.batch_size for i in self.infos or [] if i.batch_size]
         return min(sizes) if sizes else None
+
+    def precision(self, worker: WorkerSpec) -> str:
+        """The precision the actors run (their answer once loaded, else what they will resolve)."""
+        if self.infos:
+            return ",".join(sorted({i.precision for i in self.infos}))
+        if self.placement.backend == "auto":
+            return worker.precision or "auto"
+        return resolve_precision(worker.card, self.placement.backend, worker.precision or get_settings().precision)
 
 
 def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requested: str | None = None, wait: bool = True) -> EncoderPool:
@@ -288,6 +306,7 @@ class RayExecutor:
         ray = connect(settings)
         self.ray = ray
         self._read = remote_reader(ray, settings)
+        self.worker = worker
         self.pool = start_encoders(ray, worker, settings, requested=requested, wait=False)
         self.actors = self.pool.actors
         self.halo = worker.card.context.halo
@@ -301,6 +320,21 @@ class RayExecutor:
     @property
     def batch_size(self) -> int | None:
         return self.pool.batch_size
+
+    @property
+    def precision(self) -> str:
+        return self.pool.precision(self.worker)
+
+    def warm(self, modalities: Iterable[str]) -> None:
+        """Every actor builds its runner before the first read (a failure there is a load error)."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        mods = list(modalities)
+        try:
+            self.ray.get([a.warm.remote(mods) for a in self.actors])
+        except (RayActorError, RayTaskError) as e:
+            last = [line for line in str(e).splitlines() if line.strip()][-1]
+            raise BackendError(f"encoder actors for {self.card.name!r} could not build their model: {last}", field="backend") from None
 
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
         ray = self.ray
@@ -364,7 +398,7 @@ class EncoderActor:
 
     def __init__(self, worker: WorkerSpec):
         if worker.backend == "auto":
-            worker = replace(worker, backend=select_backend(worker.card, "auto"))
+            worker = replace(worker, backend=select_backend(worker.card, "auto", precision=worker.precision or "auto"))
         self.worker = worker
         self.model = worker.load()
         self.encoded = 0
@@ -379,6 +413,9 @@ class EncoderActor:
             host=socket.gethostname(), pid=os.getpid(), batch_size=self.model.batch_size(), read_halo=self.model.read_halo,
             on_gpu=self.model.on_gpu, encoded=self.encoded,
         )
+
+    def warm(self, modalities: list[str]) -> None:
+        self.model.warm(modalities)
 
     def encode(self, inputs: PreparedBatch | list[TileInput]) -> list[TileOutput]:
         """Run the model on a prepared batch (from `read_prepared`), or read tiles."""

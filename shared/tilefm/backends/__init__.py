@@ -71,22 +71,41 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
-def _auto_order(card: ModelCard) -> list[str]:
+def runs_precision(backend: str, precision: str) -> bool:
+    """Whether `backend` can run `precision` at all (the card decides whether the model may)."""
+    if precision in ("auto", "fp32"):
+        return True
+    if precision == "int8":
+        return backend == "onnxruntime"
+    return backend in GPU_BACKENDS
+
+
+def _auto_order(card: ModelCard, precision: str = "auto") -> list[str]:
     gpu = [n for n in ("tensorrt", "torch-cuda") if n in card.backends]
     if "onnxruntime" in card.backends and ort_cuda_available():
         gpu.append("onnxruntime")
     cpu = [n for n in card.backends if n in ("torch", "onnxruntime") and n not in gpu]
-    return gpu + cpu
+    return [n for n in gpu + cpu if runs_precision(n, precision)]
 
 
-def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = False) -> str:
+def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = False, precision: str = "auto") -> str:
     """The backend to run `card` with, or a BackendError that says what to do instead.
     `remote`: the model runs on a Ray cluster elsewhere, whose GPU workers may have what this
-    host lacks; a GPU backend the card allows is then left for those workers to check."""
+    host lacks; a GPU backend the card allows is then left for those workers to check.
+    `precision`: `auto` only picks among backends that run it (int8: onnxruntime)."""
     if requested == "auto":
-        for name in _auto_order(card):
+        for name in _auto_order(card, precision):
             if unavailable_reason(name) is None:
                 return name
+        if precision not in ("auto", "fp32"):
+            can = [n for n in card.backends if runs_precision(n, precision)]
+            if remote and any(n in GPU_BACKENDS for n in can):
+                return "auto"  # the GPU workers pick theirs
+            raise BackendError(
+                f"no backend installed here runs model {card.name!r} in {precision} "
+                f"({'it needs ' + ' or '.join(can) if can else 'none of its backends does'})",
+                field="precision",
+            )
         raise BackendError(f"no backend for model {card.name!r} is installed (it runs on: {', '.join(card.backends)})")
     if requested not in KNOWN:
         raise BackendError(f"unknown backend {requested!r} (choose auto, {', '.join(KNOWN)})")
@@ -99,23 +118,33 @@ def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = F
 
 
 def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") -> str:
-    """fp32 on CPU backends; on GPU ones `auto` is bf16 where the card allows it, else fp16,
-    else fp32. An explicit precision the card does not allow is an error."""
-    gpu = backend in ("torch-cuda", "tensorrt") or (backend == "onnxruntime" and ort_cuda_available())
+    """`auto` is bf16 on GPU backends where the card allows it, else fp16, else fp32; fp32 on
+    CPU ones (the reference). int8 (where the card lists it) is ONNX Runtime's dynamic
+    quantization on CPUs. A precision the card or the backend does not allow is an error."""
     if requested == "auto":
-        if backend in ("torch-cuda", "tensorrt"):
+        if backend in GPU_BACKENDS:
             for p in ("bf16", "fp16"):
                 if p in card.precisions:
                     return p
         return "fp32"
     if requested not in card.precisions:
-        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {requested!r}")
-    if requested != "fp32" and not gpu:
-        raise BackendError(f"precision {requested!r} needs a GPU backend; {backend!r} runs fp32")
+        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {requested!r}", field="precision")
+    if requested == "fp32":
+        return requested
     if requested == "int8":
-        raise BackendError("int8 needs a calibration set, which tilefm does not ship yet; use fp16 or bf16")
-    if backend == "onnxruntime" and requested != "fp32":
-        raise BackendError("onnxruntime runs the exported fp32 graph; use torch-cuda or tensorrt for fp16/bf16")
+        if backend == "onnxruntime":
+            return requested
+        if backend == "tensorrt":
+            raise BackendError(
+                "TensorRT int8 needs static scales from a calibration set, which tilefm does not build yet; "
+                "use fp16/bf16 on tensorrt or torch-cuda, or int8 on onnxruntime (CPU)",
+                field="precision",
+            )
+        raise BackendError(f"int8 runs on onnxruntime (CPU, dynamic quantization), not on {backend!r}", field="precision")
+    if backend == "onnxruntime":
+        raise BackendError(f"onnxruntime runs the exported fp32 graph or its int8 quantization, not {requested!r}; use torch-cuda or tensorrt for fp16/bf16", field="precision")
+    if backend not in GPU_BACKENDS:
+        raise BackendError(f"precision {requested!r} needs a GPU backend (torch-cuda or tensorrt); {backend!r} runs fp32 or int8", field="precision")
     return requested
 
 
@@ -159,7 +188,7 @@ def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], 
         from tilefm.backends.onnx_export import export_onnx
         from tilefm.backends.onnxruntime import OrtRunner
 
-        return OrtRunner(export_onnx(module, sample_shape), threads=options.threads)
+        return OrtRunner(export_onnx(module, sample_shape), threads=options.threads, precision=options.precision)
     if backend == "tensorrt":
         from tilefm.backends.tensorrt import tensorrt_runner
 

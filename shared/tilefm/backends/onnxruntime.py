@@ -36,9 +36,18 @@ class OrtRunner:
     """An exported graph with one input and one output, as a backend Runner."""
 
     backend = "onnxruntime"
-    precision = "fp32"
 
-    def __init__(self, model: Path | bytes, *, threads: int | None = None, device: str = "auto"):
+    def __init__(self, model: Path | bytes, *, threads: int | None = None, device: str = "auto", precision: str = "fp32"):
+        """`model`: the fp32 graph; with `precision="int8"` it is quantized here and run on the
+        CPU provider (the dynamic-quantization kernels are CPU ones)."""
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"onnxruntime runs fp32 or int8 graphs, not {precision!r}")
+        if precision == "int8":
+            from tilefm.backends.onnx_export import quantize_int8
+
+            model = quantize_int8(model if isinstance(model, bytes) else Path(model).read_bytes())
+            device = "cpu"
+        self.precision = precision
         self.session = OrtSession(model, threads=threads, device=device)
         self.input_name = self.session.input_names[0]
 

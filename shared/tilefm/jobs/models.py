@@ -43,6 +43,7 @@ class JobSpec(BaseModel):
     zoom: Annotated[int | None, Field(ge=0, le=22)] = None
     bbox: tuple[float, float, float, float] | None = None
     backend: str = "auto"
+    precision: Annotated[str | None, Field(description="model arithmetic: auto, fp32, fp16, bf16 (GPU backends) or int8 (onnxruntime on CPUs); absent: the workers' TILEFM_PRECISION")] = None
     dtype: str | None = None
     date: str | None = None
     assets: dict[str, str] = Field(default_factory=dict)
@@ -54,6 +55,13 @@ class JobSpec(BaseModel):
     def _backend(cls, v: str) -> str:
         if v not in ("auto", "torch", "torch-cuda", "onnxruntime", "tensorrt"):
             raise ValueError("must be one of auto, torch, torch-cuda, onnxruntime, tensorrt")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("auto", "fp32", "fp16", "bf16", "int8"):
+            raise ValueError("must be one of auto, fp32, fp16, bf16, int8")
         return v
 
 

@@ -120,6 +120,8 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         msg.dtype = spec.dtype
     if spec.date is not None:
         msg.date = spec.date
+    if spec.precision is not None:
+        msg.precision = spec.precision
     return msg
 
 
@@ -135,7 +137,7 @@ def spec_to_dict(msg: pb.JobSpec) -> dict[str, Any]:
     }
     if msg.backend:
         data["backend"] = msg.backend
-    for name in ("zoom", "dtype", "date", "priority"):
+    for name in ("zoom", "dtype", "date", "priority", "precision"):
         if msg.HasField(name):
             data[name] = getattr(msg, name)
     if msg.HasField("bbox"):

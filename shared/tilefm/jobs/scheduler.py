@@ -84,8 +84,9 @@ class _Active:
     done: int = 0
     finishing: Future[Any] | None = None
     last_event: float = 0.0
-    #: the backend the encoder actors run (GPU actors resolve `auto` themselves)
+    #: the backend and precision the encoder actors run (GPU actors resolve `auto` themselves)
     backend: str = ""
+    precision: str = ""
 
     @property
     def part_dtype(self) -> np.dtype:
@@ -178,21 +179,24 @@ class Scheduler:
         a = _Active(
             job=job, prep=prep, encoding=Encoding.for_card(prep.card, job.spec.dtype),
             pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size or pool.batch_size or DEFAULT_BATCH)),
-            done_at_start=len(done), done=len(done), backend=pool.backend,
+            done_at_start=len(done), done=len(done), backend=pool.backend, precision=pool.precision(self._worker(prep)),
         )
         self.active[job.id] = a
         self._rr.append(job.id)
         self._event(a, f"running: {len(todo)} of {len(prep.plan.tiles)} tiles to do")
 
+    @staticmethod
+    def _worker(prep: Prepared) -> WorkerSpec:
+        return WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights, precision=prep.precision)
+
     def _pool(self, prep: Prepared) -> EncoderPool:
-        key = (prep.card.name, prep.backend)
+        key = (prep.card.name, prep.backend, prep.precision)
         if key not in self.pools:
-            in_use = {(a.prep.card.name, a.prep.backend) for a in self.active.values()}
+            in_use = {(a.prep.card.name, a.prep.backend, a.prep.precision) for a in self.active.values()}
             for idle in [k for k in self.pools if k not in in_use]:  # free the node for this model
                 for actor in self.pools.pop(idle).actors:
                     self.ray.kill(actor)
-            worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
-            self.pools[key] = start_encoders(self.ray, worker, self.settings, requested=prep.spec.backend)
+            self.pools[key] = start_encoders(self.ray, self._worker(prep), self.settings, requested=prep.spec.backend)
             metrics.ray_actors.set(sum(len(p.actors) for p in self.pools.values()))
         return self.pools[key]
 
@@ -300,7 +304,7 @@ class Scheduler:
         store = storage_for(out, self.settings)  # the output and its parts
         parts = (decode_part(store.read_bytes(part_uri(job, t)), t) for t in prep.plan.tiles)
         timings: dict[str, float] = {}
-        ran = replace(prep, backend=a.backend)  # what the encoders ran, as a run's output says
+        ran = replace(prep, backend=a.backend, precision=a.precision)  # what the encoders ran, as a run's output says
         stac_uri = publish(ran, a.encoding, parts, out, self.settings, extra_tags={"job": job.id},
                            proceed=lambda: not self.store.cancel_requested(job.id), timings=timings)
         metrics.stage_seconds.labels("stitch").observe(timings["tiles_s"] + timings["cog_s"])

@@ -55,7 +55,7 @@ def run_spec(spec: JobSpec, *, out: str | None = None) -> RunSpec:
         raise TileFMError(f"expected YYYY-MM-DD, got {spec.date!r}", field="date") from None
     return RunSpec(
         scene=dict(spec.scene), model=spec.model, out=out or output_uri(spec), zoom=spec.zoom,
-        bbox=tuple(spec.bbox) if spec.bbox else None, backend=spec.backend, dtype=spec.dtype,
+        bbox=tuple(spec.bbox) if spec.bbox else None, backend=spec.backend, precision=spec.precision, dtype=spec.dtype,
         asset_map=dict(spec.assets), date=d,
     )
 

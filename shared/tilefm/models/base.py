@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class TileModel(ABC):
         """Whether the model computes on a GPU (an actor holding one while it does not wastes it)."""
         from tilefm.backends import GPU_BACKENDS, ort_cuda_available
 
-        return self.backend in GPU_BACKENDS or (self.backend == "onnxruntime" and ort_cuda_available())
+        return self.backend in GPU_BACKENDS or (self.backend == "onnxruntime" and self.precision != "int8" and ort_cuda_available())
 
     def batch_size(self) -> int | None:
         """Tiles per batch this model's device takes at once (a GPU's from its memory), or None
@@ -58,6 +59,11 @@ class TileModel(ABC):
     def read_halo(self) -> int:
         """Pixels read around each tile (at least the card's halo; more if a derived input needs it)."""
         return self.card.context.halo
+
+    def warm(self, modalities: Iterable[str]) -> None:
+        """Build what the first batch would (ONNX export, int8 quantization, TensorRT engine,
+        torch.compile, CUDA graphs) for a scene of these modalities, so that it is paid at load
+        and not by the stream of tiles. Models with nothing to build do nothing."""
 
     def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
         """Run the model on a batch of tiles."""
@@ -105,9 +111,16 @@ def normalize(card: ModelCard, data: np.ndarray) -> np.ndarray:
     return data * a + c
 
 
-def load_tile_model(card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None) -> TileModel:
+def load_tile_model(card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, precision: str | None = None) -> TileModel:
     """Build the runner for a card's architecture on the chosen backend (`weights` is None only
-    for cards without a checkpoint, which only `vit` allows)."""
+    for cards without a checkpoint, which only `vit` allows). `precision`: None or `auto` for
+    TILEFM_PRECISION's choice; one the card or backend does not allow is a BackendError."""
+    if precision and precision != "auto":
+        from tilefm.backends import resolve_precision
+
+        resolve_precision(card, backend, precision)
+    else:
+        precision = None
     if card.architecture == "onnx":
         from tilefm.models.onnx import OnnxWindowModel
 
@@ -117,9 +130,9 @@ def load_tile_model(card: ModelCard, backend: str, weights: Path | None, *, thre
         from tilefm.models.presto_tiles import PrestoTileModel
 
         assert weights is not None
-        return PrestoTileModel(card, backend, weights, threads=threads)
+        return PrestoTileModel(card, backend, weights, threads=threads, precision=precision)
     if card.architecture == "vit":
         from tilefm.models.vit_tiles import ViTTileModel
 
-        return ViTTileModel(card, backend, weights, threads=threads)
+        return ViTTileModel(card, backend, weights, threads=threads, precision=precision)
     raise ValueError(f"no runner for architecture {card.architecture!r}")

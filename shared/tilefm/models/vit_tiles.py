@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,12 +32,13 @@ log = logging.getLogger(__name__)
 CPU_BATCH = 8
 
 
-def options_from_settings(card: ModelCard, backend: str, threads: int | None = None) -> BackendOptions:
+def options_from_settings(card: ModelCard, backend: str, threads: int | None = None, precision: str | None = None) -> BackendOptions:
+    """`precision`: the run's (None: TILEFM_PRECISION)."""
     from tilefm.settings import get_settings
 
     s = get_settings()
     return BackendOptions(
-        precision=resolve_precision(card, backend, s.precision),
+        precision=resolve_precision(card, backend, precision or s.precision),
         max_batch=s.max_batch,
         compile=s.torch_compile,
         cuda_graphs=s.cuda_graphs,
@@ -75,12 +77,12 @@ class ViTBatch:
 class ViTTileModel(TileModel):
     preparer: ViTInputs
 
-    def __init__(self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None):
+    def __init__(self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None, precision: str | None = None):
         super().__init__(card, backend)
         assert card.vit is not None
         self.net = load_vit(card, weights)
         self.wavelengths = card_wavelengths(card)
-        self.options = options or options_from_settings(card, backend, threads)
+        self.options = options or options_from_settings(card, backend, threads, precision)
         self.precision = self.options.precision
         if self.options.max_batch <= 0:  # auto: from the GPU's memory, or CPU_BATCH
             self.options = replace(self.options, max_batch=self._auto_batch())
@@ -110,6 +112,15 @@ class ViTTileModel(TileModel):
             self._runners[bands] = make_runner(bound, self.backend, (len(bands), TILE_SIZE, TILE_SIZE), self.options, model_sha256=state_sha256(bound))
             log.info("%s on %s (%s) for %d bands ready in %.1f s", self.card.name, self.backend, self.options.precision, len(bands), time.perf_counter() - t0)
         return self._runners[bands]
+
+    def warm(self, modalities: Iterable[str]) -> None:
+        """The runner for the band set a scene of these modalities has where all its bands have
+        data (the usual one), through one batch of zeros (compile, graph capture)."""
+        wanted = set(modalities)
+        mods = [i.modality for i in self.card.inputs for _ in i.bands]
+        bands = tuple(i for i, m in enumerate(mods) if m in wanted)
+        if bands:
+            self.runner(bands)(np.zeros((1, len(bands), TILE_SIZE, TILE_SIZE), np.float32))
 
     def inputs(self, t: TileInput) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
         return self.preparer.tile(t)
