@@ -51,6 +51,10 @@ def export_onnx(module: nn.Module, sample_shape: tuple[int, ...], *, batch: int 
 INT8_OPS = ("MatMul", "Gemm")
 
 
+def _quiet_advice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Please consider to run pre-processing")
+
+
 def quantize_int8(onnx_bytes: bytes) -> bytes:
     """The graph with dynamic int8 quantization: weights rounded per output channel ahead of
     time, activations quantized per batch as they come (no calibration set needed, so every
@@ -63,9 +67,10 @@ def quantize_int8(onnx_bytes: bytes) -> bytes:
     with tempfile.TemporaryDirectory(prefix="tilefm-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_bytes)
-        logging.getLogger().disabled, was = True, logging.getLogger().disabled  # its pre-processing advice
+        root = logging.getLogger()
+        root.addFilter(_quiet_advice)  # it logs "Please consider to run pre-processing" on the root logger
         try:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(INT8_OPS))
         finally:
-            logging.getLogger().disabled = was
+            root.removeFilter(_quiet_advice)
         return dst.read_bytes()
