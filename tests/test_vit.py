@@ -156,7 +156,7 @@ def test_cli_run_in_int8_keeps_the_embeddings(scene_dir: Path, tmp_path: Path) -
     so, and its embeddings match an fp32 run of the same tiles within the int8 limits."""
     import rasterio
 
-    from tilefm.backends.compare import LIMITS, MIN_AGREEMENT, agreement
+    from tilefm.backends.compare import agreement
 
     args = ["--scene", f"s2={scene_dir}", "--model", "vit-small", "--zoom", "11", "--bbox=-11.5,24.7,-11.4,24.8", "--executor", "local"]
     pixels = {}
@@ -173,5 +173,5 @@ def test_cli_run_in_int8_keeps_the_embeddings(scene_dir: Path, tmp_path: Path) -
     assert pixels["fp32"].shape == pixels["int8"].shape and len(pixels["fp32"]) >= 256
     a = agreement(pixels["int8"], pixels["fp32"])
     # float16 storage adds ~5e-4 to both sides
-    assert a.rel_error < LIMITS["int8"] and a.class_agreement >= MIN_AGREEMENT["int8"], str(a)
+    assert a.ok("int8"), str(a)
     assert a.rel_error > 1e-3  # the int8 graph ran, not fp32 twice

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tilefm import stac
-from tilefm.backends import GPU_BACKENDS, resolve_precision, select_backend
-from tilefm.errors import BackendError, SceneError, StorageError
+from tilefm.backends import GPU_BACKENDS, check_precision, resolve_precision, select_backend
+from tilefm.errors import SceneError, StorageError
 from tilefm.grid import Tile, TilePlan, default_zoom, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.base import TileOutput
@@ -124,8 +124,7 @@ def prepare(
     plan = plan_tiles(scene.footprint, zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
     remote = spec.executor == "ray" and bool(settings.ray_address)
     precision = spec.precision or settings.precision
-    if precision != "auto" and precision not in card.precisions:
-        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {precision!r}", field="precision")
+    check_precision(card, precision)  # before the backend: GPU workers may resolve that later
     backend = select_backend(card, spec.backend, remote=remote, precision=precision)
     if backend != "auto" and not (remote and backend in GPU_BACKENDS):
         precision = resolve_precision(card, backend, precision)

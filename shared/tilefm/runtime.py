@@ -326,12 +326,19 @@ class RayExecutor:
         return self.pool.precision(self.worker)
 
     def warm(self, modalities: Iterable[str]) -> None:
-        """Every actor builds its runner before the first read (a failure there is a load error)."""
+        """Every actor builds its runner ahead of its first batch. Actors that have loaded (GPU
+        ones) build it now, before any read, and a failure there is a load error; actors still
+        loading (CPU ones) get it queued ahead of their first batch (an actor runs its calls in
+        order), so the first reads overlap the load as before, and a failure comes back from
+        the first batch."""
         from ray.exceptions import RayActorError, RayTaskError
 
         mods = list(modalities)
+        refs = [a.warm.remote(mods) for a in self.actors]
+        if not self.pool.infos:
+            return
         try:
-            self.ray.get([a.warm.remote(mods) for a in self.actors])
+            self.ray.get(refs)
         except (RayActorError, RayTaskError) as e:
             last = [line for line in str(e).splitlines() if line.strip()][-1]
             raise BackendError(f"encoder actors for {self.card.name!r} could not build their model: {last}", field="backend") from None

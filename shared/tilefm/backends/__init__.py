@@ -117,6 +117,12 @@ def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = F
     return requested
 
 
+def check_precision(card: ModelCard, precision: str) -> None:
+    """`auto`, or a precision the card allows (whatever the backend)."""
+    if precision != "auto" and precision not in card.precisions:
+        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {precision!r}", field="precision")
+
+
 def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") -> str:
     """`auto` is bf16 on GPU backends where the card allows it, else fp16, else fp32; fp32 on
     CPU ones (the reference). int8 (where the card lists it) is ONNX Runtime's dynamic
@@ -127,8 +133,7 @@ def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") ->
                 if p in card.precisions:
                     return p
         return "fp32"
-    if requested not in card.precisions:
-        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {requested!r}", field="precision")
+    check_precision(card, requested)
     if requested == "fp32":
         return requested
     if requested == "int8":
