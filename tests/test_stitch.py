@@ -4,6 +4,7 @@ and the quantization it records."""
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from shapely.geometry import box
 from tilefm.grid import TILE_SIZE, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.base import TileOutput
-from tilefm.stitch import Encoding, MosaicWriter
+from tilefm.stitch import Encoding, MosaicWriter, write_cog
 from tilefm.windows import blend_weights, window_offsets
 
 CLOUDS = get_card("ukis-csmask")
@@ -157,3 +158,55 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
         np.testing.assert_array_equal(block[:, 1:, :], o.values[:, 1:, :])
         covered[r0 : r0 + 16, c0 : c0 + 16] = True
     assert np.isnan(data[0][~covered]).all()
+
+
+def test_per_patch_overviews_are_made_while_stitching(tmp_path: Path) -> None:
+    """Float per-patch outputs: the writer makes every overview level from the children as they
+    arrive (GDAL's external `.ovr` chain), and the COG keeps them: nodata-aware means of the
+    2^L x 2^L stored pixels below, rounded to float16; what GDAL's AVERAGE gives wherever it
+    agrees with that."""
+    vit = get_card("vit-small")
+    card = vit.model_copy(update={"output": vit.output.model_copy(update={"channels": 8})})
+    plan = plan_tiles(box(0.1, 24.6, 22.4, 24.8), 10)  # a strip across four z6 parents
+    out_plan = plan.coarsen(4)
+    assert out_plan.overview_levels == 2 and len(out_plan.tiles) == 4
+    rng = np.random.default_rng(5)
+    outs = []
+    for t in plan.tiles:
+        wgt = (rng.uniform(size=(16, 16)) > 0.2).astype(np.float32)  # patches without input
+        outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-5, 5, (8, 16, 16)).astype(np.float32), weight=wgt))
+    random.Random(2).shuffle(outs)
+    enc = Encoding.for_card(card)
+    mosaic = tmp_path / "m.tif"
+    writer = MosaicWriter(plan, card, mosaic, enc, halo=0, out_plan=out_plan)
+    for o in outs:
+        writer.add(o)
+    writer.close()
+    assert Path(f"{mosaic}.ovr").exists() and Path(f"{mosaic}.ovr.ovr").exists()
+    ours, gdals = tmp_path / "ours.tif", tmp_path / "gdal.tif"
+    write_cog(mosaic, ours, out_plan, enc)
+    with rasterio.open(ours) as ds:
+        assert ds.overviews(1) == [2, 4]
+        full = ds.read()
+    for p in (Path(f"{mosaic}.ovr"), Path(f"{mosaic}.ovr.ovr")):
+        p.unlink()
+    write_cog(mosaic, gdals, out_plan, enc)  # the same mosaic, GDAL making the overviews
+    C, H, W = full.shape
+    for level in (1, 2):
+        f = 1 << level
+        blocks = full.reshape(C, H // f, f, W // f, f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-nodata blocks
+            expected = np.nanmean(blocks.astype(np.float64), axis=(2, 4)).astype(np.float16).astype(np.float32)
+        with rasterio.open(ours, OVERVIEW_LEVEL=level - 1) as o, rasterio.open(gdals, OVERVIEW_LEVEL=level - 1) as g:
+            got, gdal = o.read(), g.read()
+        nan = np.isnan(expected)
+        assert nan.any() and not nan.all()
+        assert (np.isnan(got) == nan).all() and (np.isnan(gdal) == nan).all()
+        ulp = 2.0**-8  # float16 at 4 <= |v| < 8
+        assert np.abs(got[~nan] - expected[~nan]).max() <= ulp
+        assert (got[~nan] == expected[~nan]).mean() > 0.99
+        # GDAL makes level 2 from level 1 (means of means): the same where no pixel was nodata
+        whole = ~np.isnan(blocks).any(axis=(2, 4))
+        assert whole.sum() > 100
+        assert np.abs(got[whole] - gdal[whole]).max() <= 2 * ulp  # GDAL truncates to float16, we round
