@@ -1,0 +1,66 @@
+"""Stitch benchmark: the mosaic writer and the COG step alone, on random outputs of a card's shape
+over the sample scene's tile plan (no reads, no model).
+
+    TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/stitch.py --model presto --zoom 12 --tiles 60
+    TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/stitch.py --model vit-base --zoom 13 --cog
+
+`add` is what the thread that stitches spends per tile (waiting for the mosaic's writer thread
+included, which bounds it when the writer is behind); `add+close` adds the writer's tail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-20200219"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit-base")
+    ap.add_argument("--zoom", type=int, default=13)
+    ap.add_argument("--tiles", type=int, default=0, help="the first N tiles of the plan (0: all)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cog", action="store_true", help="also time the COG step")
+    args = ap.parse_args()
+
+    from tilefm.models.base import TileOutput
+    from tilefm.pipeline import RunSpec, prepare
+    from tilefm.stitch import Encoding, MosaicWriter, write_cog
+
+    spec = RunSpec(scene={"s2": str(SCENE)}, model=args.model, zoom=args.zoom, out="/tmp/stitch.tif", executor="local", date=date(2020, 2, 19))
+    prep = prepare(spec)
+    card, plan = prep.card, prep.plan
+    if args.tiles:
+        plan = dataclasses.replace(plan, tiles=plan.tiles[: args.tiles])
+    C, n = card.output.channels, 256 // card.output_stride
+    rng = np.random.default_rng(0)
+    outs = [TileOutput(tile=t, halo=0, values=rng.normal(size=(C, n, n)).astype(np.float32), weight=np.ones((n, n), np.float32)) for t in plan.tiles]
+    enc = Encoding.for_card(card)
+    out_plan = plan.coarsen(card.output_stride.bit_length() - 1)
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            writer = MosaicWriter(plan, card, Path(tmp) / "m.tif", enc, halo=0, out_plan=out_plan)
+            for o in outs:
+                writer.add(o)
+            t1 = time.perf_counter()
+            writer.close()
+            t2 = time.perf_counter()
+            if args.cog:
+                write_cog(Path(tmp) / "m.tif", Path(tmp) / "c.tif", out_plan, enc)
+            t3 = time.perf_counter()
+        ms = 1000 / len(outs)
+        print(f"{card.name} z{args.zoom}: {len(outs)} tiles, add {(t1 - t0) * ms:.2f} ms/tile, add+close {(t2 - t0) * ms:.2f} ms/tile"
+              + (f", COG step {t3 - t2:.1f} s" if args.cog else ""), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
