@@ -119,6 +119,10 @@ class _Buffers:
             if len(free) < self.keep:
                 free.append(a)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
 
 @dataclass
 class _Acc:
@@ -372,6 +376,8 @@ class MosaicWriter:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
+            self._buffers.clear()  # not held through the COG step
+            self._half.clear()
             for ds in (self.dataset, *self.overviews):
                 if not ds.closed:
                     ds.close()
