@@ -204,7 +204,7 @@ class MosaicWriter:
         class maps (mode), int8 and full-resolution outputs keep GDAL's."""
         n = TILE_SIZE >> self.k
         levels = self.out_plan.overview_levels
-        if not (self.k and self.encoding.dtype == "float32" and self.card.output.kind != "classes" and levels <= n.bit_length() - 1):
+        if not (self.k and self.encoding.dtype == "float32" and levels <= n.bit_length() - 1):  # class maps: uint8
             return []
         datasets = []
         for level in range(1, levels + 1):
@@ -263,9 +263,8 @@ class MosaicWriter:
             raise ValueError(f"tile {out.tile}: expected a {n} x {n} output, got {out.values.shape[1:]}")
         acc = self.pending.get(t)
         if acc is None:
-            channels = 1 if self.card.output.kind == "classes" else out.values.shape[0]
-            data = self._buffers.take((channels, TILE_SIZE, TILE_SIZE), self.encoding.dtype)
-            levels = [self._buffers.take((channels, TILE_SIZE >> i, TILE_SIZE >> i), "float32") for i in range(1, len(self.overviews) + 1)]
+            data = self._buffers.take((self.channels, TILE_SIZE, TILE_SIZE), self.encoding.dtype)
+            levels = [self._buffers.take((self.channels, TILE_SIZE >> i, TILE_SIZE >> i), "float32") for i in range(1, len(self.overviews) + 1)]
             for a in (data, *levels):
                 a.fill(self.encoding.nodata)
             acc = self.pending[t] = _Acc(data, np.zeros(0, np.float32), self.expected[t], levels)
@@ -319,8 +318,7 @@ class MosaicWriter:
         self.encoding.encode_into(values, weight, out, half)
 
     def _write(self, tile: Tile, acc: _Acc) -> None:
-        channels = 1 if self.card.output.kind == "classes" else acc.values.shape[0]
-        data = self._buffers.take((channels, TILE_SIZE, TILE_SIZE), self.encoding.dtype)
+        data = self._buffers.take((self.channels, TILE_SIZE, TILE_SIZE), self.encoding.dtype)
         self._encode_into(acc.values, acc.weight, data)
         self._submit(tile, data)
 
