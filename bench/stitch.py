@@ -33,7 +33,7 @@ def main() -> None:
 
     from tilefm.models.base import TileOutput
     from tilefm.pipeline import RunSpec, prepare
-    from tilefm.stitch import Encoding, MosaicWriter, write_cog
+    from tilefm.stitch import Encoding, MosaicWriter
 
     spec = RunSpec(scene={"s2": str(SCENE)}, model=args.model, zoom=args.zoom, out="/tmp/stitch.tif", executor="local", date=date(2020, 2, 19))
     prep = prepare(spec)
@@ -55,7 +55,7 @@ def main() -> None:
             writer.close()
             t2 = time.perf_counter()
             if args.cog:
-                write_cog(Path(tmp) / "m.tif", Path(tmp) / "c.tif", out_plan, enc)
+                writer.finish(Path(tmp) / "c.tif")
             t3 = time.perf_counter()
         ms = 1000 / len(outs)
         print(f"{card.name} z{args.zoom}: {len(outs)} tiles, add {(t1 - t0) * ms:.2f} ms/tile, add+close {(t2 - t0) * ms:.2f} ms/tile"

@@ -55,14 +55,16 @@ def _window_outputs(plan) -> list[TileOutput]:
 
 
 def _write(plan, outputs, path: Path, card=CLOUDS, encoding=None) -> tuple[np.ndarray, int]:
+    """The base level of the COG made from `outputs`, and the most tiles pending at once."""
     enc = encoding or Encoding.for_card(card)
-    writer = MosaicWriter(plan, card, path, enc, halo=card.context.halo)
+    writer = MosaicWriter(plan, card, path.with_suffix(".mosaic.tif"), enc, halo=card.context.halo)
     peak = 0
     for o in outputs:
         writer.add(o)
         peak = max(peak, len(writer.pending))
     assert not writer.missing
     writer.close()
+    writer.finish(path)
     with rasterio.open(path) as src:
         return src.read(), peak
 
@@ -140,11 +142,12 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
         outputs.append(TileOutput(tile=t, halo=0, values=rng.normal(size=(card.output.channels, 16, 16)).astype(np.float32), weight=w))
     random.Random(1).shuffle(outputs)
     path = tmp_path / "m.tif"
-    writer = MosaicWriter(plan, card, path, Encoding.for_card(card, "float32"), halo=0, out_plan=plan.coarsen(4))
+    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", Encoding.for_card(card, "float32"), halo=0, out_plan=plan.coarsen(4))
     for o in outputs:
         writer.add(o)
     writer.close()
     assert not writer.missing and writer.out_plan.zoom == 8
+    writer.finish(path)
     with rasterio.open(path) as ds:
         assert ds.res[0] == pytest.approx(plan.transform.a * 16)
         data = ds.read()
@@ -160,37 +163,46 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
     assert np.isnan(data[0][~covered]).all()
 
 
-def test_per_patch_overviews_are_made_while_stitching(tmp_path: Path) -> None:
-    """Float per-patch outputs: the writer makes every overview level from the children as they
-    arrive (GDAL's external `.ovr` chain), and the COG keeps them: nodata-aware means of the
+@pytest.mark.parametrize("per_patch", [True, False], ids=["per-patch", "full-resolution"])
+def test_overviews_are_made_while_stitching(tmp_path: Path, per_patch: bool) -> None:
+    """Float outputs: the writer makes every overview level from each tile (or per-patch
+    child) as it is final, and the streamed COG holds them: nodata-aware means of the
     2^L x 2^L stored pixels below, rounded to float16; what GDAL's AVERAGE gives wherever it
     agrees with that."""
-    vit = get_card("vit-small")
-    card = vit.model_copy(update={"output": vit.output.model_copy(update={"channels": 8})})
-    plan = plan_tiles(box(0.1, 24.6, 22.4, 24.8), 10)  # a strip across four z6 parents
-    out_plan = plan.coarsen(4)
-    assert out_plan.overview_levels == 2 and len(out_plan.tiles) == 4
+    base = get_card("vit-small" if per_patch else "presto")
+    card = base.model_copy(update={"output": base.output.model_copy(update={"channels": 8})})
+    if per_patch:
+        plan = plan_tiles(box(0.1, 24.6, 22.4, 24.8), 10)  # a strip across four z6 parents
+        out_plan, n = plan.coarsen(4), 16
+        assert len(out_plan.tiles) == 4
+    else:
+        plan = plan_tiles(box(0.1, 24.6, 1.4, 24.8), 10)  # a strip of four z10 tiles
+        out_plan, n = plan, TILE_SIZE
+        assert len(plan.tiles) == 4
+    assert out_plan.overview_levels == 2
     rng = np.random.default_rng(5)
     outs = []
     for t in plan.tiles:
-        wgt = (rng.uniform(size=(16, 16)) > 0.2).astype(np.float32)  # patches without input
-        outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-5, 5, (8, 16, 16)).astype(np.float32), weight=wgt))
+        wgt = (rng.uniform(size=(n // 16, n // 16)) > 0.2).repeat(16, 0).repeat(16, 1).astype(np.float32)  # 16-px holes
+        if not per_patch:
+            wgt[rng.uniform(size=wgt.shape) < 0.02] = 0  # and single pixels
+        outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-5, 5, (8, n, n)).astype(np.float32), weight=wgt))
     random.Random(2).shuffle(outs)
     enc = Encoding.for_card(card)
-    mosaic = tmp_path / "m.tif"
-    writer = MosaicWriter(plan, card, mosaic, enc, halo=0, out_plan=out_plan)
+    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", enc, halo=0, out_plan=out_plan)
+    assert writer.streamed
     for o in outs:
         writer.add(o)
     writer.close()
-    assert Path(f"{mosaic}.ovr").exists() and Path(f"{mosaic}.ovr.ovr").exists()
-    ours, gdals = tmp_path / "ours.tif", tmp_path / "gdal.tif"
-    write_cog(mosaic, ours, out_plan, enc)
+    ours, plain, gdals = tmp_path / "ours.tif", tmp_path / "plain.tif", tmp_path / "gdal.tif"
+    writer.finish(ours)
     with rasterio.open(ours) as ds:
         assert ds.overviews(1) == [2, 4]
+        profile = ds.profile
         full = ds.read()
-    for p in (Path(f"{mosaic}.ovr"), Path(f"{mosaic}.ovr.ovr")):
-        p.unlink()
-    write_cog(mosaic, gdals, out_plan, enc)  # the same mosaic, GDAL making the overviews
+    with rasterio.open(plain, "w", **{**profile, "compress": None}) as ds:  # the same base, no overviews
+        ds.write(full)
+    write_cog(plain, gdals, out_plan, enc)  # GDAL making the overviews
     C, H, W = full.shape
     for level in (1, 2):
         f = 1 << level

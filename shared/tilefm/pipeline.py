@@ -28,7 +28,7 @@ from tilefm.read import check_scene
 from tilefm.runtime import WorkerSpec, make_executor
 from tilefm.scene import Scene, open_scene
 from tilefm.settings import Settings, get_settings
-from tilefm.stitch import Encoding, MosaicWriter, output_tags, write_cog
+from tilefm.stitch import Encoding, MosaicWriter, output_tags
 from tilefm.storage import storage_for
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def publish(
         out_plan = plan.coarsen(stride.bit_length() - 1)
         extra = {"backend": prep.backend, "precision": prep.precision, **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
         tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
-        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan)
+        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=settings.cog_threads)
         try:
             for o in outputs:
                 writer.add(o)
@@ -171,7 +171,7 @@ def publish(
             raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
         timings["tiles_s"] = time.perf_counter() - t0
         cog = Path(tmp) / "out.tif"
-        write_cog(mosaic, cog, out_plan, encoding)
+        writer.finish(cog)
         item = stac.output_item(cog, card, out_plan, prep.scene, out, encoding)
         timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
         if proceed is not None and not proceed():

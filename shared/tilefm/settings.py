@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     warp: Literal["auto", "gdal"] = "auto"
     #: reader threads of the local executor (`tilefm run --executor local`); 0 = min(4, CPUs)
     local_readers: int = Field(0, ge=0, le=256)
+    #: threads that compress a float output's COG blocks while the tiles stream; 0 = min(4, CPUs)
+    cog_threads: int = Field(0, ge=0, le=256)
 
     #: model precision on GPU backends: auto (bf16/fp16 where the card allows), fp32, fp16, bf16
     precision: str = "auto"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from affine import Affine
 from rasterio.windows import Window
 from rasterio.shutil import copy as rio_copy
 from rio_cogeo import cog_validate
 
 from tilefm import __version__
+from tilefm.cog import COGBuilder, encode_block, template_fields
 from tilefm.grid import TILE_SIZE, Tile, TilePlan
 from tilefm.models.base import TileOutput
 from tilefm.models.card import ModelCard
@@ -129,8 +130,6 @@ class _Acc:
     values: np.ndarray
     weight: np.ndarray
     remaining: int
-    #: a parent tile's overview levels made here (per-patch outputs), finest first
-    levels: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +145,8 @@ class MosaicWriter:
     #: the mosaic's plan when it is coarser than the tiles' (per-patch outputs: `plan.coarsen(4)`,
     #: each output tile filled by its planned children's 16 x 16 outputs); None: `plan`
     out_plan: TilePlan | None = None
+    #: threads that compress the streamed COG's blocks (0: up to 4, one per core)
+    threads: int = 0
 
     def __post_init__(self) -> None:
         self.out_plan = self.out_plan or self.plan
@@ -165,8 +166,18 @@ class MosaicWriter:
         self._buffers = _Buffers(keep=WRITES_AHEAD + 4)
         self._half: dict[tuple[int, ...], np.ndarray] = {}
         self.channels = self.card.output.channels
+        self.threads = self.threads or min(4, os.cpu_count() or 1)
+        levels = self.out_plan.overview_levels
+        # float outputs: every level made here from each tile as it is final, and the COG
+        # streamed (cog.py); each tile's output must cover a pixel of the coarsest level
+        self.streamed = self.encoding.dtype == "float32" and levels <= (TILE_SIZE >> self.k).bit_length() - 1
+        if self.streamed:
+            fields = template_fields(self._profile(), self.tags, self.band_descriptions())
+            self.cog = COGBuilder(Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, self.encoding.nbits or 32, fields)
+            self._level_blocks: list[dict[tuple[int, int], _Acc]] = [{} for _ in range(levels + 1)]
+            self._level_expected = [Counter(self._block_of(self._origin(t), i) for t in self.plan.tiles) for i in range(levels + 1)]
+            return
         self.dataset = rasterio.open(self.path, "w", **self._profile())
-        self.overviews = self._open_overviews()
         self.dataset.update_tags(**self.tags)
         for i, name in enumerate(self.band_descriptions(), start=1):
             self.dataset.set_band_description(i, name)
@@ -194,28 +205,6 @@ class MosaicWriter:
             profile.pop("zstd_level", None)
             profile.pop("nbits", None)
         return profile
-
-    def _open_overviews(self) -> list[Any]:
-        """The overview levels this writer makes itself, as GDAL's external overviews
-        (`mosaic.tif.ovr`, each level's own `.ovr` the next), so that the COG step copies them
-        instead of computing them after the stream: GDAL's COG driver spends ~50 s on one level
-        of a 768-band output (band by band through a pixel-interleaved temporary file). Made for
-        float per-patch outputs, from each child as it arrives, down to one pixel per child;
-        class maps (mode), int8 and full-resolution outputs keep GDAL's."""
-        n = TILE_SIZE >> self.k
-        levels = self.out_plan.overview_levels
-        if not (self.k and self.encoding.dtype == "float32" and levels <= n.bit_length() - 1):  # class maps: uint8
-            return []
-        datasets = []
-        for level in range(1, levels + 1):
-            block = max(16, TILE_SIZE >> level)
-            datasets.append(rasterio.open(
-                f"{self.path}{'.ovr' * level}", "w", driver="GTiff", width=self.out_plan.width >> level,
-                height=self.out_plan.height >> level, count=self.channels, dtype="float32", nodata=self.encoding.nodata,
-                crs="EPSG:3857", transform=self.out_plan.transform @ Affine.scale(1 << level),
-                tiled=True, blockxsize=block, blockysize=block, interleave="band", sparse_ok=True, bigtiff="IF_SAFER",
-            ))  # fmt: skip
-        return datasets
 
     def band_descriptions(self) -> list[str]:
         if self.card.output.kind == "classes":
@@ -245,6 +234,17 @@ class MosaicWriter:
     def _parent(self, tile: Tile) -> Tile:
         return Tile(tile.x >> self.k, tile.y >> self.k, tile.z - self.k)
 
+    def _origin(self, tile: Tile) -> tuple[int, int]:
+        """Pixel (row, col) in the mosaic where a planned tile's output goes."""
+        t, n = self._parent(tile), TILE_SIZE >> self.k
+        row, col = self.out_plan.offset(t)
+        return row + (tile.y - (t.y << self.k)) * n, col + (tile.x - (t.x << self.k)) * n
+
+    @staticmethod
+    def _block_of(origin: tuple[int, int], level: int) -> tuple[int, int]:
+        """The (x, y) block of an overview level that holds a pixel of the mosaic."""
+        return (origin[1] >> level) // TILE_SIZE, (origin[0] >> level) // TILE_SIZE
+
     def _acc(self, tile: Tile, channels: int) -> _Acc:
         """The accumulator of an output tile, made on its first contribution."""
         acc = self.pending.get(tile)
@@ -253,6 +253,11 @@ class MosaicWriter:
                 np.zeros((channels, TILE_SIZE, TILE_SIZE), np.float32), np.zeros((TILE_SIZE, TILE_SIZE), np.float32), self.expected[tile]
             )
         return acc
+
+    def _nodata_block(self, dtype: str) -> np.ndarray:
+        a = self._buffers.take((self.channels, TILE_SIZE, TILE_SIZE), dtype)
+        a.fill(self.encoding.nodata)
+        return a
 
     def _add_child(self, out: TileOutput) -> None:
         """A per-patch output: final on arrival (children do not overlap), so it is encoded
@@ -263,20 +268,15 @@ class MosaicWriter:
             raise ValueError(f"tile {out.tile}: expected a {n} x {n} output, got {out.values.shape[1:]}")
         acc = self.pending.get(t)
         if acc is None:
-            data = self._buffers.take((self.channels, TILE_SIZE, TILE_SIZE), self.encoding.dtype)
-            levels = [self._buffers.take((self.channels, TILE_SIZE >> i, TILE_SIZE >> i), "float32") for i in range(1, len(self.overviews) + 1)]
-            for a in (data, *levels):
-                a.fill(self.encoding.nodata)
-            acc = self.pending[t] = _Acc(data, np.zeros(0, np.float32), self.expected[t], levels)
+            acc = self.pending[t] = _Acc(self._nodata_block(self.encoding.dtype), np.zeros(0, np.float32), self.expected[t])
         oy, ox = (out.tile.y - (t.y << self.k)) * n, (out.tile.x - (t.x << self.k)) * n
         block = acc.values[:, oy : oy + n, ox : ox + n]
         self._encode_into(out.values, out.weight, block)
-        if acc.levels:
-            self._reduce_into(block, acc.levels, oy, ox)
+        if self.streamed:
+            self._reduce(block, self._origin(out.tile))
         acc.remaining -= 1
         if acc.remaining == 0:
-            done = self.pending.pop(t)
-            self._submit(t, done.values, done.levels)
+            self._submit(t, self.pending.pop(t).values)
 
     def add(self, out: TileOutput) -> None:
         """Add one tile's output (and its halo's share to the neighbours); write what is complete."""
@@ -320,46 +320,69 @@ class MosaicWriter:
     def _write(self, tile: Tile, acc: _Acc) -> None:
         data = self._buffers.take((self.channels, TILE_SIZE, TILE_SIZE), self.encoding.dtype)
         self._encode_into(acc.values, acc.weight, data)
+        if self.streamed:
+            self._reduce(data, self._origin(tile))
         self._submit(tile, data)
 
-    def _reduce_into(self, block: np.ndarray, levels: list[np.ndarray], oy: int, ox: int) -> None:
-        """A child's share of each overview level: the mean of the stored values below each
-        pixel, nodata (NaN) left out, rounded as the base is. Sums and counts are halved level
-        by level, so every level is the mean over the base; GDAL's AVERAGE gives the same at
-        the first level, and below averages the level above (means of means), which
-        over-weights the pixels of a block that was partly nodata."""
+    def _reduce(self, block: np.ndarray, origin: tuple[int, int]) -> None:
+        """A final tile's (or child's) share of each overview level: the mean of the stored
+        values below each pixel, nodata (NaN) left out, rounded as the base is. Sums and
+        counts are halved level by level, so every level is the mean over the base; GDAL's
+        AVERAGE gives the same at the first level, and below averages the level above (means
+        of means), which over-weights the pixels of a block that was partly nodata. A level's
+        block is compressed once every planned tile below it has given its share."""
         import torch
         import torch.nn.functional as F
 
         t = torch.from_numpy(np.ascontiguousarray(block))
         valid = ~torch.isnan(t)
         total, count = torch.where(valid, t, 0.0), valid.to(torch.float32)
-        for i, level in enumerate(levels, start=1):
+        row, col = origin
+        for level in range(1, len(self._level_blocks)):
             total = F.avg_pool2d(total, 2, divisor_override=1)
             count = F.avg_pool2d(count, 2, divisor_override=1)
             mean = total / count  # 0 / 0: NaN, the nodata value
             if self.encoding.nbits == 16:
                 mean = mean.to(torch.float16).to(torch.float32)
-            n = mean.shape[-1]
-            level[:, oy >> i : (oy >> i) + n, ox >> i : (ox >> i) + n] = mean.numpy()
+            key = self._block_of(origin, level)
+            acc = self._level_blocks[level].get(key)
+            if acc is None:
+                acc = self._level_blocks[level][key] = _Acc(self._nodata_block("float32"), np.zeros(0, np.float32), self._level_expected[level][key])
+            n, r, c = mean.shape[-1], (row >> level) % TILE_SIZE, (col >> level) % TILE_SIZE
+            acc.values[:, r : r + n, c : c + n] = mean.numpy()
+            acc.remaining -= 1
+            if acc.remaining == 0:
+                self._compress(level, key, self._level_blocks[level].pop(key).values)
 
-    def _submit(self, tile: Tile, data: np.ndarray, levels: list[np.ndarray] | None = None) -> None:
-        """Write a finished tile on the writer thread (GDAL compresses without the GIL, so the
-        caller goes on stitching); at most WRITES_AHEAD wait, which bounds the memory."""
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilefm-mosaic")
-        while len(self._writes) >= WRITES_AHEAD:
-            self._writes.pop(0).result()
-        self._writes.append(self._writer.submit(self._write_now, tile, data, levels or []))
+    def _submit(self, tile: Tile, data: np.ndarray) -> None:
+        """A finished tile, to be written without holding up the caller: compressed into the
+        streamed COG on its threads, or written into the scratch mosaic on the mosaic's
+        thread (GDAL compresses without the GIL)."""
         self.written.add(tile)  # complete; `close` raises if its write failed
-
-    def _write_now(self, tile: Tile, data: np.ndarray, levels: list[np.ndarray]) -> None:
         row, col = self.out_plan.offset(tile)
-        self.dataset.write(data, window=Window(col, row, TILE_SIZE, TILE_SIZE))
-        for i, (level, ds) in enumerate(zip(levels, self.overviews), start=1):
-            ds.write(level, window=Window(col >> i, row >> i, TILE_SIZE >> i, TILE_SIZE >> i))
-        for a in (data, *levels):
-            self._buffers.give(a)
+        if self.streamed:
+            return self._compress(0, (col // TILE_SIZE, row // TILE_SIZE), data)
+        self._queue(1, self._write_now, data, Window(col, row, TILE_SIZE, TILE_SIZE))
+
+    def _compress(self, level: int, key: tuple[int, int], data: np.ndarray) -> None:
+        self._queue(self.threads, self._compress_now, level, key, data)
+
+    def _queue(self, workers: int, fn: Any, *args: Any) -> None:
+        """Run `fn` on the writer's threads; at most WRITES_AHEAD per thread wait, which bounds
+        the memory."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilefm-mosaic")
+        while len(self._writes) >= WRITES_AHEAD * workers:
+            self._writes.pop(0).result()
+        self._writes.append(self._writer.submit(fn, *args))
+
+    def _compress_now(self, level: int, key: tuple[int, int], data: np.ndarray) -> None:
+        self.cog.put(level, *key, encode_block(data, self.cog.bits))
+        self._buffers.give(data)
+
+    def _write_now(self, data: np.ndarray, window: Window) -> None:
+        self.dataset.write(data, window=window)
+        self._buffers.give(data)
 
     @property
     def missing(self) -> list[Tile]:
@@ -376,9 +399,28 @@ class MosaicWriter:
                 self._writer = None
             self._buffers.clear()  # not held through the COG step
             self._half.clear()
-            for ds in (self.dataset, *self.overviews):
-                if not ds.closed:
-                    ds.close()
+            if self.streamed:
+                self._level_blocks = [{} for _ in self._level_blocks]
+                self.cog.close()
+            elif not self.dataset.closed:
+                self.dataset.close()
+
+    def finish(self, dst: Path) -> None:
+        """The COG of a closed, complete mosaic at `dst`, validated: laid out from the blocks
+        compressed during the stream, or (class maps, int8) copied by GDAL's COG driver."""
+        if self.missing:
+            raise RuntimeError(f"the mosaic at {self.path} is not complete")
+        if self.streamed:
+            self.cog.finish(dst)
+            validate_cog(dst)
+        else:
+            write_cog(self.path, dst, self.out_plan, self.encoding)
+
+
+def validate_cog(path: Path) -> None:
+    valid, errors, _warnings = cog_validate(str(path), quiet=True)
+    if not valid:
+        raise RuntimeError(f"the COG written to {path} is not valid: {errors}")
 
 
 def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> None:
@@ -387,16 +429,14 @@ def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> No
     GDAL's COG driver copies the mosaic block by block (it is already on the grid: nothing to
     warp), keeping the tags, band descriptions, nodata, scales and colour map the MosaicWriter
     gave it; on a 384-band
-    output it takes a third of the time of rio-cogeo's path through a warped VRT. Overviews the
-    MosaicWriter made (`mosaic.tif.ovr`) are copied as they are; otherwise GDAL makes them."""
+    output it takes a third of the time of rio-cogeo's path through a warped VRT. For class maps
+    and int8 outputs; float outputs are streamed (`MosaicWriter.finish`)."""
     predictor = {1: "NO", 2: "STANDARD", 3: "FLOATING_POINT"}[encoding.predictor]
     options: dict[str, Any] = dict(
         COMPRESS="DEFLATE", PREDICTOR=predictor, BLOCKSIZE=TILE_SIZE, BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
         OVERVIEW_RESAMPLING=encoding.resampling.upper(), INTERLEAVE="PIXEL",
     )
-    if plan.overview_levels and Path(f"{mosaic}.ovr").exists():  # made by the MosaicWriter
-        options["OVERVIEWS"] = "FORCE_USE_EXISTING"
-    elif plan.overview_levels:
+    if plan.overview_levels:
         options["OVERVIEW_COUNT"] = plan.overview_levels
     else:
         options["OVERVIEWS"] = "NONE"
@@ -404,9 +444,7 @@ def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> No
         options["NBITS"] = encoding.nbits
     with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=str(TILE_SIZE)):
         rio_copy(str(mosaic), str(dst), driver="COG", **options)
-    valid, errors, _warnings = cog_validate(str(dst), quiet=True)
-    if not valid:
-        raise RuntimeError(f"the COG written to {dst} is not valid: {errors}")
+    validate_cog(dst)
 
 
 def output_tags(card: ModelCard, plan: TilePlan, scene: dict[str, Any], encoding: Encoding, extra: dict[str, Any] | None = None) -> dict[str, str]:

@@ -1,0 +1,123 @@
+"""The COG laid out from blocks compressed while stitching (tilefm.cog): GDAL reads back exactly
+what went in, at every level, and the file has the layout that COG readers rely on."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rio_cogeo import cog_validate
+
+from tilefm.cog import BLOCK, COGBuilder, encode_block, read_fields, template_fields
+
+BANDS = 5
+TRANSFORM = Affine(19.1, 0, -1_291_000.0, 0, -19.1, 2_870_000.0)
+SPARSE = (2, 1)  # a base block no tile filled
+
+
+def _levels(rng: np.random.Generator, bits: int) -> list[np.ndarray]:
+    """A 3 x 2-block base with nodata holes and its two overview levels, as stored."""
+    dtype = np.float16 if bits == 16 else np.float32
+    base = rng.normal(scale=3, size=(BANDS, 2 * BLOCK, 3 * BLOCK)).astype(dtype).astype(np.float32)
+    base[:, :10, :20] = np.nan
+    base[:, BLOCK:, 2 * BLOCK :] = np.nan  # the sparse block
+    levels = [base]
+    for _ in range(2):
+        c, h, w = levels[-1].shape
+        levels.append(levels[-1].reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4)).astype(dtype).astype(np.float32))
+    return levels
+
+
+def _build(tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | None = None) -> Path:
+    profile = dict(count=BANDS, dtype="float32", nodata=float("nan"), crs="EPSG:3857", transform=TRANSFORM, **({"nbits": 16} if bits == 16 else {}))
+    fields = template_fields(profile, {"TILEFM_MODEL": "test"}, [f"embedding_{i:03d}" for i in range(BANDS)])
+    _, h, w = levels[0].shape
+    builder = COGBuilder(tmp_path / "blocks.bin", w, h, BANDS, len(levels) - 1, bits, fields)
+    puts = []
+    for level, a in enumerate(levels):
+        for by in range(-(-a.shape[1] // BLOCK)):
+            for bx in range(-(-a.shape[2] // BLOCK)):
+                if level == 0 and (bx, by) == SPARSE:
+                    continue
+                block = np.full((BANDS, BLOCK, BLOCK), np.nan, np.float32)
+                part = a[:, by * BLOCK : (by + 1) * BLOCK, bx * BLOCK : (bx + 1) * BLOCK]
+                block[:, : part.shape[1], : part.shape[2]] = part
+                puts.append((level, bx, by, block))
+    for level, bx, by, block in puts[::-1]:  # any order
+        builder.put(level, bx, by, encode_block(block, bits))
+    dst = tmp_path / "out.tif"
+    builder.finish(dst, bigtiff=bigtiff)
+    return dst
+
+
+@pytest.mark.parametrize("bits,bigtiff", [(16, None), (32, None), (16, True)], ids=["float16", "float32", "float16-bigtiff"])
+def test_gdal_reads_back_every_level(tmp_path: Path, bits: int, bigtiff: bool | None) -> None:
+    levels = _levels(np.random.default_rng(bits), bits)
+    dst = _build(tmp_path, levels, bits, bigtiff)
+    with open(dst, "rb") as f:
+        assert struct.unpack("<H", f.read(4)[2:])[0] == (43 if bigtiff else 42)
+    valid, errors, warnings = cog_validate(str(dst), quiet=True)
+    assert valid and not errors and not warnings, errors + warnings
+    with rasterio.open(dst) as ds:
+        assert ds.overviews(1) == [2, 4]
+        assert ds.crs.to_epsg() == 3857 and ds.transform == TRANSFORM and np.isnan(ds.nodata)
+        assert ds.tags()["TILEFM_MODEL"] == "test" and ds.descriptions[-1] == f"embedding_{BANDS - 1:03d}"
+        assert ds.profile["compress"] == "deflate" and ds.profile["interleave"] == "pixel" and ds.block_shapes[0] == (BLOCK, BLOCK)
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") == ("16" if bits == 16 else None)
+        assert "LAYOUT=IFDS_BEFORE_DATA" in ds.get_tag_item("GDAL_STRUCTURAL_METADATA", "TIFF")
+        assert ds.get_tag_item("BLOCK_OFFSET_2_1", "TIFF", bidx=1) is None  # sparse: GDAL fills nodata
+        np.testing.assert_array_equal(ds.read(), levels[0])
+        windowed = ds.read(window=((300, 400), (100, 700)))
+        np.testing.assert_array_equal(windowed, levels[0][:, 300:400, 100:700])
+    for i in (1, 2):
+        with rasterio.open(dst, OVERVIEW_LEVEL=i - 1) as ovr:
+            np.testing.assert_array_equal(ovr.read(), levels[i])
+
+
+def test_blocks_lie_smallest_overview_first_with_gdals_leaders(tmp_path: Path) -> None:
+    """Every IFD before any block; the coarsest level's blocks first, the full resolution's
+    last, each row-major, each with its size before it and its last 4 bytes after it."""
+    dst = _build(tmp_path, _levels(np.random.default_rng(0), 16), 16)
+    raw = dst.read_bytes()
+    spans = []
+    with rasterio.open(dst) as ds:
+        first_ifd = int(ds.get_tag_item("IFD_OFFSET", "TIFF", bidx=1))
+        ifds = [first_ifd] + [int(ds.get_tag_item("IFD_OFFSET", "TIFF", bidx=1, ovr=i)) for i in range(2)]
+        for level in range(3):
+            src = ds if level == 0 else rasterio.open(dst, OVERVIEW_LEVEL=level - 1)
+            ny, nx = -(-src.height // BLOCK), -(-src.width // BLOCK)
+            for y in range(ny):
+                for x in range(nx):
+                    off = src.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=1)
+                    if off is None:
+                        assert (level, x, y) == (0, *SPARSE)
+                        continue
+                    size = int(src.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=1))
+                    spans.append((level, y, x, int(off), size))
+    assert first_ifd < 300 and ifds == sorted(ifds)
+    assert min(s[3] for s in spans) > max(ifds)
+    order = [s[:3] for s in sorted(spans, key=lambda s: s[3])]
+    assert order == sorted(order, key=lambda k: (-k[0], k[1], k[2]))
+    for *_, off, size in spans:
+        assert struct.unpack("<I", raw[off - 4 : off])[0] == size
+        assert raw[off + size : off + size + 4] == raw[off + size - 4 : off + size]
+
+
+def test_template_fields_are_gdals(tmp_path: Path) -> None:
+    """The georeferencing and metadata fields are those GDAL writes for the same profile."""
+    profile = dict(count=3, dtype="float32", nodata=float("nan"), crs="EPSG:3857", transform=TRANSFORM)
+    fields = template_fields(profile, {"A": "1"}, ["x", "y", "z"])
+    ref = tmp_path / "ref.tif"
+    with rasterio.open(ref, "w", driver="GTiff", width=BLOCK, height=BLOCK, **profile) as ds:
+        ds.update_tags(A="1")
+        ds.descriptions = ("x", "y", "z")
+    theirs = read_fields(ref)
+    assert set(fields) == {33550, 33922, 34735, 34737, 42112, 42113}
+    for tag, f in fields.items():
+        assert theirs[tag] == f, tag
+    assert b"<Item name=\"DESCRIPTION\" sample=\"2\" role=\"description\">z</Item>" in fields[42112].data
