@@ -175,8 +175,8 @@ class COGBuilder:
     def _layout(self, big: bool, data_start: int, placed: list[dict[tuple[int, int], int]] | None = None) -> tuple[bytes, bytes]:
         ghost = (
             "LAYOUT=IFDS_BEFORE_DATA\nBLOCK_ORDER=ROW_MAJOR\nBLOCK_LEADER=SIZE_AS_UINT4\n"
-            "BLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n"
-        )
+            "BLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n "
+        )  # the space, as in GDAL's: room for an editor to say YES
         ghost = f"GDAL_STRUCTURAL_METADATA_SIZE={len(ghost):06d} bytes\n{ghost}".encode()
         header_size = 16 if big else 8
         first_ifd = header_size + len(ghost)
