@@ -162,11 +162,11 @@ class MosaicWriter:
         self.pending: dict[Tile, _Acc] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[Future[None]] = []
+        self.threads = self.threads or min(4, os.cpu_count() or 1)
         # tiles being written or waiting to be, plus those being filled (a row of parents)
-        self._buffers = _Buffers(keep=WRITES_AHEAD + 4)
+        self._buffers = _Buffers(keep=WRITES_AHEAD * self.threads + 4)
         self._half: dict[tuple[int, ...], np.ndarray] = {}
         self.channels = self.card.output.channels
-        self.threads = self.threads or min(4, os.cpu_count() or 1)
         levels = self.out_plan.overview_levels
         # float outputs: every level made here from each tile as it is final, and the COG
         # streamed (cog.py); each tile's output must cover a pixel of the coarsest level
