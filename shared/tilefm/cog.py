@@ -151,7 +151,7 @@ class COGBuilder:
         self.close()
         data_bytes = sum(n + 8 for level in self._offsets for _, n in level.values())
         for big in (False, True) if bigtiff is None else (bigtiff,):
-            head, ifds = self._layout(big, data_start=0)  # sizes only
+            head, ifds = self._layout(big)  # sizes only
             start = len(head) + len(ifds)
             if big or start + data_bytes < 2**32 or bigtiff is False:
                 break
@@ -162,7 +162,7 @@ class COGBuilder:
             for key in sorted(self._offsets[level], key=lambda k: (k[1], k[0])):
                 placed[level][key] = pos + 4  # after the size leader
                 pos += self._offsets[level][key][1] + 8
-        head, ifds = self._layout(big, data_start=start, placed=placed)
+        head, ifds = self._layout(big, placed)
         with open(dst, "wb") as out, open(self.scratch, "rb") as src:
             out.write(head + ifds)
             for level in range(self.levels, -1, -1):
@@ -172,7 +172,7 @@ class COGBuilder:
                     data = src.read(n)
                     out.write(struct.pack("<I", n) + data + data[-4:])
 
-    def _layout(self, big: bool, data_start: int, placed: list[dict[tuple[int, int], int]] | None = None) -> tuple[bytes, bytes]:
+    def _layout(self, big: bool, placed: list[dict[tuple[int, int], int]] | None = None) -> tuple[bytes, bytes]:
         ghost = (
             "LAYOUT=IFDS_BEFORE_DATA\nBLOCK_ORDER=ROW_MAJOR\nBLOCK_LEADER=SIZE_AS_UINT4\n"
             "BLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n "
