@@ -6,8 +6,9 @@ replaced by an instant one (what an infinitely fast device would leave as the bo
 Everything else is the real pipeline of `tilefm run --executor local`: reader threads read the
 tiles (tilefm's sampler or GDAL) and prepare the model's input (`TileModel.prepare`: normalising,
 band sets, stacking), the main thread hands batches to the model and stitches the outputs (the
-mosaic writer's own thread writes finished tiles), then the COG step. The stand-in model returns
-outputs of the card's shape (zeros, weight 1), so the numbers say nothing about the model.
+mosaic writer's threads compress finished blocks), then the COG step. The stand-in network returns
+outputs of its shape (random values by default, `--values zeros`), so the numbers say nothing
+about the model.
 `--device-ms` makes it wait that long per tile without the GIL, as a thread waiting on a GPU
 does: the stream's rate against 1000/device-ms tiles/s is then the end-to-end / model-only
 ratio such a GPU would see, with the host's reading and stitching overlapping the device. Feed
@@ -31,37 +32,52 @@ SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-
 
 
 class InstantModel:
-    """The real model's `prepare`, then outputs of the right shape without running anything."""
+    """The real model (its `prepare`, and its `run` around the network: e.g. Presto's unpacking of
+    per-pixel embeddings into tiles, which a GPU host pays on the device thread) with the network
+    itself replaced by an instant one: `embed` returns the network's output shape and dtype
+    (Presto: per-pixel float16, as from a GPU; the ViT: per-patch float32), copied from a pool of
+    values as a GPU's results are copied out of pinned memory."""
 
-    def __init__(self, model: Any, device_ms: float = 0.0):
+    def __init__(self, model: Any, device_ms: float = 0.0, values: str = "random"):
         self.model, self.card, self.read_halo = model, model.card, model.read_halo
         self.device_s = device_ms / 1000
         self.backend, self.precision = "instant", "-"
         self.prepare = model.prepare
-        self.n = 256 // model.card.output_stride
+        C, rng = self.card.output.channels, np.random.default_rng(0)
+        if self.card.output_stride > 1:  # embed(bands, x) -> [N, C, n, n]
+            n = 256 // self.card.output_stride
+            self.unit, self.dtype, self.per_tile = (C, n, n), np.float32, 1
+        else:  # embed(raw, present, latlons, month) -> [pixels, C]
+            self.unit, self.dtype, self.per_tile = (C,), np.float16 if self.card.output.dtype == "float16" else np.float32, 256 * 256
+        pool_shape = (4 if self.per_tile == 1 else 256 * 256, *self.unit)
+        self.pool = np.zeros(pool_shape, self.dtype) if values == "zeros" else rng.normal(size=pool_shape).astype(self.dtype)
+        model.embed = self.embed
+
+    def embed(self, first: Any, *rest: Any) -> np.ndarray:
+        rows = len(rest[0]) if self.per_tile == 1 else len(first)  # the ViT's stack, or Presto's pixels
+        if self.device_s:  # a GPU computing: the feeding thread waits without the GIL, as in a CUDA sync
+            time.sleep(self.device_s * rows / self.per_tile)
+        out = np.empty((rows, *self.unit), self.dtype)
+        p = len(self.pool)
+        for s in range(0, rows, p):
+            out[s : s + p] = self.pool[: min(p, rows - s)]
+        return out
 
     def batch_size(self) -> None:
         return None
 
     def run(self, prepared: Any) -> list:
-        from tilefm.models.base import TileOutput
-
-        tiles = [getattr(t, "tile", t) for t in getattr(prepared, "tiles", prepared)]  # prepared batch, or TileInputs
-        if self.device_s:  # a GPU computing: the feeding thread waits without the GIL, as in a CUDA sync
-            time.sleep(self.device_s * len(tiles))
-        C, n = self.card.output.channels, self.n
-        values, weight = np.zeros((C, n, n), np.float32), np.ones((n, n), np.float32)
-        return [TileOutput(tile=t, halo=0, values=values, weight=weight) for t in tiles]
+        return self.model.run(prepared)
 
 
-def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0) -> dict[str, Any]:
+def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random") -> dict[str, Any]:
     from tilefm.pipeline import batches, publish
     from tilefm.runtime import LocalExecutor, WorkerSpec
     from tilefm.settings import get_settings
     from tilefm.stitch import Encoding
 
     ex = LocalExecutor.__new__(LocalExecutor)
-    ex.model = InstantModel(WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights).load(), device_ms)
+    ex.model = InstantModel(WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights).load(), device_ms, values)
     ex.readers, ex.prefetch = readers, 2
     settings = get_settings()
     timings: dict[str, float] = {}
@@ -78,7 +94,7 @@ def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0)
         total = time.perf_counter() - t0
     return {"readers": readers, "batch": batch, "tiles": n, "feed_tiles_s": n / timings["tiles_s"],
             "stream_s": round(timings["tiles_s"], 2), "cog_s": round(timings.get("cog_s", 0.0), 2), "total_s": round(total, 2),
-            "stitched": cog, "device_ms": device_ms,
+            "stitched": cog, "device_ms": device_ms, "values": values,
             "vs_device": (n * device_ms / 1000) / timings["tiles_s"] if device_ms else None}  # fmt: skip
 
 
@@ -93,6 +109,8 @@ def main() -> None:
     ap.add_argument("--no-stitch", action="store_true", help="count outputs instead of stitching them and making the COG")
     ap.add_argument("--device-ms", type=float, default=0.0,
                     help="stand-in device time per tile (a sleep, GIL released): the stream's tiles/s against 1000/device-ms")
+    ap.add_argument("--values", choices=("random", "zeros"), default="random",
+                    help="what the stand-in network returns: random normal values (compress as badly as any), or zeros")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -106,7 +124,7 @@ def main() -> None:
     rows: dict[int, list[dict[str, Any]]] = {r: [] for r in readers}
     for _ in range(args.rounds):
         for r in readers:
-            rows[r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms))
+            rows[r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values))
     cpus = len(os.sched_getaffinity(0))
     print(f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}")
     print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | stream / device-only |")

@@ -4,8 +4,11 @@ over the sample scene's tile plan (no reads, no model).
     TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/stitch.py --model presto --zoom 12 --tiles 60
     TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/stitch.py --model vit-base --zoom 13 --cog
 
-`add` is what the thread that stitches spends per tile (waiting for the mosaic's writer thread
-included, which bounds it when the writer is behind); `add+close` adds the writer's tail.
+`add` is what the thread that stitches spends per tile (waiting for the mosaic's compressing
+threads included, which bounds it when they are behind); `cpu` is that thread's own CPU time per
+tile (what it would cost on a host with cores to spare for the compression); `add+close` adds the
+compressing threads' tail. Outputs come in the model's own layout: Presto's pixel-interleaved
+(`--dtype float16`: as a GPU hands them back), the others bands-first.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=0, help="the first N tiles of the plan (0: all)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cog", action="store_true", help="also time the COG step")
+    ap.add_argument("--threads", type=int, default=0, help="compressing threads (0: TILEFM_COG_THREADS's default)")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the outputs' dtype")
     args = ap.parse_args()
 
     from tilefm.models.base import TileOutput
@@ -42,23 +47,31 @@ def main() -> None:
         plan = dataclasses.replace(plan, tiles=plan.tiles[: args.tiles])
     C, n = card.output.channels, 256 // card.output_stride
     rng = np.random.default_rng(0)
-    outs = [TileOutput(tile=t, halo=0, values=rng.normal(size=(C, n, n)).astype(np.float32), weight=np.ones((n, n), np.float32)) for t in plan.tiles]
+    pixels_last = card.output_stride == 1 and card.name.startswith("presto")  # per-pixel embeddings
+
+    def values() -> np.ndarray:
+        if pixels_last:
+            return rng.normal(size=(n, n, C)).astype(args.dtype).transpose(2, 0, 1)
+        return rng.normal(size=(C, n, n)).astype(args.dtype)
+
+    outs = [TileOutput(tile=t, halo=0, values=values(), weight=np.ones((n, n), np.float32)) for t in plan.tiles]
     enc = Encoding.for_card(card)
     out_plan = plan.coarsen(card.output_stride.bit_length() - 1)
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            writer = MosaicWriter(plan, card, Path(tmp) / "m.tif", enc, halo=0, out_plan=out_plan)
+            writer = MosaicWriter(plan, card, Path(tmp) / "m.tif", enc, halo=0, out_plan=out_plan, threads=args.threads)
+            c0 = time.thread_time()
             for o in outs:
                 writer.add(o)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             writer.close()
             t2 = time.perf_counter()
             if args.cog:
                 writer.finish(Path(tmp) / "c.tif")
             t3 = time.perf_counter()
         ms = 1000 / len(outs)
-        print(f"{card.name} z{args.zoom}: {len(outs)} tiles, add {(t1 - t0) * ms:.2f} ms/tile, add+close {(t2 - t0) * ms:.2f} ms/tile"
+        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile"
               + (f", COG step {t3 - t2:.1f} s" if args.cog else ""), flush=True)  # fmt: skip
 
 

@@ -79,6 +79,23 @@ def test_gdal_reads_back_every_level(tmp_path: Path, bits: int, bigtiff: bool | 
             np.testing.assert_array_equal(ovr.read(), levels[i])
 
 
+@pytest.mark.parametrize("bits", [16, 32])
+def test_a_block_encodes_the_same_in_any_memory_layout(bits: int) -> None:
+    """The stitcher hands pixel-interleaved blocks (float16 for 16 bits), tests and GDAL-made
+    data are bands-first float32: the same values give the same bytes (which GDAL reads back
+    exactly, above)."""
+    rng = np.random.default_rng(7)
+    block = rng.normal(scale=3, size=(BANDS, BLOCK, BLOCK)).astype(np.float16 if bits == 16 else np.float32).astype(np.float32)
+    block[:, 5:9, 100:140] = np.nan
+    want = encode_block(block, bits)
+    pixels = np.ascontiguousarray(block.transpose(1, 2, 0))
+    layouts = [pixels.transpose(2, 0, 1), np.asfortranarray(block)]
+    if bits == 16:
+        layouts += [block.astype(np.float16), pixels.astype(np.float16).transpose(2, 0, 1)]
+    for a in layouts:
+        assert encode_block(a, bits) == want
+
+
 def test_blocks_lie_smallest_overview_first_with_gdals_leaders(tmp_path: Path) -> None:
     """Every IFD before any block; the coarsest level's blocks first, the full resolution's
     last, each row-major, each with its size before it and its last 4 bytes after it."""

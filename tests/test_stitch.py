@@ -102,16 +102,25 @@ def test_every_tile_needs_all_its_neighbours(tmp_path: Path) -> None:
     writer.close()
 
 
+@pytest.mark.parametrize("layout", ["bands-first", "pixel-interleaved-float16"])
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_embedding_quantization(tmp_path: Path, dtype: str) -> None:
+def test_embedding_quantization(tmp_path: Path, dtype: str, layout: str) -> None:
+    """Outputs come bands-first in float32, or (Presto on a GPU) as float16 views of
+    pixel-interleaved embeddings: stored the same either way."""
     plan = _plan()
     rng = np.random.default_rng(0)
     outs, truth = [], {}
     for t in plan.tiles:
         v = rng.uniform(-5, 5, (128, TILE_SIZE, TILE_SIZE)).astype(np.float32)
+        if layout != "bands-first":
+            v16 = np.ascontiguousarray(v.astype(np.float16).transpose(1, 2, 0)).transpose(2, 0, 1)
+            assert not v16.flags.c_contiguous
+            v, given = v16.astype(np.float32), v16
+        else:
+            given = v
         wgt = np.ones((TILE_SIZE, TILE_SIZE), np.float32)
         wgt[:10] = 0  # no input here: must come out as nodata
-        outs.append(TileOutput(tile=t, halo=0, values=v, weight=wgt))
+        outs.append(TileOutput(tile=t, halo=0, values=given, weight=wgt))
         truth[t] = v
     enc = Encoding.for_card(PRESTO, dtype)
     data, _ = _write(plan, outs, tmp_path / "e.tif", card=PRESTO, encoding=enc)

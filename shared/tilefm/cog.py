@@ -86,23 +86,35 @@ def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions:
 
 
 def encode_block(values: np.ndarray, bits: int) -> bytes:
-    """A (bands, 256, 256) float32 block as a TIFF tile: pixel-interleaved, `bits`-bit IEEE
-    floats (16: the values must already be float16-exact), floating-point predictor (TIFF
-    predictor 3: each row's bytes split into planes, most significant first, then differenced
-    at a stride of one pixel), DEFLATE (zlib stream)."""
+    """A [bands, 256, 256] block as a TIFF tile: pixel-interleaved, `bits`-bit IEEE floats
+    (float16 blocks are stored as they are; float32 ones for 16 bits must be float16-exact),
+    floating-point predictor (TIFF predictor 3: each row's bytes split into planes, most
+    significant first, then differenced at a stride of one pixel), DEFLATE (zlib stream).
+    Every step is one contiguous pass, without the GIL: a block whose memory is already
+    pixel-interleaved (the stitcher's) is not transposed, a bands-first one as a 2-D transpose
+    of its integer words; each byte plane is shifted out of the interleaved words, and the
+    difference written into a fresh array (torch's in-place difference over overlapping slices
+    is ~10x slower)."""
     import torch
     from isal import isal_zlib
 
     bands, h, w = values.shape
     nbytes = bits // 8
-    x = torch.from_numpy(values).permute(1, 2, 0).to(torch.float16 if bits == 16 else torch.float32).contiguous()
-    x = x.view(torch.int16 if bits == 16 else torch.int32)
-    planes = torch.empty((h, nbytes, w, bands), dtype=torch.uint8)
+    x = torch.from_numpy(values).to(torch.float16 if bits == 16 else torch.float32)  # strides kept
+    words = x.view(torch.int16 if bits == 16 else torch.int32)
+    if words.is_contiguous():  # bands first
+        pixels = words.reshape(bands, h * w).t().contiguous()
+    else:
+        pixels = words.permute(1, 2, 0).contiguous()  # no copy when pixel-interleaved
+    pixels = pixels.view(h, w * bands)
+    planes = torch.empty((h, nbytes, w * bands), dtype=torch.uint8)
     for j in range(nbytes):  # most significant byte first
-        planes[:, j] = (x >> (8 * (nbytes - 1 - j))).to(torch.uint8)
-    planes = planes.reshape(h, -1)
-    diff = planes.clone()
-    diff[:, bands:] -= planes[:, :-bands]  # uint8: wraps, as the predictor does
+        shift = 8 * (nbytes - 1 - j)
+        planes[:, j] = (pixels >> shift if shift else pixels).to(torch.uint8)
+    planes = planes.view(h, -1)
+    diff = torch.empty_like(planes)
+    diff[:, :bands] = planes[:, :bands]
+    torch.sub(planes[:, bands:], planes[:, :-bands], out=diff[:, bands:])  # uint8: wraps, as the predictor does
     return isal_zlib.compress(memoryview(diff.numpy()), DEFLATE_LEVEL)
 
 

@@ -25,7 +25,9 @@ class TileOutput:
 
     tile: Tile
     halo: int
-    values: np.ndarray  # [C, n, n] float32
+    #: [C, n, n], float32 or the card's float16 (as a GPU hands it back), any strides: Presto's
+    #: are a view of pixel-interleaved embeddings, which the stitcher keeps so
+    values: np.ndarray
     weight: np.ndarray  # [n, n] float32, 0 where there was no input
     #: seconds spent reading this tile and its share of the batch's encode (for metrics)
     read_s: float = 0.0
