@@ -96,9 +96,10 @@ def test_precision(machine) -> None:
         resolve_precision(vit, "torch", "fp16")
     with pytest.raises(BackendError, match="may run in"):
         resolve_precision(clouds, "onnxruntime", "bf16")
-    # int8: ONNX Runtime's CPU kernels, where the card allows it
+    # int8: ONNX Runtime's CPU kernels, or a TensorRT engine from a calibration set (tests/test_calibration.py)
     assert resolve_precision(vit, "onnxruntime", "int8") == "int8"
-    for backend, says in (("tensorrt", "calibration set"), ("torch-cuda", "runs on onnxruntime"), ("torch", "runs on onnxruntime")):
+    assert resolve_precision(vit, "tensorrt", "int8") == "int8"
+    for backend, says in (("torch-cuda", "runs on onnxruntime"), ("torch", "runs on onnxruntime")):
         with pytest.raises(BackendError, match=says) as e:
             resolve_precision(vit, backend, "int8")
         assert e.value.field == "precision"
@@ -111,7 +112,8 @@ def test_precision(machine) -> None:
 def test_auto_backend_follows_the_precision(machine) -> None:
     vit, presto = get_card("vit-small"), get_card("presto")
     machine(cuda=True, trt=True)
-    assert select_backend(vit, precision="int8") == "onnxruntime"  # not the GPU ones
+    assert select_backend(vit, precision="int8") == "onnxruntime"  # not the GPU ones (TensorRT's needs a calibration set)
+    assert select_backend(vit, "tensorrt", precision="int8") == "tensorrt"  # unless asked for
     assert select_backend(vit, precision="fp16") == "tensorrt"
     machine()
     with pytest.raises(BackendError, match="in bf16 .*it needs tensorrt or torch-cuda") as e:
@@ -257,6 +259,28 @@ def test_tensorrt_matches_reference(reference, precision: str, tmp_path: Path) -
     got = tensorrt_runner(bound, x.shape[1:], opts, model_sha256=state_sha256(bound))(x)
     check(got, ref, precision)
     assert len(list(tmp_path.glob("*.engine"))) == 1
+
+
+@gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
+def test_tensorrt_int8_from_a_calibration_set(reference, scene_dir: Path, tmp_path: Path) -> None:
+    """An int8 engine from real calibration tiles (not the tiles it is checked on)."""
+    pytest.importorskip("tensorrt")
+    from tilefm.backends.calibration import make_calibration
+    from tilefm.backends.tensorrt import tensorrt_runner
+    from tilefm.grid import plan_tiles
+    from tilefm.models.vit import state_sha256
+    from tilefm.scene import open_scene
+
+    bound, x, ref = reference
+    scene = open_scene({"s2": str(scene_dir)})
+    cal = make_calibration(get_card("vit-small"), scene, plan_tiles(scene.footprint, 12), tiles=16)
+    samples = cal.for_bands(cal.present)
+    opts = BackendOptions(precision="int8", max_batch=2, engine_cache=str(tmp_path))
+    got = tensorrt_runner(bound, x.shape[1:], opts, model_sha256=state_sha256(bound), calibration=samples)(x)
+    check(got, ref, "int8")
+    assert rel_err(got, ref) > 1e-4  # int8 layers ran
+    assert [p.name.split("-")[3] for p in tmp_path.glob("*.engine")] == ["int8"]
 
 
 @gpu

@@ -71,7 +71,7 @@ def run(
     zoom: Annotated[Optional[int], typer.Option(help="Web-mercator zoom; default matches the scene's native resolution.")] = None,
     bbox: Annotated[Optional[str], typer.Option(help="minlon,minlat,maxlon,maxlat (WGS84) to process only part of the scene.")] = None,
     backend: Annotated[str, typer.Option(help="auto (the fastest available), torch, torch-cuda, onnxruntime or tensorrt.")] = "auto",
-    precision: Annotated[Optional[str], typer.Option(help="Model arithmetic: auto (bf16/fp16 on a GPU, else fp32), fp32, fp16, bf16 or int8 (onnxruntime on CPUs); default TILEFM_PRECISION.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Model arithmetic: auto (bf16/fp16 on a GPU, else fp32), fp32, fp16, bf16 or int8 (onnxruntime on CPUs; tensorrt from `tilefm models calibrate`); default TILEFM_PRECISION.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Embedding storage: float16 (default), float32 or int8 (scale/offset recorded).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch sent to an encoder (default: what a GPU encoder's memory allows, else 4).")] = None,
     executor: Annotated[str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")] = "ray",
@@ -180,6 +180,30 @@ def models_pull(
     except TileFMError as e:
         fail(e)
     typer.echo(f"{name}: {path} (sha256 verified)")
+
+
+@models_app.command("calibrate")
+def models_calibrate(
+    name: str,
+    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE of a representative scene; repeatable.")],
+    zoom: Annotated[Optional[int], typer.Option(help="Web-mercator zoom of the tiles (default: the scene's native resolution).")] = None,
+    tiles: Annotated[int, typer.Option(min=1, max=512, help="Tiles in the set, spread over the scene.")] = 32,
+    scene_date: Annotated[Optional[str], typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none.")] = None,
+) -> None:
+    """Make the calibration set an int8 TensorRT engine takes its scales from (real tiles of a
+    scene, as the model sees them) and put it in the model store beside the weights."""
+    from tilefm.backends.calibration import calibrate
+    from tilefm.scene import parse_scene_arg
+
+    try:
+        try:
+            d = date.fromisoformat(scene_date) if scene_date else None
+        except ValueError:
+            raise TileFMError(f"expected YYYY-MM-DD, got {scene_date!r}", field="date") from None
+        path = calibrate(name, dict(parse_scene_arg(s) for s in scene), zoom=zoom, tiles=tiles, date=d)
+    except TileFMError as e:
+        fail(e)
+    typer.echo(f"{name}: calibration set at {path}")
 
 
 @models_app.command("verify")

@@ -218,8 +218,9 @@ def place_encoders(worker: WorkerSpec, requested: str, settings: Settings, clust
         each = 1.0 if gpus >= 1 else 0.0
     # onnxruntime too: on a GPU host with onnxruntime-gpu it runs on CUDA
     card_gpu = any(b in worker.card.backends for b in (*GPU_BACKENDS, "onnxruntime"))
-    # int8 is ONNX Runtime's CPU kernels: a GPU would sit idle
-    wants_gpu = worker.precision != "int8" and (requested in GPU_BACKENDS or (requested == "auto" and card_gpu))
+    # int8 is ONNX Runtime's CPU kernels (a GPU would sit idle), unless TensorRT was asked for
+    int8_cpu = worker.precision == "int8" and requested != "tensorrt"
+    wants_gpu = not int8_cpu and (requested in GPU_BACKENDS or (requested == "auto" and card_gpu))
     if each > 0 and wants_gpu:
         replicas = settings.encoder_replicas or max(1, int(gpus // each))
         slots = int(float(cluster.get("CPU", 1)) // max(settings.reader_num_cpus, 1e-3))

@@ -76,7 +76,7 @@ def runs_precision(backend: str, precision: str) -> bool:
     if precision in ("auto", "fp32"):
         return True
     if precision == "int8":
-        return backend == "onnxruntime"
+        return backend in ("onnxruntime", "tensorrt")
     return backend in GPU_BACKENDS
 
 
@@ -85,6 +85,8 @@ def _auto_order(card: ModelCard, precision: str = "auto") -> list[str]:
     if "onnxruntime" in card.backends and ort_cuda_available():
         gpu.append("onnxruntime")
     cpu = [n for n in card.backends if n in ("torch", "onnxruntime") and n not in gpu]
+    if precision == "int8":  # TensorRT's int8 needs a calibration set: only when asked for by name
+        gpu = [n for n in gpu if n != "tensorrt"]
     return [n for n in gpu + cpu if runs_precision(n, precision)]
 
 
@@ -126,7 +128,8 @@ def check_precision(card: ModelCard, precision: str) -> None:
 def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") -> str:
     """`auto` is bf16 on GPU backends where the card allows it, else fp16, else fp32; fp32 on
     CPU ones (the reference). int8 (where the card lists it) is ONNX Runtime's dynamic
-    quantization on CPUs. A precision the card or the backend does not allow is an error."""
+    quantization on CPUs, or a TensorRT engine from the model's calibration set
+    (backends/calibration.py). A precision the card or the backend does not allow is an error."""
     if requested == "auto":
         if backend in GPU_BACKENDS:
             for p in ("bf16", "fp16"):
@@ -137,15 +140,9 @@ def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") ->
     if requested == "fp32":
         return requested
     if requested == "int8":
-        if backend == "onnxruntime":
+        if backend in ("onnxruntime", "tensorrt"):
             return requested
-        if backend == "tensorrt":
-            raise BackendError(
-                "TensorRT int8 needs static scales from a calibration set, which tilefm does not build yet; "
-                "use fp16/bf16 on tensorrt or torch-cuda, or int8 on onnxruntime (CPU)",
-                field="precision",
-            )
-        raise BackendError(f"int8 runs on onnxruntime (CPU, dynamic quantization), not on {backend!r}", field="precision")
+        raise BackendError(f"int8 runs on onnxruntime (CPU, dynamic quantization) or tensorrt (calibrated), not on {backend!r}", field="precision")
     if backend == "onnxruntime":
         raise BackendError(f"onnxruntime runs the exported fp32 graph or its int8 quantization, not {requested!r}; use torch-cuda or tensorrt for fp16/bf16", field="precision")
     if backend not in GPU_BACKENDS:
@@ -179,8 +176,9 @@ class Runner(Protocol):
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
 
-def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str) -> Runner:
-    """Build `backend`'s runner for a fp32 CPU module taking [N, *sample_shape]."""
+def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str, calibration: np.ndarray | None = None) -> Runner:
+    """Build `backend`'s runner for a fp32 CPU module taking [N, *sample_shape]. `calibration`:
+    real inputs [N, *sample_shape] for a TensorRT int8 engine's scales (backends/calibration.py)."""
     if backend == "torch":
         from tilefm.backends.torch_cpu import TorchRunner
 
@@ -197,5 +195,5 @@ def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], 
     if backend == "tensorrt":
         from tilefm.backends.tensorrt import tensorrt_runner
 
-        return tensorrt_runner(module, sample_shape, options, model_sha256=model_sha256)
+        return tensorrt_runner(module, sample_shape, options, model_sha256=model_sha256, calibration=calibration)
     raise BackendError(f"unknown backend {backend!r} (choose auto, {', '.join(KNOWN)})")

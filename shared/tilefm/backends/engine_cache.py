@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from tilefm.storage import Storage, storage_for
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,13 @@ class EngineKey:
     input_shape: tuple[int, ...]
     #: the optimisation profile's (min, opt, max) batch sizes
     batch_sizes: tuple[int, int, int]
+    #: int8: the digest of the calibration inputs its scales came from ("" otherwise)
+    calibration_sha256: str = ""
 
     def digest(self) -> str:
         fields = {**asdict(self), "build": BUILD_VERSION}
+        if not self.calibration_sha256:
+            del fields["calibration_sha256"]  # the keys of engines built before int8 stay as they were
         return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @property
@@ -56,6 +62,7 @@ def engine_key(
     max_batch: int,
     *,
     opt_batch: int | None = None,
+    calibration_sha256: str = "",
 ) -> EngineKey:
     """The cache key of an engine (a pure function of what the engine depends on)."""
     if len(model_sha256) != 64 or any(c not in "0123456789abcdef" for c in model_sha256):
@@ -69,7 +76,15 @@ def engine_key(
         precision=precision,
         input_shape=tuple(int(s) for s in input_shape),
         batch_sizes=(1, opt_batch or max_batch, max_batch),
+        calibration_sha256=calibration_sha256,
     )
+
+
+def calibration_digest(samples: np.ndarray | None) -> str:
+    """The sha256 of calibration inputs as the engine sees them (float32, C order)."""
+    if samples is None:
+        return ""
+    return hashlib.sha256(np.ascontiguousarray(samples, np.float32).tobytes()).hexdigest()
 
 
 def engine_uri(prefix: str, key: EngineKey) -> str:

@@ -52,7 +52,7 @@ INT8_OPS = ("MatMul", "Gemm")
 
 
 def _quiet_advice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Please consider to run pre-processing")
+    return not str(record.msg).startswith("Please consider")  # ONNX Runtime's advice to pre-process
 
 
 def quantize_int8(onnx_bytes: bytes) -> bytes:

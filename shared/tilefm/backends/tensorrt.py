@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tilefm.backends import INSTALL_HINTS, BackendOptions
-from tilefm.backends.engine_cache import engine_key, load_or_build
+from tilefm.backends.engine_cache import calibration_digest, engine_key, load_or_build
 from tilefm.errors import BackendError
 
 if TYPE_CHECKING:
@@ -54,8 +54,11 @@ def build_engine(onnx: bytes, *, precision: str, input_name: str, sample_shape: 
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
+    elif precision == "int8":  # a Q/DQ graph (calibration.quantize_qdq): its pairs run int8, the rest fp16
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
     elif precision != "fp32":
-        raise BackendError(f"tilefm builds TensorRT engines in fp32, fp16 or bf16, not {precision!r}")
+        raise BackendError(f"tilefm builds TensorRT engines in fp32, fp16, bf16 or int8, not {precision!r}")
     profile = builder.create_optimization_profile()
     lo, opt, hi = batch_sizes
     profile.set_shape(input_name, (lo, *sample_shape), (opt, *sample_shape), (hi, *sample_shape))
@@ -117,8 +120,11 @@ class TensorRTRunner:
         return host_out.numpy().copy()
 
 
-def tensorrt_runner(module: nn.Module, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str) -> TensorRTRunner:
-    """Load this model's engine from the cache, or export, build and cache it first."""
+def tensorrt_runner(module: nn.Module, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str, calibration: np.ndarray | None = None) -> TensorRTRunner:
+    """Load this model's engine from the cache, or export, build and cache it first. int8 needs
+    `calibration` (real inputs [N, *sample_shape]); its digest goes into the cache key."""
+    if options.precision == "int8" and (calibration is None or len(calibration) == 0):
+        raise BackendError("int8 on tensorrt needs a calibration set (tilefm models calibrate)", field="precision")
     trt = require_tensorrt()
     import torch
 
@@ -135,10 +141,15 @@ def tensorrt_runner(module: nn.Module, sample_shape: tuple[int, ...], options: B
         options.precision,
         sample_shape,
         options.max_batch,
+        calibration_sha256=calibration_digest(calibration) if options.precision == "int8" else "",
     )
 
     def build() -> bytes:
         onnx = export_onnx(module, sample_shape)
+        if options.precision == "int8":
+            from tilefm.backends.calibration import quantize_qdq
+
+            onnx = quantize_qdq(onnx, calibration)
         return build_engine(onnx, precision=options.precision, input_name=INPUT_NAME, sample_shape=sample_shape, batch_sizes=key.batch_sizes)
 
     engine, _ = load_or_build(options.engine_cache, key, build)

@@ -109,7 +109,13 @@ class ViTTileModel(TileModel):
         if bands not in self._runners:
             t0 = time.perf_counter()
             bound = self.net.bind([self.wavelengths[i] for i in bands])
-            self._runners[bands] = make_runner(bound, self.backend, (len(bands), TILE_SIZE, TILE_SIZE), self.options, model_sha256=state_sha256(bound))
+            calibration = None
+            if self.backend == "tensorrt" and self.options.precision == "int8":
+                from tilefm.backends.calibration import require_calibration
+                from tilefm.settings import get_settings
+
+                calibration = require_calibration(self.card, get_settings().model_store, bands)
+            self._runners[bands] = make_runner(bound, self.backend, (len(bands), TILE_SIZE, TILE_SIZE), self.options, model_sha256=state_sha256(bound), calibration=calibration)
             log.info("%s on %s (%s) for %d bands ready in %.1f s", self.card.name, self.backend, self.options.precision, len(bands), time.perf_counter() - t0)
         return self._runners[bands]
 
