@@ -231,3 +231,54 @@ def test_overviews_are_made_while_stitching(tmp_path: Path, per_patch: bool) -> 
         whole = ~np.isnan(blocks).any(axis=(2, 4))
         assert whole.sum() > 100
         assert np.abs(got[whole] - gdal[whole]).max() <= 2 * ulp  # GDAL truncates to float16, we round
+
+
+@pytest.mark.parametrize("per_patch", [True, False], ids=["per-patch", "full-resolution"])
+def test_int8_outputs_are_streamed_with_their_overviews(tmp_path: Path, per_patch: bool) -> None:
+    """int8 embeddings are streamed too: each level the mean of the quantized values below
+    (nodata -128 left out) rounded half away from zero, GDAL's AVERAGE at the first level; the scale and
+    offset that undo the quantization are the file's own, as GDAL writes them."""
+    base = get_card("vit-small" if per_patch else "presto")
+    out = base.output.model_copy(update={"channels": 6, "value_range": (-6.0, 6.0)})
+    card = base.model_copy(update={"output": out})
+    plan = plan_tiles(box(0.1, 24.6, 22.4, 24.8), 10) if per_patch else plan_tiles(box(0.1, 24.6, 1.4, 24.8), 10)
+    out_plan, n = (plan.coarsen(4), 16) if per_patch else (plan, TILE_SIZE)
+    rng = np.random.default_rng(9)
+    outs = []
+    for t in plan.tiles:
+        wgt = (rng.uniform(size=(n // 16, n // 16)) > 0.2).repeat(16, 0).repeat(16, 1).astype(np.float32)
+        outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-6, 6, (6, n, n)).astype(np.float32), weight=wgt))
+    random.Random(3).shuffle(outs)
+    enc = Encoding.for_card(card, "int8")
+    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", enc, halo=0, out_plan=out_plan)
+    assert writer.streamed
+    for o in outs:
+        writer.add(o)
+    writer.close()
+    ours, plain, gdals = tmp_path / "ours.tif", tmp_path / "plain.tif", tmp_path / "gdal.tif"
+    writer.finish(ours)
+    with rasterio.open(ours) as ds:
+        assert ds.dtypes[0] == "int8" and ds.nodata == -128 and ds.overviews(1) == [2, 4]
+        assert ds.scales == (pytest.approx(enc.scale),) * 6 and ds.offsets == (pytest.approx(enc.offset),) * 6
+        profile, full = ds.profile, ds.read()
+    assert (full == -128).any() and (full > -128).mean() > 0.04
+    with rasterio.open(plain, "w", **{**profile, "compress": None}) as ds:
+        ds.write(full)
+    write_cog(plain, gdals, out_plan, enc)
+    C, H, W = full.shape
+    for level in (1, 2):
+        f = 1 << level
+        blocks = np.where(full == -128, np.nan, full.astype(np.float64)).reshape(C, H // f, f, W // f, f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(blocks, axis=(2, 4))
+        m = np.nan_to_num(mean)
+        expected = np.where(np.isnan(mean), -128, np.sign(m) * np.floor(np.abs(m) + 0.5))
+        with rasterio.open(ours, OVERVIEW_LEVEL=level - 1) as o, rasterio.open(gdals, OVERVIEW_LEVEL=level - 1) as g:
+            got, gdal = o.read().astype(np.float64), g.read().astype(np.float64)
+        np.testing.assert_array_equal(got, expected)
+        whole = ~np.isnan(blocks).any(axis=(2, 4))
+        assert whole.sum() > 50
+        if level == 1:  # GDAL's level 2 averages its level 1 (and rounds twice)
+            np.testing.assert_array_equal(got, gdal)
+        assert np.abs(got[whole] - gdal[whole]).max() <= 1

@@ -71,9 +71,10 @@ def read_fields(path: Path) -> dict[int, TiffField]:
         return fields
 
 
-def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions: list[str]) -> dict[int, TiffField]:
-    """GDAL's georeferencing and metadata fields for a raster of this profile: written by GDAL
-    into a one-block GeoTIFF and read back."""
+def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions: list[str], scale_offset: tuple[float, float] | None = None) -> dict[int, TiffField]:
+    """GDAL's georeferencing and metadata fields for a raster of this profile (and the scale and
+    offset of every band, for quantized values): written by GDAL into a one-block GeoTIFF and
+    read back."""
     with tempfile.TemporaryDirectory(prefix="tilefm-cog-") as tmp:
         path = Path(tmp) / "template.tif"
         small = {**profile, "driver": "GTiff", "width": BLOCK, "height": BLOCK, "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "sparse_ok": True}
@@ -81,6 +82,9 @@ def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions:
             ds.update_tags(**tags)
             for i, name in enumerate(descriptions, start=1):
                 ds.set_band_description(i, name)
+            if scale_offset is not None:
+                ds.scales = [scale_offset[0]] * ds.count
+                ds.offsets = [scale_offset[1]] * ds.count
         fields = read_fields(path)
     return {tag: f for tag, f in fields.items() if tag in GEO_FIELDS or tag == NODATA_FIELD}
 
@@ -90,6 +94,7 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     (float16 blocks are stored as they are; float32 ones for 16 bits must be float16-exact),
     floating-point predictor (TIFF predictor 3: each row's bytes split into planes, most
     significant first, then differenced at a stride of one pixel), DEFLATE (zlib stream).
+    8 bits: int8 values as they are, no predictor (as GDAL's COG driver writes them).
     Every step is one contiguous pass, without the GIL: a block whose memory is already
     pixel-interleaved (the stitcher's) is not transposed, a bands-first one as a 2-D transpose
     of its integer words; each byte plane is shifted out of the interleaved words, and the
@@ -99,6 +104,9 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     from isal import isal_zlib
 
     bands, h, w = values.shape
+    if bits == 8:
+        pixels8 = torch.from_numpy(values).to(torch.int8).permute(1, 2, 0).contiguous()
+        return isal_zlib.compress(memoryview(pixels8.numpy()), DEFLATE_LEVEL)
     nbytes = bits // 8
     x = torch.from_numpy(values).to(torch.float16 if bits == 16 else torch.float32)  # strides kept
     words = x.view(torch.int16 if bits == 16 else torch.int32)
@@ -121,7 +129,8 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
 @dataclass
 class COGBuilder:
     """Blocks of every level, compressed elsewhere and appended here in any order; `finish`
-    writes the COG. Level 0 is the full resolution; level i is 2^i coarser (GDAL's overviews)."""
+    writes the COG. Level 0 is the full resolution; level i is 2^i coarser (GDAL's overviews).
+    `bits`: 16 or 32 (IEEE floats, floating-point predictor) or 8 (int8, no predictor)."""
 
     scratch: Path
     width: int
@@ -210,8 +219,10 @@ class COGBuilder:
                 284: TiffField.of(SHORT, [1]), 317: TiffField.of(SHORT, [3]),
                 322: TiffField.of(SHORT, [BLOCK]), 323: TiffField.of(SHORT, [BLOCK]),
                 324: TiffField.of(offset_type, offsets), 325: TiffField.of(offset_type, counts),
-                339: TiffField.of(SHORT, [3] * self.bands),
+                339: TiffField.of(SHORT, [2 if self.bits == 8 else 3] * self.bands),  # signed int / IEEE float
             }  # fmt: skip
+            if self.bits == 8:
+                del fields[317]  # no predictor
             if self.bands > 1:
                 fields[338] = TiffField.of(SHORT, [0] * (self.bands - 1))
             if level:

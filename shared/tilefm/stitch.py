@@ -195,16 +195,18 @@ class MosaicWriter:
         self._half: dict[tuple[int, ...], np.ndarray] = {}
         self.channels = self.card.output.channels
         levels = self.out_plan.overview_levels
-        # float outputs: every level made here from each tile as it is final, and the COG
-        # streamed (cog.py); each tile's output must cover a pixel of the coarsest level
-        self.streamed = self.encoding.dtype == "float32" and levels <= (TILE_SIZE >> self.k).bit_length() - 1
+        # embeddings (float or int8): every level made here from each tile as it is final, and
+        # the COG streamed (cog.py); each tile's output must cover a pixel of the coarsest level
+        self.streamed = self.encoding.dtype in ("float32", "int8") and levels <= (TILE_SIZE >> self.k).bit_length() - 1
         #: finished blocks of the streamed COG are float16 where it stores 16 bits (what the
         #: block encoder takes as it is; half the bytes of float32 through every step)
         self._block_dtype = "float16" if self.streamed and self.encoding.nbits == 16 else self.encoding.dtype
         self._levels_lock = threading.Lock()
         if self.streamed:
-            fields = template_fields(self._profile(), self.tags, self.band_descriptions())
-            self.cog = COGBuilder(Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, self.encoding.nbits or 32, fields)
+            int8 = self.encoding.dtype == "int8"
+            fields = template_fields(self._profile(), self.tags, self.band_descriptions(), (self.encoding.scale, self.encoding.offset) if int8 else None)
+            bits = 8 if int8 else self.encoding.nbits or 32
+            self.cog = COGBuilder(Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, bits, fields)
             self._level_blocks: list[dict[tuple[int, int], _Block]] = [{} for _ in range(levels + 1)]
             self._level_expected = [Counter(self._block_of(self._origin(t), i) for t in self.plan.tiles) for i in range(levels + 1)]
             return
@@ -380,7 +382,7 @@ class MosaicWriter:
     def _reduce(self, block: np.ndarray, origin: tuple[int, int], valid: np.ndarray) -> list[tuple[int, tuple[int, int], np.ndarray]]:
         """A final tile's (or child's) share of each overview level: the mean of the stored
         values below each pixel, nodata (pixels no tile covered: `valid` false) left out,
-        rounded as the base is. Sums and counts are halved level by level, so every level is
+        rounded as the base is (int8: to the nearest quantized value, halves away from zero). Sums and counts are halved level by level, so every level is
         the mean over the base; GDAL's AVERAGE gives the same at the first level, and below
         averages the level above (means of means), which over-weights the pixels of a block
         that was partly nodata. Returns the level blocks this completed (every planned tile
@@ -396,7 +398,7 @@ class MosaicWriter:
         else:
             mask = torch.from_numpy(np.ascontiguousarray(valid))[:, :, None]
             total, count = torch.where(mask, t, 0.0), mask.to(torch.float32)
-        out = torch.float16 if self._block_dtype == "float16" else torch.float32
+        out = {"float16": torch.float16, "int8": torch.int8}.get(self._block_dtype, torch.float32)
         row, col = origin
         done: list[tuple[int, tuple[int, int], _Block]] = []
         for level in range(1, len(self._level_blocks)):
@@ -408,6 +410,8 @@ class MosaicWriter:
                 mean = total / count  # 0 / 0: NaN, the nodata value
             if self.encoding.nbits == 16:
                 mean = mean.to(torch.float16)
+            elif out == torch.int8:  # quantized values: their mean rounded half away from zero, as GDAL's AVERAGE
+                mean = torch.nan_to_num(torch.sign(mean) * torch.floor(mean.abs() + 0.5), nan=INT8_NODATA)
             key = self._block_of(origin, level)
             n, r, c = mean.shape[0], (row >> level) % TILE_SIZE, (col >> level) % TILE_SIZE
             with self._levels_lock:
@@ -472,7 +476,7 @@ class MosaicWriter:
 
     def finish(self, dst: Path) -> None:
         """The COG of a closed, complete mosaic at `dst`, validated: laid out from the blocks
-        compressed during the stream, or (class maps, int8) copied by GDAL's COG driver."""
+        compressed during the stream, or (class maps) copied by GDAL's COG driver."""
         if self.missing:
             raise RuntimeError(f"the mosaic at {self.path} is not complete")
         if self.streamed:
@@ -507,7 +511,7 @@ def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> No
     warp), keeping the tags, band descriptions, nodata, scales and colour map the MosaicWriter
     gave it; on a 384-band
     output it takes a third of the time of rio-cogeo's path through a warped VRT. For class maps
-    and int8 outputs; float outputs are streamed (`MosaicWriter.finish`)."""
+    (and mosaics too large for the stitcher's overviews); embeddings are streamed (`MosaicWriter.finish`)."""
     predictor = {1: "NO", 2: "STANDARD", 3: "FLOATING_POINT"}[encoding.predictor]
     options: dict[str, Any] = dict(
         COMPRESS="DEFLATE", PREDICTOR=predictor, BLOCKSIZE=TILE_SIZE, BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
