@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--cog", action="store_true", help="also time the COG step")
     ap.add_argument("--threads", type=int, default=0, help="compressing threads (0: TILEFM_COG_THREADS's default)")
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the outputs' dtype")
+    ap.add_argument("--store", choices=("float16", "float32", "int8"), default=None, help="how the COG stores embeddings (default: the card's)")
     args = ap.parse_args()
 
     from tilefm.models.base import TileOutput
@@ -55,7 +56,7 @@ def main() -> None:
         return rng.normal(size=(C, n, n)).astype(args.dtype)
 
     outs = [TileOutput(tile=t, halo=0, values=values(), weight=np.ones((n, n), np.float32)) for t in plan.tiles]
-    enc = Encoding.for_card(card)
+    enc = Encoding.for_card(card, args.store)
     out_plan = plan.coarsen(card.output_stride.bit_length() - 1)
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +72,7 @@ def main() -> None:
                 writer.finish(Path(tmp) / "c.tif")
             t3 = time.perf_counter()
         ms = 1000 / len(outs)
-        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile"
+        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype} stored as {enc.dtype if enc.dtype == 'int8' else args.store or card.output.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile"
               + (f", COG step {t3 - t2:.1f} s" if args.cog else ""), flush=True)  # fmt: skip
 
 
