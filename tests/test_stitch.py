@@ -172,6 +172,25 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
     assert np.isnan(data[0][~covered]).all()
 
 
+def _streamed_and_gdals(tmp_path: Path, plan, out_plan, card, enc: Encoding, outs: list[TileOutput]) -> tuple[Path, Path, np.ndarray]:
+    """The streamed COG of `outs` (two overview levels), the COG GDAL makes from the same base,
+    and that base."""
+    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", enc, halo=0, out_plan=out_plan)
+    assert writer.streamed
+    for o in outs:
+        writer.add(o)
+    writer.close()
+    ours, plain, gdals = tmp_path / "ours.tif", tmp_path / "plain.tif", tmp_path / "gdal.tif"
+    writer.finish(ours)
+    with rasterio.open(ours) as ds:
+        assert ds.overviews(1) == [2, 4]
+        profile, full = ds.profile, ds.read()
+    with rasterio.open(plain, "w", **{**profile, "compress": None}) as ds:  # the same base, no overviews
+        ds.write(full)
+    write_cog(plain, gdals, out_plan, enc)  # GDAL making the overviews
+    return ours, gdals, full
+
+
 @pytest.mark.parametrize("per_patch", [True, False], ids=["per-patch", "full-resolution"])
 def test_overviews_are_made_while_stitching(tmp_path: Path, per_patch: bool) -> None:
     """Float outputs: the writer makes every overview level from each tile (or per-patch
@@ -197,21 +216,7 @@ def test_overviews_are_made_while_stitching(tmp_path: Path, per_patch: bool) -> 
             wgt[rng.uniform(size=wgt.shape) < 0.02] = 0  # and single pixels
         outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-5, 5, (8, n, n)).astype(np.float32), weight=wgt))
     random.Random(2).shuffle(outs)
-    enc = Encoding.for_card(card)
-    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", enc, halo=0, out_plan=out_plan)
-    assert writer.streamed
-    for o in outs:
-        writer.add(o)
-    writer.close()
-    ours, plain, gdals = tmp_path / "ours.tif", tmp_path / "plain.tif", tmp_path / "gdal.tif"
-    writer.finish(ours)
-    with rasterio.open(ours) as ds:
-        assert ds.overviews(1) == [2, 4]
-        profile = ds.profile
-        full = ds.read()
-    with rasterio.open(plain, "w", **{**profile, "compress": None}) as ds:  # the same base, no overviews
-        ds.write(full)
-    write_cog(plain, gdals, out_plan, enc)  # GDAL making the overviews
+    ours, gdals, full = _streamed_and_gdals(tmp_path, plan, out_plan, card, Encoding.for_card(card), outs)
     C, H, W = full.shape
     for level in (1, 2):
         f = 1 << level
@@ -250,21 +255,11 @@ def test_int8_outputs_are_streamed_with_their_overviews(tmp_path: Path, per_patc
         outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-6, 6, (6, n, n)).astype(np.float32), weight=wgt))
     random.Random(3).shuffle(outs)
     enc = Encoding.for_card(card, "int8")
-    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", enc, halo=0, out_plan=out_plan)
-    assert writer.streamed
-    for o in outs:
-        writer.add(o)
-    writer.close()
-    ours, plain, gdals = tmp_path / "ours.tif", tmp_path / "plain.tif", tmp_path / "gdal.tif"
-    writer.finish(ours)
+    ours, gdals, full = _streamed_and_gdals(tmp_path, plan, out_plan, card, enc, outs)
     with rasterio.open(ours) as ds:
-        assert ds.dtypes[0] == "int8" and ds.nodata == -128 and ds.overviews(1) == [2, 4]
+        assert ds.dtypes[0] == "int8" and ds.nodata == -128
         assert ds.scales == (pytest.approx(enc.scale),) * 6 and ds.offsets == (pytest.approx(enc.offset),) * 6
-        profile, full = ds.profile, ds.read()
     assert (full == -128).any() and (full > -128).mean() > 0.04
-    with rasterio.open(plain, "w", **{**profile, "compress": None}) as ds:
-        ds.write(full)
-    write_cog(plain, gdals, out_plan, enc)
     C, H, W = full.shape
     for level in (1, 2):
         f = 1 << level
