@@ -21,7 +21,8 @@ for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests) python3 -m pytest -q -p no:cacheprovider -rs ${TESTS_K:+-k "$TESTS_K"} tests/test_backends.py tests/test_vit.py tests/test_ray_encoders.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
-    feed) python3 bench/feed.py --model vit-base --zoom 13 --readers "${FEED_READERS:-4,8,12}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -8 ;;
+    feed) python3 bench/feed.py --model vit-base --zoom 13 --readers "${FEED_READERS:-4,8,12}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -8
+          python3 bench/feed.py --model presto --zoom 11 --batch 16 --readers "${PRESTO_FEED_READERS:-2,4}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -6 ;;
     bench-vit) python3 bench/encoder.py --gpu --models vit-base --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs,bf16-compile}" \
         --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -12 ;;
     bench-vit-small) python3 bench/encoder.py --gpu --models vit-small --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs}" \
