@@ -107,10 +107,16 @@ def input_preparer(card: ModelCard) -> InputPreparer:
 
 def normalize(card: ModelCard, data: np.ndarray) -> np.ndarray:
     """(raw * scale + shift - mean) / std per band, in the card's band order."""
+    a, c = normalize_coefficients(card)
+    return data * a + c
+
+
+def normalize_coefficients(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """`normalize` as data * a + c: a and c per band, [bands, 1, 1] float32."""
     bands = [b for i in card.inputs for b in i.bands]
     a = np.array([b.scale / b.std for b in bands], np.float32)[:, None, None]
     c = np.array([(b.shift - b.mean) / b.std for b in bands], np.float32)[:, None, None]
-    return data * a + c
+    return a, c
 
 
 def load_tile_model(card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, precision: str | None = None) -> TileModel:

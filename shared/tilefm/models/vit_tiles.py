@@ -21,7 +21,7 @@ import numpy as np
 from tilefm.backends import GPU_BACKENDS, BackendOptions, Runner, make_runner, resolve_precision
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile
-from tilefm.models.base import InputPreparer, TileModel, TileOutput, normalize
+from tilefm.models.base import InputPreparer, TileModel, TileOutput, normalize_coefficients
 from tilefm.models.card import ModelCard
 from tilefm.models.vit import card_wavelengths, load_vit, state_sha256, upsample
 from tilefm.read import TileInput
@@ -57,10 +57,24 @@ class ViTInputs(InputPreparer):
         core = (slice(None), slice(h, h + TILE_SIZE), slice(h, h + TILE_SIZE))
         valid = t.valid[core]
         bands = tuple(int(i) for i in np.flatnonzero(valid.any(axis=(1, 2))))
-        x = normalize(self.card, t.data[core])[list(bands)]
-        ok = valid[list(bands)]
-        x[~ok] = 0.0
-        return bands, x, ok.all(axis=0) if bands else np.zeros(valid.shape[1:], bool)
+        # the bands with data first, then normalised in place (the others are never touched)
+        sel = list(bands)
+        scale, shift = self._affine
+        x = t.data[core][sel]
+        x *= scale[sel]
+        x += shift[sel]
+        ok = valid[sel]
+        every = ok.all(axis=0)
+        if not every.all():
+            x[~ok] = 0.0
+        return bands, x, every if bands else np.zeros(valid.shape[1:], bool)
+
+    @property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """`normalize` as data * scale + shift, per band (computed once)."""
+        if not hasattr(self, "_coefficients"):
+            self._coefficients = normalize_coefficients(self.card)
+        return self._coefficients
 
     def __call__(self, tiles: list[TileInput]) -> ViTBatch:
         return ViTBatch([t.tile for t in tiles], [self.tile(t) for t in tiles])
