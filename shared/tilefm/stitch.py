@@ -383,11 +383,12 @@ class MosaicWriter:
     def _reduce(self, block: np.ndarray, origin: tuple[int, int], valid: np.ndarray) -> list[tuple[int, tuple[int, int], np.ndarray]]:
         """A final tile's (or child's) share of each overview level: the mean of the stored
         values below each pixel, nodata (pixels no tile covered: `valid` false) left out,
-        rounded as the base is (int8: to the nearest quantized value, halves away from zero). Sums and counts are halved level by level, so every level is
-        the mean over the base; GDAL's AVERAGE gives the same at the first level, and below
-        averages the level above (means of means), which over-weights the pixels of a block
-        that was partly nodata. Returns the level blocks this completed (every planned tile
-        below them has given its share), to be compressed. Thread-safe."""
+        rounded as the base is (int8: to the nearest quantized value, halves away from zero).
+        Sums and counts are halved level by level, so every level is the mean over the base;
+        GDAL's AVERAGE gives the same at the first level, and below averages the level above
+        (means of means), which over-weights the pixels of a block that was partly nodata.
+        Returns the level blocks this completed (every planned tile below them has given its
+        share), to be compressed. Thread-safe."""
         import torch
 
         # pixels-last [H, W, C] (the streamed blocks' memory order): each sum of a 2 x 2 window

@@ -14,7 +14,6 @@ is checked where there is no GPU.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -29,8 +28,7 @@ from tilefm.models.card import ModelCard
 
 log = logging.getLogger(__name__)
 
-#: tiles in a calibration set: enough for stable activation ranges of a ViT (they move < 2%
-#: past ~16 tiles of the sample scene), few enough to build in seconds
+#: tiles in a calibration set by default: a few dozen spread over the scene (min/max ranges)
 DEFAULT_TILES = 32
 #: samples per calibration batch
 BATCH = 4
