@@ -81,7 +81,7 @@ def calibration_path(card: ModelCard, store: Path, modalities: list[str]) -> Pat
 
 def make_calibration(card: ModelCard, scene: Any, plan: Any, tiles: int = DEFAULT_TILES) -> Calibration:
     """`tiles` real tiles spread evenly over the plan, read and prepared as the model takes them
-    (normalised, gaps at 0), keeping those where every band of the card has data."""
+    (normalised, gaps at 0), keeping those where every band of the scene's modalities has data."""
     from tilefm.models.base import input_preparer
     from tilefm.read import read_tiles
 
@@ -90,8 +90,7 @@ def make_calibration(card: ModelCard, scene: Any, plan: Any, tiles: int = DEFAUL
     if tiles < 1:
         raise BackendError(f"a calibration set needs at least 1 tile, not {tiles}", field="tiles")
     prep = input_preparer(card)
-    mods = set(scene.modalities)
-    want = tuple(i for i, m in enumerate(m.modality for m in card.inputs for _ in m.bands) if m in mods)
+    want = tuple(i for i, name in enumerate(card_bands(card)) if name.split(":")[0] in scene.modalities)
     picks = np.unique(np.linspace(0, len(plan.tiles) - 1, min(len(plan.tiles), 4 * tiles)).round().astype(int))
     kept: list[np.ndarray] = []
     for start in range(0, len(picks), 4 * BATCH):
@@ -155,7 +154,7 @@ def quantize_qdq(onnx_bytes: bytes, samples: np.ndarray) -> bytes:
     TensorRT's explicit quantization takes them), weights per output channel."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from tilefm.backends.onnx_export import INPUT_NAME, INT8_OPS, _quiet_advice
+    from tilefm.backends.onnx_export import INPUT_NAME, INT8_OPS, quiet_ort_advice
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -168,7 +167,7 @@ def quantize_qdq(onnx_bytes: bytes, samples: np.ndarray) -> bytes:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
         src.write_bytes(onnx_bytes)
         root = logging.getLogger()
-        root.addFilter(_quiet_advice)
+        root.addFilter(quiet_ort_advice)
         try:
             quantize_static(
                 src, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -176,5 +175,5 @@ def quantize_qdq(onnx_bytes: bytes, samples: np.ndarray) -> bytes:
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
             )  # fmt: skip
         finally:
-            root.removeFilter(_quiet_advice)
+            root.removeFilter(quiet_ort_advice)
         return dst.read_bytes()

@@ -51,7 +51,7 @@ def export_onnx(module: nn.Module, sample_shape: tuple[int, ...], *, batch: int 
 INT8_OPS = ("MatMul", "Gemm")
 
 
-def _quiet_advice(record: logging.LogRecord) -> bool:
+def quiet_ort_advice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Please consider")  # ONNX Runtime's advice to pre-process
 
 
@@ -68,9 +68,9 @@ def quantize_int8(onnx_bytes: bytes) -> bytes:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_bytes)
         root = logging.getLogger()
-        root.addFilter(_quiet_advice)  # it logs "Please consider to run pre-processing" on the root logger
+        root.addFilter(quiet_ort_advice)  # it logs "Please consider to run pre-processing" on the root logger
         try:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(INT8_OPS))
         finally:
-            root.removeFilter(_quiet_advice)
+            root.removeFilter(quiet_ort_advice)
         return dst.read_bytes()
