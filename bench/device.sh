@@ -5,7 +5,7 @@
 #   .gpu/site312.tar.xz            rasterio, pyproj, shapely, rio-tiler, pydantic, ... for cp312
 #   .gpu/shared/{data,models}      ../shared's scene and Presto weights
 # Usage: bash bench/device.sh PHASE... (tests, feed, bench-presto, bench-vit, bench-vit-small); results in $OUT.
-# Narrower runs: TESTS_K (pytest -k), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
+# Narrower runs: TESTS_K (pytest -k), FEED_READERS, FEED_KINDS (thread,process), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site
 for t in .gpu/*.tar.xz; do tar -xJf "$t" -C /tmp/site || exit 1; done
@@ -21,8 +21,8 @@ for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests) python3 -m pytest -q -p no:cacheprovider -rs ${TESTS_K:+-k "$TESTS_K"} tests/test_backends.py tests/test_vit.py tests/test_ray_encoders.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
-    feed) python3 bench/feed.py --model vit-base --zoom 13 --readers "${FEED_READERS:-4,8,12}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -8
-          python3 bench/feed.py --model presto --zoom 11 --batch 16 --readers "${PRESTO_FEED_READERS:-2,4}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -6 ;;
+    feed) python3 bench/feed.py --model vit-base --zoom 13 --readers "${FEED_READERS:-4,8,12}" --kinds "${FEED_KINDS:-thread,process}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -9
+          python3 bench/feed.py --model presto --zoom 11 --batch 16 --readers "${PRESTO_FEED_READERS:-2,4}" --kinds "${FEED_KINDS:-thread,process}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -7 ;;
     bench-vit) python3 bench/encoder.py --gpu --models vit-base --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs,bf16-compile}" \
         --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -12 ;;
     bench-vit-small) python3 bench/encoder.py --gpu --models vit-small --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs}" \

@@ -178,7 +178,7 @@ def end_to_end(spec_kw: dict[str, Any], backend: str, batch: int, executor: str 
     seconds = t["total_s"] - t.get("load_s", 0.0)
     # the stream (read + encode + stitch) alone, before the COG step: what keeping the GPU fed means
     return {"e2e_tiles": result.tiles, "e2e_tiles_s": result.tiles / seconds, "e2e_stream_tiles_s": result.tiles / t["tiles_s"], "e2e_gpu_util": gpu.mean,
-            "e2e_timings": {k: round(v, 2) for k, v in t.items()}}  # fmt: skip
+            "e2e_readers": result.readers, "e2e_timings": {k: round(v, 2) for k, v in t.items()}}  # fmt: skip
 
 
 def presto_pixels(work: Workload, model: Any, pixels: int) -> dict[str, Any]:
@@ -284,7 +284,7 @@ def main() -> None:
     lines = [
         f"Encoder benchmark on {device}, zoom {args.zoom}, sample scene {SCENE.name}, bbox {args.bbox}.",
         "",
-        "| model | backend | variant | batch | model-only tiles/s | GPU % | error vs fp32 CPU | classes kept | end-to-end tiles/s (tiles) | stream tiles/s | GPU % | e2e / model |",
+        "| model | backend | variant | batch | model-only tiles/s | GPU % | error vs fp32 CPU | classes kept | end-to-end tiles/s (tiles, readers) | stream tiles/s | GPU % | e2e / model |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -292,7 +292,7 @@ def main() -> None:
             p = r["presto"]
             lines.append(f"| {r['model']} | {r['backend']} | {r['variant']} | {p['pixels']:,} px | {p['seconds']:.1f} s ({p['pixels_s'] / 1e6:.1f} Mpx/s) | {f(p['gpu_util'], '{:.0f}')} | | | | | | |")
             continue
-        e2e = f"{f(r.get('e2e_tiles_s'))} ({r.get('e2e_tiles', '-')})" if "e2e_tiles_s" in r else "-"
+        e2e = f"{f(r.get('e2e_tiles_s'))} ({r.get('e2e_tiles', '-')}, {r.get('e2e_readers', '-')})" if "e2e_tiles_s" in r else "-"
         ratio = f(r.get("ratio"), "{:.2f}") if "ratio" in r else "-"
         lines.append(f"| {r['model']} | {r['backend']} | {r['variant']} | {r['batch']} | {f(r['model_tiles_s'])} | {f(r['model_gpu_util'], '{:.0f}')} | {f(r['rel_err'], '{:.1e}')} | {f(r.get('class_agreement'), '{:.2%}')} | {e2e} | {f(r.get('e2e_stream_tiles_s'))} | {f(r.get('e2e_gpu_util'), '{:.0f}')} | {ratio} |")
     table = "\n".join(lines)

@@ -3,7 +3,8 @@ replaced by an instant one (what an infinitely fast device would leave as the bo
 
     TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/feed.py --model vit-base --zoom 13 --readers 1,2
 
-Everything else is the real pipeline of `tilefm run --executor local`: reader threads read the
+Everything else is the real pipeline of `tilefm run --executor local`: reader threads (or
+processes, `--kinds process`) read the
 tiles (tilefm's sampler or GDAL) and prepare the model's input (`TileModel.prepare`: normalising,
 band sets, stacking), the main thread hands batches to the model and stitches the outputs (the
 mosaic writer's threads compress finished blocks), then the COG step. The stand-in network returns
@@ -70,18 +71,20 @@ class InstantModel:
         return self.model.run(prepared)
 
 
-def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random") -> dict[str, Any]:
+def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random", kind: str = "thread") -> dict[str, Any]:
     from tilefm.pipeline import batches, publish
     from tilefm.runtime import LocalExecutor, WorkerSpec
     from tilefm.settings import get_settings
     from tilefm.stitch import Encoding
 
-    ex = LocalExecutor.__new__(LocalExecutor)
-    ex.model = InstantModel(WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights).load(), device_ms, values)
-    ex.readers, ex.prefetch = readers, 2
+    worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
+    ex = LocalExecutor(worker, readers=readers, prefetch=2, kind=kind, model=InstantModel(worker.load(), device_ms, values))  # type: ignore[arg-type]
     settings = get_settings()
     timings: dict[str, float] = {}
     n = len(prep.plan.tiles)
+    # reader processes start with the executor (as while a real model loads): not timed
+    list(ex.map(prep.scene, batches(prep.plan.tiles[:readers], 1)))
+    main_cpu = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         outputs = (o for b in ex.map(prep.scene, batches(prep.plan.tiles, batch)) for o in b)
@@ -92,7 +95,10 @@ def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0,
             assert done == n
             timings["tiles_s"] = time.perf_counter() - t0
         total = time.perf_counter() - t0
-    return {"readers": readers, "batch": batch, "tiles": n, "feed_tiles_s": n / timings["tiles_s"],
+    main_cpu = time.process_time() - main_cpu
+    ex.close()
+    return {"kind": kind, "readers": readers, "batch": batch, "tiles": n, "feed_tiles_s": n / timings["tiles_s"],
+            "main_cpu_ms_per_tile": round(1000 * main_cpu / n, 2),
             "stream_s": round(timings["tiles_s"], 2), "cog_s": round(timings.get("cog_s", 0.0), 2), "total_s": round(total, 2),
             "stitched": cog, "device_ms": device_ms, "values": values,
             "vs_device": (n * device_ms / 1000) / timings["tiles_s"] if device_ms else None}  # fmt: skip
@@ -104,6 +110,7 @@ def main() -> None:
     ap.add_argument("--zoom", type=int, default=13)
     ap.add_argument("--bbox", default="all", help="minlon,minlat,maxlon,maxlat, or all")
     ap.add_argument("--readers", default="1,2", help="reader thread counts, comma separated")
+    ap.add_argument("--kinds", default="thread", help="reader kinds to compare (thread, process), comma separated")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="rounds per reader count (alternating); the best is reported")
     ap.add_argument("--no-stitch", action="store_true", help="count outputs instead of stitching them and making the COG")
@@ -121,18 +128,19 @@ def main() -> None:
                    bbox=None if args.bbox == "all" else parse_bbox(args.bbox), executor="local", date=None)  # fmt: skip
     prep = prepare(spec)
     readers = [int(r) for r in args.readers.split(",")]
-    rows: dict[int, list[dict[str, Any]]] = {r: [] for r in readers}
+    kinds = args.kinds.split(",")
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = {(k, r): [] for r in readers for k in kinds}
     for _ in range(args.rounds):
-        for r in readers:
-            rows[r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values))
+        for k, r in rows:
+            rows[k, r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values, k))
     cpus = len(os.sched_getaffinity(0))
     print(f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}")
-    print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | stream / device-only |")
-    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: |")
-    for r, rs in rows.items():
+    print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | stream / device-only | main process CPU ms/tile |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    for (k, r), rs in rows.items():
         best = max(rs, key=lambda x: x["feed_tiles_s"])
         each = ", ".join(f"{x['feed_tiles_s']:.1f}" for x in rs)
-        print(f"| {r} | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} | {best['vs_device'] or 0:.2f} |")
+        print(f"| {r} ({k}) | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} | {best['vs_device'] or 0:.2f} | {best['main_cpu_ms_per_tile']} |")
         if args.json_out:
             with args.json_out.open("a") as f:
                 f.write(json.dumps({"model": args.model, "zoom": args.zoom, "cpus": cpus, **best, "rounds": [x["feed_tiles_s"] for x in rs]}) + "\n")

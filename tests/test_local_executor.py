@@ -1,9 +1,11 @@
-"""The local executor's threads: readers prepare, one device thread runs the model, the caller
-stitches. Outputs in plan order and equal to encoding in one thread; a failed read reaches the
-caller as itself; a caller that stops early leaves no thread behind."""
+"""The local executor: readers (threads, or processes handing batches over in shared memory)
+prepare, one device thread runs the model, the caller stitches. Outputs in plan order and equal to
+encoding in one thread, for either kind of reader; a failed read reaches the caller as itself; a
+caller that stops early leaves no thread, process or shared-memory file behind."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -16,6 +18,7 @@ from test_vit import tiny_card
 from tilefm.grid import plan_tiles
 from tilefm.pipeline import batches
 from tilefm.read import read_tiles
+from tilefm.readers import ProcessReaders
 from tilefm.runtime import LocalExecutor, WorkerSpec
 from tilefm.scene import open_scene
 
@@ -42,10 +45,14 @@ class Recording:
         return self.model.run(prepared)
 
 
-def executor(readers: int = 2) -> LocalExecutor:
-    ex = LocalExecutor(WorkerSpec(card=tiny_card(), backend="torch", weights=None), readers=readers, prefetch=1)
-    ex.model = Recording(ex.model)  # type: ignore[assignment]
-    return ex
+def executor(readers: int = 2, kind: str = "thread") -> LocalExecutor:
+    worker = WorkerSpec(card=tiny_card(), backend="torch", weights=None)
+    return LocalExecutor(worker, readers=readers, prefetch=1, kind=kind, model=Recording(worker.load()))  # type: ignore[arg-type]
+
+
+def slot_files(ex: LocalExecutor) -> list[str]:
+    folder, stem = os.path.split(ex.reads.prefix)
+    return [n for n in os.listdir(folder) if n.startswith(stem)]
 
 
 @pytest.fixture(scope="module")
@@ -66,27 +73,89 @@ def test_outputs_in_plan_order_equal_one_thread(plan) -> None:
         np.testing.assert_array_equal(a.weight, b.weight)
     caller = threading.current_thread().name
     assert ex.model.threads["run"] == {"tilefm-device"}
-    assert all(n.startswith("tilefm-read") for n in ex.model.threads["prepare"])
+    assert ex.model.threads["prepare"] and all(n.startswith("tilefm-read") for n in ex.model.threads["prepare"])
     assert caller not in ex.model.threads["run"] | ex.model.threads["prepare"]
 
 
-def test_a_failed_read_reaches_the_caller(plan, tmp_path: Path, scene_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def whole(scene_dir: Path):
+    """The whole scene at zoom 11 in batches of 1 and 3 tiles (each slot is used many times, and
+    grows when a larger batch first comes to it), with the model's outputs read in one thread."""
+    scene = open_scene({"s2": str(scene_dir)})
+    tiles = plan_tiles(scene.footprint, 11).tiles
+    sizes, chunks, i = [1, 3], [], 0
+    while i < len(tiles):
+        chunks.append(tiles[i : i + sizes[len(chunks) % 2]])
+        i += len(chunks[-1])
+    ex = executor()
+    ref = ex.model.model.encode(read_tiles(scene, ex.model.card, tiles, 0))
+    return scene, tiles, chunks, ref
+
+
+def test_reader_processes_give_what_one_thread_does(whole) -> None:
+    scene, tiles, chunks, ref = whole
+    ex = executor(kind="process")
+    assert isinstance(ex.reads, ProcessReaders) and len(ex.reads.free) == 2 + 1 + 1
+    try:
+        for _ in range(2):  # the processes and their slots serve run after run
+            got = [o for b in ex.map(scene, chunks) for o in b]
+            assert [o.tile for o in got] == tiles
+            for a, b in zip(got, ref):
+                np.testing.assert_allclose(a.values, b.values, rtol=0, atol=1e-5)
+                np.testing.assert_array_equal(a.weight, b.weight)
+        # the batches came through the slots, and the model ran them here, not in the readers
+        assert ex.reads.maps and len(slot_files(ex)) == len(ex.reads.maps) <= 4
+        assert ex.model.threads["run"] == {"tilefm-device"} and not ex.model.threads["prepare"]
+    finally:
+        ex.close()
+    assert slot_files(ex) == []
+
+
+def test_reader_processes_without_shared_memory_send_batches_whole(whole, caplog) -> None:
+    """No room for a slot (here: its folder is missing): the batches come back through the pipe,
+    and the user is told once why that is slower."""
+    scene, tiles, chunks, ref = whole
+    ex = executor(kind="process")
+    ex.reads.prefix = "/nonexistent/tilefm-slot"
+    try:
+        got = [o for b in ex.map(scene, chunks[:6]) for o in b]
+    finally:
+        ex.close()
+    assert not ex.reads.maps and [o.tile for o in got] == tiles[: sum(map(len, chunks[:6]))]
+    warned = [r.getMessage() for r in caplog.records if "no room" in r.getMessage()]
+    assert len(warned) == 1 and "/nonexistent" in warned[0] and "shm-size" in warned[0]
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a.values, b.values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_failed_read_reaches_the_caller(plan, tmp_path: Path, scene_dir: Path, kind: str) -> None:
     """A band file that turns unreadable after the scene was opened: the read's own error."""
     folder = tmp_path / "scene"
     shutil.copytree(scene_dir, folder)
     scene = open_scene({"s2": str(folder)})
     (folder / "B04.tif").write_bytes(b"not a tiff")
     tiles = plan[1]
-    with pytest.raises(Exception) as err:
-        for _ in executor().map(scene, batches(tiles, 1)):
-            pass
-    assert "B04.tif" in str(err.value)
-    assert not [t for t in threading.enumerate() if t.name == "tilefm-device"]
+    ex = executor(kind=kind)
+    try:
+        with pytest.raises(Exception) as err:
+            for _ in ex.map(scene, batches(tiles, 1)):
+                pass
+        assert "B04.tif" in str(err.value)
+        assert not [t for t in threading.enumerate() if t.name == "tilefm-device"]
+        if kind == "process":  # every slot is free again, and the readers still read
+            assert len(ex.reads.free) == 4
+            good = open_scene({"s2": str(scene_dir)})
+            assert [o.tile for b in ex.map(good, batches(tiles, 1)) for o in b] == tiles
+    finally:
+        ex.close()
 
 
-def test_a_caller_that_stops_early_leaves_no_thread(plan) -> None:
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_caller_that_stops_early_leaves_nothing_behind(plan, kind: str) -> None:
     scene, tiles = plan
-    it = executor(readers=1).map(scene, batches(tiles, 1))
+    ex = executor(readers=1, kind=kind)
+    it = ex.map(scene, batches(tiles, 1))
     first = next(it)
     assert first[0].tile == tiles[0]
     it.close()  # as when the stitcher fails: the device thread stops, the readers are cancelled
@@ -94,3 +163,63 @@ def test_a_caller_that_stops_early_leaves_no_thread(plan) -> None:
     while [t for t in threading.enumerate() if t.name in ("tilefm-device",) or t.name.startswith("tilefm-read")]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    if kind == "process":
+        assert len(ex.reads.free) == 3  # what was still being read gave its slot back
+        pids = list(ex.reads.pool._processes)
+        assert pids and slot_files(ex)
+        ex.close()
+        assert slot_files(ex) == []
+        for pid in pids:  # the reader processes have exited
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+def test_a_run_with_reader_processes_writes_the_same_cog(tmp_path: Path, scene_dir: Path, model_store: Path) -> None:
+    """`tilefm run --executor local` with reader processes (as on a GPU host) and with threads:
+    the same classes, pixel for pixel, and no shared-memory file left behind."""
+    import rasterio
+
+    from conftest import run_cli
+    from tilefm.readers import shm_dir
+
+    before = {n for n in os.listdir(shm_dir()) if n.startswith("tilefm-")}
+    arrays = {}
+    for kind in ("process", "thread"):
+        out = tmp_path / f"{kind}.tif"
+        r = run_cli(
+            "run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11", "--executor", "local", "--batch-size", "1",
+            "--bbox", ",".join(map(str, BBOX)), "--out", f"file://{out}",
+            env={"TILEFM_LOCAL_READER_KIND": kind, "TILEFM_LOCAL_READERS": "2", "TILEFM_MODEL_STORE": str(model_store)},
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"in batches of 1 on onnxruntime (fp32), 2 reader {kind}{'es' if kind == 'process' else 's'}," in r.stderr
+        with rasterio.open(out) as ds:
+            arrays[kind] = ds.read()
+    assert arrays["process"].shape == arrays["thread"].shape and (arrays["thread"] > 0).any()
+    np.testing.assert_array_equal(arrays["process"], arrays["thread"])
+    assert {n for n in os.listdir(shm_dir()) if n.startswith("tilefm-")} <= before
+
+
+def test_reader_processes_from_a_script_without_a_main_guard(tmp_path: Path, scene_dir: Path) -> None:
+    """A user's script that calls tilefm at module level: the readers must not run it again."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_local_executor import BBOX, executor\n"
+        "from tilefm.grid import plan_tiles\n"
+        "from tilefm.pipeline import batches\n"
+        "from tilefm.scene import open_scene\n"
+        f"scene = open_scene({{'s2': {str(scene_dir)!r}}})\n"
+        "tiles = plan_tiles(scene.footprint, 11, bbox=BBOX).tiles\n"
+        "ex = executor(kind='process')\n"
+        "print('encoded', sum(len(b) for b in ex.map(scene, batches(tiles, 1))), 'of', len(tiles), flush=True)\n"
+        "ex.close()\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split()
+    assert r.stdout.count("encoded") == 1 and lines[1] == lines[3], r.stdout

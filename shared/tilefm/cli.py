@@ -121,7 +121,7 @@ def run(
         except TileFMError as e:
             fail(e)
     typer.echo(
-        f"wrote {result.out} ({result.tiles} tiles in batches of {result.batch_size} on {result.backend} ({result.precision}), {result.seconds:.1f} s) and {result.stac_item}",
+        f"wrote {result.out} ({result.tiles} tiles in batches of {result.batch_size} on {result.backend} ({result.precision}), {result.readers}, {result.seconds:.1f} s) and {result.stac_item}",
         err=True,
     )
 

@@ -93,6 +93,8 @@ class RunResult:
     backend: str = ""
     batch_size: int = 0
     precision: str = ""
+    #: who read the tiles: "2 reader processes", "Ray reader tasks"
+    readers: str = ""
 
 
 def stac_uri_for(out: str) -> str:
@@ -219,7 +221,7 @@ def execute(
     timings: dict[str, float] = {"load_s": load_s}
     stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings)
     timings["total_s"] = time.perf_counter() - t0
-    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings, backend=prep.backend, batch_size=batch_size, precision=prep.precision)
+    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings, backend=prep.backend, batch_size=batch_size, precision=prep.precision, readers=executor.readers_desc)
 
 
 def run(spec: RunSpec, settings: Settings | None = None, progress: Callable[[int, int], None] | None = None) -> RunResult:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from tilefm.grid import Tile
 from tilefm.models.base import TileModel, TileOutput, input_preparer, load_tile_model
 from tilefm.models.card import ModelCard
 from tilefm.read import TileInput, read_tiles
+from tilefm.readers import ProcessReaders, ThreadReaders
 from tilefm.scene import Scene
 from tilefm.settings import Settings, get_settings
 
@@ -60,10 +61,16 @@ class PreparedBatch:
 
 
 def read_prepared(
-    scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, prepare: Callable[[list[TileInput]], Any] | None = None
+    scene: Scene,
+    card: ModelCard,
+    tiles: list[Tile],
+    halo: int,
+    prepare: Callable[[list[TileInput]], Any] | None = None,
+    warp: str | None = None,
 ) -> PreparedBatch:
-    """Read a batch and prepare it (`prepare`: the card's `input_preparer` unless given)."""
-    inputs = read_tiles(scene, card, tiles, halo)
+    """Read a batch and prepare it (`prepare`: the card's `input_preparer` unless given; `warp`:
+    the settings' unless given)."""
+    inputs = read_tiles(scene, card, tiles, halo, warp)
     return PreparedBatch((prepare or input_preparer(card))(inputs), [t.read_s for t in inputs])
 
 
@@ -83,22 +90,38 @@ def cpu_count() -> int:
 
 
 class LocalExecutor:
-    """One process, three kinds of thread: readers read ahead and prepare the model's input
+    """One process feeding the model: readers read ahead and prepare the model's input
     (`TileModel.prepare`), one device thread only runs the model, and the caller stitches what
-    comes out (the sampler, GDAL, numpy and the backends release the GIL). Batches come back in
-    plan order; at most `readers + prefetch` are read ahead and `prefetch` encoded ones wait for
-    the caller, so memory stays bounded however fast either side is."""
+    comes out (the sampler, GDAL, numpy and the backends release the GIL). The readers are
+    threads, or processes that hand batches over through shared memory (`tilefm.readers`:
+    `kind` auto takes processes where the model runs on a GPU, which leaves the host's cores to
+    the readers and needs more reads per second than one GIL allows). Batches come back in plan
+    order; at most `readers + prefetch` are read ahead and `prefetch` encoded ones wait for the
+    caller, so memory stays bounded however fast either side is."""
 
     name = "local"
 
-    def __init__(self, worker: WorkerSpec, *, readers: int = 1, prefetch: int = 2):
-        self.model = worker.load()
+    def __init__(self, worker: WorkerSpec, *, readers: int = 1, prefetch: int = 2, kind: str = "auto", model: TileModel | None = None):
+        self.model = model or worker.load()
         self.readers = max(1, readers)
         self.prefetch = max(1, prefetch)
+        if kind == "auto":
+            kind = "process" if getattr(self.model, "on_gpu", False) else "thread"
+        if kind not in ("thread", "process"):
+            raise ValueError(f"unknown reader kind {kind!r} (auto, thread or process)")
+        # every batch read ahead, plus the one the device thread runs
+        self.reads: ThreadReaders | ProcessReaders = (
+            ProcessReaders(self.readers, self.readers + self.prefetch + 1) if kind == "process" else ThreadReaders(self.readers, self.model.prepare)
+        )
 
     @property
     def backend(self) -> str:
         return self.model.backend
+
+    @property
+    def readers_desc(self) -> str:
+        kind = self.reads.kind if self.readers == 1 else {"thread": "threads", "process": "processes"}[self.reads.kind]
+        return f"{self.readers} reader {kind}"
 
     @property
     def batch_size(self) -> int | None:
@@ -112,7 +135,8 @@ class LocalExecutor:
         self.model.warm(modalities)
 
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
-        halo, model = self.model.read_halo, self.model
+        halo, model, reads = self.model.read_halo, self.model, self.reads
+        warp = get_settings().warp
         ahead = self.readers + self.prefetch
         done: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -127,22 +151,26 @@ class LocalExecutor:
                     continue
             return False
 
+        def run(fut: Future[Any]) -> list[TileOutput]:
+            with reads.claim(fut) as prepared:
+                return run_prepared(model, prepared)
+
         def feed() -> None:
-            pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tilefm-read")
+            pending: deque[Future[Any]] = deque()
+            reads.start()
             try:
-                reads: deque[Future[PreparedBatch]] = deque()
                 for batch in batches:
-                    reads.append(pool.submit(read_prepared, scene, model.card, batch, halo, model.prepare))
-                    if len(reads) > ahead and not put(run_prepared(model, reads.popleft().result())):
+                    pending.append(reads.submit(scene, model.card, batch, halo, warp))
+                    if len(pending) > ahead and not put(run(pending.popleft())):
                         return
-                while reads:
-                    if not put(run_prepared(model, reads.popleft().result())):
+                while pending:
+                    if not put(run(pending.popleft())):
                         return
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
                 put(e)
             finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+                reads.stop(list(pending))
 
         device = threading.Thread(target=feed, name="tilefm-device", daemon=True)
         device.start()
@@ -159,7 +187,7 @@ class LocalExecutor:
             device.join()
 
     def close(self) -> None:
-        pass
+        self.reads.close()
 
 
 #: the device thread's last item
@@ -318,6 +346,8 @@ class RayExecutor:
     def backend(self) -> str:
         return self.pool.backend
 
+    readers_desc = "Ray reader tasks"
+
     @property
     def batch_size(self) -> int | None:
         return self.pool.batch_size
@@ -437,7 +467,7 @@ class EncoderActor:
 def make_executor(kind: str, worker: WorkerSpec, settings: Settings, *, requested: str | None = None) -> LocalExecutor | RayExecutor:
     """`requested`: the backend the user asked for (`auto`, say), which GPU encoder actors resolve on their own host."""
     if kind == "local":
-        return LocalExecutor(worker, readers=settings.local_readers or min(4, cpu_count()))
+        return LocalExecutor(worker, readers=settings.local_readers or min(4, cpu_count()), kind=settings.local_reader_kind)
     if kind == "ray":
         return RayExecutor(worker, settings, requested=requested)
     raise ValueError(f"unknown executor {kind!r}")

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     warp: Literal["auto", "gdal"] = "auto"
     #: reader threads of the local executor (`tilefm run --executor local`); 0 = min(4, CPUs)
     local_readers: int = Field(0, ge=0, le=256)
+    #: what those readers are: `process` (each its own GIL; batches handed over in shared
+    #: memory), `thread`, or `auto` = processes where the model runs on a GPU
+    local_reader_kind: Literal["auto", "thread", "process"] = "auto"
     #: threads that compress a float output's COG blocks while the tiles stream; 0 = min(4, CPUs)
     cog_threads: int = Field(0, ge=0, le=256)
 
