@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (the `device` tool) over a copy of this checkout: that machine has
 # Python 3.12 with CUDA PyTorch but none of tilefm's GDAL stack and no network, so the wheels
-# (unpacked, xz) and the sample data travel in the ignored folder .gpu/ (see docs/benchmarks.md):
+# (unpacked, xz) and the sample data travel in the ignored folder .gpu/, which
+# `bash bench/device-prep.sh` makes here beforehand (no device time):
 #   .gpu/site312.tar.xz            rasterio, pyproj, shapely, rio-tiler, pydantic, ... for cp312
 #   .gpu/shared/{data,models}      ../shared's scene and Presto weights
+# With the device tool: run(command="bash bench/device.sh tests feed bench-vit", carry=[".gpu"]).
 # Usage: bash bench/device.sh PHASE... (tests, feed, bench-presto, bench-vit, bench-vit-small); results in $OUT.
 # Narrower runs: TESTS_K (pytest -k), FEED_READERS, FEED_KINDS (thread,process), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
 set -uo pipefail

@@ -247,6 +247,28 @@ def test_torch_cuda_matches_reference(reference, precision: str, graphs: bool) -
 
 
 @gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_torch_cuda_batches_queued_behind_each_other(reference, graphs: bool) -> None:
+    """`launch` queues a batch and returns: three batches queued before any result is taken
+    (the third reuses the first one's pinned slot), tiles given as a list or as one array, each
+    result what a call on that batch alone gives, and the inputs free to change once queued."""
+    from tilefm.backends.torch_cuda import TorchCudaRunner
+
+    bound, x, ref = reference
+    run = TorchCudaRunner(bound, x.shape[1:], precision="fp32", max_batch=2, cuda_graphs=graphs)
+    alone = [run(x[:2]), run(x[2:]), run(x[1:3])]
+    inputs = [list(x[:2].copy()), x[2:].copy(), [t.copy() for t in x[1:3]]]
+    queued = [run.launch(b) for b in inputs]
+    for b in inputs:  # what a reader's slot does once a batch is queued
+        for t in b:
+            t[...] = np.nan
+    for q, want in zip(queued, alone):
+        np.testing.assert_allclose(q.result(), want, rtol=0, atol=1e-5)
+    check(np.concatenate([queued[0].result(), queued[1].result()]), ref, "fp32")
+    assert len(run.launch(list(x)).result()) == 3  # over max_batch: chunk by chunk
+
+
+@gpu
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_matches_reference(reference, precision: str, tmp_path: Path) -> None:

@@ -44,6 +44,10 @@ class Recording:
         self.threads["run"].add(threading.current_thread().name)
         return self.model.run(prepared)
 
+    def launch(self, prepared):
+        self.threads["run"].add(threading.current_thread().name)
+        return self.model.launch(prepared)
+
 
 def executor(readers: int = 2, kind: str = "thread") -> LocalExecutor:
     worker = WorkerSpec(card=tiny_card(), backend="torch", weights=None)
@@ -223,3 +227,41 @@ def test_reader_processes_from_a_script_without_a_main_guard(tmp_path: Path, sce
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split()
     assert r.stdout.count("encoded") == 1 and lines[1] == lines[3], r.stdout
+
+
+class Queueing(Recording):
+    """A model whose `launch` returns before the batch is finished (as on a GPU): the device
+    thread must queue the next batch before it finishes this one."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.events: list[str] = []
+
+    def launch(self, prepared):
+        k = sum(e.startswith("launch") for e in self.events)
+        self.events.append(f"launch {k}")
+        outputs = self.model.run(prepared)
+
+        def finish():
+            self.events.append(f"finish {k}")
+            return outputs
+
+        return finish
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_the_device_thread_queues_a_batch_before_finishing_the_last(plan, kind: str) -> None:
+    scene, tiles = plan
+    worker = WorkerSpec(card=tiny_card(), backend="torch", weights=None)
+    model = Queueing(worker.load())
+    ex = LocalExecutor(worker, readers=2, prefetch=1, kind=kind, model=model)  # type: ignore[arg-type]
+    try:
+        got = [o for b in ex.map(scene, batches(tiles, 1)) for o in b]
+    finally:
+        ex.close()
+    assert [o.tile for o in got] == tiles
+    n = len(tiles)
+    assert model.events == ["launch 0"] + [e for k in range(1, n) for e in (f"launch {k}", f"finish {k - 1}")] + [f"finish {n - 1}"]
+    ref = model.model.encode(read_tiles(scene, model.card, tiles, 0))
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a.values, b.values, rtol=0, atol=1e-5)

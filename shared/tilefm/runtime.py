@@ -77,12 +77,27 @@ def read_prepared(
 def run_prepared(model: TileModel, batch: PreparedBatch) -> list[TileOutput]:
     """Run the model on a prepared batch; each output notes its tile's read seconds and its
     share of the run (for the stage metrics)."""
+    return launch_prepared(model, batch)()
+
+
+def launch_prepared(model: TileModel, batch: PreparedBatch) -> Callable[[], list[TileOutput]]:
+    """`run_prepared` in two steps (`TileModel.launch`): queue the batch, then finish it. The
+    encode seconds are the launch's and the finish's (a GPU's time between them overlaps the
+    next batch's launch)."""
+    read_s = batch.read_s
     t0 = time.perf_counter()
-    outputs = model.run(batch.prepared)
-    share = (time.perf_counter() - t0) / max(len(outputs), 1)
-    for out, read_s in zip(outputs, batch.read_s):
-        out.read_s, out.encode_s = read_s, share
-    return outputs
+    finish = model.launch(batch.prepared)
+    launched = time.perf_counter() - t0
+
+    def done() -> list[TileOutput]:
+        t1 = time.perf_counter()
+        outputs = finish()
+        share = (launched + time.perf_counter() - t1) / max(len(outputs), 1)
+        for out, seconds in zip(outputs, read_s):
+            out.read_s, out.encode_s = seconds, share
+        return outputs
+
+    return done
 
 
 def cpu_count() -> int:
@@ -91,8 +106,8 @@ def cpu_count() -> int:
 
 class LocalExecutor:
     """One process feeding the model: readers read ahead and prepare the model's input
-    (`TileModel.prepare`), one device thread only runs the model, and the caller stitches what
-    comes out (the sampler, GDAL, numpy and the backends release the GIL). The readers are
+    (`TileModel.prepare`), one device thread only runs the model (queueing each batch before it
+    finishes the one before, `TileModel.launch`), and the caller stitches what comes out (the sampler, GDAL, numpy and the backends release the GIL). The readers are
     threads, or processes that hand batches over through shared memory (`tilefm.readers`:
     `kind` auto takes processes where the model runs on a GPU, which leaves the host's cores to
     the readers and needs more reads per second than one GIL allows). Batches come back in plan
@@ -151,21 +166,32 @@ class LocalExecutor:
                     continue
             return False
 
-        def run(fut: Future[Any]) -> list[TileOutput]:
+        def launch(fut: Future[Any]) -> Callable[[], list[TileOutput]]:
             with reads.claim(fut) as prepared:
-                return run_prepared(model, prepared)
+                return launch_prepared(model, prepared)
 
         def feed() -> None:
             pending: deque[Future[Any]] = deque()
+            # the batch the model has queued: finished once the next one is queued behind it
+            # (a GPU runs it while this thread copies the next one in)
+            queued: Callable[[], list[TileOutput]] | None = None
+
+            def step() -> bool:
+                nonlocal queued
+                last, queued = queued, launch(pending.popleft())
+                return last is None or put(last())
+
             reads.start()
             try:
                 for batch in batches:
                     pending.append(reads.submit(scene, model.card, batch, halo, warp))
-                    if len(pending) > ahead and not put(run(pending.popleft())):
+                    if len(pending) > ahead and not step():
                         return
                 while pending:
-                    if not put(run(pending.popleft())):
+                    if not step():
                         return
+                if queued is not None and not put(queued()):
+                    return
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
                 put(e)

@@ -11,6 +11,7 @@ only when a backend is used, so a CPU machine never needs TensorRT or CUDA.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
@@ -168,12 +169,41 @@ class BackendOptions:
 
 
 class Runner(Protocol):
-    """A model bound to a backend: [N, ...] float32 in, [N, ...] float32 out."""
+    """A model bound to a backend: [N, ...] float32 in (an array, or a sequence of N samples,
+    which GPU runners copy straight into their pinned memory instead of stacking them first),
+    [N, ...] float32 out. GPU runners also have `launch(x) -> Pending`, which queues the batch
+    and returns at once."""
 
     backend: str
     precision: str
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+    def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+class Pending(Protocol):
+    """A batch a runner has queued: `result()` waits for its outputs."""
+
+    def result(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Done:
+    """Outputs already computed, as a `Pending` (runners that compute when called)."""
+
+    outputs: np.ndarray
+
+    def result(self) -> np.ndarray:
+        return self.outputs
+
+
+def fill(host: np.ndarray, x: np.ndarray | Sequence[np.ndarray]) -> None:
+    """Copy a batch into `host` ([N, ...]): an array at once, a sequence sample by sample (one
+    copy, where stacking it first would be two)."""
+    if isinstance(x, np.ndarray):
+        host[...] = x
+    else:
+        for j, sample in enumerate(x):
+            host[j] = sample
 
 
 def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str, calibration: np.ndarray | None = None) -> Runner:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tilefm.backends import INSTALL_HINTS, BackendOptions
+from tilefm.backends import INSTALL_HINTS, BackendOptions, fill
 from tilefm.backends.engine_cache import calibration_digest, engine_key, load_or_build
 from tilefm.errors import BackendError
 
@@ -98,16 +99,18 @@ class TensorRTRunner:
             buf = self._host[name] = self.torch.empty(shape, dtype=self.torch.float32, pin_memory=True)
         return buf
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)])
+    def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        outs = [self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         torch = self.torch
-        host_in = self._pinned("in", x.shape)
-        host_in.numpy()[...] = x
+        shape = (len(x), *x[0].shape)
+        host_in = self._pinned("in", shape)
+        fill(host_in.numpy(), x)
         with torch.cuda.stream(self.stream):
             dev_in = host_in.to("cuda", non_blocking=True)
-            self.context.set_input_shape(self.input, tuple(x.shape))
+            self.context.set_input_shape(self.input, shape)
             out_shape = tuple(self.context.get_tensor_shape(self.output))
             dev_out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
             self.context.set_tensor_address(self.input, dev_in.data_ptr())

@@ -1,15 +1,19 @@
 """PyTorch on a CUDA GPU: bf16/fp16 autocast, optional torch.compile, CUDA graphs replayed for
 one fixed batch shape (smaller batches are padded to it: a graph per shape would recapture for
-every tail batch), pinned host buffers and non-blocking copies on the runner's own stream."""
+every tail batch), pinned host buffers and non-blocking copies on the runner's own stream, and
+two batches in flight (`launch`): while the GPU copies in, runs and copies out one, the host
+fills the other's pinned buffer and collects the last one's outputs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from tilefm.backends import fill
 from tilefm.errors import BackendError
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,8 +51,9 @@ class TorchCudaRunner:
             # autotuning (minutes per shape for a ViT-B, for a few per cent)
             self.module = torch.compile(self.module, dynamic=False)
         self.stream = torch.cuda.Stream(self.device)
-        self.host_in = torch.zeros((max_batch, *self.sample_shape), dtype=torch.float32, pin_memory=True)
-        self.host_out: torch.Tensor | None = None
+        # two batches in flight: the host fills one slot while the GPU runs the other's batch
+        self.slots = [_Slot(max_batch, self.sample_shape) for _ in range(2)]
+        self.turn = 0
         self._graph: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,28 +74,75 @@ class TorchCudaRunner:
             self._graph = (graph, static_in, static_out)
         return self._graph
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)])
+    def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        return self.launch(x).result()
+
+    def launch(self, x: np.ndarray | Sequence[np.ndarray]) -> _Queued:
+        """Queue a batch and return once its samples are in pinned memory (`x` may be reused
+        then): the caller prepares the next batch while the GPU copies, runs and copies back
+        this one. Batches over `max_batch` run chunk by chunk, all but the last waited for."""
+        step = self.max_batch
+        starts = range(0, len(x), step)
+        before = [self._queue(x[i : i + step]).result() for i in starts[:-1]]
+        last = self._queue(x[starts[-1] :])
+        last.before = before
+        return last
 
     @torch.no_grad()
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _queue(self, x: np.ndarray | Sequence[np.ndarray]) -> _Queued:
+        slot = self.slots[self.turn]
+        self.turn ^= 1
+        if slot.owner is not None:  # its last batch's outputs leave the slot first
+            slot.owner.result()
         n = len(x)
         rows = self.max_batch if self.cuda_graphs else n
-        self.host_in[:n].numpy()[...] = x
+        fill(slot.host_in[:n].numpy(), x)
         if n < rows:
-            self.host_in[n:rows].zero_()
+            slot.host_in[n:rows].zero_()
+        # one stream: this batch's copy in waits for the last batch's graph and copy out
         with torch.cuda.stream(self.stream):
             if self.cuda_graphs:
                 graph, static_in, out = self._captured()
-                static_in.copy_(self.host_in, non_blocking=True)
+                static_in.copy_(slot.host_in, non_blocking=True)
                 graph.replay()
             else:
-                out = self._forward(self.host_in[:n].to(self.device, non_blocking=True))
-            if self.host_out is None or self.host_out.shape != out.shape:
-                self.host_out = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
-            self.host_out.copy_(out, non_blocking=True)
-        self.stream.synchronize()
-        return self.host_out[:n].numpy().copy()
+                out = self._forward(slot.host_in[:n].to(self.device, non_blocking=True))
+            if slot.host_out is None or slot.host_out.shape != out.shape:
+                slot.host_out = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+            slot.host_out.copy_(out, non_blocking=True)
+            slot.done.record(self.stream)
+        slot.owner = _Queued(slot, n)
+        return slot.owner
+
+
+class _Slot:
+    """Pinned host memory for one batch in flight, and the event its outputs' copy records."""
+
+    def __init__(self, max_batch: int, sample_shape: tuple[int, ...]):
+        self.host_in = torch.zeros((max_batch, *sample_shape), dtype=torch.float32, pin_memory=True)
+        self.host_out: torch.Tensor | None = None
+        self.done = torch.cuda.Event()
+        #: the queued batch whose outputs are still in `host_out`
+        self.owner: _Queued | None = None
+
+
+class _Queued:
+    """A batch on the runner's stream (`TorchCudaRunner.launch`)."""
+
+    def __init__(self, slot: _Slot, n: int):
+        self.slot, self.n = slot, n
+        self.before: list[np.ndarray] = []
+        self.outputs: np.ndarray | None = None
+
+    def result(self) -> np.ndarray:
+        if self.outputs is None:
+            self.slot.done.synchronize()
+            assert self.slot.host_out is not None
+            out = self.slot.host_out[: self.n].numpy().copy()
+            if self.slot.owner is self:
+                self.slot.owner = None
+            self.outputs = np.concatenate([*self.before, out]) if self.before else out
+        return self.outputs
 
 
 def batch_for_memory(free_bytes: int, per_sample_bytes: int, fixed_bytes: int = 0, *, fraction: float = 0.5, cap: int = 64) -> int:

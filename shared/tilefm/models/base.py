@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,14 @@ class TileModel(ABC):
     @abstractmethod
     def run(self, prepared: Any) -> list[TileOutput]:
         """The model on a prepared batch (what `prepare` returned)."""
+
+    def launch(self, prepared: Any) -> Callable[[], list[TileOutput]]:
+        """Start `run` and return what finishes it: models on a GPU queue the batch (the device
+        thread then prepares the next one while the GPU runs this one); by default it runs now.
+        Nothing the finishing call reads may be `prepared`'s memory, which a reader process's
+        slot reuses once this returns."""
+        outputs = self.run(prepared)
+        return lambda: outputs
 
 
 class InputPreparer:

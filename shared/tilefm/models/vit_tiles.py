@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from tilefm.backends import GPU_BACKENDS, BackendOptions, Runner, make_runner, resolve_precision
+from tilefm.backends import GPU_BACKENDS, BackendOptions, Done, Pending, Runner, make_runner, resolve_precision
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile
 from tilefm.models.base import InputPreparer, TileModel, TileOutput, normalize_coefficients
@@ -145,36 +145,59 @@ class ViTTileModel(TileModel):
     def inputs(self, t: TileInput) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
         return self.preparer.tile(t)
 
-    def embed(self, bands: tuple[int, ...], x: np.ndarray) -> np.ndarray:
-        """Per-patch embeddings [N, dim, 16, 16] for a stack of one band set (the model alone)."""
+    def embed(self, bands: tuple[int, ...], x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Per-patch embeddings [N, dim, 16, 16] for a stack (or sequence) of tiles of one band
+        set (the model alone)."""
         run = self.runner(bands)
         step = self.options.max_batch
-        return np.concatenate([run(x[i : i + step]) for i in range(0, len(x), step)])
+        outs = [run(x[i : i + step]) for i in range(0, len(x), step)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def launch_embed(self, bands: tuple[int, ...], x: Sequence[np.ndarray]) -> Pending:
+        """`embed`, queued where the runner can queue (GPU runners): the tiles go straight into
+        its pinned memory, without a stacked copy first; elsewhere computed now."""
+        run = self.runner(bands)
+        if hasattr(run, "launch"):
+            return run.launch(x)
+        return Done(self.embed(bands, x))
 
     def run(self, prepared: ViTBatch) -> list[TileOutput]:
+        return self.launch(prepared)()
+
+    def launch(self, prepared: ViTBatch) -> Callable[[], list[TileOutput]]:
+        """Queue each band set's tiles on the runner; what the outputs need of the input (the
+        tiles' weights) is taken now, since the input's memory may be reused once this returns."""
         tiles, parts = prepared.tiles, prepared.parts
-        if not tiles:
-            return []
         C = self.card.output.channels
         stride = self.card.output_stride
         n = TILE_SIZE // stride
-        outs: list[TileOutput | None] = [None] * len(tiles)
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, (bands, _, _) in enumerate(parts):
             groups.setdefault(bands, []).append(k)
+        queued: list[tuple[list[int], Pending, list[np.ndarray]]] = []
+        empty: list[int] = []
         for bands, idx in groups.items():
             if not bands:  # nothing to see: weight 0 everywhere
-                for k in idx:
-                    outs[k] = TileOutput(tile=tiles[k], halo=0, values=np.zeros((C, n, n), np.float32), weight=np.zeros((n, n), np.float32))
+                empty.extend(idx)
                 continue
-            emb = self.embed(bands, np.stack([parts[k][1] for k in idx]))
-            for j, k in enumerate(idx):
-                if stride > 1:  # at patch stride: a patch counts when most of its pixels had data
-                    seen = parts[k][2].reshape(n, stride, n, stride).mean(axis=(1, 3))
-                    outs[k] = TileOutput(tile=tiles[k], halo=0, values=emb[j], weight=(seen >= 0.5).astype(np.float32))
-                    continue
-                values = upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
-                outs[k] = TileOutput(tile=tiles[k], halo=0, values=values, weight=parts[k][2].astype(np.float32))
-        if any(o is None for o in outs):
-            raise SceneError("internal: a tile got no output")
-        return outs  # type: ignore[return-value]
+            # at patch stride a patch counts when most of its pixels had data
+            weights = [
+                (parts[k][2].reshape(n, stride, n, stride).mean(axis=(1, 3)) >= 0.5).astype(np.float32) if stride > 1 else parts[k][2].astype(np.float32)
+                for k in idx
+            ]  # fmt: skip
+            queued.append((idx, self.launch_embed(bands, [parts[k][1] for k in idx]), weights))
+
+        def finish() -> list[TileOutput]:
+            outs: list[TileOutput | None] = [None] * len(tiles)
+            for k in empty:
+                outs[k] = TileOutput(tile=tiles[k], halo=0, values=np.zeros((C, n, n), np.float32), weight=np.zeros((n, n), np.float32))
+            for idx, pending, weights in queued:
+                emb = pending.result()
+                for j, k in enumerate(idx):
+                    values = emb[j] if stride > 1 else upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
+                    outs[k] = TileOutput(tile=tiles[k], halo=0, values=values, weight=weights[j])
+            if any(o is None for o in outs):
+                raise SceneError("internal: a tile got no output")
+            return outs  # type: ignore[return-value]
+
+        return finish
