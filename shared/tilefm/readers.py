@@ -1,9 +1,10 @@
 """Where the local executor reads: reader threads, or reader processes.
 
-Why processes: a reader thread holds Python's GIL for about a fifth of each tile (numpy and the
-sampler's bookkeeping between the calls that release it), and the thread that stitches needs it
-too, so one process cannot read much more than ~500 tiles/s however many cores it has: half of
-what ViT-B runs on one H100. Reader processes each have their own GIL.
+Why processes: a reader thread holds Python's GIL for part of each tile (numpy and the sampler's
+bookkeeping between the calls that release it: ~1-2 ms of a vit-base tile's ~6 ms by py-spy's
+samples), and the thread that stitches needs it too, so one process cannot read more than a few
+hundred tiles/s however many cores it has: well short of the ~1000 tiles/s ViT-B runs on one
+H100. Reader processes each have their own GIL.
 
 Why shared memory: a prepared batch of 32 ViT tiles is ~90 MB. Sent through a pipe it is copied
 three times in the receiving process (pipe, bytes, arrays), with the GIL held, which costs about as
@@ -124,7 +125,7 @@ class ProcessReaders:
         self.maps: dict[int, tuple[str, mmap.mmap]] = {}
         self.warned = False
         self.pool = ProcessPoolExecutor(max_workers=readers, mp_context=get_context("spawn"), initializer=_init_reader)
-        # spawned now (imports take seconds) while the model loads and warms up: each submit
+        # spawned now (imports take seconds) while the model warms up: each submit
         # starts one, and none is started later
         with _main_not_rerun():
             for _ in range(readers):

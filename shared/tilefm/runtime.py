@@ -107,12 +107,13 @@ def cpu_count() -> int:
 class LocalExecutor:
     """One process feeding the model: readers read ahead and prepare the model's input
     (`TileModel.prepare`), one device thread only runs the model (queueing each batch before it
-    finishes the one before, `TileModel.launch`), and the caller stitches what comes out (the sampler, GDAL, numpy and the backends release the GIL). The readers are
-    threads, or processes that hand batches over through shared memory (`tilefm.readers`:
-    `kind` auto takes processes where the model runs on a GPU, which leaves the host's cores to
-    the readers and needs more reads per second than one GIL allows). Batches come back in plan
-    order; at most `readers + prefetch` are read ahead and `prefetch` encoded ones wait for the
-    caller, so memory stays bounded however fast either side is."""
+    finishes the one before, `TileModel.launch`), and the caller stitches what comes out (the
+    sampler, GDAL, numpy and the backends release the GIL). The readers are threads, or
+    processes that hand batches over through shared memory (`tilefm.readers`: `kind` auto takes
+    processes where the model runs on a GPU, which leaves the host's cores to the readers and
+    needs more reads per second than one GIL allows). Batches come back in plan order; at most
+    `readers + prefetch` are read ahead and `prefetch` encoded ones wait for the caller, so
+    memory stays bounded however fast either side is."""
 
     name = "local"
 

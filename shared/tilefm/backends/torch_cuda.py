@@ -81,6 +81,8 @@ class TorchCudaRunner:
         """Queue a batch and return once its samples are in pinned memory (`x` may be reused
         then): the caller prepares the next batch while the GPU copies, runs and copies back
         this one. Batches over `max_batch` run chunk by chunk, all but the last waited for."""
+        if not len(x):
+            raise ValueError("an empty batch")
         step = self.max_batch
         starts = range(0, len(x), step)
         before = [self._queue(x[i : i + step]).result() for i in starts[:-1]]
