@@ -138,9 +138,11 @@ def test_embedding_quantization(tmp_path: Path, dtype: str, layout: str) -> None
         assert np.abs(got[:, 10:] - truth[t][:, 10:]).max() <= 5 * 2.0**-11 * 1.0001  # float16 rounding at |v| <= 5
 
 
-def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 4])
+def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path, threads: int) -> None:
     """At stride 16, each z12 tile's 16 x 16 output lands on its block of the z8 parent, in any
-    order; patches of unplanned children and patches without data are nodata."""
+    order; patches of unplanned children and patches without data are nodata. The children are
+    written on the mosaic's threads, and a parent is compressed only once all are in."""
     card = get_card("vit-small")
     plan = plan_tiles(box(-11.9, 24.5, -11.1, 25.1), 12)
     rng = np.random.default_rng(3)
@@ -151,7 +153,7 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path) -> None:
         outputs.append(TileOutput(tile=t, halo=0, values=rng.normal(size=(card.output.channels, 16, 16)).astype(np.float32), weight=w))
     random.Random(1).shuffle(outputs)
     path = tmp_path / "m.tif"
-    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", Encoding.for_card(card, "float32"), halo=0, out_plan=plan.coarsen(4))
+    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", Encoding.for_card(card, "float32"), halo=0, out_plan=plan.coarsen(4), threads=threads)
     for o in outputs:
         writer.add(o)
     writer.close()
