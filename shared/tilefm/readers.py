@@ -170,16 +170,12 @@ class ProcessReaders:
             self.free.append(res.slot)
 
     def _adopt(self, slot: Slot) -> None:
-        """Map a slot's file here, once per file; a file a reader replaced is deleted (mappings
-        of it stay valid until dropped)."""
-        had = self.maps.get(slot.index)
-        if had is not None and had[0] == slot.path:
-            return
-        with open(slot.path, "r+b") as f:
-            self.maps[slot.index] = (slot.path, mmap.mmap(f.fileno(), slot.size))
-        if had is not None:
+        """Map a slot's file here; a file a reader replaced is deleted (mappings of it stay
+        valid until dropped)."""
+        replaced = _map_slot(self.maps, slot)[1]
+        if replaced:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(had[0])
+                os.unlink(replaced)
 
     def stop(self, pending: list[Future[Any]]) -> None:
         """End the map: a batch a reader still writes keeps its slot until the write is over."""
@@ -221,6 +217,18 @@ def _main_not_rerun() -> Iterator[None]:
         if "__spec__" not in saved:
             del main.__spec__
         main.__dict__.update(saved)
+
+
+def _map_slot(maps: dict[int, tuple[str, mmap.mmap]], slot: Slot) -> tuple[mmap.mmap, str | None]:
+    """A slot's file mapped once per file, in this process's `maps` (by slot index); the path
+    of the file it replaces there, if any."""
+    had = maps.get(slot.index)
+    if had is not None and had[0] == slot.path:
+        return had[1], None
+    with open(slot.path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), slot.size)
+    maps[slot.index] = (slot.path, mm)
+    return mm, had[0] if had is not None else None
 
 
 def _remove_files(prefix: str) -> None:
@@ -284,17 +292,7 @@ def _read_into(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp
             return Inline(batch, end)
         os.close(fd)
         slot = Slot(slot.index, path, size)
-    mm = _mapping(slot)
+    mm = _map_slot(_maps, slot)[0]
     for (off, n), r in zip(spans, raws):
         mm[off : off + n] = r
     return InSlot(slot, payload, spans)
-
-
-def _mapping(slot: Slot) -> mmap.mmap:
-    had = _maps.get(slot.index)
-    if had is not None and had[0] == slot.path:
-        return had[1]
-    with open(slot.path, "r+b") as f:
-        mm = mmap.mmap(f.fileno(), slot.size)
-    _maps[slot.index] = (slot.path, mm)
-    return mm
