@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from test_vit import tiny_card
+from tilefm import read as read_module
 from tilefm.grid import plan_tiles
 from tilefm.pipeline import batches
 from tilefm.read import read_tiles
@@ -79,6 +80,27 @@ def test_outputs_in_plan_order_equal_one_thread(plan) -> None:
     assert ex.model.threads["run"] == {"tilefm-device"}
     assert ex.model.threads["prepare"] and all(n.startswith("tilefm-read") for n in ex.model.threads["prepare"])
     assert caller not in ex.model.threads["run"] | ex.model.threads["prepare"]
+
+
+def test_a_reader_threads_files_close_from_any_thread(plan) -> None:
+    """A reader thread's open files are closed by whichever thread lets them go: the garbage
+    collector, once the thread's cache goes (rasterio >= 1.5 closes datasets then), or a cache
+    cleared elsewhere. Closing must not need the opening thread's GDAL environment."""
+    scene, tiles = plan
+    card = executor().model.card
+    opened: list = []
+
+    def read() -> None:
+        read_tiles(scene, card, tiles[:2], 0)
+        opened.extend(read_module._cache.readers.values())
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join()
+    assert opened
+    for reader in opened:
+        reader.close()
+    assert all(r.dataset.closed for r in opened)
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +247,7 @@ def test_reader_processes_from_a_script_without_a_main_guard(tmp_path: Path, sce
     )
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Exception ignored" not in r.stderr, r.stderr[-3000:]
     lines = r.stdout.split()
     assert r.stdout.count("encoded") == 1 and lines[1] == lines[3], r.stdout
 

@@ -10,6 +10,7 @@ through rio-tiler elsewhere (`TILEFM_WARP=gdal` for every read).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -132,7 +133,11 @@ class ReaderCache(threading.local):
                 for old in self.readers.values():
                     old.close()
                 self.readers.clear()
-            r = self.readers[path] = Reader(path)
+            # opened inside an environment, so the dataset holds none of its own: rasterio gives a
+            # dataset opened outside one a thread-bound environment, and closing it elsewhere (on
+            # garbage collection in rasterio >= 1.5, as a thread's cache goes) raises EnvError
+            with contextlib.nullcontext() if rasterio.env.hasenv() else rasterio.Env(**GDAL_ENV):
+                r = self.readers[path] = Reader(path)
         return r
 
 
