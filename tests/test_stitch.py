@@ -12,10 +12,11 @@ import pytest
 import rasterio
 from shapely.geometry import box
 
+from tilefm.cog import stored_dtype
 from tilefm.grid import TILE_SIZE, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.base import TileOutput
-from tilefm.stitch import Encoding, MosaicWriter, write_cog
+from tilefm.stitch import Encoding, MosaicWriter
 from tilefm.windows import blend_weights, window_offsets
 
 CLOUDS = get_card("ukis-csmask")
@@ -175,21 +176,23 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path, threads: int)
 
 
 def _streamed_and_gdals(tmp_path: Path, plan, out_plan, card, enc: Encoding, outs: list[TileOutput]) -> tuple[Path, Path, np.ndarray]:
-    """The streamed COG of `outs` (two overview levels), the COG GDAL makes from the same base,
-    and that base."""
-    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", enc, halo=0, out_plan=out_plan)
-    assert writer.streamed
-    for o in outs:
-        writer.add(o)
-    writer.close()
-    ours, plain, gdals = tmp_path / "ours.tif", tmp_path / "plain.tif", tmp_path / "gdal.tif"
-    writer.finish(ours)
-    with rasterio.open(ours) as ds:
-        assert ds.overviews(1) == [2, 4]
-        profile, full = ds.profile, ds.read()
-    with rasterio.open(plain, "w", **{**profile, "compress": None}) as ds:  # the same base, no overviews
-        ds.write(full)
-    write_cog(plain, gdals, out_plan, enc)  # GDAL making the overviews
+    """The streamed COG of `outs` (two overview levels), the COG GDAL's driver copies from the
+    writer's mosaic of the same outputs (`stream=False`), and the streamed COG's base."""
+    cogs = []
+    for stream in (None, False):
+        writer = MosaicWriter(plan, card, tmp_path / f"mosaic-{stream}.tif", enc, halo=0, out_plan=out_plan, stream=stream)
+        assert writer.streamed is (stream is None)
+        for o in outs:
+            writer.add(TileOutput(tile=o.tile, halo=o.halo, values=o.values.copy(), weight=o.weight.copy()))
+        writer.close()
+        cogs.append(tmp_path / f"cog-{stream}.tif")
+        writer.finish(cogs[-1])
+    ours, gdals = cogs
+    with rasterio.open(ours) as a, rasterio.open(gdals) as b:
+        assert a.overviews(1) == b.overviews(1) == [2, 4]
+        assert stored_dtype(a) == stored_dtype(b) == ("int8" if enc.dtype == "int8" else "float16" if enc.nbits == 16 else "float32")
+        full = a.read()
+        np.testing.assert_array_equal(b.read(), full)  # the same base either way
     return ours, gdals, full
 
 

@@ -70,6 +70,12 @@ def _png(content: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_info_names_the_stored_type(outputs: dict[str, dict]) -> None:
+    """Presto's float16 embeddings are float16 whichever GDAL reads them (before 3.11 GDAL says
+    Float32 with NBITS=16), class maps uint8."""
+    assert outputs["presto"]["dtype"] == "float16" and outputs["clouds"]["dtype"] == "uint8"
+
+
 def test_tilejson_for_both_outputs(client: TestClient, outputs: dict[str, dict]) -> None:
     for name, info in outputs.items():
         tj = client.get(f"/v1/jobs/{info['job']}/tilejson.json").json()

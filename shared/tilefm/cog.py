@@ -74,6 +74,14 @@ def read_fields(path: Path) -> dict[int, TiffField]:
         return fields
 
 
+def stored_dtype(ds: rasterio.io.DatasetReader) -> str:
+    """The type a GeoTIFF's first band is stored as, whatever GDAL reads: before 3.11 GDAL reads
+    IEEE half floats as Float32 with NBITS=16, from 3.11 on as Float16."""
+    if ds.dtypes[0] == "float32" and ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") == "16":
+        return "float16"
+    return ds.dtypes[0]
+
+
 def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions: list[str], scale_offset: tuple[float, float] | None = None) -> dict[int, TiffField]:
     """GDAL's georeferencing and metadata fields for a raster of this profile (and the scale and
     offset of every band, for quantized values): written by GDAL into a one-block GeoTIFF and

@@ -176,6 +176,9 @@ class MosaicWriter:
     out_plan: TilePlan | None = None
     #: threads that compress the streamed COG's blocks (0: up to 4, one per core)
     threads: int = 0
+    #: False: a mosaic that GDAL's COG driver copies (`write_cog`) even where the COG could be
+    #: streamed; None: streamed where it can be (float32 / int8 embeddings, overviews from a tile)
+    stream: bool | None = None
 
     def __post_init__(self) -> None:
         self.out_plan = self.out_plan or self.plan
@@ -200,7 +203,7 @@ class MosaicWriter:
         levels = self.out_plan.overview_levels
         # embeddings (float or int8): every level made here from each tile as it is final, and
         # the COG streamed (cog.py); each tile's output must cover a pixel of the coarsest level
-        self.streamed = self.encoding.dtype in ("float32", "int8") and levels <= (TILE_SIZE >> self.k).bit_length() - 1
+        self.streamed = self.stream is not False and self.encoding.dtype in ("float32", "int8") and levels <= (TILE_SIZE >> self.k).bit_length() - 1
         #: finished blocks of the streamed COG are float16 where it stores 16 bits (what the
         #: block encoder takes as it is; half the bytes of float32 through every step)
         self._block_dtype = "float16" if self.streamed and self.encoding.nbits == 16 else self.encoding.dtype
@@ -214,7 +217,12 @@ class MosaicWriter:
             self._level_blocks: list[dict[tuple[int, int], _Block]] = [{} for _ in range(levels + 1)]
             self._level_expected = [Counter(self._block_of(self._origin(t), i) for t in self.plan.tiles) for i in range(levels + 1)]
             return
-        self.dataset = rasterio.open(self.path, "w", **self._profile())
+        # the mosaic keeps float16 outputs' (rounded) values as float32, and `write_cog` stores 16
+        # bits: GDAL >= 3.11 reads a 16-bit float file as Float16, from which its COG driver
+        # cannot make overviews ("all the overviews bands must have the same data type")
+        profile = self._profile()
+        profile.pop("nbits", None)
+        self.dataset = rasterio.open(self.path, "w", **profile)
         self.dataset.update_tags(**self.tags)
         for i, name in enumerate(self.band_descriptions(), start=1):
             self.dataset.set_band_description(i, name)

@@ -18,6 +18,7 @@ import numpy as np
 import rasterio
 from rasterio.warp import transform_bounds
 
+from tilefm.cog import stored_dtype
 from tilefm.jobs.models import Job, JobState
 from tilefm.jobs.store import JobStore
 from tilefm.models.card import ModelCard
@@ -125,7 +126,7 @@ def read_output(job: Job, settings: Settings) -> JobOutput:
             tags = src.tags()
             bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
             levels = len(src.overviews(1))
-            count, dtype, nodata = src.count, src.dtypes[0], src.nodata
+            count, dtype, nodata = src.count, stored_dtype(src), src.nodata
             descriptions = [d or f"b{i + 1}" for i, d in enumerate(src.descriptions)]
     except rasterio.errors.RasterioIOError as e:
         raise OutputUnreadable(f"the output of job {job.id} cannot be read ({uri}): {e}") from e
