@@ -48,6 +48,20 @@ demo: install
 test: install tools
 	$(PY) -m pytest -ra
 
+## The suite again on Python 3.12 with the newest releases the registry has (rasterio 1.5 with
+## GDAL 3.12, which reads float16 as Float16; numpy 2.5; Ray 2.60), in .venv312. By hand, not in
+## CI: PyPI's torch for 3.12 is the CUDA build (~3 GB with its libraries) and the suite takes
+## ~16 minutes more. Here: make test-py312 PYTHON312=/root/.pyenv/versions/3.12.1/bin/python3.12
+PYTHON312 ?= python3.12
+VENV312 := .venv312
+$(VENV312)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+.PHONY: test-py312
+test-py312: $(VENV312)/.installed $(VIEWER_DEPS) tools
+	$(VENV312)/bin/python -m pytest -ra
+
 bench: install
 	TILEFM_MODEL_STORE=$(SHARED)/models $(PY) bench/pipeline.py
 	$(PY) bench/tiler.py
@@ -63,4 +77,4 @@ tools:
 	bash $(SHARED)/tools/get-helm.sh .tools/bin
 
 clean:
-	rm -rf $(VENV) demo-output test-output bench-output $(VIEWER)/node_modules
+	rm -rf $(VENV) $(VENV312) demo-output test-output bench-output $(VIEWER)/node_modules

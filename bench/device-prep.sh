@@ -6,7 +6,7 @@
 #   .gpu/site312.tar.xz        the wheels it lacks, for cp312 manylinux x86_64, unpacked
 #   .gpu/shared/data/s2-...    the sample Sentinel-2 scene (../shared/data)
 #   .gpu/shared/models/presto  Presto's weights
-# Then, with the device tool: run(command="bash bench/device.sh tests feed bench-vit", carry=[".gpu"]).
+# Then, with the device tool: run(command="bash bench/device.sh bench-vit tests feed", carry=[".gpu"], timeout_s=570).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -17,7 +17,16 @@ trap 'rm -rf "$work"' EXIT
 # tool's KINDS.md); their own dependencies come along, less those the image has
 want="rasterio rio-tiler rio-cogeo morecantile pyproj shapely affine pydantic pydantic-settings boto3 isal pystac cachetools numexpr color-operations"
 have="numpy torch attrs click certifi idna six urllib3 python-dateutil pyyaml typing-extensions packaging pyparsing httpx httpcore anyio h11 sniffio jinja2 markupsafe requests charset-normalizer protobuf filelock fsspec sympy mpmath networkx triton setuptools"
-"$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+# the versions CI runs (the project's .venv, from `make install`), so that the device measures
+# the libraries the tests passed on and its numbers compare with the development machine's;
+# PIN=latest takes the newest the registry has (rasterio 1.5 / GDAL 3.12 on Python 3.12)
+pins=()
+if [ "${PIN:-venv}" = venv ] && [ -x .venv/bin/python ]; then
+  .venv/bin/python -m pip freeze 2>/dev/null | grep -E '^[A-Za-z0-9_.-]+==' | grep -v -i -E '^(torch|tilefm)==' > "$work/pins.txt"
+  pins=(-c "$work/pins.txt")
+  echo "pinned to .venv: $(grep -i -E '^(rasterio|rio-tiler|pyproj)==' "$work/pins.txt" | tr '\n' ' ')"
+fi
+"$PY" -m pip download -q "${pins[@]}" --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d "$work/wheels" $want
 norm() { echo "$1" | tr 'A-Z_.' 'a-z--'; }

@@ -5,7 +5,11 @@
 # `bash bench/device-prep.sh` makes here beforehand (no device time):
 #   .gpu/site312.tar.xz            rasterio, pyproj, shapely, rio-tiler, pydantic, ... for cp312
 #   .gpu/shared/{data,models}      ../shared's scene and Presto weights
-# With the device tool: run(command="bash bench/device.sh tests feed bench-vit", carry=[".gpu"]).
+# With the device tool: run(command="bash bench/device.sh bench-vit tests feed", carry=[".gpu"],
+# timeout_s=570). The acceptance measurement (ViT-B model-only vs end to end) comes first, so a
+# run cut short still brings it back: every phase appends to $OUT as it goes. Rehearsed on a
+# CPU-only copy of the device's environment (Python 3.12, torch 2.11, no GDAL stack, no Ray, no
+# generated protobuf modules): docs/benchmarks.md, "The device run rehearsed".
 # Usage: bash bench/device.sh PHASE... (tests, feed, bench-presto, bench-vit, bench-vit-small); results in $OUT.
 # Narrower runs: TESTS_K (pytest -k), FEED_READERS, FEED_KINDS (thread,process), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
 set -uo pipefail
