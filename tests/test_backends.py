@@ -255,6 +255,8 @@ def test_torch_cuda_batches_queued_behind_each_other(reference, graphs: bool) ->
     from tilefm.backends.torch_cuda import TorchCudaRunner
 
     bound, x, ref = reference
+    # the fixture's plan holds two tiles: a mirrored one makes the third
+    x = np.concatenate([x, np.ascontiguousarray(x[:1, ..., ::-1])])
     run = TorchCudaRunner(bound, x.shape[1:], precision="fp32", max_batch=2, cuda_graphs=graphs)
     alone = [run(x[:2]), run(x[2:]), run(x[1:3])]
     inputs = [list(x[:2].copy()), x[2:].copy(), [t.copy() for t in x[1:3]]]
@@ -264,7 +266,7 @@ def test_torch_cuda_batches_queued_behind_each_other(reference, graphs: bool) ->
             t[...] = np.nan
     for q, want in zip(queued, alone):
         np.testing.assert_allclose(q.result(), want, rtol=0, atol=1e-5)
-    check(np.concatenate([queued[0].result(), queued[1].result()]), ref, "fp32")
+    check(queued[0].result(), ref, "fp32")
     assert len(run.launch(list(x)).result()) == 3  # over max_batch: chunk by chunk
 
 

@@ -162,7 +162,9 @@ def test_cli_run_in_int8_keeps_the_embeddings(scene_dir: Path, tmp_path: Path) -
     pixels = {}
     for precision in ("fp32", "int8"):
         out = tmp_path / f"{precision}.tif"
-        r = run_cli("run", *args, "--precision", precision, "--out", str(out))
+        # fp32 on onnxruntime named, as `auto` takes a GPU's torch-cuda where there is one
+        backend = ["--backend", "onnxruntime"] if precision == "fp32" else []
+        r = run_cli("run", *args, "--precision", precision, *backend, "--out", str(out))
         assert r.returncode == 0, r.stderr
         assert f"on onnxruntime ({precision})" in r.stderr
         with rasterio.open(out) as ds:
