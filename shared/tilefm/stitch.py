@@ -7,12 +7,13 @@ so memory follows the tiles in flight, not the scene.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import threading
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,9 @@ from tilefm.models.card import ModelCard
 CLASS_NODATA = 255
 #: finished tiles waiting for the writer thread before `add` waits too
 WRITES_AHEAD = 2
+#: per-patch children handed to a mosaic thread at once (a GPU batch's worth): their encoding
+#: and overview sums are then a few torch operations for all of them
+CHILDREN_PER_TASK = 32
 INT8_NODATA = -128
 
 
@@ -99,6 +103,21 @@ class Encoding:
             dst.copy_(src)
         if not every:
             out[:, ~valid] = np.nan
+
+
+    def encode_valid(self, src: Any, dst: Any) -> None:
+        """`encode_into` for pixels that all had data, each from one tile (weight 1: nothing to
+        divide, no nodata), as torch tensors of any layout: rounded as `encode_into` rounds."""
+        import torch
+
+        if self.dtype == "int8":
+            q = src.to(torch.float32, copy=True)
+            q.sub_(self.offset).div_(self.scale).round_().clamp_(-127, 127)
+            dst.copy_(q)
+        elif self.nbits == 16 and dst.dtype != torch.float16:
+            dst.copy_(src.to(torch.float16))
+        else:
+            dst.copy_(src)
 
 
 class _Buffers:
@@ -193,6 +212,8 @@ class MosaicWriter:
             self.expected = {t: self._expected(t) for t in self.plan.tiles}
         self.pending: dict[Tile, _Acc] = {}
         self.parents: dict[Tile, _Block] = {}  # per-patch outputs: parent tiles being filled
+        #: per-patch children given but not yet handed to a mosaic thread
+        self._children: list[tuple[Tile, _Block, np.ndarray, TileOutput]] = []
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[Future[None]] = []
         self.threads = self.threads or min(4, os.cpu_count() or 1)
@@ -336,23 +357,57 @@ class MosaicWriter:
             parent.unwritten += 1
         if parent.remaining == 0:
             del self.parents[t]
-        self._queue(self.threads, self._finish_child, t, parent, block, out)
+        self._children.append((t, parent, block, out))
+        if len(self._children) >= CHILDREN_PER_TASK:
+            self._flush_children()
 
-    def _finish_child(self, t: Tile, parent: _Block, block: np.ndarray, out: TileOutput) -> None:
-        """A per-patch child of the streamed COG (on a mosaic thread): encoded into its piece of
-        the parent, its share of each overview level, the level blocks it completes compressed,
-        and the parent once its last child is written. Off the stitching thread, which spent
-        ~1 ms of each vit-base tile here (GIL-free torch work, mostly)."""
-        self._encode_into(out.values, out.weight, block)
-        for level, key, data in self._reduce(block, self._origin(out.tile), out.weight > 0):
+    def _flush_children(self) -> None:
+        if self._children:
+            group, self._children = self._children, []
+            self._queue(self.threads, self._finish_children, group)
+
+    def _finish_children(self, group: list[tuple[Tile, _Block, np.ndarray, TileOutput]]) -> None:
+        """Per-patch children of the streamed COG (on a mosaic thread): each encoded into its
+        piece of the parent, their share of each overview level, the level blocks they complete
+        compressed, and each parent once its last child is written. Children whose patches all
+        had data (nearly all) are encoded and summed together, a few torch operations for the
+        group; one child at a time took ~40 small ones each, and every one of them released the
+        GIL and waited to take it back, behind the reader threads and the other mosaic threads
+        (on an H200's host the stitching thread then waited for them most of the stream)."""
+        dtype = group[0][3].values.dtype
+        whole = [c for c in group if c[3].values.dtype == dtype and bool((c[3].weight == 1).all())]
+        done = self._reduce_children(whole) if whole else []
+        if len(whole) < len(group):
+            ids = {id(c) for c in whole}
+            for _t, _parent, block, out in (c for c in group if id(c) not in ids):
+                self._encode_into(out.values, out.weight, block)
+                done += self._reduce(block, self._origin(out.tile), out.weight > 0)
+        for level, key, data in done:
             self._compress_now(level, key, data)
+        finished: list[tuple[Tile, _Block]] = []
         with self._parents_lock:
-            parent.unwritten -= 1
-            last = parent.remaining == 0 and parent.unwritten == 0
-        if last:
+            for t, parent, _block, _out in group:
+                parent.unwritten -= 1
+                if parent.remaining == 0 and parent.unwritten == 0:
+                    finished.append((t, parent))
+        for t, parent in finished:
             self.written.add(t)  # complete; `close` raises if its work failed
             row, col = self.out_plan.offset(t)
             self._compress_now(0, (col // TILE_SIZE, row // TILE_SIZE), parent.complete(self.encoding.nodata))
+
+    def _reduce_children(self, whole: list[tuple[Tile, _Block, np.ndarray, TileOutput]]) -> list[tuple[int, tuple[int, int], np.ndarray]]:
+        """Children without nodata, encoded into their pieces of the parents together, and
+        their share of each overview level; returns the level blocks completed."""
+        import torch
+
+        C, n = self.channels, TILE_SIZE >> self.k
+        stored = torch.empty((len(whole), n, n, C), dtype=_torch_dtype(self._block_dtype))
+        for i, (*_, out) in enumerate(whole):  # one pass each (a stacked copy first took 2.3x as long)
+            self.encoding.encode_valid(torch.from_numpy(out.values).permute(1, 2, 0), stored[i])
+        pieces = stored.numpy()
+        for i, (_t, _parent, block, _out) in enumerate(whole):
+            block.transpose(1, 2, 0)[...] = pieces[i]  # numpy: a 16 x 16 copy keeps the GIL, as it should
+        return self._place_levels(stored, None, [self._origin(out.tile) for *_, out in whole])
 
     def add(self, out: TileOutput) -> None:
         """Add one tile's output (and its halo's share to the neighbours); write what is complete."""
@@ -428,14 +483,18 @@ class MosaicWriter:
         # pixels-last [H, W, C] (the streamed blocks' memory order): each sum of a 2 x 2 window
         # adds runs of C contiguous values; avg_pool2d over these strides was ~15x slower
         t = torch.from_numpy(block).permute(1, 2, 0)
-        every = bool(valid.all())
-        if every:  # the count of a level is then 4^level everywhere
-            total, count = t, None
-        else:
-            mask = torch.from_numpy(np.ascontiguousarray(valid))[:, :, None]
-            total, count = torch.where(mask, t, 0.0), mask.to(torch.float32)
-        out = {"float16": torch.float16, "int8": torch.int8}.get(self._block_dtype, torch.float32)
-        row, col = origin
+        if bool(valid.all()):  # the count of a level is then 4^level everywhere
+            return self._place_levels(t[None], None, [origin])
+        mask = torch.from_numpy(np.ascontiguousarray(valid))[:, :, None]
+        return self._place_levels(torch.where(mask, t, 0.0)[None], mask.to(torch.float32)[None], [origin])
+
+    def _place_levels(self, total: Any, count: Any, origins: list[tuple[int, int]]) -> list[tuple[int, tuple[int, int], np.ndarray]]:
+        """Each overview level's means of [m, H, W, C] stored pixels (`count`: how many of the
+        pixels below had data, [m, H, W, 1]; None: all of them), put where the m pieces at
+        `origins` (their rows and columns in the mosaic) go; returns the level blocks completed."""
+        import torch
+
+        out = _torch_dtype(self._block_dtype)
         done: list[tuple[int, tuple[int, int], _Block]] = []
         for level in range(1, len(self._level_blocks)):
             total = _sum_2x2(total)
@@ -448,15 +507,17 @@ class MosaicWriter:
                 mean = mean.to(torch.float16)
             elif out == torch.int8:  # quantized values: their mean rounded half away from zero, as GDAL's AVERAGE
                 mean = torch.nan_to_num(torch.sign(mean) * torch.floor(mean.abs() + 0.5), nan=INT8_NODATA)
-            key = self._block_of(origin, level)
-            n, r, c = mean.shape[0], (row >> level) % TILE_SIZE, (col >> level) % TILE_SIZE
-            with self._levels_lock:
-                block = self._level_blocks[level].get(key)
-                if block is None:
-                    block = self._level_blocks[level][key] = self._block(self._block_dtype, self._level_expected[level][key], n)
-                torch.from_numpy(block.piece(r, c, n)).permute(1, 2, 0).copy_(mean.to(out))
-                if block.remaining == 0:
-                    done.append((level, key, self._level_blocks[level].pop(key)))
+            means = mean.to(out).numpy()
+            n = means.shape[1]
+            with self._levels_lock:  # numpy copies: each a few kB, quicker with the GIL kept
+                for (row, col), piece in zip(origins, means):
+                    key = self._block_of((row, col), level)
+                    block = self._level_blocks[level].get(key)
+                    if block is None:
+                        block = self._level_blocks[level][key] = self._block(self._block_dtype, self._level_expected[level][key], n)
+                    block.piece((row >> level) % TILE_SIZE, (col >> level) % TILE_SIZE, n).transpose(1, 2, 0)[...] = piece
+                    if block.remaining == 0:
+                        done.append((level, key, self._level_blocks[level].pop(key)))
         return [(level, key, b.complete(self.encoding.nodata)) for level, key, b in done]
 
     def _submit(self, tile: Tile, data: np.ndarray) -> None:
@@ -476,9 +537,15 @@ class MosaicWriter:
         """Run `fn` on the writer's threads; at most WRITES_AHEAD per thread wait, which bounds
         the memory."""
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilefm-mosaic")
-        while len(self._writes) >= WRITES_AHEAD * workers:
-            self._writes.pop(0).result()
+            self._writer = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilefm-mosaic", initializer=_serial_torch)
+        if len(self._writes) >= WRITES_AHEAD * workers:
+            # whichever finishes first: the oldest may be the last child of a parent tile, whose
+            # compression (a 768-band parent: ~0.3 s) the stitching thread waited for while the
+            # other threads ran dry (~3.9 s of a 4.5 s stream on an H200's host)
+            done, pending = wait(self._writes, return_when=FIRST_COMPLETED)
+            for f in done:
+                f.result()
+            self._writes = list(pending)
         self._writes.append(self._writer.submit(fn, *args))
 
     def _compress_now(self, level: int, key: tuple[int, int], data: np.ndarray) -> None:
@@ -496,6 +563,8 @@ class MosaicWriter:
     def close(self) -> None:
         """Wait for the writes (raising the first that failed), then close the file."""
         try:
+            if self.streamed:
+                self._flush_children()
             while self._writes:
                 self._writes.pop(0).result()
         finally:
@@ -522,15 +591,38 @@ class MosaicWriter:
             write_cog(self.path, dst, self.out_plan, self.encoding)
 
 
-def _sum_2x2(x: Any) -> Any:
-    """Sums of 2 x 2 windows of an [H, W, C] tensor, in float32 (float16 values are taken as
-    they are added: no float32 copy of the whole block)."""
+def _serial_torch() -> None:
+    """A mosaic thread's torch operations on its own core: the threads already run in
+    parallel, and each one's operations would otherwise fan out to a team of OpenMP threads
+    as large as the host (six teams of 16 on a 16-core GPU host, spinning between operations
+    against the readers). OpenMP's thread count is the calling thread's own: the rest of the
+    process keeps its teams. Torch sets a thread's count on its first parallel operation, so
+    one runs first."""
     import torch
 
-    total = x[0::2, 0::2].to(torch.float32, copy=True)
-    total += x[0::2, 1::2]
-    total += x[1::2, 0::2]
-    total += x[1::2, 1::2]
+    torch.ones(1 << 16).sum()
+    try:
+        ctypes.CDLL(None).omp_set_num_threads(1)
+    except (AttributeError, OSError):  # no OpenMP in this torch (macOS: its own runtime, loaded locally)
+        pass
+
+
+def _torch_dtype(name: str) -> Any:
+    """A stored dtype's torch dtype (float16, float32, int8)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def _sum_2x2(x: Any) -> Any:
+    """Sums of 2 x 2 windows of an [..., H, W, C] tensor, in float32 (float16 values are taken
+    as they are added: no float32 copy of the whole block)."""
+    import torch
+
+    total = x[..., 0::2, 0::2, :].to(torch.float32, copy=True)
+    total += x[..., 0::2, 1::2, :]
+    total += x[..., 1::2, 0::2, :]
+    total += x[..., 1::2, 1::2, :]
     return total
 
 
