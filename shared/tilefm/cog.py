@@ -15,6 +15,8 @@ GDAL writes them into a small template GeoTIFF, and their TIFF fields are copied
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import sys
 import tempfile
@@ -219,9 +221,9 @@ class COGBuilder:
             for level in range(self.levels, -1, -1):
                 for key in sorted(self._offsets[level], key=lambda k: (k[1], k[0])):
                     off, n = self._offsets[level][key]
-                    src.seek(off)
-                    data = src.read(n)
-                    out.write(struct.pack("<I", n) + data + data[-4:])
+                    out.write(struct.pack("<I", n))
+                    _copy_range(src, out, off, n)
+                    out.write(os.pread(src.fileno(), 4, off + n - 4))
 
     def _layout(self, big: bool, placed: list[dict[tuple[int, int], int]] | None = None) -> tuple[bytes, bytes]:
         ghost = (
@@ -267,6 +269,29 @@ class COGBuilder:
         else:
             head = b"II" + struct.pack("<HI", 42, first_ifd)
         return head + ghost, ifds
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, n: int) -> None:
+    """Bytes [offset, offset + n) of `src` appended to `dst`: by the kernel where it can
+    (copy_file_range: no pass through user memory, and no GIL held), else read and written.
+    Joining each block with its leader and trailer in Python took ~2 s of a 1.2 GB COG, all
+    of it holding the GIL."""
+    dst.flush()
+    if hasattr(os, "copy_file_range"):
+        try:
+            done = 0
+            while done < n:
+                step = os.copy_file_range(src.fileno(), dst.fileno(), n - done, offset + done)
+                if step == 0:
+                    raise OSError(f"{src.name} ends before byte {offset + n}")
+                done += step
+            dst.seek(0, os.SEEK_END)
+            return
+        except OSError as e:
+            if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                raise
+    src.seek(offset)
+    dst.write(src.read(n))
 
 
 def _ifd(fields: dict[int, TiffField], big: bool, at: int, last: bool) -> bytes:
