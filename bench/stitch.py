@@ -7,7 +7,8 @@ over the sample scene's tile plan (no reads, no model).
 `add` is what the thread that stitches spends per tile (waiting for the mosaic's compressing
 threads included, which bounds it when they are behind); `cpu` is that thread's own CPU time per
 tile (what it would cost on a host with cores to spare for the compression); `add+close` adds the
-compressing threads' tail. Outputs come in the model's own layout: Presto's pixel-interleaved
+compressing threads' tail, and its `cpu` is every thread's (the mosaic's CPU cost of a tile: with
+enough cores, the threads' throughput is their count over it). Outputs come in the model's own layout: Presto's pixel-interleaved
 (`--dtype float16`: as a GPU hands them back), the others bands-first.
 """
 
@@ -62,17 +63,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             writer = MosaicWriter(plan, card, Path(tmp) / "m.tif", enc, halo=0, out_plan=out_plan, threads=args.threads)
-            c0 = time.thread_time()
+            c0, p0 = time.thread_time(), time.process_time()
             for o in outs:
                 writer.add(o)
             t1, c1 = time.perf_counter(), time.thread_time()
             writer.close()
-            t2 = time.perf_counter()
+            t2, p2 = time.perf_counter(), time.process_time()
             if args.cog:
                 writer.finish(Path(tmp) / "c.tif")
             t3 = time.perf_counter()
         ms = 1000 / len(outs)
-        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype} stored as {enc.dtype if enc.dtype == 'int8' else args.store or card.output.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile"
+        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype} stored as {enc.dtype if enc.dtype == 'int8' else args.store or card.output.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile (all threads' cpu {(p2 - p0) * ms:.2f})"
               + (f", COG step {t3 - t2:.1f} s" if args.cog else ""), flush=True)  # fmt: skip
 
 
