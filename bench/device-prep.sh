@@ -6,6 +6,7 @@
 #   .gpu/site312.tar.xz        the wheels it lacks, for cp312 manylinux x86_64, unpacked
 #   .gpu/shared/data/s2-...    the sample Sentinel-2 scene (../shared/data)
 #   .gpu/shared/models/presto  Presto's weights
+#   .gpu/whl/py_spy-*.whl      py-spy, for device.sh's `spy` phase
 # Then, with the device tool: run(command="bash bench/device.sh bench-vit tests feed", carry=[".gpu"], timeout_s=570).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,5 +47,8 @@ rm -rf .gpu && mkdir -p .gpu/shared/models
 tar -C "$work/site" -cJf .gpu/site312.tar.xz .
 mkdir -p .gpu/shared/data && cp -r "$SHARED/data/s2-l2a-29RKH-20200219" .gpu/shared/data/
 cp -r "$SHARED/models/presto" .gpu/shared/models/presto
+# py-spy (a static binary in a wheel, ~3 MB) for device.sh's `spy` phase
+mkdir -p .gpu/whl && "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .gpu/whl py-spy==0.4.3
 ls "$work/site" | grep -v dist-info | tr '\n' ' '; echo
 du -sh .gpu .gpu/site312.tar.xz

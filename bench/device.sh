@@ -10,8 +10,10 @@
 # run cut short still brings it back: every phase appends to $OUT as it goes. Rehearsed on a
 # CPU-only copy of the device's environment (Python 3.12, torch 2.11, no GDAL stack, no Ray, no
 # generated protobuf modules): docs/benchmarks.md, "The device run rehearsed".
-# Usage: bash bench/device.sh PHASE... (tests, feed, bench-presto, bench-vit, bench-vit-small); results in $OUT.
+# Usage: bash bench/device.sh PHASE... (tests, feed, spy, bench-presto, bench-vit, bench-vit-small); results in $OUT.
 # Narrower runs: TESTS_K (pytest -k), FEED_READERS, FEED_KINDS (thread,process), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
+# `spy`: the vit-base feed (zoom VIT_ZOOM, SPY_READERS readers of each of SPY_KINDS) under py-spy, summarised by
+# bench/spy_summary.py into $OUT/spy-KIND.md (raw samples gzipped beside it); SPY_SUBPROCESSES=1 samples the reader processes too.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site
 for t in .gpu/*.tar.xz; do tar -xJf "$t" -C /tmp/site || exit 1; done
@@ -32,6 +34,13 @@ for phase in "$@"; do
     tests) python3 -m pytest -q -p no:cacheprovider -rs ${TESTS_K:+-k "$TESTS_K"} tests/test_backends.py tests/test_vit.py tests/test_ray_encoders.py 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
     feed) python3 bench/feed.py --model vit-base --zoom 13 --readers "${FEED_READERS:-4,8,12}" --kinds "${FEED_KINDS:-thread,process}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -9
           python3 bench/feed.py --model presto --zoom 11 --batch 16 --readers "${PRESTO_FEED_READERS:-2,4}" --kinds "${FEED_KINDS:-thread,process}" --rounds 1 --json-out "$OUT/feed.jsonl" 2>&1 | tail -7 ;;
+    spy) [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/spy .gpu/whl/py_spy-*.whl >/dev/null || continue
+         for kind in $(echo "${SPY_KINDS:-process}" | tr , ' '); do
+           /tmp/spy/bin/py-spy record -r 100 --idle ${SPY_SUBPROCESSES:+--subprocesses} -f raw -o "$OUT/spy-$kind.txt" -- \
+             python3 bench/feed.py --model vit-base --zoom "${VIT_ZOOM:-13}" --readers "${SPY_READERS:-12}" --kinds "$kind" --rounds 1 2>&1 | tail -3
+           python3 bench/spy_summary.py "$OUT/spy-$kind.txt" --top 8 > "$OUT/spy-$kind.md" && head -30 "$OUT/spy-$kind.md"
+           gzip -f "$OUT/spy-$kind.txt"
+         done ;;
     bench-vit) python3 bench/encoder.py --gpu --models vit-base --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs,bf16-compile}" \
         --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -12 ;;
     bench-vit-small) python3 bench/encoder.py --gpu --models vit-small --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs}" \
