@@ -35,7 +35,8 @@ CLASS_NODATA = 255
 #: finished tiles waiting for the writer thread before `add` waits too
 WRITES_AHEAD = 2
 #: per-patch children handed to a mosaic thread at once (a GPU batch's worth): their encoding
-#: and overview sums are then a few torch operations for all of them
+#: and overview sums are then a few torch operations for all of them. Up to WRITES_AHEAD groups
+#: per thread wait (vit-base: 25 MB of outputs a group)
 CHILDREN_PER_TASK = 32
 INT8_NODATA = -128
 
@@ -103,7 +104,6 @@ class Encoding:
             dst.copy_(src)
         if not every:
             out[:, ~valid] = np.nan
-
 
     def encode_valid(self, src: Any, dst: Any) -> None:
         """`encode_into` for pixels that all had data, each from one tile (weight 1: nothing to
