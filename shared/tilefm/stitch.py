@@ -88,10 +88,7 @@ class Encoding:
         if not (weight[valid] == 1).all():  # blended: divide (outputs of one tile have weight 1)
             src = src / torch.from_numpy(np.where(valid, weight, 1.0).astype(np.float32))
         if self.dtype == "int8":
-            # in float32 (float16 values, a GPU's, too), in place: one array, not four
-            q = src.to(torch.float32, copy=True)
-            q.sub_(self.offset).div_(self.scale).round_().clamp_(-127, 127)
-            torch.from_numpy(out).copy_(q)
+            self.encode_valid(src, torch.from_numpy(out))
             if not every:
                 out[:, ~valid] = INT8_NODATA
             return
@@ -111,6 +108,7 @@ class Encoding:
         import torch
 
         if self.dtype == "int8":
+            # in float32 (float16 values, a GPU's, too), in place: one array, not four
             q = src.to(torch.float32, copy=True)
             q.sub_(self.offset).div_(self.scale).round_().clamp_(-127, 127)
             dst.copy_(q)
