@@ -373,13 +373,17 @@ class MosaicWriter:
         GIL and waited to take it back, behind the reader threads and the other mosaic threads
         (on an H200's host the stitching thread then waited for them most of the stream)."""
         dtype = group[0][3].values.dtype
-        whole = [c for c in group if c[3].values.dtype == dtype and bool((c[3].weight == 1).all())]
-        done = self._reduce_children(whole) if whole else []
-        if len(whole) < len(group):
-            ids = {id(c) for c in whole}
-            for _t, _parent, block, out in (c for c in group if id(c) not in ids):
+        whole: list[tuple[Tile, _Block, np.ndarray, TileOutput]] = []
+        done: list[tuple[int, tuple[int, int], np.ndarray]] = []
+        for c in group:
+            _t, _parent, block, out = c
+            if out.values.dtype == dtype and bool((out.weight == 1).all()):
+                whole.append(c)
+            else:  # nodata patches: on its own, masked
                 self._encode_into(out.values, out.weight, block)
                 done += self._reduce(block, self._origin(out.tile), out.weight > 0)
+        if whole:
+            done += self._reduce_children(whole)
         for level, key, data in done:
             self._compress_now(level, key, data)
         finished: list[tuple[Tile, _Block]] = []
