@@ -3,6 +3,7 @@ what went in, at every level, and the file has the layout that COG readers rely 
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import rasterio
 from affine import Affine
 from rio_cogeo import cog_validate
 
+from tilefm import cog
 from tilefm.cog import BLOCK, COGBuilder, encode_block, read_fields, template_fields
 
 BANDS = 5
@@ -32,11 +34,13 @@ def _levels(rng: np.random.Generator, bits: int) -> list[np.ndarray]:
     return levels
 
 
-def _build(tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | None = None) -> Path:
+def _build(tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | None = None, order: str = "reversed", expected: bool = True) -> Path:
+    """The COG of `levels`, its blocks put in `order`: `reversed` (the last row's last block
+    first), `rows` (row-major, as a stream over the plan mostly gives them); `expected`: the
+    builder is told which full-resolution blocks will come."""
     profile = dict(count=BANDS, dtype="float32", nodata=float("nan"), crs="EPSG:3857", transform=TRANSFORM, **({"nbits": 16} if bits == 16 else {}))
     fields = template_fields(profile, {"TILEFM_MODEL": "test"}, [f"embedding_{i:03d}" for i in range(BANDS)])
     _, h, w = levels[0].shape
-    builder = COGBuilder(tmp_path / "blocks.bin", w, h, BANDS, len(levels) - 1, bits, fields)
     puts = []
     for level, a in enumerate(levels):
         for by in range(-(-a.shape[1] // BLOCK)):
@@ -47,19 +51,28 @@ def _build(tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | 
                 part = a[:, by * BLOCK : (by + 1) * BLOCK, bx * BLOCK : (bx + 1) * BLOCK]
                 block[:, : part.shape[1], : part.shape[2]] = part
                 puts.append((level, bx, by, block))
-    for level, bx, by, block in puts[::-1]:  # any order
+    base = {(bx, by) for level, bx, by, _ in puts if level == 0}
+    builder = COGBuilder(tmp_path / "blocks.bin", w, h, BANDS, len(levels) - 1, bits, fields, base=tmp_path / "out.tif", expected=base if expected else None)
+    for level, bx, by, block in puts[::-1] if order == "reversed" else puts:
         builder.put(level, bx, by, encode_block(block, bits))
-    dst = tmp_path / "out.tif"
-    builder.finish(dst, bigtiff=bigtiff)
-    return dst
+    return builder.finish(bigtiff=bigtiff)
 
 
 #: GDAL 3.11 on reads IEEE half floats as Float16; before, as Float32 with NBITS=16
 GDAL_HAS_FLOAT16 = tuple(int(v) for v in rasterio.__gdal_version__.split(".")[:2]) >= (3, 11)
 
 
+@pytest.fixture(params=["inserted", "rebuilt"])
+def room(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How `finish` puts the front before the full-resolution blocks: room inserted in place
+    where this file system can, or (as on tmpfs or macOS) a new file with them copied in."""
+    if request.param == "rebuilt":
+        monkeypatch.setattr(cog, "_insert_room", lambda path, n: False)
+    return request.param
+
+
 @pytest.mark.parametrize("bits,bigtiff", [(16, None), (32, None), (16, True)], ids=["float16", "float32", "float16-bigtiff"])
-def test_gdal_reads_back_every_level(tmp_path: Path, bits: int, bigtiff: bool | None) -> None:
+def test_gdal_reads_back_every_level(tmp_path: Path, bits: int, bigtiff: bool | None, room: str) -> None:
     levels = _levels(np.random.default_rng(bits), bits)
     dst = _build(tmp_path, levels, bits, bigtiff)
     with open(dst, "rb") as f:
@@ -106,10 +119,30 @@ def test_a_block_encodes_the_same_in_any_memory_layout(bits: int) -> None:
         assert encode_block(a, bits) == want
 
 
-def test_blocks_lie_smallest_overview_first_with_gdals_leaders(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "order,expected,hold",
+    [("rows", False, None), ("reversed", True, None), ("reversed", False, None), ("reversed", True, 1)],
+    ids=["in-order", "held-in-order", "reordered", "spilled-reordered"],
+)
+def test_blocks_lie_smallest_overview_first_with_gdals_leaders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str, expected: bool, hold: int | None, room: str
+) -> None:
     """Every IFD before any block; the coarsest level's blocks first, the full resolution's
-    last, each row-major, each with its size before it and its last 4 bytes after it."""
-    dst = _build(tmp_path, _levels(np.random.default_rng(0), 16), 16)
+    last, each row-major, each with its size before it and its last 4 bytes after it, however
+    the blocks came: full-resolution blocks that come early wait for those ahead of them
+    (`expected`), and past what may wait (`hold`), or when the builder was not told what will
+    come, `finish` reorders them (then nothing is inserted in place)."""
+    if hold is not None:
+        monkeypatch.setattr(cog, "HOLD_BYTES", hold)
+    tried = []
+    inserting = cog._insert_room
+    monkeypatch.setattr(cog, "_insert_room", lambda path, n: tried.append(n) or inserting(path, n))
+    levels = _levels(np.random.default_rng(0), 16)
+    dst = _build(tmp_path, levels, 16, order=order, expected=expected)
+    assert bool(tried) == (hold is None and (order == "rows" or expected))
+    assert cog_validate(str(dst), quiet=True)[0]
+    with rasterio.open(dst) as ds:
+        np.testing.assert_array_equal(ds.read(), levels[0])
     raw = dst.read_bytes()
     spans = []
     with rasterio.open(dst) as ds:
@@ -126,10 +159,12 @@ def test_blocks_lie_smallest_overview_first_with_gdals_leaders(tmp_path: Path) -
                         continue
                     size = int(src.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=1))
                     spans.append((level, y, x, int(off), size))
+        ghost = ds.get_tag_item("GDAL_STRUCTURAL_METADATA", "TIFF")
     assert first_ifd < 300 and ifds == sorted(ifds)
     assert min(s[3] for s in spans) > max(ifds)
-    order = [s[:3] for s in sorted(spans, key=lambda s: s[3])]
-    assert order == sorted(order, key=lambda k: (-k[0], k[1], k[2]))
+    laid = [s[:3] for s in sorted(spans, key=lambda s: s[3])]
+    assert laid == sorted(laid, key=lambda k: (-k[0], k[1], k[2]))
+    assert "BLOCK_ORDER=ROW_MAJOR" in ghost
     for *_, off, size in spans:
         assert struct.unpack("<I", raw[off - 4 : off])[0] == size
         assert raw[off + size : off + size + 4] == raw[off + size - 4 : off + size]
@@ -148,3 +183,17 @@ def test_template_fields_are_gdals(tmp_path: Path) -> None:
     for tag, f in fields.items():
         assert theirs[tag] == f, tag
     assert b"<Item name=\"DESCRIPTION\" sample=\"2\" role=\"description\">z</Item>" in fields[42112].data
+
+
+def test_room_is_inserted_before_a_files_data_or_nothing_changes(tmp_path: Path) -> None:
+    """`_insert_room` moves no data where it works (ext4, XFS): the file reads as zeros, then
+    what it held; where it cannot, it says so and the file is as it was."""
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(1).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    n = 2 * os.statvfs(tmp_path).f_bsize
+    if cog._insert_room(path, n):
+        assert path.read_bytes() == bytes(n) + data
+    else:
+        assert path.read_bytes() == data
+    assert cog._insert_room(path, 0)  # nothing to insert: done

@@ -115,6 +115,35 @@ def test_file_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "out.tif"]
 
 
+def test_writing_puts_the_object_only_when_the_block_succeeds(root: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`Storage.writing`: what is written to the path it gives becomes the object on a clean
+    exit; an error leaves what was there (or nothing) and no temporary file. Local files are
+    written in place, beside the destination, not in the work folder."""
+    uri = f"{root}/w/out.tif"
+    storage = _storage(uri, request)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(RuntimeError, match="the job failed"):
+        with storage.writing(uri, work_dir=work) as path:
+            path.write_bytes(b"half")
+            raise RuntimeError("the job failed")
+    assert not storage.exists(uri)
+    with storage.writing(uri, work_dir=work) as path:
+        path.write_bytes(b"a COG" * 1000)
+        assert not storage.exists(uri)  # not before the block ends
+        if uri.startswith("file:"):
+            assert path.parent == Path(uri[len("file://") :]).parent
+    assert storage.read_bytes(uri) == b"a COG" * 1000
+    with pytest.raises(RuntimeError):
+        with storage.writing(uri, work_dir=work) as path:
+            path.write_bytes(b"new")
+            raise RuntimeError
+    assert storage.read_bytes(uri) == b"a COG" * 1000
+    assert list(work.iterdir()) == []
+    if uri.startswith("file:"):
+        assert [p.name for p in Path(uri[len("file://") :]).parent.iterdir()] == ["out.tif"]
+
+
 # -- S3 specifics ---------------------------------------------------------------------------------
 
 

@@ -163,28 +163,36 @@ def publish(
         out_plan = plan.coarsen(stride.bit_length() - 1)
         extra = {"backend": prep.backend, "precision": prep.precision, **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
         tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
-        writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=settings.cog_threads)
-        try:
-            for o in outputs:
-                writer.add(o)
-        finally:
-            writer.close()
-        if writer.missing:
-            raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
-        timings["tiles_s"] = time.perf_counter() - t0
-        cog = Path(tmp) / "out.tif"
-        writer.finish(cog)
-        item = stac.output_item(cog, card, out_plan, prep.scene, out, encoding)
-        timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
-        if proceed is not None and not proceed():
-            return None
-        t1 = time.perf_counter()
         store = storage_for(out, settings)
-        store.put_file(cog, out)
+        try:
+            # the COG is made where the storage takes it from (local files: in place, its
+            # full-resolution blocks written there during the stream), put only when complete
+            with store.writing(out, work_dir=tmp) as cog:
+                writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=settings.cog_threads, cog_path=cog)
+                try:
+                    for o in outputs:
+                        writer.add(o)
+                finally:
+                    writer.close()
+                if writer.missing:
+                    raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
+                timings["tiles_s"] = time.perf_counter() - t0
+                writer.finish(cog)
+                item = stac.output_item(cog, card, out_plan, prep.scene, out, encoding)
+                timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
+                if proceed is not None and not proceed():
+                    raise _Withdrawn
+                t1 = time.perf_counter()
+        except _Withdrawn:
+            return None
         stac_uri = stac_uri_for(out)
         store.write_bytes(stac_uri, stac.dumps(item))
         timings["upload_s"] = time.perf_counter() - t1
     return stac_uri
+
+
+class _Withdrawn(Exception):
+    """`proceed()` said no before the output was put: nothing is."""
 
 
 def execute(

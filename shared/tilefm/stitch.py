@@ -11,6 +11,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import threading
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -196,6 +197,9 @@ class MosaicWriter:
     #: False: a mosaic that GDAL's COG driver copies (`write_cog`) even where the COG could be
     #: streamed; None: streamed where it can be (float32 / int8 embeddings, overviews from a tile)
     stream: bool | None = None
+    #: where the COG will be (`finish`'s `dst`): a streamed COG's full-resolution blocks are
+    #: written there as they come (`COGBuilder.base`); None: beside `path`, moved at the end
+    cog_path: Path | None = None
 
     def __post_init__(self) -> None:
         self.out_plan = self.out_plan or self.plan
@@ -232,9 +236,12 @@ class MosaicWriter:
             int8 = self.encoding.dtype == "int8"
             fields = template_fields(self._profile(), self.tags, self.band_descriptions(), (self.encoding.scale, self.encoding.offset) if int8 else None)
             bits = 8 if int8 else self.encoding.nbits or 32
-            self.cog = COGBuilder(Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, bits, fields)
             self._level_blocks: list[dict[tuple[int, int], _Block]] = [{} for _ in range(levels + 1)]
             self._level_expected = [Counter(self._block_of(self._origin(t), i) for t in self.plan.tiles) for i in range(levels + 1)]
+            self.cog = COGBuilder(
+                Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, bits, fields,
+                base=self.cog_path, expected=set(self._level_expected[0]),
+            )  # fmt: skip
             return
         # the mosaic keeps float16 outputs' (rounded) values as float32, and `write_cog` stores 16
         # bits: GDAL >= 3.11 reads a 16-bit float file as Float16, from which its COG driver
@@ -587,7 +594,9 @@ class MosaicWriter:
         if self.missing:
             raise RuntimeError(f"the mosaic at {self.path} is not complete")
         if self.streamed:
-            self.cog.finish(dst)
+            built = self.cog.finish()
+            if built != dst:
+                shutil.move(built, dst)
             validate_cog(dst)
         else:
             write_cog(self.path, dst, self.out_plan, self.encoding)
