@@ -110,8 +110,10 @@ def test_any_band_set() -> None:
 def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
     card = get_card("vit-small")
     model = ViTTileModel(card, "torch", None)
-    bands, x0, valid = model.inputs(tiles[0])
+    bands, x0, weight = model.inputs(tiles[0])
+    valid = tiles[0].valid[list(bands)].all(axis=0)  # no halo: every band had data there
     assert bands == tuple(range(10)) and valid.mean() > 0.5  # the S2 bands, no S1/DEM
+    assert weight.shape == (16, 16) and weight.dtype == np.float32
     x = np.stack([model.inputs(t)[1] for t in tiles])
     ref = model.embed(bands, x)
     assert ref.shape == (len(tiles), 384, 16, 16)

@@ -49,10 +49,13 @@ def options_from_settings(card: ModelCard, backend: str, threads: int | None = N
 
 
 class ViTInputs(InputPreparer):
-    """Per tile: the band set with data, the normalised stack with gaps at 0, pixel validity."""
+    """Per tile: the band set with data, the normalised stack with gaps at 0, and the weight of
+    each output pixel in the mosaic (computed here, in the reader, not on the thread that
+    feeds the GPU)."""
 
     def tile(self, t: TileInput) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-        """(band set, normalised input [bands, 256, 256] with gaps at 0, pixel validity [256, 256])."""
+        """(band set, normalised input [bands, 256, 256] with gaps at 0, output weight: float32
+        [256 / stride, 256 / stride], a patch 1 where most of its pixels had every band)."""
         h = t.halo
         core = (slice(None), slice(h, h + TILE_SIZE), slice(h, h + TILE_SIZE))
         valid = t.valid[core]
@@ -67,7 +70,13 @@ class ViTInputs(InputPreparer):
         every = ok.all(axis=0)
         if not every.all():
             x[~ok] = 0.0
-        return bands, x, every if bands else np.zeros(valid.shape[1:], bool)
+        stride = self.card.output_stride
+        n = TILE_SIZE // stride
+        if not bands:  # nothing to see
+            return bands, x, np.zeros((n, n), np.float32)
+        if stride == 1:
+            return bands, x, every.astype(np.float32)
+        return bands, x, (every.reshape(n, stride, n, stride).mean(axis=(1, 3)) >= 0.5).astype(np.float32)
 
     @property
     def _affine(self) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +94,7 @@ class ViTBatch:
     """A prepared batch: the tiles and, per tile, (band set, normalised stack, pixel validity)."""
 
     tiles: list[Tile]
+    #: per tile: band set, normalised stack, output weight (`ViTInputs.tile`)
     parts: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]
 
 
@@ -166,7 +176,7 @@ class ViTTileModel(TileModel):
 
     def launch(self, prepared: ViTBatch) -> Callable[[], list[TileOutput]]:
         """Queue each band set's tiles on the runner; what the outputs need of the input (the
-        tiles' weights) is taken now, since the input's memory may be reused once this returns."""
+        tiles' weights) is copied now, since the input's memory may be reused once this returns."""
         tiles, parts = prepared.tiles, prepared.parts
         C = self.card.output.channels
         stride = self.card.output_stride
@@ -180,11 +190,7 @@ class ViTTileModel(TileModel):
             if not bands:  # nothing to see: weight 0 everywhere
                 empty.extend(idx)
                 continue
-            # at patch stride a patch counts when most of its pixels had data
-            weights = [
-                (parts[k][2].reshape(n, stride, n, stride).mean(axis=(1, 3)) >= 0.5).astype(np.float32) if stride > 1 else parts[k][2].astype(np.float32)
-                for k in idx
-            ]  # fmt: skip
+            weights = [parts[k][2].copy() for k in idx]  # a few kB each at patch stride
             queued.append((idx, self.launch_embed(bands, [parts[k][1] for k in idx]), weights))
 
         def finish() -> list[TileOutput]:
