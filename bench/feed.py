@@ -2,14 +2,15 @@
 replaced by an instant one (what an infinitely fast device would leave as the bottleneck).
 
     TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/feed.py --model vit-base --zoom 13 --readers 1,2
+    TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/feed.py --zoom 14 --readers 2 --kinds process --store s3
 
 Everything else is the real pipeline of `tilefm run --executor local`: reader threads (or
-processes, `--kinds process`) read the
-tiles (tilefm's sampler or GDAL) and prepare the model's input (`TileModel.prepare`: normalising,
-band sets, stacking), the main thread hands batches to the model and stitches the outputs (the
-mosaic writer's threads compress finished blocks), then the COG step. The stand-in network returns
-outputs of its shape (random values by default, `--values zeros`), so the numbers say nothing
-about the model.
+processes, `--kinds process`) read the tiles (tilefm's sampler or GDAL) and prepare the model's
+input (`TileModel.prepare`: normalising, band sets, stacking), the main thread hands batches to
+the model and stitches the outputs (the mosaic writer's threads compress finished blocks), then
+the COG step and the upload (`--store`: a local file, or a throwaway SeaweedFS on 127.0.0.1).
+The stand-in network returns outputs of its shape (random values by default, `--values
+zeros`), so the numbers say nothing about the model.
 `--device-ms` makes it wait that long per tile without the GIL, as a thread waiting on a GPU
 does: the stream's rate against 1000/device-ms tiles/s is then the end-to-end / model-only
 ratio such a GPU would see, with the host's reading and stitching overlapping the device. Feed
@@ -20,6 +21,7 @@ by the readers to get a per-core rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -77,7 +79,8 @@ class InstantModel:
         return self.model.launch(prepared)
 
 
-def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random", kind: str = "thread") -> dict[str, Any]:
+def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random", kind: str = "thread", out_root: str | None = None) -> dict[str, Any]:
+    """One run; `out_root`: the folder URI the COG goes to (None: a local temporary folder)."""
     from tilefm.pipeline import batches, publish
     from tilefm.runtime import LocalExecutor, WorkerSpec
     from tilefm.settings import get_settings
@@ -95,7 +98,8 @@ def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0,
         t0 = time.perf_counter()
         outputs = (o for b in ex.map(prep.scene, batches(prep.plan.tiles, batch)) for o in b)
         if cog:
-            publish(prep, Encoding.for_card(prep.card), outputs, str(Path(tmp) / "out.tif"), settings, timings=timings)
+            out = f"{out_root}/feed-{os.getpid()}-{time.time_ns()}.tif" if out_root else str(Path(tmp) / "out.tif")
+            publish(prep, Encoding.for_card(prep.card), outputs, out, settings, timings=timings)
         else:
             done = sum(1 for _ in outputs)
             assert done == n
@@ -105,7 +109,8 @@ def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0,
     ex.close()
     return {"kind": kind, "readers": readers, "batch": batch, "tiles": n, "feed_tiles_s": n / timings["tiles_s"],
             "main_cpu_ms_per_tile": round(1000 * main_cpu / n, 2),
-            "stream_s": round(timings["tiles_s"], 2), "cog_s": round(timings.get("cog_s", 0.0), 2), "total_s": round(total, 2),
+            "stream_s": round(timings["tiles_s"], 2), "cog_s": round(timings.get("cog_s", 0.0), 2),
+            "upload_s": round(timings.get("upload_s", 0.0), 2), "total_s": round(total, 2), "store": "s3" if out_root else "file",
             "stitched": cog, "device_ms": device_ms, "values": values,
             "vs_device": (n * device_ms / 1000) / timings["tiles_s"] if device_ms else None}  # fmt: skip
 
@@ -124,8 +129,24 @@ def main() -> None:
                     help="stand-in device time per tile (a sleep, GIL released): the stream's tiles/s against 1000/device-ms")
     ap.add_argument("--values", choices=("random", "zeros"), default="random",
                     help="what the stand-in network returns: random normal values (compress as badly as any), or zeros")
+    ap.add_argument("--store", choices=("file", "s3"), default="file",
+                    help="where the COG goes: a local file, or a throwaway SeaweedFS on 127.0.0.1 (tilefm.localstack)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
+    with contextlib.ExitStack() as stack:
+        out_root = None
+        if args.store == "s3":
+            from tilefm.localstack import S3Server
+            from tilefm.settings import get_settings
+
+            s3 = stack.enter_context(S3Server())
+            os.environ.update(s3.tilefm_env())
+            get_settings.cache_clear()
+            out_root = f"s3://{s3.bucket}/feed"
+        run(args, out_root)
+
+
+def run(args: argparse.Namespace, out_root: str | None) -> None:
 
     from tilefm.grid import parse_bbox
     from tilefm.pipeline import RunSpec, prepare
@@ -138,15 +159,16 @@ def main() -> None:
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {(k, r): [] for r in readers for k in kinds}
     for _ in range(args.rounds):
         for k, r in rows:
-            rows[k, r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values, k))
+            rows[k, r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values, k, out_root))
     cpus = len(os.sched_getaffinity(0))
     print(f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}")
-    print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | stream / device-only | main process CPU ms/tile |")
-    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print(f"the COG to: {out_root or 'a local file'}")
+    print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | upload s | stream / device-only | main process CPU ms/tile |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for (k, r), rs in rows.items():
         best = max(rs, key=lambda x: x["feed_tiles_s"])
         each = ", ".join(f"{x['feed_tiles_s']:.1f}" for x in rs)
-        print(f"| {r} ({k}) | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} | {best['vs_device'] or 0:.2f} | {best['main_cpu_ms_per_tile']} |")
+        print(f"| {r} ({k}) | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} | {best['upload_s']} | {best['vs_device'] or 0:.2f} | {best['main_cpu_ms_per_tile']} |")
         if args.json_out:
             with args.json_out.open("a") as f:
                 f.write(json.dumps({"model": args.model, "zoom": args.zoom, "cpus": cpus, **best, "rounds": [x["feed_tiles_s"] for x in rs]}) + "\n")

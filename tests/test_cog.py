@@ -15,6 +15,7 @@ from rio_cogeo import cog_validate
 
 from tilefm import cog
 from tilefm.cog import BLOCK, COGBuilder, encode_block, read_fields, template_fields
+from tilefm.storage import EarlyParts, S3Storage
 
 BANDS = 5
 TRANSFORM = Affine(19.1, 0, -1_291_000.0, 0, -19.1, 2_870_000.0)
@@ -34,7 +35,10 @@ def _levels(rng: np.random.Generator, bits: int) -> list[np.ndarray]:
     return levels
 
 
-def _build(tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | None = None, order: str = "reversed", expected: bool = True) -> Path:
+def _build(
+    tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | None = None, order: str = "reversed", expected: bool = True,
+    base: Path | None = None, early: EarlyParts | None = None,
+) -> COGBuilder:
     """The COG of `levels`, its blocks put in `order`: `reversed` (the last row's last block
     first), `rows` (row-major, as a stream over the plan mostly gives them); `expected`: the
     builder is told which full-resolution blocks will come."""
@@ -51,11 +55,14 @@ def _build(tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | 
                 part = a[:, by * BLOCK : (by + 1) * BLOCK, bx * BLOCK : (bx + 1) * BLOCK]
                 block[:, : part.shape[1], : part.shape[2]] = part
                 puts.append((level, bx, by, block))
-    base = {(bx, by) for level, bx, by, _ in puts if level == 0}
-    builder = COGBuilder(tmp_path / "blocks.bin", w, h, BANDS, len(levels) - 1, bits, fields, base=tmp_path / "out.tif", expected=base if expected else None)
+    builder = COGBuilder(
+        tmp_path / "blocks.bin", w, h, BANDS, len(levels) - 1, bits, fields, base=base or tmp_path / "out.tif",
+        expected={(bx, by) for level, bx, by, _ in puts if level == 0} if expected else None, early=early,
+    )  # fmt: skip
     for level, bx, by, block in puts[::-1] if order == "reversed" else puts:
         builder.put(level, bx, by, encode_block(block, bits))
-    return builder.finish(bigtiff=bigtiff)
+    builder.finish(bigtiff=bigtiff)
+    return builder
 
 
 #: GDAL 3.11 on reads IEEE half floats as Float16; before, as Float32 with NBITS=16
@@ -74,7 +81,7 @@ def room(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 @pytest.mark.parametrize("bits,bigtiff", [(16, None), (32, None), (16, True)], ids=["float16", "float32", "float16-bigtiff"])
 def test_gdal_reads_back_every_level(tmp_path: Path, bits: int, bigtiff: bool | None, room: str) -> None:
     levels = _levels(np.random.default_rng(bits), bits)
-    dst = _build(tmp_path, levels, bits, bigtiff)
+    dst = _build(tmp_path, levels, bits, bigtiff).base
     with open(dst, "rb") as f:
         assert struct.unpack("<H", f.read(4)[2:])[0] == (43 if bigtiff else 42)
     valid, errors, warnings = cog_validate(str(dst), quiet=True)
@@ -122,24 +129,22 @@ def test_a_block_encodes_the_same_in_any_memory_layout(bits: int) -> None:
 @pytest.mark.parametrize(
     "order,expected,hold",
     [("rows", False, None), ("reversed", True, None), ("reversed", False, None), ("reversed", True, 1)],
-    ids=["in-order", "held-in-order", "reordered", "spilled-reordered"],
+    ids=["in-order", "held-in-order", "as-they-came", "spilled"],
 )
 def test_blocks_lie_smallest_overview_first_with_gdals_leaders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str, expected: bool, hold: int | None, room: str
 ) -> None:
-    """Every IFD before any block; the coarsest level's blocks first, the full resolution's
-    last, each row-major, each with its size before it and its last 4 bytes after it, however
-    the blocks came: full-resolution blocks that come early wait for those ahead of them
-    (`expected`), and past what may wait (`hold`), or when the builder was not told what will
-    come, `finish` reorders them (then nothing is inserted in place)."""
+    """Every IFD before any block; the coarsest level's blocks first, each overview row-major,
+    the full resolution's last, each block with its size before it and its last 4 bytes after
+    it. Full-resolution blocks that come early wait for those ahead of them (`expected`), so
+    they lie row-major and the ghost area says so; past what may wait (`hold`), or when the
+    builder was not told what will come, they lie as they came and the ghost area does not
+    say ROW_MAJOR (a valid COG still, to rio-cogeo)."""
     if hold is not None:
         monkeypatch.setattr(cog, "HOLD_BYTES", hold)
-    tried = []
-    inserting = cog._insert_room
-    monkeypatch.setattr(cog, "_insert_room", lambda path, n: tried.append(n) or inserting(path, n))
     levels = _levels(np.random.default_rng(0), 16)
-    dst = _build(tmp_path, levels, 16, order=order, expected=expected)
-    assert bool(tried) == (hold is None and (order == "rows" or expected))
+    dst = _build(tmp_path, levels, 16, order=order, expected=expected).base
+    row_major = hold is None and (order == "rows" or expected)
     assert cog_validate(str(dst), quiet=True)[0]
     with rasterio.open(dst) as ds:
         np.testing.assert_array_equal(ds.read(), levels[0])
@@ -163,8 +168,12 @@ def test_blocks_lie_smallest_overview_first_with_gdals_leaders(
     assert first_ifd < 300 and ifds == sorted(ifds)
     assert min(s[3] for s in spans) > max(ifds)
     laid = [s[:3] for s in sorted(spans, key=lambda s: s[3])]
-    assert laid == sorted(laid, key=lambda k: (-k[0], k[1], k[2]))
-    assert "BLOCK_ORDER=ROW_MAJOR" in ghost
+    overviews = [k for k in laid if k[0]]
+    assert laid[: len(overviews)] == overviews == sorted(overviews, key=lambda k: (-k[0], k[1], k[2]))
+    full = laid[len(overviews) :]
+    rows = sorted(full, key=lambda k: (k[1], k[2]))
+    assert full == (rows if row_major else rows[::-1])
+    assert ("BLOCK_ORDER=ROW_MAJOR" in ghost) == row_major
     for *_, off, size in spans:
         assert struct.unpack("<I", raw[off - 4 : off])[0] == size
         assert raw[off + size : off + size + 4] == raw[off + size - 4 : off + size]
@@ -197,3 +206,41 @@ def test_room_is_inserted_before_a_files_data_or_nothing_changes(tmp_path: Path)
     else:
         assert path.read_bytes() == data
     assert cog._insert_room(path, 0)  # nothing to insert: done
+
+
+def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_settings) -> None:
+    """With `early` parts, the full resolution's bytes go up as they are written (here every
+    ~1 MB), the front (header, IFDs, overviews, padded to S3's smallest part) as part 1 at
+    the end: the object is the COG, byte for byte. A failure before the end aborts the
+    upload: no object, no upload left open."""
+    monkeypatch.setattr(cog, "WRITEBACK_BYTES", 1 << 20)
+    storage = S3Storage(s3_settings)
+    uri = f"s3://tilefm/tests/cog-{os.getpid()}/out.tif"
+    levels = _levels(np.random.default_rng(3), 16)
+    with storage.writing(uri, work_dir=tmp_path) as staged:
+        builder = _build(tmp_path, levels, 16, base=staged.path, early=staged.early)
+        assert staged.early is not None and staged.early.started  # parts went up during the writes
+        staged.front = builder.front
+        assert builder.front is not None and builder.front >= EarlyParts.MIN_PART
+        written = staged.path.read_bytes()
+    got = storage.get_file(uri, tmp_path / "got.tif")
+    assert got.read_bytes() == written
+    valid, errors, warnings = cog_validate(str(got), quiet=True)
+    assert valid and not errors and not warnings, errors + warnings
+    with rasterio.open(got) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        np.testing.assert_array_equal(ds.read(), levels[0])
+    for i in (1, 2):
+        with rasterio.open(got, OVERVIEW_LEVEL=i - 1) as ovr:
+            np.testing.assert_array_equal(ovr.read(), levels[i])
+
+    failed = uri.replace("out.tif", "failed.tif")
+    (tmp_path / "again").mkdir()
+    with pytest.raises(RuntimeError, match="the stream broke"):
+        with storage.writing(failed, work_dir=tmp_path / "again") as staged:
+            _build(tmp_path / "again", levels, 16, base=staged.path, early=staged.early)
+            assert staged.early is not None and staged.early.started
+            raise RuntimeError("the stream broke")
+    assert not storage.exists(failed)
+    key = failed.split("/", 3)[3]
+    assert not storage.client.list_multipart_uploads(Bucket="tilefm", Prefix=key).get("Uploads")

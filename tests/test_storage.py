@@ -17,6 +17,7 @@ from affine import Affine
 from tilefm.errors import StorageError
 from tilefm.settings import Settings
 from tilefm.storage import (
+    EarlyParts,
     FileLocation,
     FileStorage,
     S3Location,
@@ -25,6 +26,7 @@ from tilefm.storage import (
     gdal_config,
     gdal_env,
     parse_uri,
+    _pieces,
     storage_for,
 )
 
@@ -124,24 +126,37 @@ def test_writing_puts_the_object_only_when_the_block_succeeds(root: str, tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(RuntimeError, match="the job failed"):
-        with storage.writing(uri, work_dir=work) as path:
-            path.write_bytes(b"half")
+        with storage.writing(uri, work_dir=work) as staged:
+            staged.path.write_bytes(b"half")
             raise RuntimeError("the job failed")
     assert not storage.exists(uri)
-    with storage.writing(uri, work_dir=work) as path:
-        path.write_bytes(b"a COG" * 1000)
+    with storage.writing(uri, work_dir=work) as staged:
+        staged.path.write_bytes(b"a COG" * 1000)
         assert not storage.exists(uri)  # not before the block ends
         if uri.startswith("file:"):
-            assert path.parent == Path(uri[len("file://") :]).parent
+            assert staged.path.parent == Path(uri[len("file://") :]).parent
     assert storage.read_bytes(uri) == b"a COG" * 1000
     with pytest.raises(RuntimeError):
-        with storage.writing(uri, work_dir=work) as path:
-            path.write_bytes(b"new")
+        with storage.writing(uri, work_dir=work) as staged:
+            staged.path.write_bytes(b"new")
             raise RuntimeError
     assert storage.read_bytes(uri) == b"a COG" * 1000
     assert list(work.iterdir()) == []
     if uri.startswith("file:"):
         assert [p.name for p in Path(uri[len("file://") :]).parent.iterdir()] == ["out.tif"]
+
+
+@pytest.mark.parametrize("n", [0, 1, EarlyParts.MIN_PART - 1, EarlyParts.MIN_PART, 3 * EarlyParts.MIN_PART + 7, 100 * EarlyParts.MIN_PART])
+def test_early_parts_split_a_range_into_parts_s3_takes(n: int) -> None:
+    """The front and the rest go up in parts that cover them exactly, in order, each but the
+    last at least S3's smallest part, no more than asked for."""
+    pieces = _pieces(1000, n, 16)
+    assert len(pieces) <= 16 and (pieces == [] if n == 0 else len(pieces) >= 1)
+    at = 1000
+    for i, (offset, size) in enumerate(pieces):
+        assert offset == at and (size >= EarlyParts.MIN_PART or i == len(pieces) - 1)
+        at += size
+    assert at == 1000 + n
 
 
 # -- S3 specifics ---------------------------------------------------------------------------------

@@ -27,10 +27,13 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import rasterio
+
+if TYPE_CHECKING:
+    from tilefm.storage import EarlyParts
 
 BLOCK = 256
 #: the words' byte order in memory (the predictor's planes go most significant byte first)
@@ -186,8 +189,13 @@ class COGBuilder:
     base: Path | None = None
     #: the full-resolution blocks that will be put: one that comes before those ahead of it
     #: in row-major order waits in memory for them (up to HOLD_BYTES), so that the file is
-    #: in COG order as written. None: written as they come, reordered by `finish` if need be
+    #: in COG order as written. None: written as they come
     expected: set[tuple[int, int]] | None = None
+    #: where the full resolution's bytes go as they are final, while the stream runs (an S3
+    #: object's parts: `tilefm.storage.EarlyParts`); None: nowhere but `base`
+    early: EarlyParts | None = None
+    #: bytes before the full resolution's, once `finish` has laid them out
+    front: int | None = field(init=False, default=None)
     #: each block's (position of its leader in its file, size without leader and trailer)
     _offsets: list[dict[tuple[int, int], tuple[int, int]]] = field(init=False)
     _file: BinaryIO = field(init=False)
@@ -223,7 +231,7 @@ class COGBuilder:
             if self.expected is None or (bx, by) not in self.expected:
                 return self._write(self._base, 0, (bx, by), data)
             self._held[(bx, by)] = data
-            spill = sum(map(len, self._held.values())) > HOLD_BYTES  # then `finish` reorders
+            spill = sum(map(len, self._held.values())) > HOLD_BYTES  # then written out of order
             while self._next < len(self._order):
                 key = self._order[self._next]
                 if key in self._held:
@@ -238,6 +246,8 @@ class COGBuilder:
                 self._next += 1
             if self._base.tell() - self._synced >= WRITEBACK_BYTES:
                 self._base.flush()
+                if self.early is not None:
+                    self.early.send(self.base, self._synced, self._base.tell() - self._synced)
                 self._synced = _start_writeback(self._base.fileno(), self._synced, self._base.tell())
 
     def _write(self, f: BinaryIO, level: int, key: tuple[int, int], data: bytes) -> None:
@@ -256,43 +266,44 @@ class COGBuilder:
 
     def finish(self, bigtiff: bool | None = None) -> Path:
         """Make `base` the COG and return its path: header, ghost area and IFDs, then the
-        blocks, smallest overview first, each level row-major, each block with GDAL's 4-byte
-        size before it and its last 4 bytes after it (what GDAL's own COGs carry, and its
-        ghost area announces). BigTIFF only where the file needs it, unless `bigtiff` says."""
+        overviews' blocks, smallest first, each level row-major, then the full resolution's as
+        written (row-major unless one waited past HOLD_BYTES: then the ghost area does not say
+        ROW_MAJOR, and GDAL does not call the file's layout COG). Each block carries GDAL's
+        4-byte size before it and its last 4 bytes after it (what GDAL's own COGs carry, and
+        its ghost area announces). BigTIFF only where the file needs it, unless `bigtiff` says.
+        Sets `front`: the bytes before the full resolution's (at least MIN_PART where parts
+        were sent early)."""
         self.close()
         assert self.base is not None
+        if self.early is not None:
+            self.early.quiesce()  # no part still to read from the file as it was
         base_bytes = os.path.getsize(self.base)
         rows = [sorted(level, key=lambda k: (k[1], k[0])) for level in self._offsets]
         written = [self._offsets[0][k][0] for k in rows[0]]
-        in_place = written == sorted(written)  # else the full resolution is copied, reordered
-        block = os.statvfs(self.base.parent).f_bsize if in_place else 1  # room is inserted in whole blocks
+        row_major = written == sorted(written)
+        block = os.statvfs(self.base.parent).f_bsize  # room is inserted in whole blocks
+        least = self.early.MIN_PART if self.early is not None and self.early.started else 0
         ovr_bytes = sum(n + 8 for level in self._offsets[1:] for _, n in level.values())
         for big in (False, True) if bigtiff is None else (bigtiff,):
-            head, ifds = self._layout(big)  # sizes only
-            front = -(-(len(head) + len(ifds) + ovr_bytes) // block) * block
+            head, ifds = self._layout(big, row_major=row_major)  # sizes only
+            front = -(-max(len(head) + len(ifds) + ovr_bytes, least) // block) * block
             if big or front + base_bytes < 2**32 or bigtiff is False:
                 break
         # where each block's data lands: overviews coarsest first, then the full resolution
         placed: list[dict[tuple[int, int], int]] = [{} for _ in self._offsets]
         pos = len(head) + len(ifds)
-        for level in range(self.levels, -1, -1):
-            if level == 0:
-                pos = front
+        for level in range(self.levels, 0, -1):
             for key in rows[level]:
-                at, n = self._offsets[level][key]
-                placed[level][key] = (front + at if in_place and level == 0 else pos) + 4  # after the size leader
-                pos += n + 8
-        head, ifds = self._layout(big, placed)
-        if not (in_place and _insert_room(self.base, front)):  # a new file, renamed onto base
+                placed[level][key] = pos + 4  # after the size leader
+                pos += self._offsets[level][key][1] + 8
+        placed[0] = {key: front + at + 4 for key, (at, _) in self._offsets[0].items()}
+        head, ifds = self._layout(big, placed, row_major)
+        if not _insert_room(self.base, front):  # a new file, the full resolution copied behind its front
             rebuilt = Path(f"{self.base}.front")
             with open(rebuilt, "wb") as out, open(self.base, "rb") as src:
                 out.truncate(front)
                 out.seek(front)
-                if in_place:
-                    _copy_range(src, out, 0, base_bytes)
-                for key in rows[0] if not in_place else ():
-                    at, n = self._offsets[0][key]
-                    _copy_range(src, out, at, n + 8)
+                _copy_range(src, out, 0, base_bytes)
             os.replace(rebuilt, self.base)
         with open(self.base, "r+b") as out, open(self.scratch, "rb") as src:
             out.write(head + ifds)
@@ -300,11 +311,13 @@ class COGBuilder:
                 for key in rows[level]:
                     at, n = self._offsets[level][key]
                     _copy_range(src, out, at, n + 8)
+        self.front = front
         return self.base
 
-    def _layout(self, big: bool, placed: list[dict[tuple[int, int], int]] | None = None) -> tuple[bytes, bytes]:
+    def _layout(self, big: bool, placed: list[dict[tuple[int, int], int]] | None = None, row_major: bool = True) -> tuple[bytes, bytes]:
+        order = "BLOCK_ORDER=ROW_MAJOR\n" if row_major else ""
         ghost = (
-            "LAYOUT=IFDS_BEFORE_DATA\nBLOCK_ORDER=ROW_MAJOR\nBLOCK_LEADER=SIZE_AS_UINT4\n"
+            f"LAYOUT=IFDS_BEFORE_DATA\n{order}BLOCK_LEADER=SIZE_AS_UINT4\n"
             "BLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n "
         )  # the space, as in GDAL's: room for an editor to say YES
         ghost = f"GDAL_STRUCTURAL_METADATA_SIZE={len(ghost):06d} bytes\n{ghost}".encode()

@@ -166,9 +166,14 @@ def publish(
         store = storage_for(out, settings)
         try:
             # the COG is made where the storage takes it from (local files: in place, its
-            # full-resolution blocks written there during the stream), put only when complete
-            with store.writing(out, work_dir=tmp) as cog:
-                writer = MosaicWriter(plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=settings.cog_threads, cog_path=cog)
+            # full-resolution blocks written there during the stream; S3: they go up as parts
+            # during the stream), put only when complete
+            with store.writing(out, work_dir=tmp) as staged:
+                cog = staged.path
+                writer = MosaicWriter(
+                    plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=settings.cog_threads,
+                    cog_path=cog, early=staged.early,
+                )  # fmt: skip
                 try:
                     for o in outputs:
                         writer.add(o)
@@ -178,6 +183,7 @@ def publish(
                     raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
                 timings["tiles_s"] = time.perf_counter() - t0
                 writer.finish(cog)
+                staged.front = writer.front
                 item = stac.output_item(cog, card, out_plan, prep.scene, out, encoding)
                 timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
                 if proceed is not None and not proceed():

@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -31,6 +31,9 @@ from tilefm.cog import COGBuilder, encode_block, template_fields
 from tilefm.grid import TILE_SIZE, Tile, TilePlan
 from tilefm.models.base import TileOutput
 from tilefm.models.card import ModelCard
+
+if TYPE_CHECKING:
+    from tilefm.storage import EarlyParts
 
 CLASS_NODATA = 255
 #: finished tiles waiting for the writer thread before `add` waits too
@@ -200,6 +203,8 @@ class MosaicWriter:
     #: where the COG will be (`finish`'s `dst`): a streamed COG's full-resolution blocks are
     #: written there as they come (`COGBuilder.base`); None: beside `path`, moved at the end
     cog_path: Path | None = None
+    #: where a streamed COG's full-resolution bytes go as they are final (`COGBuilder.early`)
+    early: EarlyParts | None = None
 
     def __post_init__(self) -> None:
         self.out_plan = self.out_plan or self.plan
@@ -240,7 +245,7 @@ class MosaicWriter:
             self._level_expected = [Counter(self._block_of(self._origin(t), i) for t in self.plan.tiles) for i in range(levels + 1)]
             self.cog = COGBuilder(
                 Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, bits, fields,
-                base=self.cog_path, expected=set(self._level_expected[0]),
+                base=self.cog_path, expected=set(self._level_expected[0]), early=self.early,
             )  # fmt: skip
             return
         # the mosaic keeps float16 outputs' (rounded) values as float32, and `write_cog` stores 16
@@ -587,6 +592,11 @@ class MosaicWriter:
                 self.cog.close()
             elif not self.dataset.closed:
                 self.dataset.close()
+
+    @property
+    def front(self) -> int | None:
+        """The streamed COG's bytes before its full resolution's, once finished (None: not streamed)."""
+        return self.cog.front if self.streamed else None
 
     def finish(self, dst: Path) -> None:
         """The COG of a closed, complete mosaic at `dst`, validated: laid out from the blocks

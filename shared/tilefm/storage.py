@@ -25,6 +25,7 @@ upload completes, and a failed multipart upload is aborted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -32,6 +33,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +181,125 @@ def _parse_s3_uri(uri: str, rest: str) -> S3Location:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Staged:
+    """The local file an object is written to before it is put (`Storage.writing`)."""
+
+    path: Path
+    #: where the bytes behind the file's front can go ahead while it is written (S3
+    #: multipart parts); None: the file is put whole when the block ends
+    early: EarlyParts | None = None
+    #: the size of the front, given by the writer once the file is complete, if it sent parts
+    front: int | None = None
+
+
+class EarlyParts:
+    """An object uploaded in parts while its file is written: first the bytes behind a front
+    whose size is known only at the end (a COG's full resolution, which the stream writes
+    before its header, IFDs and overviews), in order, as they are final; then, once the file
+    is complete (`complete`), the front as the first parts (numbers 1 to FRONT_PARTS) and the
+    rest as the last ones, in parallel. S3 joins parts by number, so no byte goes up twice and
+    the bytes' final offsets need not be known when they go. Parts go up on background threads, each read from the file when its turn
+    comes (`quiesce` waits for those reads, before the file is rearranged). Nothing is started
+    for a file that never had a part to send: it is then put whole."""
+
+    #: S3's smallest part (all but the last): a front must be at least this large
+    MIN_PART = 5 * 1024 * 1024
+    #: part numbers kept for the front (it goes up in up to this many parts, in parallel);
+    #: the bytes behind it are numbered from FRONT_PARTS + 1
+    FRONT_PARTS = 16
+
+    def __init__(self, storage: S3Storage, loc: S3Location, workers: int = 4):
+        self.storage, self.loc = storage, loc
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilefm-upload")
+        self._parts: dict[int, Future[str]] = {}
+        self._reads: list[Future[None]] = []
+        self._upload_id: str | None = None
+        self._sent = 0  # bytes behind the front sent so far
+
+    @property
+    def started(self) -> bool:
+        return self._upload_id is not None
+
+    def send(self, path: Path, offset: int, n: int) -> None:
+        """Bytes [offset, offset + n) of `path` are final and come next behind the front."""
+        if n <= 0:
+            return
+        if offset != self._sent:
+            raise ValueError(f"parts come in order: {self._sent} bytes sent, then {offset} given")
+        if self._upload_id is None:
+            loc = self.loc
+            with self.storage._errors("cannot upload to", loc):
+                self._upload_id = self.storage.client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"]
+        self._sent += n
+        number = self.FRONT_PARTS + 1 + len(self._parts)
+        read: Future[None] = Future()
+        self._reads.append(read)
+        self._parts[number] = self._pool.submit(self._read_and_upload, number, read, path, offset, n)
+
+    def _read_and_upload(self, number: int, read: Future[None], path: Path, offset: int, n: int) -> str:
+        try:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), n, offset)
+            if len(data) != n:
+                raise StorageError(f"cannot upload to {self.loc}: {path} ends before byte {offset + n}")
+        except BaseException as e:
+            read.set_exception(e)
+            raise
+        read.set_result(None)
+        return self._upload(number, data)
+
+    def _upload(self, number: int, data: bytes) -> str:
+        loc = self.loc
+        with self.storage._errors("cannot upload to", loc):
+            r = self.storage.client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=self._upload_id, PartNumber=number, Body=data)
+        return str(r["ETag"])
+
+    def quiesce(self) -> None:
+        """Wait until every part sent has read its bytes (the file may then be rearranged)."""
+        for r in self._reads:
+            r.result()
+
+    def complete(self, path: Path, front: int) -> None:
+        """`path` is the whole object: its first `front` bytes, then those sent, then the rest."""
+        self.quiesce()
+        size = os.path.getsize(path)
+        if front + self._sent > size:
+            raise StorageError(f"cannot upload to {self.loc}: {path} is shorter than the parts sent")
+        if front < self.MIN_PART:
+            raise ValueError(f"a front of {front} bytes is under S3's smallest part ({self.MIN_PART} bytes)")
+        uploads = dict(self._parts)
+        last = self.FRONT_PARTS + len(self._parts)
+        pieces = [(n + 1, at, m) for n, (at, m) in enumerate(_pieces(0, front, self.FRONT_PARTS))]
+        pieces += [(last + n + 1, at, m) for n, (at, m) in enumerate(_pieces(front + self._sent, size - front - self._sent, 64))]
+        for number, at, m in pieces:
+            read: Future[None] = Future()
+            uploads[number] = self._pool.submit(self._read_and_upload, number, read, path, at, m)
+        etags = [{"PartNumber": k, "ETag": uploads[k].result()} for k in sorted(uploads)]
+        loc = self.loc
+        with self.storage._errors("cannot upload to", loc):
+            self.storage.client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._upload_id, MultipartUpload={"Parts": etags})
+        self._upload_id = None
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        """Drop what was sent (on any failure before `complete`): the object stays as it was."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._upload_id is not None:
+            loc = self.loc
+            with contextlib.suppress(Exception):
+                self.storage.client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._upload_id)
+            self._upload_id = None
+
+
+def _pieces(start: int, n: int, most: int) -> list[tuple[int, int]]:
+    """[start, start + n) as up to `most` (offset, size) pieces of at least EarlyParts.MIN_PART
+    each (the last takes the rest; one piece if n is smaller)."""
+    count = max(1, min(most, n // EarlyParts.MIN_PART))
+    step = n // count
+    return [(start + i * step, step if i < count - 1 else n - i * step) for i in range(count)] if n else []
+
+
 class Storage(ABC):
     """Read and write whole objects at URIs of one scheme. Every failure is a `StorageError`."""
 
@@ -189,17 +310,19 @@ class Storage(ABC):
         """Copy a local file to `uri`, atomically (the destination is whole or untouched)."""
 
     @contextmanager
-    def writing(self, uri: PathLike, work_dir: PathLike | None = None) -> Iterator[Path]:
-        """A local path to write the object for `uri` into (what is there may be replaced): once the block
-        exits without an error the object is put at `uri`, atomically; otherwise nothing is.
-        Here, a file in a temporary folder (in `work_dir`) that is then uploaded; local files
-        are written in place instead (`FileStorage.writing`), so that a large output is not
-        written twice."""
+    def writing(self, uri: PathLike, work_dir: PathLike | None = None) -> Iterator[Staged]:
+        """A local file to write the object for `uri` into (what is there may be replaced):
+        once the block exits without an error the object is put at `uri`, atomically;
+        otherwise nothing is. Here, a file in a temporary folder (in `work_dir`) that is then
+        uploaded; local files are written in place instead (`FileStorage.writing`), so that a
+        large output is not written twice, and S3 objects can go up in parts while they are
+        written (`S3Storage.writing`)."""
         name = Path(self._parse(uri).uri).name or "object"
         with tempfile.TemporaryDirectory(prefix="tilefm-put-", dir=work_dir) as tmp:
-            path = Path(tmp) / name
-            yield path
-            self.put_file(path, uri)
+            staged = Staged(Path(tmp) / name)
+            staged.path.touch()
+            yield staged
+            self.put_file(staged.path, uri)
 
     @abstractmethod
     def get_file(self, uri: PathLike, local_path: PathLike) -> Path:
@@ -309,11 +432,11 @@ class FileStorage(Storage):
         self._copy(Path(local_path), self._path(uri), uri)
 
     @contextmanager
-    def writing(self, uri: PathLike, work_dir: PathLike | None = None) -> Iterator[Path]:
+    def writing(self, uri: PathLike, work_dir: PathLike | None = None) -> Iterator[Staged]:
         """`Storage.writing`, in place: a temporary name beside the destination, flushed to
         disk and renamed onto it (a 1.3 GB COG written once, not written then copied)."""
         with _atomic_dest(self._path(uri), uri) as tmp:
-            yield tmp  # an empty file: the writer replaces its content
+            yield Staged(tmp)  # an empty file: the writer replaces its content
             _fsync(tmp)
 
     def get_file(self, uri: PathLike, local_path: PathLike) -> Path:
@@ -478,6 +601,29 @@ class S3Storage(Storage):
             self.client.upload_file(
                 os.fspath(src), loc.bucket, loc.key, Config=self._transfer_config()
             )
+
+    @contextmanager
+    def writing(self, uri: PathLike, work_dir: PathLike | None = None) -> Iterator[Staged]:
+        """`Storage.writing`, with `Staged.early`: a writer that knows its file's bytes behind
+        a front before the front (a streamed COG) sends them as they are final, and they go up
+        while it writes; the object appears only when the last part is in (an error aborts
+        the upload). A writer that sends nothing gets the plain upload at the end."""
+        loc = self._loc(uri)
+        with tempfile.TemporaryDirectory(prefix="tilefm-put-", dir=work_dir) as tmp:
+            staged = Staged(Path(tmp) / (Path(loc.key).name or "object"), EarlyParts(self, loc))
+            staged.path.touch()
+            early = staged.early
+            assert early is not None
+            try:
+                yield staged
+                if not early.started:
+                    self.put_file(staged.path, uri)
+                elif staged.front is None:
+                    raise StorageError(f"cannot upload to {loc}: parts were sent but the file's front was never given")
+                else:
+                    early.complete(staged.path, staged.front)
+            finally:
+                early.abort()  # after `complete`: nothing left to abort
 
     def get_file(self, uri: PathLike, local_path: PathLike) -> Path:
         loc = self._loc(uri)
