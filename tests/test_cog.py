@@ -208,17 +208,18 @@ def test_room_is_inserted_before_a_files_data_or_nothing_changes(tmp_path: Path)
     assert cog._insert_room(path, 0)  # nothing to insert: done
 
 
-def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_settings) -> None:
+@pytest.mark.parametrize("order,expected", [("reversed", True), ("rows", False)], ids=["held", "as-they-come"])
+def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_settings, order: str, expected: bool) -> None:
     """With `early` parts, the full resolution's bytes go up as they are written (here every
     ~1 MB), the front (header, IFDs, overviews, padded to S3's smallest part) as part 1 at
     the end: the object is the COG, byte for byte. A failure before the end aborts the
     upload: no object, no upload left open."""
     monkeypatch.setattr(cog, "WRITEBACK_BYTES", 1 << 20)
     storage = S3Storage(s3_settings)
-    uri = f"s3://tilefm/tests/cog-{os.getpid()}/out.tif"
+    uri = f"s3://tilefm/tests/cog-{os.getpid()}-{order}/out.tif"
     levels = _levels(np.random.default_rng(3), 16)
     with storage.writing(uri, work_dir=tmp_path) as staged:
-        builder = _build(tmp_path, levels, 16, base=staged.path, early=staged.early)
+        builder = _build(tmp_path, levels, 16, order=order, expected=expected, base=staged.path, early=staged.early)
         assert staged.early is not None and staged.early.started  # parts went up during the writes
         staged.front = builder.front
         assert builder.front is not None and builder.front >= EarlyParts.MIN_PART

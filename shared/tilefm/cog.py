@@ -229,26 +229,32 @@ class COGBuilder:
             if level:
                 return self._write(self._file, level, (bx, by), data)
             if self.expected is None or (bx, by) not in self.expected:
-                return self._write(self._base, 0, (bx, by), data)
-            self._held[(bx, by)] = data
-            spill = sum(map(len, self._held.values())) > HOLD_BYTES  # then written out of order
-            while self._next < len(self._order):
-                key = self._order[self._next]
-                if key in self._held:
-                    self._write(self._base, 0, key, self._held.pop(key))
-                elif key not in self._offsets[0]:
-                    if not spill:
-                        break
-                    for k in sorted(self._held, key=lambda k: (k[1], k[0])):
-                        self._write(self._base, 0, k, self._held.pop(k))
-                    spill = False
-                    continue
-                self._next += 1
+                self._write(self._base, 0, (bx, by), data)
+            else:
+                self._held[(bx, by)] = data
+                self._write_ready()
             if self._base.tell() - self._synced >= WRITEBACK_BYTES:
                 self._base.flush()
                 if self.early is not None:
                     self.early.send(self.base, self._synced, self._base.tell() - self._synced)
                 self._synced = _start_writeback(self._base.fileno(), self._synced, self._base.tell())
+
+    def _write_ready(self) -> None:
+        """Write the held full-resolution blocks whose turn has come (all of them, in row-major
+        order, once they hold more than HOLD_BYTES: those then lie out of order)."""
+        spill = sum(map(len, self._held.values())) > HOLD_BYTES
+        while self._next < len(self._order):
+            key = self._order[self._next]
+            if key in self._held:
+                self._write(self._base, 0, key, self._held.pop(key))
+            elif key not in self._offsets[0]:  # not here yet
+                if not spill:
+                    return
+                for k in sorted(self._held, key=lambda k: (k[1], k[0])):
+                    self._write(self._base, 0, k, self._held.pop(k))
+                spill = False
+                continue
+            self._next += 1
 
     def _write(self, f: BinaryIO, level: int, key: tuple[int, int], data: bytes) -> None:
         self._offsets[level][key] = (f.tell(), len(data))
