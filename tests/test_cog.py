@@ -22,10 +22,10 @@ TRANSFORM = Affine(19.1, 0, -1_291_000.0, 0, -19.1, 2_870_000.0)
 SPARSE = (2, 1)  # a base block no tile filled
 
 
-def _levels(rng: np.random.Generator, bits: int) -> list[np.ndarray]:
+def _levels(rng: np.random.Generator, bits: int, bands: int = BANDS) -> list[np.ndarray]:
     """A 3 x 2-block base with nodata holes and its two overview levels, as stored."""
     dtype = np.float16 if bits == 16 else np.float32
-    base = rng.normal(scale=3, size=(BANDS, 2 * BLOCK, 3 * BLOCK)).astype(dtype).astype(np.float32)
+    base = rng.normal(scale=3, size=(bands, 2 * BLOCK, 3 * BLOCK)).astype(dtype).astype(np.float32)
     base[:, :10, :20] = np.nan
     base[:, BLOCK:, 2 * BLOCK :] = np.nan  # the sparse block
     levels = [base]
@@ -42,21 +42,21 @@ def _build(
     """The COG of `levels`, its blocks put in `order`: `reversed` (the last row's last block
     first), `rows` (row-major, as a stream over the plan mostly gives them); `expected`: the
     builder is told which full-resolution blocks will come."""
-    profile = dict(count=BANDS, dtype="float32", nodata=float("nan"), crs="EPSG:3857", transform=TRANSFORM, **({"nbits": 16} if bits == 16 else {}))
-    fields = template_fields(profile, {"TILEFM_MODEL": "test"}, [f"embedding_{i:03d}" for i in range(BANDS)])
-    _, h, w = levels[0].shape
+    bands, h, w = levels[0].shape
+    profile = dict(count=bands, dtype="float32", nodata=float("nan"), crs="EPSG:3857", transform=TRANSFORM, **({"nbits": 16} if bits == 16 else {}))
+    fields = template_fields(profile, {"TILEFM_MODEL": "test"}, [f"embedding_{i:03d}" for i in range(bands)])
     puts = []
     for level, a in enumerate(levels):
         for by in range(-(-a.shape[1] // BLOCK)):
             for bx in range(-(-a.shape[2] // BLOCK)):
                 if level == 0 and (bx, by) == SPARSE:
                     continue
-                block = np.full((BANDS, BLOCK, BLOCK), np.nan, np.float32)
+                block = np.full((bands, BLOCK, BLOCK), np.nan, np.float32)
                 part = a[:, by * BLOCK : (by + 1) * BLOCK, bx * BLOCK : (bx + 1) * BLOCK]
                 block[:, : part.shape[1], : part.shape[2]] = part
                 puts.append((level, bx, by, block))
     builder = COGBuilder(
-        tmp_path / "blocks.bin", w, h, BANDS, len(levels) - 1, bits, fields, base=base or tmp_path / "out.tif",
+        tmp_path / "blocks.bin", w, h, bands, len(levels) - 1, bits, fields, base=base or tmp_path / "out.tif",
         expected={(bx, by) for level, bx, by, _ in puts if level == 0} if expected else None, early=early,
     )  # fmt: skip
     for level, bx, by, block in puts[::-1] if order == "reversed" else puts:
@@ -210,14 +210,14 @@ def test_room_is_inserted_before_a_files_data_or_nothing_changes(tmp_path: Path)
 
 @pytest.mark.parametrize("order,expected", [("reversed", True), ("rows", False)], ids=["held", "as-they-come"])
 def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_settings, order: str, expected: bool) -> None:
-    """With `early` parts, the full resolution's bytes go up as they are written (here every
-    ~1 MB), the front (header, IFDs, overviews, padded to S3's smallest part) as part 1 at
-    the end: the object is the COG, byte for byte. A failure before the end aborts the
-    upload: no object, no upload left open."""
+    """With `early` parts, the full resolution's bytes go up as they are written (here given
+    every ~1 MB, sent as parts of S3's smallest size), the front (header, IFDs, overviews,
+    padded to S3's smallest part) and the rest at the end: the object is the COG, byte for
+    byte. A failure before the end aborts the upload: no object, no upload left open."""
     monkeypatch.setattr(cog, "WRITEBACK_BYTES", 1 << 20)
     storage = S3Storage(s3_settings)
     uri = f"s3://tilefm/tests/cog-{os.getpid()}-{order}/out.tif"
-    levels = _levels(np.random.default_rng(3), 16)
+    levels = _levels(np.random.default_rng(3), 16, bands=48)  # ~6 MB a block
     with storage.writing(uri, work_dir=tmp_path) as staged:
         builder = _build(tmp_path, levels, 16, order=order, expected=expected, base=staged.path, early=staged.early)
         assert staged.early is not None and staged.early.started  # parts went up during the writes

@@ -215,27 +215,31 @@ class EarlyParts:
         self._parts: dict[int, Future[str]] = {}
         self._reads: list[Future[None]] = []
         self._upload_id: str | None = None
-        self._sent = 0  # bytes behind the front sent so far
+        self._given = 0  # bytes behind the front given by the writer so far
+        self._sent = 0  # of which sent as parts (a part waits for MIN_PART of them)
 
     @property
     def started(self) -> bool:
         return self._upload_id is not None
 
     def send(self, path: Path, offset: int, n: int) -> None:
-        """Bytes [offset, offset + n) of `path` are final and come next behind the front."""
-        if n <= 0:
+        """Bytes [offset, offset + n) of `path` are final and come next behind the front (they
+        go up once MIN_PART of them have come)."""
+        if offset != self._given:
+            raise ValueError(f"parts come in order: {self._given} bytes given, then {offset}")
+        self._given += n
+        n = self._given - self._sent
+        if n < self.MIN_PART:
             return
-        if offset != self._sent:
-            raise ValueError(f"parts come in order: {self._sent} bytes sent, then {offset} given")
         if self._upload_id is None:
             loc = self.loc
             with self.storage._errors("cannot upload to", loc):
                 self._upload_id = self.storage.client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"]
-        self._sent += n
         number = self.FRONT_PARTS + 1 + len(self._parts)
         read: Future[None] = Future()
         self._reads.append(read)
-        self._parts[number] = self._pool.submit(self._read_and_upload, number, read, path, offset, n)
+        self._parts[number] = self._pool.submit(self._read_and_upload, number, read, path, self._sent, n)
+        self._sent = self._given
 
     def _read_and_upload(self, number: int, read: Future[None], path: Path, offset: int, n: int) -> str:
         try:
