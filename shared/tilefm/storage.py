@@ -199,9 +199,10 @@ class EarlyParts:
     before its header, IFDs and overviews), in order, as they are final; then, once the file
     is complete (`complete`), the front as the first parts (numbers 1 to FRONT_PARTS) and the
     rest as the last ones, in parallel. S3 joins parts by number, so no byte goes up twice and
-    the bytes' final offsets need not be known when they go. Parts go up on background threads, each read from the file when its turn
-    comes (`quiesce` waits for those reads, before the file is rearranged). Nothing is started
-    for a file that never had a part to send: it is then put whole."""
+    the bytes' final offsets need not be known when they go. Parts go up on background
+    threads, each read from the file when its turn comes (`quiesce` waits for those reads,
+    before the file is rearranged). Nothing is started for a file that never had a part to
+    send: it is then put whole."""
 
     #: S3's smallest part (all but the last): a front must be at least this large
     MIN_PART = 5 * 1024 * 1024

@@ -91,7 +91,7 @@ class ViTInputs(InputPreparer):
 
 @dataclass
 class ViTBatch:
-    """A prepared batch: the tiles and, per tile, (band set, normalised stack, pixel validity)."""
+    """A prepared batch: the tiles and, per tile, (band set, normalised stack, output weight)."""
 
     tiles: list[Tile]
     #: per tile: band set, normalised stack, output weight (`ViTInputs.tile`)
