@@ -215,13 +215,13 @@ class EarlyParts:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilefm-upload")
         self._parts: dict[int, Future[str]] = {}
         self._reads: list[Future[None]] = []
-        self._upload_id: str | None = None
+        self._created: Future[str] | None = None  # the multipart upload's id, once asked for
         self._given = 0  # bytes behind the front given by the writer so far
         self._sent = 0  # of which sent as parts (a part waits for MIN_PART of them)
 
     @property
     def started(self) -> bool:
-        return self._upload_id is not None
+        return self._created is not None
 
     def send(self, path: Path, offset: int, n: int) -> None:
         """Bytes [offset, offset + n) of `path` are final and come next behind the front (they
@@ -232,10 +232,8 @@ class EarlyParts:
         n = self._given - self._sent
         if n < self.MIN_PART:
             return
-        if self._upload_id is None:
-            loc = self.loc
-            with self.storage._errors("cannot upload to", loc):
-                self._upload_id = self.storage.client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"]
+        if self._created is None:  # on the pool too: no round trip on the writer's thread
+            self._created = self._pool.submit(self._create)
         number = self.FRONT_PARTS + 1 + len(self._parts)
         read: Future[None] = Future()
         self._reads.append(read)
@@ -254,10 +252,17 @@ class EarlyParts:
         read.set_result(None)
         return self._upload(number, data)
 
-    def _upload(self, number: int, data: bytes) -> str:
+    def _create(self) -> str:
         loc = self.loc
         with self.storage._errors("cannot upload to", loc):
-            r = self.storage.client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=self._upload_id, PartNumber=number, Body=data)
+            return str(self.storage.client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"])
+
+    def _upload(self, number: int, data: bytes) -> str:
+        assert self._created is not None
+        upload_id = self._created.result()
+        loc = self.loc
+        with self.storage._errors("cannot upload to", loc):
+            r = self.storage.client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id, PartNumber=number, Body=data)
         return str(r["ETag"])
 
     def quiesce(self) -> None:
@@ -281,20 +286,21 @@ class EarlyParts:
             read: Future[None] = Future()
             uploads[number] = self._pool.submit(self._read_and_upload, number, read, path, at, m)
         etags = [{"PartNumber": k, "ETag": uploads[k].result()} for k in sorted(uploads)]
+        assert self._created is not None
         loc = self.loc
         with self.storage._errors("cannot upload to", loc):
-            self.storage.client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._upload_id, MultipartUpload={"Parts": etags})
-        self._upload_id = None
+            self.storage.client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._created.result(), MultipartUpload={"Parts": etags})
+        self._created = None
         self._pool.shutdown()
 
     def abort(self) -> None:
         """Drop what was sent (on any failure before `complete`): the object stays as it was."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._upload_id is not None:
+        if self._created is not None:
             loc = self.loc
             with contextlib.suppress(Exception):
-                self.storage.client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._upload_id)
-            self._upload_id = None
+                self.storage.client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._created.result())
+            self._created = None
 
 
 def _pieces(start: int, n: int, most: int) -> list[tuple[int, int]]:
