@@ -41,19 +41,29 @@ class InstantModel:
     per-pixel embeddings into tiles, which a GPU host pays on the device thread) with the network
     itself replaced by an instant one: `embed` returns the network's output shape and dtype
     (Presto: per-pixel float16, as from a GPU; the ViT: per-patch float32), copied from a pool of
-    values as a GPU's results are copied out of pinned memory."""
+    values as a GPU's results are copied out of pinned memory. `out_dtype`: what the outputs
+    come in ("gpu": what a GPU runner hands back for this model and the card's storage)."""
 
-    def __init__(self, model: Any, device_ms: float = 0.0, values: str = "random"):
+    def __init__(self, model: Any, device_ms: float = 0.0, values: str = "random", out_dtype: str = "gpu"):
+        from dataclasses import replace
+
+        from tilefm.models.vit_tiles import half_outputs
+
         self.model, self.card, self.read_halo = model, model.card, model.read_halo
         self.device_s = device_ms / 1000
         self.backend, self.precision = "instant", "-"
         self.prepare = model.prepare
         C, rng = self.card.output.channels, np.random.default_rng(0)
+        if out_dtype == "gpu":
+            half = half_outputs(self.card, "torch-cuda") if self.card.output_stride > 1 else self.card.output.dtype == "float16"
+            out_dtype = "float16" if half else "float32"
+        self.dtype = np.dtype(out_dtype)
         if self.card.output_stride > 1:  # embed(bands, x) -> [N, C, n, n]
             n = 256 // self.card.output_stride
-            self.unit, self.dtype, self.per_tile = (C, n, n), np.float32, 1
+            self.unit, self.per_tile = (C, n, n), 1
+            model.options = replace(model.options, out_dtype=out_dtype)  # tiles with no data: the same dtype
         else:  # embed(raw, present, latlons, month) -> [pixels, C]
-            self.unit, self.dtype, self.per_tile = (C,), np.float16 if self.card.output.dtype == "float16" else np.float32, 256 * 256
+            self.unit, self.per_tile = (C,), 256 * 256
         pool_shape = (4 if self.per_tile == 1 else 256 * 256, *self.unit)
         self.pool = np.zeros(pool_shape, self.dtype) if values == "zeros" else rng.normal(size=pool_shape).astype(self.dtype)
         model.embed = self.embed
@@ -79,7 +89,10 @@ class InstantModel:
         return self.model.launch(prepared)
 
 
-def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random", kind: str = "thread", out_root: str | None = None) -> dict[str, Any]:
+def feed(
+    prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random", kind: str = "thread", out_root: str | None = None,
+    out_dtype: str = "gpu",
+) -> dict[str, Any]:  # fmt: skip
     """One run; `out_root`: the folder URI the COG goes to (None: a local temporary folder)."""
     from tilefm.pipeline import batches, publish
     from tilefm.runtime import LocalExecutor, WorkerSpec
@@ -87,7 +100,7 @@ def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0,
     from tilefm.stitch import Encoding
 
     worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
-    ex = LocalExecutor(worker, readers=readers, prefetch=2, kind=kind, model=InstantModel(worker.load(), device_ms, values))  # type: ignore[arg-type]
+    ex = LocalExecutor(worker, readers=readers, prefetch=2, kind=kind, model=InstantModel(worker.load(), device_ms, values, out_dtype))  # type: ignore[arg-type]
     settings = get_settings()
     timings: dict[str, float] = {}
     n = len(prep.plan.tiles)
@@ -111,7 +124,7 @@ def feed(prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0,
             "main_cpu_ms_per_tile": round(1000 * main_cpu / n, 2),
             "stream_s": round(timings["tiles_s"], 2), "cog_s": round(timings.get("cog_s", 0.0), 2),
             "upload_s": round(timings.get("upload_s", 0.0), 2), "total_s": round(total, 2), "store": "s3" if out_root else "file",
-            "stitched": cog, "device_ms": device_ms, "values": values,
+            "stitched": cog, "device_ms": device_ms, "values": values, "out_dtype": out_dtype,
             "vs_device": (n * device_ms / 1000) / timings["tiles_s"] if device_ms else None}  # fmt: skip
 
 
@@ -129,6 +142,8 @@ def main() -> None:
                     help="stand-in device time per tile (a sleep, GIL released): the stream's tiles/s against 1000/device-ms")
     ap.add_argument("--values", choices=("random", "zeros"), default="random",
                     help="what the stand-in network returns: random normal values (compress as badly as any), or zeros")
+    ap.add_argument("--out-dtype", choices=("gpu", "float32", "float16"), default="gpu",
+                    help="the stand-in's outputs: what a GPU runner hands back for the model (the ViTs: float16), or as given")
     ap.add_argument("--store", choices=("file", "s3"), default="file",
                     help="where the COG goes: a local file, or a throwaway SeaweedFS on 127.0.0.1 (tilefm.localstack)")
     ap.add_argument("--json-out", type=Path, default=None)
@@ -159,10 +174,10 @@ def run(args: argparse.Namespace, out_root: str | None) -> None:
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {(k, r): [] for r in readers for k in kinds}
     for _ in range(args.rounds):
         for k, r in rows:
-            rows[k, r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values, k, out_root))
+            rows[k, r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values, k, out_root, args.out_dtype))
     cpus = len(os.sched_getaffinity(0))
     print(f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}")
-    print(f"the COG to: {out_root or 'a local file'}")
+    print(f"the COG to: {out_root or 'a local file'}; outputs: {args.out_dtype}")
     print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | upload s | stream / device-only | main process CPU ms/tile |")
     print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for (k, r), rs in rows.items():

@@ -271,6 +271,22 @@ def test_torch_cuda_batches_queued_behind_each_other(reference, graphs: bool) ->
 
 
 @gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_cuda_hands_back_float16_rounded_on_the_gpu(reference, precision: str) -> None:
+    """`out_dtype="float16"`: the GPU's rounding of the float32 outputs (ties to even, as the
+    stitcher rounds), so what the COG stores is unchanged; queued and called, padded or not."""
+    from tilefm.backends.torch_cuda import TorchCudaRunner
+
+    bound, x, ref = reference
+    full = TorchCudaRunner(bound, x.shape[1:], precision=precision, max_batch=2)(x)
+    half = TorchCudaRunner(bound, x.shape[1:], precision=precision, max_batch=2, out_dtype="float16")
+    got = half(x)
+    assert got.dtype == np.float16 and got.shape == ref.shape
+    np.testing.assert_array_equal(got, full.astype(np.float16))
+    np.testing.assert_array_equal(half.launch(list(x[:1])).result(), got[:1])
+
+
+@gpu
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_matches_reference(reference, precision: str, tmp_path: Path) -> None:
@@ -326,6 +342,24 @@ def test_torch_compile_matches_reference(reference) -> None:
     bound, x, ref = reference
     got = TorchCudaRunner(bound, x.shape[1:], precision="bf16", max_batch=2, compile=True)(x)
     check(got, ref, "bf16")
+
+
+def test_outputs_come_back_in_the_dtype_the_run_stores(model_store: Path) -> None:
+    """The job's storage dtype reaches the model: a GPU rounds to float16 only where the COG
+    keeps float16 (a float32 or int8 job gets float32); CPU runners stay at float32, where
+    rounding would only move work to the thread that feeds the model."""
+    from tilefm.models.store import weights_path
+    from tilefm.runtime import WorkerSpec
+
+    presto = get_card("presto")
+    weights = weights_path(presto, model_store)
+    assert WorkerSpec(card=presto, backend="torch", weights=weights).load().out_dtype == torch.float16
+    for stored in ("float32", "int8"):
+        assert WorkerSpec(card=presto, backend="torch", weights=weights, out_dtype=stored).load().out_dtype == torch.float32
+    vit = get_card("vit-small")
+    assert WorkerSpec(card=vit, backend="torch", weights=None, out_dtype="float16").load().options.out_dtype == "float32"
+    with pytest.raises(BackendError, match="float16 outputs, not 'bfloat16'"):
+        backends.make_runner(torch.nn.Identity(), "torch", (1,), backends.BackendOptions(out_dtype="bfloat16"), model_sha256=SHA)
 
 
 @pytest.fixture(scope="module")

@@ -179,3 +179,48 @@ def test_cli_run_in_int8_keeps_the_embeddings(scene_dir: Path, tmp_path: Path) -
     # float16 storage adds ~5e-4 to both sides
     assert a.ok("int8"), str(a)
     assert a.rel_error > 1e-3  # the int8 graph ran, not fp32 twice
+
+
+def test_float16_outputs_make_the_same_cog(scene_dir: Path, tmp_path: Path) -> None:
+    """Where the COG stores float16, a GPU runner hands the embeddings back rounded to float16
+    (`half_outputs`): the same COG, bit for bit, as from float32 outputs, tiles cut by the
+    scene's edge included. Here on the CPU runner, rounded as a GPU rounds (ties to even)."""
+    import dataclasses
+
+    import rasterio
+
+    from tilefm.backends import BackendOptions
+    from tilefm.models.vit_tiles import half_outputs
+    from tilefm.pipeline import RunSpec, batches, prepare, publish
+    from tilefm.runtime import LocalExecutor, WorkerSpec
+    from tilefm.settings import get_settings
+    from tilefm.stitch import Encoding
+
+    card = tiny_card()
+    assert half_outputs(card, "torch-cuda") and half_outputs(card, "tensorrt")
+    assert not half_outputs(card, "torch") and not half_outputs(card, "torch-cuda", "float32") and not half_outputs(card, "torch-cuda", "int8")
+    upsampled = card.model_copy(update={"vit": card.vit.model_copy(update={"upsample": "bilinear"})})
+    assert not half_outputs(upsampled, "torch-cuda")  # the host would average them: float32
+    spec = RunSpec(scene={"s2": str(scene_dir)}, model="vit-small", zoom=12, out=str(tmp_path / "unused.tif"), bbox=(-12.0, 24.9, -11.9, 24.98), executor="local", date=None)
+    prep = dataclasses.replace(prepare(spec), card=card, backend="torch", weights=None)
+    worker = WorkerSpec(card=card, backend="torch", weights=None)
+    arrays, weights = {}, []
+    for out_dtype in ("float32", "float16"):
+        from tilefm.models.vit_tiles import ViTTileModel
+
+        model = ViTTileModel(card, "torch", None, options=BackendOptions(max_batch=8, out_dtype=out_dtype))
+        ex = LocalExecutor(worker, readers=2, prefetch=1, kind="thread", model=model)
+        try:
+            outputs = [o for b in ex.map(prep.scene, batches(prep.plan.tiles, 8)) for o in b]
+        finally:
+            ex.close()
+        assert {o.values.dtype.name for o in outputs} == {out_dtype}
+        weights = [float(o.weight.mean()) for o in outputs]
+        dst = tmp_path / f"{out_dtype}.tif"
+        publish(prep, Encoding.for_card(card), outputs, str(dst), get_settings())
+        with rasterio.open(dst) as ds:
+            arrays[out_dtype] = ds.read(out_dtype="float32")
+    assert any(w == 1 for w in weights) and any(0 < w < 1 for w in weights), weights  # both of the stitcher's paths
+    a, b = arrays["float32"], arrays["float16"]
+    assert 0 < np.isfinite(a).mean() < 1
+    np.testing.assert_array_equal(a, b)  # NaN where nothing came, in both

@@ -209,7 +209,7 @@ def execute(
     settings = settings or get_settings()
     spec, card, plan = prep.spec, prep.card, prep.plan
     t0 = time.perf_counter()
-    worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights, precision=prep.precision)
+    worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights, precision=prep.precision, out_dtype=spec.dtype)
     executor = make_executor(spec.executor, worker, settings, requested=spec.backend)
     try:
         executor.warm(prep.scene.modalities)

@@ -46,9 +46,11 @@ class WorkerSpec:
     threads: int | None = None
     #: the run's precision; None or `auto`: TILEFM_PRECISION's choice for the backend
     precision: str | None = None
+    #: the dtype the run stores embeddings in (the job's `dtype`; None: the card's)
+    out_dtype: str | None = None
 
     def load(self) -> TileModel:
-        return load_tile_model(self.card, self.backend, self.weights, threads=self.threads, precision=self.precision)
+        return load_tile_model(self.card, self.backend, self.weights, threads=self.threads, precision=self.precision, out_dtype=self.out_dtype)
 
 
 @dataclass

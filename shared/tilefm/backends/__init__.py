@@ -165,14 +165,18 @@ class BackendOptions:
     threads: int | None = None
     #: name used in cache keys and logs
     model_name: str = "model"
+    #: dtype of the outputs handed back: "float16" where the COG stores 16 bits and nothing is
+    #: averaged on the host first (a GPU rounds them as the stitcher would, ties to even, and
+    #: copies back, and the host converts, half the bytes); "float32" otherwise
+    out_dtype: str = "float32"
     extra: dict[str, str] = field(default_factory=dict)
 
 
 class Runner(Protocol):
     """A model bound to a backend: [N, ...] float32 in (an array, or a sequence of N samples,
     which GPU runners copy straight into their pinned memory instead of stacking them first),
-    [N, ...] float32 out. GPU runners also have `launch(x) -> Pending`, which queues the batch
-    and returns at once."""
+    [N, ...] float32 out (float16 with `BackendOptions.out_dtype`). GPU runners also have
+    `launch(x) -> Pending`, which queues the batch and returns at once."""
 
     backend: str
     precision: str
@@ -196,6 +200,29 @@ class Done:
         return self.outputs
 
 
+#: dtypes a runner hands its outputs back in
+OUT_DTYPES = ("float32", "float16")
+
+
+class _Rounded:
+    """A CPU runner whose float32 outputs are rounded to float16 (`BackendOptions.out_dtype`):
+    the same values a GPU runner hands back rounded on the device, for CPU runs and tests of
+    that path. On a CPU nothing is saved, so `auto` options leave CPU runners at float32."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.backend, self.precision = runner.backend, runner.precision
+
+    def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
+        return torch.from_numpy(self.runner(x)).to(torch.float16).numpy()  # ties to even, as on a GPU
+
+
+def _rounded(runner: Runner, out_dtype: str) -> Runner:
+    return _Rounded(runner) if out_dtype == "float16" else runner
+
+
 def fill(host: np.ndarray, x: np.ndarray | Sequence[np.ndarray]) -> None:
     """Copy a batch into `host` ([N, ...]): an array at once, a sequence sample by sample (one
     copy, where stacking it first would be two)."""
@@ -209,19 +236,24 @@ def fill(host: np.ndarray, x: np.ndarray | Sequence[np.ndarray]) -> None:
 def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str, calibration: np.ndarray | None = None) -> Runner:
     """Build `backend`'s runner for a fp32 CPU module taking [N, *sample_shape]. `calibration`:
     real inputs [N, *sample_shape] for a TensorRT int8 engine's scales (backends/calibration.py)."""
+    if options.out_dtype not in OUT_DTYPES:
+        raise BackendError(f"runners hand back {' or '.join(OUT_DTYPES)} outputs, not {options.out_dtype!r}")
     if backend == "torch":
         from tilefm.backends.torch_cpu import TorchRunner
 
-        return TorchRunner(module, threads=options.threads)
+        return _rounded(TorchRunner(module, threads=options.threads), options.out_dtype)
     if backend == "torch-cuda":
         from tilefm.backends.torch_cuda import TorchCudaRunner
 
-        return TorchCudaRunner(module, sample_shape, precision=options.precision, max_batch=options.max_batch, compile=options.compile, cuda_graphs=options.cuda_graphs)
+        return TorchCudaRunner(
+            module, sample_shape, precision=options.precision, max_batch=options.max_batch, compile=options.compile, cuda_graphs=options.cuda_graphs,
+            out_dtype=options.out_dtype,
+        )  # fmt: skip
     if backend == "onnxruntime":
         from tilefm.backends.onnx_export import export_onnx
         from tilefm.backends.onnxruntime import OrtRunner
 
-        return OrtRunner(export_onnx(module, sample_shape), threads=options.threads, precision=options.precision)
+        return _rounded(OrtRunner(export_onnx(module, sample_shape), threads=options.threads, precision=options.precision), options.out_dtype)
     if backend == "tensorrt":
         from tilefm.backends.tensorrt import tensorrt_runner
 

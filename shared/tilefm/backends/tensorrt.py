@@ -71,17 +71,19 @@ def build_engine(onnx: bytes, *, precision: str, input_name: str, sample_shape: 
 
 
 class TensorRTRunner:
-    """A deserialized engine, run on its own CUDA stream; host buffers are pinned."""
+    """A deserialized engine, run on its own CUDA stream; host buffers are pinned. The engine's
+    float32 outputs are rounded on the GPU when `out_dtype` is float16 (as torch-cuda does)."""
 
     backend = "tensorrt"
 
-    def __init__(self, engine: bytes, *, precision: str, max_batch: int):
+    def __init__(self, engine: bytes, *, precision: str, max_batch: int, out_dtype: str = "float32"):
         import torch
 
         trt = require_tensorrt()
         self.torch = torch
         self.precision = precision
         self.max_batch = max_batch
+        self.out_dtype = {"float32": torch.float32, "float16": torch.float16}[out_dtype]
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine)
         if self.engine is None:
@@ -93,10 +95,11 @@ class TensorRTRunner:
         self.stream = torch.cuda.Stream()
         self._host: dict[str, Any] = {}
 
-    def _pinned(self, name: str, shape: tuple[int, ...]) -> Any:
+    def _pinned(self, name: str, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        dtype = dtype or self.torch.float32
         buf = self._host.get(name)
-        if buf is None or buf.shape != shape:
-            buf = self._host[name] = self.torch.empty(shape, dtype=self.torch.float32, pin_memory=True)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._host[name] = self.torch.empty(shape, dtype=dtype, pin_memory=True)
         return buf
 
     def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
@@ -117,8 +120,8 @@ class TensorRTRunner:
             self.context.set_tensor_address(self.output, dev_out.data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise BackendError("TensorRT failed to run the batch")
-            host_out = self._pinned("out", out_shape)
-            host_out.copy_(dev_out, non_blocking=True)
+            host_out = self._pinned("out", out_shape, self.out_dtype)
+            host_out.copy_(dev_out.to(self.out_dtype), non_blocking=True)
         self.stream.synchronize()
         return host_out.numpy().copy()
 
@@ -156,4 +159,4 @@ def tensorrt_runner(module: nn.Module, sample_shape: tuple[int, ...], options: B
         return build_engine(onnx, precision=options.precision, input_name=INPUT_NAME, sample_shape=sample_shape, batch_sizes=key.batch_sizes)
 
     engine, _ = load_or_build(options.engine_cache, key, build)
-    return TensorRTRunner(engine, precision=options.precision, max_batch=options.max_batch)
+    return TensorRTRunner(engine, precision=options.precision, max_batch=options.max_batch, out_dtype=options.out_dtype)

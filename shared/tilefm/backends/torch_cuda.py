@@ -2,7 +2,9 @@
 one fixed batch shape (smaller batches are padded to it: a graph per shape would recapture for
 every tail batch), pinned host buffers and non-blocking copies on the runner's own stream, and
 two batches in flight (`launch`): while the GPU copies in, runs and copies out one, the host
-fills the other's pinned buffer and collects the last one's outputs."""
+fills the other's pinned buffer and collects the last one's outputs. With `out_dtype="float16"`
+the outputs are rounded on the GPU (ties to even, as the stitcher rounds) before the copy back:
+half the bytes over PCIe and through the host's copies, the values the COG stores."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tilefm.backends import fill
 from tilefm.errors import BackendError
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class TorchCudaRunner:
@@ -32,7 +35,10 @@ class TorchCudaRunner:
         compile: bool = False,
         cuda_graphs: bool = True,
         device: str = "cuda",
+        out_dtype: str = "float32",
     ):
+        if out_dtype not in OUT_DTYPES:
+            raise BackendError(f"torch-cuda hands back float32 or float16 outputs, not {out_dtype!r}")
         if not torch.cuda.is_available():
             raise BackendError("backend 'torch-cuda' needs a CUDA GPU and none is visible to PyTorch")
         if precision not in DTYPES:
@@ -41,6 +47,7 @@ class TorchCudaRunner:
             raise BackendError("this GPU has no bf16; use TILEFM_PRECISION=fp16")
         self.precision = precision
         self.dtype = DTYPES[precision]
+        self.out_dtype = OUT_DTYPES[out_dtype]
         self.sample_shape = tuple(sample_shape)
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
@@ -58,7 +65,7 @@ class TorchCudaRunner:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.module(x).float()
+            return self.module(x).to(self.out_dtype)
 
     def _captured(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """The CUDA graph for [max_batch, *sample_shape], captured after a warm-up."""
@@ -109,8 +116,8 @@ class TorchCudaRunner:
                 graph.replay()
             else:
                 out = self._forward(slot.host_in[:n].to(self.device, non_blocking=True))
-            if slot.host_out is None or slot.host_out.shape != out.shape:
-                slot.host_out = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+            if slot.host_out is None or slot.host_out.shape != out.shape or slot.host_out.dtype != out.dtype:
+                slot.host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             slot.host_out.copy_(out, non_blocking=True)
             slot.done.record(self.stream)
         slot.owner = _Queued(slot, n)

@@ -115,7 +115,7 @@ class Scheduler:
         self.in_flight_per_actor = in_flight_per_actor
         self.max_attempts = max_attempts
         self.active: dict[str, _Active] = {}
-        self.pools: dict[tuple[str, str], EncoderPool] = {}
+        self.pools: dict[tuple[str, ...], EncoderPool] = {}
         self.refs: dict[Any, tuple[_Batch, Any]] = {}
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tilefm-parts")
         self.ray = None
@@ -187,12 +187,18 @@ class Scheduler:
 
     @staticmethod
     def _worker(prep: Prepared) -> WorkerSpec:
-        return WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights, precision=prep.precision)
+        return WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights, precision=prep.precision, out_dtype=prep.spec.dtype)
+
+    @staticmethod
+    def _pool_key(prep: Prepared) -> tuple[str, str, str, str]:
+        """Jobs share encoders that run the same model the same way and hand back the dtype
+        they store (a GPU rounds float16 outputs itself)."""
+        return (prep.card.name, prep.backend, prep.precision, prep.spec.dtype or prep.card.output.dtype)
 
     def _pool(self, prep: Prepared) -> EncoderPool:
-        key = (prep.card.name, prep.backend, prep.precision)
+        key = self._pool_key(prep)
         if key not in self.pools:
-            in_use = {(a.prep.card.name, a.prep.backend, a.prep.precision) for a in self.active.values()}
+            in_use = {self._pool_key(a.prep) for a in self.active.values()}
             for idle in [k for k in self.pools if k not in in_use]:  # free the node for this model
                 for actor in self.pools.pop(idle).actors:
                     self.ray.kill(actor)

@@ -127,10 +127,14 @@ def normalize_coefficients(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
     return a, c
 
 
-def load_tile_model(card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, precision: str | None = None) -> TileModel:
+def load_tile_model(
+    card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None
+) -> TileModel:
     """Build the runner for a card's architecture on the chosen backend (`weights` is None only
     for cards without a checkpoint, which only `vit` allows). `precision`: None or `auto` for
-    TILEFM_PRECISION's choice; one the card or backend does not allow is a BackendError."""
+    TILEFM_PRECISION's choice; one the card or backend does not allow is a BackendError.
+    `out_dtype`: the dtype the run stores embeddings in (None: the card's); a GPU hands back
+    float16 only where that is float16."""
     if precision and precision != "auto":
         from tilefm.backends import resolve_precision
 
@@ -146,9 +150,9 @@ def load_tile_model(card: ModelCard, backend: str, weights: Path | None, *, thre
         from tilefm.models.presto_tiles import PrestoTileModel
 
         assert weights is not None
-        return PrestoTileModel(card, backend, weights, threads=threads, precision=precision)
+        return PrestoTileModel(card, backend, weights, threads=threads, precision=precision, out_dtype=out_dtype)
     if card.architecture == "vit":
         from tilefm.models.vit_tiles import ViTTileModel
 
-        return ViTTileModel(card, backend, weights, threads=threads, precision=precision)
+        return ViTTileModel(card, backend, weights, threads=threads, precision=precision, out_dtype=out_dtype)
     raise ValueError(f"no runner for architecture {card.architecture!r}")

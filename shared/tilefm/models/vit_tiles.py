@@ -32,8 +32,17 @@ log = logging.getLogger(__name__)
 CPU_BATCH = 8
 
 
-def options_from_settings(card: ModelCard, backend: str, threads: int | None = None, precision: str | None = None) -> BackendOptions:
-    """`precision`: the run's (None: TILEFM_PRECISION)."""
+def half_outputs(card: ModelCard, backend: str, out_dtype: str | None = None) -> bool:
+    """Whether the runner hands back float16: on a GPU backend, where the run stores float16
+    (`out_dtype`, the job's; None: the card's) and the outputs stay at patch stride, so the
+    stitcher stores them as they come (an upsample would round twice). Rounded on the device,
+    they are the same values the stitcher would have stored, at half the copies."""
+    return backend in GPU_BACKENDS and card.output_stride > 1 and (out_dtype or card.output.dtype) == "float16"
+
+
+def options_from_settings(card: ModelCard, backend: str, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None) -> BackendOptions:
+    """`precision`: the run's (None: TILEFM_PRECISION); `out_dtype`: the dtype the run stores
+    (None: the card's)."""
     from tilefm.settings import get_settings
 
     s = get_settings()
@@ -45,6 +54,7 @@ def options_from_settings(card: ModelCard, backend: str, threads: int | None = N
         engine_cache=s.engine_cache,
         threads=threads,
         model_name=card.name,
+        out_dtype="float16" if half_outputs(card, backend, out_dtype) else "float32",
     )
 
 
@@ -101,12 +111,16 @@ class ViTBatch:
 class ViTTileModel(TileModel):
     preparer: ViTInputs
 
-    def __init__(self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None, precision: str | None = None):
+    def __init__(
+        self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None,
+        precision: str | None = None, out_dtype: str | None = None,
+    ):  # fmt: skip
+        """`out_dtype`: the dtype the run stores (None: the card's); see `half_outputs`."""
         super().__init__(card, backend)
         assert card.vit is not None
         self.net = load_vit(card, weights)
         self.wavelengths = card_wavelengths(card)
-        self.options = options or options_from_settings(card, backend, threads, precision)
+        self.options = options or options_from_settings(card, backend, threads, precision, out_dtype)
         self.precision = self.options.precision
         if self.options.max_batch <= 0:  # auto: from the GPU's memory, or CPU_BATCH
             self.options = replace(self.options, max_batch=self._auto_batch())
@@ -156,7 +170,7 @@ class ViTTileModel(TileModel):
         return self.preparer.tile(t)
 
     def embed(self, bands: tuple[int, ...], x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """Per-patch embeddings [N, dim, 16, 16] for a stack (or sequence) of tiles of one band
+        """Per-patch embeddings [N, dim, 16, 16] (`options.out_dtype`) for a stack (or sequence) of tiles of one band
         set (the model alone)."""
         run = self.runner(bands)
         step = self.options.max_batch
@@ -195,8 +209,9 @@ class ViTTileModel(TileModel):
 
         def finish() -> list[TileOutput]:
             outs: list[TileOutput | None] = [None] * len(tiles)
+            dtype = np.dtype(self.options.out_dtype)  # as the runner's: the stitcher groups by it
             for k in empty:
-                outs[k] = TileOutput(tile=tiles[k], halo=0, values=np.zeros((C, n, n), np.float32), weight=np.zeros((n, n), np.float32))
+                outs[k] = TileOutput(tile=tiles[k], halo=0, values=np.zeros((C, n, n), dtype), weight=np.zeros((n, n), np.float32))
             for idx, pending, weights in queued:
                 emb = pending.result()
                 for j, k in enumerate(idx):
