@@ -18,11 +18,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site
 for t in .gpu/*.tar.xz; do tar -xJf "$t" -C /tmp/site || exit 1; done
 export PYTHONPATH=/tmp/site:$PWD/shared PYTHONUNBUFFERED=1 TILEFM_MODEL_STORE=$PWD/.gpu/shared/models
-# the local executor's reader threads: most of the 16 cores (the GPU needs one feeding thread)
-export TILEFM_LOCAL_READERS=${TILEFM_LOCAL_READERS:-12}
-# the COG's writers: ~6 ms of CPU per vit-base tile on the development machine, so ~6 threads
-# for ViT-B's ~1000 tiles/s (the default, min(4, CPUs), would write ~650)
-export TILEFM_COG_THREADS=${TILEFM_COG_THREADS:-6}
+# the local executor's readers and the COG's threads: tilefm's defaults beside a GPU
+# (runtime.local_threads: 12 reader processes and 6 COG threads on 16 cores), unless set here
 [ -e ../shared ] || ln -s "$PWD/.gpu/shared" ../shared
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,utilization.gpu --format=csv
 python3 -c "import torch, rasterio; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), 'rasterio', rasterio.__version__, 'gdal', rasterio.__gdal_version__)"

@@ -288,3 +288,29 @@ def test_the_device_thread_queues_a_batch_before_finishing_the_last(plan, kind: 
     ref = model.model.encode(read_tiles(scene, model.card, tiles, 0))
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a.values, b.values, rtol=0, atol=1e-5)
+
+
+def test_readers_and_cog_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local run on a GPU host gives most cores to readers (processes) and the stitcher (the
+    H200 runs: 12 readers and 6 COG threads on 16 cores; 4 readers left the GPU waiting); on a
+    CPU the model needs the cores: up to 4 of each. A count set by hand wins."""
+    from tilefm import runtime
+    from tilefm.runtime import local_threads
+
+    assert local_threads(True, 16) == (12, 6)
+    assert local_threads(False, 16) == (4, 4)
+    assert local_threads(True, 2) == (1, 2) and local_threads(False, 1) == (1, 1)
+    assert local_threads(True, 128) == (16, 8)  # shared memory per reader: capped
+    worker = WorkerSpec(card=tiny_card(), backend="torch", weights=None)
+    model = worker.load()
+    monkeypatch.setattr(runtime, "cpu_count", lambda: 16)
+    ex = LocalExecutor(worker, kind="thread", model=model)
+    assert not ex.on_gpu and ex.readers == 4
+    ex.close()
+    monkeypatch.setattr(type(model), "on_gpu", property(lambda self: True))  # what cannot run here: a GPU
+    ex = LocalExecutor(worker, kind="thread", model=model)
+    assert ex.on_gpu and ex.readers == 12
+    ex.close()
+    ex = LocalExecutor(worker, readers=3, kind="thread", model=model)
+    assert ex.readers == 3
+    ex.close()

@@ -25,7 +25,7 @@ from tilefm.models.base import TileOutput
 from tilefm.models.card import ModelCard
 from tilefm.models.store import weights_path
 from tilefm.read import check_scene
-from tilefm.runtime import WorkerSpec, make_executor
+from tilefm.runtime import LocalExecutor, WorkerSpec, local_threads, make_executor
 from tilefm.scene import Scene, open_scene
 from tilefm.settings import Settings, get_settings
 from tilefm.stitch import Encoding, MosaicWriter, output_tags
@@ -150,10 +150,12 @@ def publish(
     extra_tags: dict[str, Any] | None = None,
     proceed: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
+    threads: int = 0,
 ) -> str | None:
     """Stitch tile outputs (in any order) into a mosaic, make the COG and its STAC item, and put
     both at `out` — only when every tile arrived and the COG is valid, and `proceed()` (if given)
-    still says so. Returns the STAC item's URI, or None when `proceed()` said no."""
+    still says so. Returns the STAC item's URI, or None when `proceed()` said no. `threads`: the
+    mosaic's (0: TILEFM_COG_THREADS, or its default)."""
     card, plan = prep.card, prep.plan
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
@@ -171,7 +173,7 @@ def publish(
             with store.writing(out, work_dir=tmp) as staged:
                 cog = staged.path
                 writer = MosaicWriter(
-                    plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=settings.cog_threads,
+                    plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=threads or settings.cog_threads,
                     cog_path=cog, early=staged.early,
                 )  # fmt: skip
                 try:
@@ -233,7 +235,9 @@ def execute(
             executor.close()
 
     timings: dict[str, float] = {"load_s": load_s}
-    stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings)
+    on_gpu = isinstance(executor, LocalExecutor) and executor.on_gpu  # its readers and the stitcher share this host
+    threads = settings.cog_threads or local_threads(on_gpu)[1]
+    stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings, threads=threads)
     timings["total_s"] = time.perf_counter() - t0
     return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings, backend=prep.backend, batch_size=batch_size, precision=prep.precision, readers=executor.readers_desc)
 

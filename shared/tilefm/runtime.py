@@ -106,6 +106,20 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def local_threads(on_gpu: bool, cpus: int | None = None) -> tuple[int, int]:
+    """Default (reader processes or threads, COG threads) for a local run on `cpus` cores.
+    On a GPU host the cores are the readers': three quarters of them read (the device thread
+    and the stitcher take the rest; the mosaic's threads mostly wait, so 3/8 of the cores for
+    them oversubscribe a little), what the H200 runs in docs/benchmarks.md were measured with
+    (12 readers and 6 COG threads on 16 cores); four readers there left the GPU waiting. On a
+    CPU the model needs the cores itself: up to 4 of each. At most 16 readers and 8 COG threads:
+    enough for ~2000 tiles/s, and each reader's batches in flight hold shared memory."""
+    cpus = cpus or cpu_count()
+    if not on_gpu:
+        return min(4, cpus), min(4, cpus)
+    return min(16, max(1, cpus - max(2, cpus // 4))), min(8, max(min(4, cpus), 3 * cpus // 8))
+
+
 class LocalExecutor:
     """One process feeding the model: readers read ahead and prepare the model's input
     (`TileModel.prepare`), one device thread only runs the model (queueing each batch before it
@@ -119,12 +133,13 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, worker: WorkerSpec, *, readers: int = 1, prefetch: int = 2, kind: str = "auto", model: TileModel | None = None):
+    def __init__(self, worker: WorkerSpec, *, readers: int = 0, prefetch: int = 2, kind: str = "auto", model: TileModel | None = None):
+        """`readers`: 0 for `local_threads`'s count (it depends on whether the model is on a GPU)."""
         self.model = model or worker.load()
-        self.readers = max(1, readers)
+        self.readers = readers if readers > 0 else local_threads(self.on_gpu)[0]
         self.prefetch = max(1, prefetch)
         if kind == "auto":
-            kind = "process" if getattr(self.model, "on_gpu", False) else "thread"
+            kind = "process" if self.on_gpu else "thread"
         if kind not in ("thread", "process"):
             raise ValueError(f"unknown reader kind {kind!r} (auto, thread or process)")
         # every batch read ahead, plus the one the device thread runs
@@ -135,6 +150,10 @@ class LocalExecutor:
     @property
     def backend(self) -> str:
         return self.model.backend
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(getattr(self.model, "on_gpu", False))
 
     @property
     def readers_desc(self) -> str:
@@ -496,7 +515,7 @@ class EncoderActor:
 def make_executor(kind: str, worker: WorkerSpec, settings: Settings, *, requested: str | None = None) -> LocalExecutor | RayExecutor:
     """`requested`: the backend the user asked for (`auto`, say), which GPU encoder actors resolve on their own host."""
     if kind == "local":
-        return LocalExecutor(worker, readers=settings.local_readers or min(4, cpu_count()), kind=settings.local_reader_kind)
+        return LocalExecutor(worker, readers=settings.local_readers, kind=settings.local_reader_kind)
     if kind == "ray":
         return RayExecutor(worker, settings, requested=requested)
     raise ValueError(f"unknown executor {kind!r}")

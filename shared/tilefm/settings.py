@@ -50,12 +50,14 @@ class Settings(BaseSettings):
     #: 4-sample kernels do (bilinear / nearest, no downsampling; ~10x faster) and GDAL's warper
     #: elsewhere; `gdal` = GDAL's warper for every read
     warp: Literal["auto", "gdal"] = "auto"
-    #: reader threads of the local executor (`tilefm run --executor local`); 0 = min(4, CPUs)
+    #: readers of the local executor (`tilefm run --executor local`); 0 = on a GPU host three
+    #: quarters of the CPUs, elsewhere min(4, CPUs) (`runtime.local_threads`)
     local_readers: int = Field(0, ge=0, le=256)
     #: what those readers are: `process` (each its own GIL; batches handed over in shared
     #: memory), `thread`, or `auto` = processes where the model runs on a GPU
     local_reader_kind: Literal["auto", "thread", "process"] = "auto"
-    #: threads that compress a float output's COG blocks while the tiles stream; 0 = min(4, CPUs)
+    #: threads that compress a float output's COG blocks while the tiles stream; 0 = min(4,
+    #: CPUs), or 3/8 of the CPUs where a local run's model is on a GPU (`runtime.local_threads`)
     cog_threads: int = Field(0, ge=0, le=256)
 
     #: model precision on GPU backends: auto (bf16/fp16 where the card allows), fp32, fp16, bf16
