@@ -245,3 +245,23 @@ def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, 
     assert not storage.exists(failed)
     key = failed.split("/", 3)[3]
     assert not storage.client.list_multipart_uploads(Bucket="tilefm", Prefix=key).get("Uploads")
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copy_ranges_puts_every_byte_where_it_belongs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool) -> None:
+    """The COG step's copies: ranges split into pieces, by copy_file_range or, where the kernel
+    cannot, by pread and pwrite; a source that ends early is an error."""
+    monkeypatch.setattr(cog, "COPY_PIECE", 1000)
+    if not kernel:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    data = np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    (tmp_path / "src").write_bytes(data)
+    moves = [(0, 5000, 3500), (3500, 100, 2100), (9000, 0, 100), (6000, 8500, 3000)]
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "dst", "w+b") as dst:
+        cog.copy_ranges(src.fileno(), dst.fileno(), moves)
+        with open(tmp_path / "other", "wb") as other, pytest.raises(OSError, match="ends before byte 10001"):
+            cog.copy_ranges(src.fileno(), other.fileno(), [(9000, 0, 1001)])
+    got = (tmp_path / "dst").read_bytes()
+    assert len(got) == 11_500
+    for a, b, n in moves:
+        assert got[b : b + n] == data[a : a + n]

@@ -308,15 +308,24 @@ class COGBuilder:
             rebuilt = Path(f"{self.base}.front")
             with open(rebuilt, "wb") as out, open(self.base, "rb") as src:
                 out.truncate(front)
-                out.seek(front)
-                _copy_range(src, out, 0, base_bytes)
+                copy_ranges(src.fileno(), out.fileno(), [(0, front, base_bytes)])
             os.replace(rebuilt, self.base)
+        # the overviews' blocks (leader and trailer included) from the scratch file, in their
+        # order: runs that lie together in both files are copied as one
+        moves: list[tuple[int, int, int]] = []
+        pos = len(head) + len(ifds)
+        for level in range(self.levels, 0, -1):
+            for key in rows[level]:
+                at, n = self._offsets[level][key]
+                if moves and moves[-1][0] + moves[-1][2] == at and moves[-1][1] + moves[-1][2] == pos:
+                    moves[-1] = (moves[-1][0], moves[-1][1], moves[-1][2] + n + 8)
+                else:
+                    moves.append((at, pos, n + 8))
+                pos += n + 8
         with open(self.base, "r+b") as out, open(self.scratch, "rb") as src:
             out.write(head + ifds)
-            for level in range(self.levels, 0, -1):
-                for key in rows[level]:
-                    at, n = self._offsets[level][key]
-                    _copy_range(src, out, at, n + 8)
+            out.flush()
+            copy_ranges(src.fileno(), out.fileno(), moves)
         self.front = front
         return self.base
 
@@ -415,31 +424,38 @@ def _libc(name: str, *argtypes: Any) -> Any:
     return fn
 
 
-def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, n: int) -> None:
-    """Bytes [offset, offset + n) of `src` written at `dst`'s position: by the kernel where it
-    can (copy_file_range: no pass through user memory, and no GIL held), else read and written
-    in pieces. Joining each block with its leader and trailer in Python took ~2 s of a 1.2 GB
-    COG, all of it holding the GIL."""
-    dst.flush()
-    at = dst.tell()
+def copy_ranges(src: int, dst: int, moves: list[tuple[int, int, int]]) -> None:
+    """Copy each (source offset, destination offset, length) of file descriptor `src` into
+    `dst`: by the kernel where it can (copy_file_range: no pass through user memory, no GIL
+    held), else by pread and pwrite. One thread: a file system takes one file's writes one at
+    a time (ext4: 352 MB in 0.12-0.25 s with one thread or two, here). Joining each block with
+    its leader and trailer in Python, before, took ~2 s of a 1.3 GB COG, holding the GIL."""
+    for offset, to, n in moves:
+        for k in range(0, n, COPY_PIECE):
+            _copy_piece(src, dst, offset + k, to + k, min(COPY_PIECE, n - k))
+
+
+#: bytes per copy_file_range call in `copy_ranges`
+COPY_PIECE = 64 << 20
+
+
+def _copy_piece(src: int, dst: int, offset: int, to: int, n: int) -> None:
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
             while done < n:
-                step = os.copy_file_range(src.fileno(), dst.fileno(), n - done, offset + done, at + done)
+                step = os.copy_file_range(src, dst, n - done, offset + done, to + done)
                 if step == 0:
-                    raise OSError(f"{src.name} ends before byte {offset + n}")
+                    raise OSError(f"the source ends before byte {offset + n}")
                 done += step
         except OSError as e:
             if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
                 raise
-        dst.seek(at + done)
     while done < n:
-        src.seek(offset + done)
-        piece = src.read(min(n - done, 64 << 20))
+        piece = os.pread(src, n - done, offset + done)
         if not piece:
-            raise OSError(f"{src.name} ends before byte {offset + n}")
-        dst.write(piece)
+            raise OSError(f"the source ends before byte {offset + n}")
+        os.pwrite(dst, piece, to + done)
         done += len(piece)
 
 
