@@ -83,7 +83,9 @@ class TensorRTRunner:
         self.torch = torch
         self.precision = precision
         self.max_batch = max_batch
-        self.out_dtype = {"float32": torch.float32, "float16": torch.float16}[out_dtype]
+        from tilefm.backends.torch_cuda import OUT_DTYPES
+
+        self.out_dtype = OUT_DTYPES[out_dtype]
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine)
         if self.engine is None:

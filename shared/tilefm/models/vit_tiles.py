@@ -170,8 +170,8 @@ class ViTTileModel(TileModel):
         return self.preparer.tile(t)
 
     def embed(self, bands: tuple[int, ...], x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """Per-patch embeddings [N, dim, 16, 16] (`options.out_dtype`) for a stack (or sequence) of tiles of one band
-        set (the model alone)."""
+        """Per-patch embeddings [N, dim, 16, 16] (`options.out_dtype`) for a stack (or sequence)
+        of tiles of one band set (the model alone)."""
         run = self.runner(bands)
         step = self.options.max_batch
         outs = [run(x[i : i + step]) for i in range(0, len(x), step)]
