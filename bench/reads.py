@@ -3,6 +3,7 @@ same tiles, rounds alternating, and with 1..N reader threads in one process.
 
     .venv/bin/python bench/reads.py                          # the three cards' read shapes
     .venv/bin/python bench/reads.py --cases vit-small:13 --threads 1,2,4 --rounds 3
+    .venv/bin/python bench/reads.py --cases vit-base:14 --batch 32 --threads 1 --prepare --malloc default   # glibc's thresholds
 
 A case is MODEL:ZOOM: that card's bands and halo over the sample scene's tiles at that zoom,
 read in batches of `--batch` tiles (rows of neighbours as strips, as the pipeline reads them).
@@ -22,16 +23,27 @@ from pathlib import Path
 SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-20200219"
 
 
-def run(scene, card, tiles, batch: int, threads: int, warp: str) -> float:
-    """tiles/s reading `tiles` in batches on `threads` threads."""
+def run(scene, card, tiles, batch: int, threads: int, warp: str, prepare: bool = False) -> float:
+    """tiles/s reading `tiles` in batches on `threads` threads (`prepare`: and preparing the
+    model's input, all that a reader does)."""
     from tilefm.read import read_tiles
+    from tilefm.runtime import input_preparer, read_prepared
 
     halo = card.context.halo
     batches = [tiles[i : i + batch] for i in range(0, len(tiles), batch)]
+    prep = input_preparer(card)
+
+    def one(b: list) -> object:
+        return read_prepared(scene, card, b, halo, prep, warp) if prepare else read_tiles(scene, card, b, halo, warp)
+
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(lambda b: read_tiles(scene, card, b, halo, warp), batches):
-            pass
+    if threads == 1:  # in this thread, as in a reader process (malloc's main arena, see --malloc)
+        for b in batches:
+            one(b)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(one, batches):
+                pass
     return len(tiles) / (time.perf_counter() - t0)
 
 
@@ -42,10 +54,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prepare", action="store_true", help="time the model's input preparation too (a reader's whole work)")
+    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                    help="retain: freed arrays stay in the heap, as in tilefm's reader processes (tilefm.memory; it is the main thread's heap that gave memory back); default: glibc's own thresholds")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
     import torch
+
+    from tilefm.memory import retain_freed_memory
+
+    if args.malloc == "retain":
+        retain_freed_memory()
 
     from tilefm.grid import plan_tiles
     from tilefm.models import get_card
@@ -66,12 +86,12 @@ def main() -> None:
             got: dict[str, list[float]] = {"auto": [], "gdal": []}
             for _ in range(args.rounds):
                 for warp in ("auto", "gdal"):
-                    got[warp].append(run(scene, card, tiles, args.batch, threads, warp))
+                    got[warp].append(run(scene, card, tiles, args.batch, threads, warp, args.prepare))
             row = {
                 "case": case, "bands": len(card_band_names(card)),
                 "bands_read": sum(b.name in scene.modalities[i.modality].bands for i in card.inputs if i.modality in scene.modalities for b in i.bands),
                 "halo": card.context.halo,
-                "tiles": len(tiles), "batch": args.batch, "threads": threads,
+                "tiles": len(tiles), "batch": args.batch, "threads": threads, "malloc": args.malloc, "prepare": args.prepare,
                 "auto_tiles_s": statistics.median(got["auto"]), "gdal_tiles_s": statistics.median(got["gdal"]),
                 "rounds": got, "cpus": len(os.sched_getaffinity(0)),
             }  # fmt: skip

@@ -247,10 +247,14 @@ _preparers: dict[str, Any] = {}
 
 
 def _init_reader() -> None:
-    """One core each: the readers are as many as the cores they should use."""
+    """One core each: the readers are as many as the cores they should use. Freed arrays stay
+    in the heap for the next tile (`tilefm.memory`)."""
     import torch
 
+    from tilefm.memory import retain_freed_memory
+
     torch.set_num_threads(1)
+    retain_freed_memory()
 
 
 def _ready() -> int:

@@ -1,0 +1,50 @@
+"""Large arrays reused from the heap in the processes that read tiles.
+
+Why: glibc's malloc gives each allocation above its mmap threshold fresh pages from the kernel
+and returns them on free, and trims its main heap's top whenever more than its trim threshold
+lies free there. A reader allocates and frees arrays of a few MB per tile (the strip's samples,
+the tile's stack, the model's input; a 32-tile ViT batch holds ~84 MB of them until it is
+sent), so its memory went back and forth to the kernel: on the development machine, ~700 page
+faults a vit-base tile at zoom 14 and ~20% of a reader's CPU (docs/benchmarks.md, session 17).
+With the thresholds raised, freed arrays stay in the heap and the next batch takes them without
+a fault. That is the main thread's heap, where reader processes and Ray tasks work; threads get
+heaps of their own, which malloc does not trim that way (there it changed nothing measurable).
+The price: a reader keeps its peak working set (a batch: a few hundred MB) between batches. The
+processes that call this are dedicated to reading, so that is their steady state anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+#: glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+#: allocations up to this size come from the heap (glibc's largest allowed value on 64-bit)
+MMAP_THRESHOLD = 32 << 20
+#: the heap's top is given back to the kernel only when this much lies free there
+TRIM_THRESHOLD = 1 << 30
+
+_done = False
+
+
+def retain_freed_memory() -> bool:
+    """Raise this process's malloc thresholds (once; glibc only: elsewhere nothing changes).
+    True when they are set."""
+    global _done
+    if _done:
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl's mallopt ignores these
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not _done:
+        log.debug("mallopt refused the thresholds; freed memory goes back to the kernel")
+    return _done
