@@ -398,6 +398,7 @@ def test_read_tile_outside_modality(s2_scene: Scene, dem_path: Path, scene_dir: 
 
     on_s2 = read_tile(scene, presto, INNER, 0)
     assert on_s2.valid[s2].all() and not on_s2.valid[s1].any() and not on_s2.valid[dem].any()
+    assert (on_s2.data[s1] == 0).all() and (on_s2.data[dem] == 0).all()  # no file: zeros, not garbage
     assert on_s2.extra["dem:elevation"][0].shape == (258, 258)  # the DEM's own halo of 1
     assert not on_s2.extra["dem:elevation"][1].any()
 

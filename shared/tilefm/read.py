@@ -181,8 +181,10 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: 
     warp = warp or get_settings().warp
     n = TILE_SIZE + 2 * halo
     names = card_band_names(card)
-    data = np.zeros((len(tiles), len(names), n, n), np.float32)
-    valid = np.zeros((len(tiles), len(names), n, n), bool)
+    # every band with a file is written below; only the others are zeroed (the arrays are large)
+    data = np.empty((len(tiles), len(names), n, n), np.float32)
+    valid = np.empty((len(tiles), len(names), n, n), bool)
+    written = np.zeros(len(names), bool)
     extras: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in tiles]
     i = 0
     for inp in card.inputs:
@@ -198,7 +200,9 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: 
                         core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
                         v, o = v[core], o[core]
                     data[k, i], valid[k, i] = v, o
+                written[i] = True
             i += 1
+    data[:, ~written], valid[:, ~written] = 0.0, False
     share = (time.perf_counter() - t0) / len(tiles)
     return [
         TileInput(tile=t, halo=halo, data=data[k], valid=valid[k], band_names=names, date=scene.date, extra=extras[k], read_s=share)

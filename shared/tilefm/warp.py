@@ -68,15 +68,43 @@ class _Transformers(threading.local):
     def __init__(self) -> None:
         self.by_crs: dict[str, Transformer] = {}
 
-    def get(self, crs: CRS) -> Transformer:
-        key = crs.to_wkt()
-        t = self.by_crs.get(key)
+    def get(self, wkt: str) -> Transformer:
+        t = self.by_crs.get(wkt)
         if t is None:
-            t = self.by_crs[key] = Transformer.from_crs("EPSG:3857", key, always_xy=True)
+            t = self.by_crs[wkt] = Transformer.from_crs("EPSG:3857", wkt, always_xy=True)
         return t
 
 
 _transformers = _Transformers()
+
+
+class _Projected(threading.local):
+    """Lattice points projected from web-mercator, per thread, for the strip being read: the
+    grids of one CRS (Sentinel-2's 10 m and 20 m bands) differ only by their affine transform,
+    so they share the projection, the costliest part of a lattice."""
+
+    #: entries kept (a strip's lattices, their refinements and error probes take a few dozen)
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self.points: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, wkt: str, zoom: int, gc: np.ndarray, gr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Easting and northing, in the CRS `wkt`, of the centres of global pixels `gc`, `gr` (a
+        regular grid of them: its shape and corners name it)."""
+        key = (wkt, zoom, gc.shape, gc.flat[0], gr.flat[0], gc.flat[-1], gr.flat[-1])
+        hit = self.points.get(key)
+        if hit is None:
+            if len(self.points) >= self.SIZE:
+                self.points.clear()
+            ox, oy, span = tile_span(zoom)
+            res = span / TILE_SIZE
+            e, n = _transformers.get(wkt).transform(ox + (gc + 0.5) * res, oy - (gr + 0.5) * res)
+            hit = self.points[key] = (np.asarray(e, np.float64), np.asarray(n, np.float64))
+        return hit
+
+
+_projected = _Projected()
 
 
 @dataclass(frozen=True)
@@ -185,14 +213,10 @@ class _Lattice:
         """Halve the step from `LATTICE` until the midpoints of each cell's edges and its centre
         interpolate to within `tolerance` source pixels of their exact positions (GDAL's
         approximate transformer does the same along lines)."""
-        ox, oy, span = tile_span(strip.zoom)
-        res = span / TILE_SIZE
-        to_src = _transformers.get(grid.crs)
-        inv = ~grid.transform
+        inv, wkt = ~grid.transform, grid.crs.to_wkt()
 
         def exact(gc: np.ndarray, gr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            e, n = to_src.transform(ox + (gc + 0.5) * res, oy - (gr + 0.5) * res)
-            e, n = np.asarray(e, np.float64), np.asarray(n, np.float64)
+            e, n = _projected.get(wkt, strip.zoom, gc, gr)
             return inv.a * e + inv.b * n + inv.c, inv.d * e + inv.e * n + inv.f
 
         last_c, last_r = strip.col0 + strip.width - 1, strip.row0 + strip.height - 1

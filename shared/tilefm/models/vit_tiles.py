@@ -73,8 +73,11 @@ class ViTInputs(InputPreparer):
         # the bands with data first, then normalised in place (the others are never touched)
         sel = list(bands)
         scale, shift = self._affine
-        x = t.data[core][sel]
-        x *= scale[sel]
+        if len(sel) == t.data.shape[0]:  # every band: copied and scaled in one pass
+            x = np.multiply(t.data[core], scale)
+        else:
+            x = t.data[core][sel]
+            x *= scale[sel]
         x += shift[sel]
         ok = valid[sel]
         every = ok.all(axis=0)
