@@ -181,28 +181,36 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: 
     warp = warp or get_settings().warp
     n = TILE_SIZE + 2 * halo
     names = card_band_names(card)
-    # every band with a file is written below; only the others are zeroed (the arrays are large)
-    data = np.empty((len(tiles), len(names), n, n), np.float32)
-    valid = np.empty((len(tiles), len(names), n, n), bool)
+    # every band with a file is written in place below; only the others are zeroed. One array
+    # per tile (2.6 MB for a ViT's), not per row: a row's (84 MB) is above malloc's largest
+    # mmap threshold, so it came from the kernel afresh for every row, and faulted in page by
+    # page wherever no huge pages were free (`tilefm.memory`)
+    data = [np.empty((len(names), n, n), np.float32) for _ in tiles]
+    valid = [np.empty((len(names), n, n), bool) for _ in tiles]
     written = np.zeros(len(names), bool)
     extras: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in tiles]
     i = 0
     for inp in card.inputs:
         mod = scene.modalities.get(inp.modality)
         hh = halo + inp.halo
-        found = {b.name: mod.bands[b.name] for b in inp.bands if mod and b.name in mod.bands}
-        per_tile = _read_bands(list(found.values()), tiles, hh, inp.resampling, warp)
-        for b in inp.bands:
-            if b.name in found:
-                for k, (v, o) in enumerate(per_tile[found[b.name]]):
-                    if inp.halo:
-                        extras[k][names[i]] = (v, o)
-                        core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
-                        v, o = v[core], o[core]
-                    data[k, i], valid[k, i] = v, o
-                written[i] = True
-            i += 1
-    data[:, ~written], valid[:, ~written] = 0.0, False
+        rows_of = [(i + j, mod.bands[b.name]) for j, b in enumerate(inp.bands) if mod and b.name in mod.bands]
+        if inp.halo:  # read with a halo of their own (kept as extras), the core copied into the stack
+            m = n + 2 * inp.halo
+            dests = [[(np.empty((m, m), np.float32), np.empty((m, m), bool)) for _ in tiles] for _ in rows_of]
+        else:
+            dests = [[(data[k][r], valid[k][r]) for k in range(len(tiles))] for r, _ in rows_of]
+        _read_bands([b for _, b in rows_of], tiles, hh, inp.resampling, warp, dests)
+        for (r, _), per_tile in zip(rows_of, dests):
+            written[r] = True
+            if inp.halo:
+                core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
+                for k, (v, o) in enumerate(per_tile):
+                    extras[k][names[r]] = (v, o)
+                    data[k][r], valid[k][r] = v[core], o[core]
+        i += len(inp.bands)
+    if not written.all():
+        for d, v in zip(data, valid):
+            d[~written], v[~written] = 0.0, False
     share = (time.perf_counter() - t0) / len(tiles)
     return [
         TileInput(tile=t, halo=halo, data=data[k], valid=valid[k], band_names=names, date=scene.date, extra=extras[k], read_s=share)
@@ -211,38 +219,42 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: 
 
 
 def _read_bands(
-    bands: list[BandFile], tiles: list[Tile], halo: int, resampling: str, warp: str
-) -> dict[BandFile, list[tuple[np.ndarray, np.ndarray]]]:
-    """Each band on each tile of the row plus the halo: (values, valid), [H, W] each. Bands on one
-    source grid are sampled together where `tilefm.warp` reproduces GDAL's kernel; the rest go
-    through GDAL one band at a time."""
-    out: dict[BandFile, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in bands}
+    bands: list[BandFile], tiles: list[Tile], halo: int, resampling: str, warp: str, into: list[list[tuple[np.ndarray, np.ndarray]]]
+) -> None:
+    """Each band on each tile of the row plus the halo, written into `into[band][tile]`: (values
+    float32, valid bool), [H, W] each. Bands on one source grid are sampled together where
+    `tilefm.warp` reproduces GDAL's kernel; the rest go through GDAL one band at a time."""
     strip = Strip.of_row(tiles[0].x, tiles[0].y, tiles[0].z, len(tiles), halo)
     chunks = [slice(k * TILE_SIZE, (k + 1) * TILE_SIZE + 2 * halo) for k in range(len(tiles))]
-    groups: dict[SourceGrid, list[BandFile]] = {}
-    gdal: list[BandFile] = []
-    for band in bands:
+    groups: dict[SourceGrid, list[int]] = {}
+    gdal: list[int] = []
+    for j, band in enumerate(bands):
         grid = SourceGrid.of(_cache.get(band.path).dataset) if warp == "auto" else None
-        (groups.setdefault(grid, []) if grid is not None else gdal).append(band)
+        (groups.setdefault(grid, []) if grid is not None else gdal).append(j)
     with rasterio.Env(**GDAL_ENV):
         for grid, members in groups.items():
             sampler = GridSampler(grid, strip, tolerance=WARP_TOLERANCE)
             if not sampler.supports(resampling):
                 gdal.extend(members)
                 continue
-            datasets = [(_cache.get(b.path).dataset, b.index) for b in members]
-            for values, ok in sampler.sample(datasets, resampling, chunks):
-                for k, b in enumerate(members):
-                    out[b].append((values[k] + np.float32(b.offset) if b.offset else values[k], ok[k]))
-    for band in gdal:
+            datasets = [(_cache.get(bands[j].path).dataset, bands[j].index) for j in members]
+            values_into = [[into[j][k][0] for j in members] for k in range(len(tiles))]
+            for k, (_, ok) in enumerate(sampler.sample(datasets, resampling, chunks, values_into)):
+                for m, j in enumerate(members):
+                    into[j][k][1][...] = ok[m]
+                    if bands[j].offset:
+                        into[j][k][0] += np.float32(bands[j].offset)
+    for j in gdal:
+        band = bands[j]
         if halo == 0 and len(tiles) > 1:
             # GDAL's values depend (within ~1 DN) on the extent read: tile by tile, a pixel's
             # value does not depend on its batch
-            out[band] = [read_band(band, t, 0, resampling) for t in tiles]
+            got = [read_band(band, t, 0, resampling) for t in tiles]
         else:
             values, ok = read_band(band, tiles[0], halo, resampling, count=len(tiles))
-            out[band] = [(values[:, c], ok[:, c]) for c in chunks]
-    return out
+            got = [(values[:, c], ok[:, c]) for c in chunks]
+        for (v, o), (dv, do) in zip(got, into[j]):
+            dv[...], do[...] = v, o
 
 
 def rows(tiles: list[Tile]) -> list[list[Tile]]:

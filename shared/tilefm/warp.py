@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,11 +143,14 @@ class GridSampler:
         return cols + oc, rows + orow
 
     def sample(
-        self, bands: list[tuple[DatasetReader, int]], method: str, chunks: list[slice]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self, bands: list[tuple[DatasetReader, int]], method: str, chunks: list[slice], into: list[Sequence[np.ndarray]] | None = None
+    ) -> Iterator[tuple[Sequence[np.ndarray], np.ndarray]]:
         """`bands` (dataset, 1-based index) on this grid, resampled onto each chunk of the
         strip's columns (a tile and its halo): (values float32 [bands, H, chunk width], valid
-        bool, the same shape), invalid pixels 0. The source window is read once for all chunks."""
+        bool, the same shape), invalid pixels 0. The source window is read once for all chunks.
+        `into`: per chunk, where each band's values go (float32 [H, chunk width] arrays, e.g.
+        the rows of the caller's batch): the last pass over the values writes there, instead
+        of a copy after it; those are what is yielded."""
         g, lat, n = self.grid, self.lattice, len(bands)
         h = self.strip.height
         src = mask = None
@@ -158,10 +161,17 @@ class GridSampler:
             c1, r1 = math.floor(lat.cmax - 0.5) + 3, math.floor(lat.rmax - 0.5) + 3
             src, mask = _read_window(bands, Window(c0, r0, c1 - c0, r1 - r0), (c0, r0), g)
         integer = np.array([np.issubdtype(np.dtype(ds.dtypes[i - 1]), np.integer) for ds, i in bands])
-        for cs in chunks:
+        # GDAL writes integer rasters rounded half up (bilinear values are already in range)
+        rounded = integer if method == "bilinear" else np.zeros(n, bool)
+        for ci, cs in enumerate(chunks):
             width = len(range(*cs.indices(self.strip.width)))
             if src is None or mask is None:
-                yield np.zeros((n, h, width), np.float32), np.zeros((n, h, width), bool)
+                if into is None:
+                    yield np.zeros((n, h, width), np.float32), np.zeros((n, h, width), bool)
+                else:
+                    for d in into[ci]:
+                        d.fill(0.0)
+                    yield into[ci], np.zeros((n, h, width), bool)
                 continue
             # float32 coordinates relative to the chunk's own corner: ~1e-5 px, however large the strip
             cols, rows, (oc, orow) = lat.interpolate(cs, np.float32)
@@ -171,10 +181,9 @@ class GridSampler:
             if not (cmin >= 0 and cmax < g.width and rmin >= 0 and rmax < g.height):
                 ok &= (cols >= -oc) & (cols < g.width - oc) & (rows >= -orow) & (rows < g.height - orow)
                 v *= ok
-            if method == "bilinear" and integer.any():
-                # GDAL writes integer rasters rounded half up (bilinear values are already in range)
-                _round_half_up(v, integer)
-            yield v, ok
+            dest = v if into is None else into[ci]
+            _round_half_up(v, rounded, dest)
+            yield dest, ok
 
 
 @dataclass
@@ -285,11 +294,15 @@ def _lattice_error(exact: Callable, gc: np.ndarray, gr: np.ndarray, c: np.ndarra
     return err
 
 
-def _round_half_up(v: np.ndarray, which: np.ndarray) -> None:
-    """Round the bands `which` of `v` in place, as GDAL does into an integer type."""
-    for k in np.flatnonzero(which):
-        np.add(v[k], 0.5, out=v[k])
-        np.floor(v[k], out=v[k])
+def _round_half_up(v: np.ndarray, which: np.ndarray, dest: Sequence[np.ndarray]) -> None:
+    """Each band of `v` into `dest` (which may be `v`), the bands `which` rounded as GDAL
+    rounds into an integer type (`v` is overwritten for those)."""
+    for k in range(len(v)):
+        if which[k]:
+            np.add(v[k], 0.5, out=v[k])
+            np.floor(v[k], out=dest[k])
+        elif dest is not v:
+            np.copyto(dest[k], v[k])
 
 
 def _read_window(
