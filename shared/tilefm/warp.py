@@ -182,7 +182,7 @@ class GridSampler:
                 ok &= (cols >= -oc) & (cols < g.width - oc) & (rows >= -orow) & (rows < g.height - orow)
                 v *= ok
             dest = v if into is None else into[ci]
-            _round_half_up(v, rounded, dest)
+            _write_rounded(v, rounded, dest)
             yield dest, ok
 
 
@@ -294,7 +294,7 @@ def _lattice_error(exact: Callable, gc: np.ndarray, gr: np.ndarray, c: np.ndarra
     return err
 
 
-def _round_half_up(v: np.ndarray, which: np.ndarray, dest: Sequence[np.ndarray]) -> None:
+def _write_rounded(v: np.ndarray, which: np.ndarray, dest: Sequence[np.ndarray]) -> None:
     """Each band of `v` into `dest` (which may be `v`), the bands `which` rounded as GDAL
     rounds into an integer type (`v` is overwritten for those)."""
     for k in range(len(v)):
