@@ -36,10 +36,11 @@ if TYPE_CHECKING:
     from tilefm.storage import EarlyParts
 
 BLOCK = 256
-#: the words' byte order in memory (the predictor's planes go most significant byte first)
-LITTLE_ENDIAN = sys.byteorder == "little"
 #: ISA-L's levels are 0-3; 1 is ~6x libdeflate's level 6 on float16 embeddings, 3% larger
 DEFLATE_LEVEL = 1
+#: rows of a block whose words are shifted at once for the predictor's byte planes: few enough
+#: to stay in cache, enough that a block takes few calls (each gives up the GIL and waits for it)
+SHIFT_ROWS = 16
 #: the TIFF fields GDAL writes for georeferencing and its metadata, copied from the template
 GEO_FIELDS = (33550, 33922, 34264, 34735, 34736, 34737, 42112)
 NODATA_FIELD = 42113
@@ -110,15 +111,16 @@ def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions:
 
 
 class _Scratch(threading.local):
-    """A thread's two byte arrays for the predictor (the planes and their difference), kept for
-    the block shape it last encoded."""
+    """A thread's arrays for the predictor (the planes, their difference, and SHIFT_ROWS rows of
+    words shifted), kept for the block shape it last encoded."""
 
     def __init__(self) -> None:
-        self.arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def get(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        if self.arrays is None or self.arrays[0].shape != shape:
-            self.arrays = (np.empty(shape, np.uint8), np.empty(shape, np.uint8))
+    def get(self, shape: tuple[int, ...], words: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _, _, n = shape
+        if self.arrays is None or self.arrays[0].shape != shape or self.arrays[2].dtype != words:
+            self.arrays = (np.empty(shape, np.uint8), np.empty(shape, np.uint8), np.empty((SHIFT_ROWS, n), words))
         return self.arrays
 
 
@@ -133,10 +135,10 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     8 bits: int8 values as they are, no predictor (as GDAL's COG driver writes them).
     Every step is one pass, without the GIL: a block whose memory is already pixel-interleaved
     (the stitcher's) is not transposed, a bands-first one as a 2-D transpose of its integer
-    words; each byte plane is copied out of the interleaved words, and the difference written
-    into another array (torch's in-place difference over overlapping slices is ~10x slower).
-    Both arrays are the calling thread's, reused: fresh ones cost a 768-band block ~50k page
-    faults each."""
+    words; each byte plane is shifted and narrowed out of the interleaved words, and the
+    difference written into another array (torch's in-place difference over overlapping slices
+    is ~10x slower). The arrays are the calling thread's, reused: fresh ones cost a 768-band
+    block ~50k page faults each."""
     import torch
     from isal import isal_zlib
 
@@ -151,13 +153,20 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
         pixels = words.reshape(bands, h * w).t().contiguous()
     else:
         pixels = words.permute(1, 2, 0).contiguous()  # no copy when pixel-interleaved
-    # each word's bytes as they lie in memory; plane j takes the j-th most significant byte of
-    # every word, one strided copy per plane through numpy (GIL released; shifting and narrowing
-    # through torch took 5x as long for a 768-band block, torch's strided byte copy 1.7x)
-    octets = pixels.view(torch.uint8).view(h, w * bands, nbytes).numpy()
-    split, out = _scratch.get((h, nbytes, w * bands))
-    for j in range(nbytes):  # most significant byte first
-        split[:, j] = octets[:, :, nbytes - 1 - j if LITTLE_ENDIAN else j]
+    # plane j takes the j-th most significant byte of every word: the word shifted right, then
+    # narrowed, by numpy, SHIFT_ROWS rows at a time (GIL released; 3.3x faster for a 768-band
+    # float16 block than a strided copy of the j-th byte, 2.5x faster than torch's shift and
+    # narrowing)
+    unsigned = np.uint16 if bits == 16 else np.uint32
+    wds = pixels.numpy().view(unsigned).reshape(h, w * bands)
+    split, out, shifted = _scratch.get((h, nbytes, w * bands), np.dtype(unsigned))
+    for r in range(0, h, SHIFT_ROWS):
+        rows = wds[r : r + SHIFT_ROWS]
+        for j in range(nbytes):  # most significant byte first
+            shift = 8 * (nbytes - 1 - j)
+            if shift:
+                np.right_shift(rows, shift, out=shifted[: len(rows)])
+            np.copyto(split[r : r + SHIFT_ROWS, j], shifted[: len(rows)] if shift else rows, casting="unsafe")
     planes = torch.from_numpy(split).view(h, -1)
     diff = torch.from_numpy(out).view(h, -1)
     diff[:, :bands] = planes[:, :bands]
