@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import tempfile
 import time
 from datetime import date
@@ -63,17 +64,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             writer = MosaicWriter(plan, card, Path(tmp) / "m.tif", enc, halo=0, out_plan=out_plan, threads=args.threads)
-            c0, p0 = time.thread_time(), time.process_time()
+            c0, p0, f0 = time.thread_time(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for o in outs:
                 writer.add(o)
             t1, c1 = time.perf_counter(), time.thread_time()
             writer.close()
-            t2, p2 = time.perf_counter(), time.process_time()
+            t2, p2, f2 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             if args.cog:
                 writer.finish(Path(tmp) / "c.tif")
             t3 = time.perf_counter()
         ms = 1000 / len(outs)
-        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype} stored as {enc.dtype if enc.dtype == 'int8' else args.store or card.output.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile (all threads' cpu {(p2 - p0) * ms:.2f})"
+        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype} stored as {enc.dtype if enc.dtype == 'int8' else args.store or card.output.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile (all threads' cpu {(p2 - p0) * ms:.2f}, page faults {(f2 - f0) / len(outs):.0f}/tile)"
               + (f", COG step {t3 - t2:.1f} s" if args.cog else ""), flush=True)  # fmt: skip
 
 
