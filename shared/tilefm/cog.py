@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 BLOCK = 256
 #: ISA-L's levels are 0-3; 1 is ~6x libdeflate's level 6 on float16 embeddings, 3% larger
 DEFLATE_LEVEL = 1
-#: rows of a block whose words are shifted at once for the predictor's byte planes: few enough
-#: to stay in cache, enough that a block takes few calls (each gives up the GIL and waits for it)
+#: rows of a block split into the predictor's byte planes and differenced at once: few enough to
+#: stay in cache (and for a thread's scratch to stay small: a block's worth was 100 MB of fresh
+#: pages per mosaic thread and job), enough that a block takes few calls (each gives up the GIL
+#: and waits for it)
 SHIFT_ROWS = 16
 #: the TIFF fields GDAL writes for georeferencing and its metadata, copied from the template
 GEO_FIELDS = (33550, 33922, 34264, 34735, 34736, 34737, 42112)
@@ -111,16 +113,17 @@ def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions:
 
 
 class _Scratch(threading.local):
-    """A thread's arrays for the predictor (the planes, their difference, and SHIFT_ROWS rows of
-    words shifted), kept for the block shape it last encoded."""
+    """A thread's arrays for the predictor, kept for the block shape it last encoded: the
+    planes' difference (the block's bytes to compress), and SHIFT_ROWS rows of planes and of
+    words shifted."""
 
     def __init__(self) -> None:
         self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def get(self, shape: tuple[int, ...], words: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        _, _, n = shape
+        h, nbytes, n = shape
         if self.arrays is None or self.arrays[0].shape != shape or self.arrays[2].dtype != words:
-            self.arrays = (np.empty(shape, np.uint8), np.empty(shape, np.uint8), np.empty((SHIFT_ROWS, n), words))
+            self.arrays = (np.empty(shape, np.uint8), np.empty((SHIFT_ROWS, nbytes, n), np.uint8), np.empty((SHIFT_ROWS, n), words))
         return self.arrays
 
 
@@ -137,8 +140,8 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     (the stitcher's) is not transposed, a bands-first one as a 2-D transpose of its integer
     words; each byte plane is shifted and narrowed out of the interleaved words, and the
     difference written into another array (torch's in-place difference over overlapping slices
-    is ~10x slower). The arrays are the calling thread's, reused: fresh ones cost a 768-band
-    block ~50k page faults each."""
+    is ~10x slower), a few rows at a time. The arrays are the calling thread's, reused: fresh
+    ones cost a 768-band block ~25k page faults each."""
     import torch
     from isal import isal_zlib
 
@@ -159,19 +162,20 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     # narrowing)
     unsigned = np.uint16 if bits == 16 else np.uint32
     wds = pixels.numpy().view(unsigned).reshape(h, w * bands)
-    split, out, shifted = _scratch.get((h, nbytes, w * bands), np.dtype(unsigned))
+    out, split, shifted = _scratch.get((h, nbytes, w * bands), np.dtype(unsigned))
     for r in range(0, h, SHIFT_ROWS):
         rows = wds[r : r + SHIFT_ROWS]
+        m = len(rows)
         for j in range(nbytes):  # most significant byte first
             shift = 8 * (nbytes - 1 - j)
             if shift:
-                np.right_shift(rows, shift, out=shifted[: len(rows)])
-            np.copyto(split[r : r + SHIFT_ROWS, j], shifted[: len(rows)] if shift else rows, casting="unsafe")
-    planes = torch.from_numpy(split).view(h, -1)
-    diff = torch.from_numpy(out).view(h, -1)
-    diff[:, :bands] = planes[:, :bands]
-    torch.sub(planes[:, bands:], planes[:, :-bands], out=diff[:, bands:])  # uint8: wraps, as the predictor does
-    return isal_zlib.compress(memoryview(diff.numpy()), DEFLATE_LEVEL)
+                np.right_shift(rows, shift, out=shifted[:m])
+            np.copyto(split[:m, j], shifted[:m] if shift else rows, casting="unsafe")
+        planes = torch.from_numpy(split[:m]).view(m, -1)
+        diff = torch.from_numpy(out[r : r + m]).view(m, -1)
+        diff[:, :bands] = planes[:, :bands]
+        torch.sub(planes[:, bands:], planes[:, :-bands], out=diff[:, bands:])  # uint8: wraps, as the predictor does
+    return isal_zlib.compress(memoryview(out), DEFLATE_LEVEL)
 
 
 @dataclass
