@@ -3,6 +3,7 @@ ONNX export against the torch fp32 reference on real tiles of the sample scene."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tilefm.backends.onnxruntime import OrtRunner
 from tilefm.errors import WeightsError
 from tilefm.grid import plan_tiles
 from tilefm.models import get_card
+from tilefm.models.base import normalize
 from tilefm.models.card import ModelCard
 from tilefm.models.store import pull, weights_path
 from tilefm.models.vit import ViTEncoder, card_wavelengths, dofa_state, load_vit, save_vit, state_sha256
@@ -105,6 +107,27 @@ def test_any_band_set() -> None:
         a, _ = net.patch_embed.kernel([0.49])
         b, _ = net.patch_embed.kernel([3.5])
     assert not torch.allclose(a, b)
+
+
+def test_inputs_are_the_bands_with_data_normalised(tiles: list) -> None:
+    """A reader's input for the encoder: the card's bands that have data on the tile (S2's
+    ten here, not S1's or the DEM's), each normalised as the card says, gaps at 0."""
+    spec = get_card("vit-small").model_dump()
+    for i, band in enumerate(spec["inputs"][0]["bands"]):  # S2's shift is 0: make it count
+        band["mean"] = 900.0 + 10 * i
+    card = ModelCard.model_validate(spec)
+    model = ViTTileModel(card, "torch", None)
+    valid = tiles[0].valid.copy()
+    valid[3, :40] = False  # a band with a gap
+    valid[5] = False  # a band without data
+    gappy = dataclasses.replace(tiles[0], valid=valid)
+    for t in [*tiles, gappy]:
+        bands, x, _ = model.inputs(t)
+        assert bands == tuple(int(i) for i in np.flatnonzero(t.valid.any(axis=(1, 2))))
+        want = np.where(t.valid[list(bands)], normalize(card, t.data)[list(bands)], 0.0)
+        assert x.dtype == np.float32 and x.flags.c_contiguous
+        np.testing.assert_array_equal(x, want)
+    assert bands == (0, 1, 2, 3, 4, 6, 7, 8, 9) and not x[3, :40].any() and x[3, 40:].any()
 
 
 def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
