@@ -121,7 +121,7 @@ class _Scratch(threading.local):
         self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def get(self, shape: tuple[int, ...], words: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        h, nbytes, n = shape
+        _, nbytes, n = shape
         if self.arrays is None or self.arrays[0].shape != shape or self.arrays[2].dtype != words:
             self.arrays = (np.empty(shape, np.uint8), np.empty((SHIFT_ROWS, nbytes, n), np.uint8), np.empty((SHIFT_ROWS, n), words))
         return self.arrays

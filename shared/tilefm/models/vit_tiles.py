@@ -78,7 +78,7 @@ class ViTInputs(InputPreparer):
         x = np.empty((len(sel), *src.shape[1:]), np.float32)
         for i, b in enumerate(sel):
             np.multiply(src[b], scale[b], out=x[i])
-            if shift[b]:  # S2's reflectances have none
+            if shift[b, 0, 0]:  # S2's reflectances have none
                 x[i] += shift[b]
         ok = valid[sel]
         every = ok.all(axis=0)
