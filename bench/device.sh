@@ -11,7 +11,8 @@
 # CPU-only copy of the device's environment (Python 3.12, torch 2.11, no GDAL stack, no Ray, no
 # generated protobuf modules): docs/benchmarks.md, "The device run rehearsed".
 # Usage: bash bench/device.sh PHASE... (tests, feed, spy, bench-presto, bench-vit, bench-vit-small); results in $OUT.
-# Narrower runs: TESTS_K (pytest -k), FEED_READERS, FEED_KINDS (thread,process), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM.
+# Narrower runs: TESTS_K (pytest -k), FEED_READERS, FEED_KINDS (thread,process), PRESTO_VARIANTS, PRESTO_MIN_TILES, PRESTO_E2E, VIT_VARIANTS, VIT_BATCH, VIT_ZOOM,
+# VIT_E2E_ROUNDS (bench-vit's end-to-end runs per variant in one process, default 2: a process's first job pays for fresh memory).
 # `spy`: the vit-base feed (zoom VIT_ZOOM, SPY_READERS readers of each of SPY_KINDS) under py-spy, summarised by
 # bench/spy_summary.py into $OUT/spy-KIND.md (raw samples gzipped beside it); SPY_SUBPROCESSES=1 samples the reader processes too.
 set -uo pipefail
@@ -39,7 +40,7 @@ for phase in "$@"; do
            gzip -f "$OUT/spy-$kind.txt"
          done ;;
     bench-vit) python3 bench/encoder.py --gpu --models vit-base --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs,bf16-compile}" \
-        --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -12 ;;
+        --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --e2e-rounds "${VIT_E2E_ROUNDS:-2}" --json-out "$OUT/vit.jsonl" --out "$OUT/vit.md" 2>&1 | tail -16 ;;
     bench-vit-small) python3 bench/encoder.py --gpu --models vit-small --backends torch-cuda --variants "${VIT_VARIANTS:-fp32-eager,bf16-graphs}" \
         --batch-sizes "${VIT_BATCH:-32}" --zoom "${VIT_ZOOM:-13}" --bbox all --min-tiles 2048 --e2e all --json-out "$OUT/vit-small.jsonl" --out "$OUT/vit-small.md" 2>&1 | tail -12 ;;
     bench-presto) python3 bench/encoder.py --gpu --models presto --backends torch-cuda --variants "${PRESTO_VARIANTS:-fp32,bf16}" --batch-sizes 16 \
