@@ -504,10 +504,14 @@ def test_redis_statefulset_persists_with_aof(rendered):
     (c,) = sts["spec"]["template"]["spec"]["containers"]
     args = c["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
     assert args[args.index("--dir") + 1] == "/data"
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
     assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+    # ... and the API's readiness insists on it (a setting a deployment with another Redis may drop)
+    config = _find(rendered["default"], "ConfigMap", "-env")[0]["data"]
+    assert config["TILEFM_REQUIRE_DURABLE_REDIS"] == "true"
 
 
 def test_secrets_come_from_secrets(rendered):
@@ -722,6 +726,9 @@ def test_compose_brings_up_the_whole_stack(compose_config):
     assert [s for s, v in services.items() if v.get("profiles")] == []
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    assert redis_cmd[redis_cmd.index("--appendfsync") + 1] == "everysec"
+    assert redis_cmd[redis_cmd.index("--dir") + 1] == "/data"
+    assert any("redis-data" in str(v) and "/data" in str(v) for v in services["redis"]["volumes"])  # a volume, not the container
     assert services["seaweedfs"]["command"][0] == "mini"
     assert services["api"]["command"][:2] == ["tilefm", "serve"]
     assert services["scheduler"]["command"][:2] == ["tilefm", "scheduler"]
@@ -773,6 +780,7 @@ def test_compose_settings_parse(compose_config, monkeypatch):
         env = compose_config["cpu"]["services"][name]["environment"]
         s = _settings_from({k: str(v) for k, v in env.items() if k.startswith("TILEFM_")}, monkeypatch)
         assert s.s3_endpoint_url == "http://seaweedfs:8333" and s.redis_url == "redis://redis:6379/0"
+        assert s.require_durable_redis
         assert s.allowed_sources == ["/data/", "s3://tilefm/"] and s.allowed_outputs == ["s3://tilefm/"]
         if name == "tiler":
             assert (s.tiler_prefixes, s.tiler_cache_mb, s.tiler_list_jobs, s.ray_address) == ([], 256, True, "")

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import redis
 
+from tilefm.api.auth import KeyRing
 from tilefm.grpc_api import FIELD_METADATA_KEY, create_server
 from tilefm.jobs.models import JobEvent, JobSpec, JobState, Progress
 from tilefm.jobs.proto import job_from_proto, pb, pb_grpc, spec_to_proto, state_to_proto
@@ -53,7 +54,8 @@ def service(store: JobStore, model_store: Path) -> JobService:
 
 
 def _serve(service: JobService) -> Iterator[pb_grpc.JobServiceStub]:
-    server, port = create_server(service, "127.0.0.1:0", watch_poll_ms=100)
+    # authentication has its own tests (test_grpc_deployed.py): these run with it switched off
+    server, port = create_server(service, "127.0.0.1:0", watch_poll_ms=100, keyring=KeyRing(Settings(auth_disabled=True)))
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -312,22 +312,24 @@ def test_jobs_over_grpc_succeed_and_watch_ends_final(env: dict[str, str], schedu
     service = JobService(JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix), settings)
     server, port = create_server(service, "127.0.0.1:0")
     server.start()
+    auth = [("authorization", f"Bearer {KEY}")]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.JobServiceStub(channel)
             for model, bbox in (("presto", [-11.5, 24.7, -11.4, 24.8]), ("ukis-csmask", SMALL_BBOX)):
                 spec = JobSpec.model_validate(_spec(scene_dir, model=model, bbox=bbox))
-                reply = stub.Submit(pb.SubmitRequest(spec=spec_to_proto(spec), idempotency_key=uuid.uuid4().hex), timeout=60)
+                reply = stub.Submit(pb.SubmitRequest(spec=spec_to_proto(spec), idempotency_key=uuid.uuid4().hex), timeout=60,
+                                    metadata=auth)
                 assert reply.created
-                events = [event_from_proto(e) for e in stub.Watch(pb.WatchJobRequest(id=reply.job.id), timeout=300)]
+                events = [event_from_proto(e) for e in stub.Watch(pb.WatchJobRequest(id=reply.job.id), timeout=300, metadata=auth)]
                 assert events[-1].state.value == "succeeded", events[-3:]
-                job = job_from_proto(stub.Get(pb.GetJobRequest(id=reply.job.id), timeout=10))
+                job = job_from_proto(stub.Get(pb.GetJobRequest(id=reply.job.id), timeout=10, metadata=auth))
                 assert job.progress.tiles_done == job.progress.tiles_total > 0
                 local = tmp_path / f"{model}.tif"
                 storage_for(job.outputs[0], s3_settings).get_file(job.outputs[0], local)
                 assert cog_validate(str(local), quiet=True)[0]
             with pytest.raises(grpc.RpcError) as err:
-                stub.Get(pb.GetJobRequest(id="0" * 32), timeout=10)
+                stub.Get(pb.GetJobRequest(id="0" * 32), timeout=10, metadata=auth)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         server.stop(0)

@@ -322,7 +322,7 @@ def test_job_list_for_the_viewer(client: TestClient, outputs: dict[str, dict]) -
     jobs = client.get("/v1/jobs").json()["jobs"]
     ids = {j["id"] for j in jobs}
     assert {o["job"] for o in outputs.values()} <= ids
-    assert all(j["state"] == "succeeded" for j in jobs)
+    assert all(set(j) == {"id", "model", "created", "finished"} and j["finished"] for j in jobs)  # no labels, no storage
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,8 +36,20 @@ def csmask_ctx() -> Context:
 
 
 def test_card_context(csmask_ctx: Context):
-    assert (csmask_ctx.window, csmask_ctx.overlap, csmask_ctx.stride, csmask_ctx.halo) == (256, 192, 64, 96)
-    assert csmask_ctx.blend == "sine"
+    # on the scene's own grid: its reads span whole windows, so no halo around the tile
+    assert (csmask_ctx.window, csmask_ctx.overlap, csmask_ctx.stride, csmask_ctx.halo) == (256, 192, 64, 0)
+    assert csmask_ctx.blend == "sine" and csmask_ctx.grid == "native"
+    # the same windows on the tile grid read a halo of half the overlap
+    assert csmask_ctx.model_copy(update={"grid": "tile"}).halo == 96
+
+
+def test_context_grid_checks():
+    with pytest.raises(ValidationError, match="per-pixel"):
+        Context(per_pixel=True, grid="native")
+    # a native grid has no tile to divide: any stride will do; the tile grid's must divide 256
+    assert Context(window=96, overlap=16, grid="native").stride == 80
+    with pytest.raises(ValidationError, match="must divide"):
+        Context(window=96, overlap=16, grid="tile")
 
 
 @pytest.mark.parametrize("overlap", [0, 64, 128, 192])
@@ -105,8 +117,9 @@ def test_window_offsets_span_tile_and_halo(overlap: int):
 
 
 def test_window_offsets_card(csmask_ctx: Context):
-    assert window_offsets(csmask_ctx) == [0, 64, 128, 192]
-    assert window_offsets(csmask_ctx)[-1] + csmask_ctx.window == TILE_SIZE + 2 * csmask_ctx.halo == 448
+    tile_ctx = csmask_ctx.model_copy(update={"grid": "tile"})  # the card's windows laid on the tiles
+    assert window_offsets(tile_ctx) == [0, 64, 128, 192]
+    assert window_offsets(tile_ctx)[-1] + tile_ctx.window == TILE_SIZE + 2 * tile_ctx.halo == 448
     presto = get_card("presto").context
     assert presto.per_pixel and presto.halo == 0 and window_offsets(presto) == [0]
 

@@ -76,8 +76,10 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch sent to an encoder (default: what a GPU encoder's memory allows, else 4).")] = None,
     executor: Annotated[str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")] = "ray",
     asset: Annotated[list[str], typer.Option(help="STAC asset KEY=PATH, to read an item's assets from local files; repeatable.")] = [],  # noqa: B006
+    band: Annotated[list[str], typer.Option("--band", help="[MODALITY:]NAME=FILE[:SCALE:OFFSET]: a band (B08, nir08, vv, ...) added to the scene or in place of its own; SCALE and OFFSET take the file's values to the model card's units (reflectance x 10000: 0.275:-2000 for Landsat Collection 2 Level-2); repeatable.")] = [],  # noqa: B006
     scene_date: Annotated[Optional[str], typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the tile plan; read and write nothing.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 2) a run whose inputs would be resampled further from the model's training pixels than its card allows, instead of warning.")] = False,
 ) -> None:
     """Run MODEL over a scene and write a Cloud-Optimized GeoTIFF (+ a STAC item beside it)."""
     from tilefm.grid import parse_bbox
@@ -97,7 +99,7 @@ def run(
         spec = RunSpec(
             scene=scenes, model=model, out=out, zoom=zoom, bbox=parse_bbox(bbox) if bbox else None,
             backend=backend, precision=precision, dtype=dtype, batch_size=batch_size, executor=executor,
-            asset_map=_pairs(asset, "asset"), date=d,
+            asset_map=_pairs(asset, "asset"), date=d, bands=list(band), strict=strict,
         )
         prep = prepare(spec)
     except TileFMError as e:
@@ -108,9 +110,11 @@ def run(
         return
     typer.echo(
         f"{summary['model']} on {summary['backend']} ({summary['precision']}): {summary['tiles']} tiles at zoom {summary['zoom']} "
-        f"({summary['pixel_size_m']} m pixels) -> {out}",
+        f"({summary['pixel_size_m']} m pixels) -> {out}; {summary['zoom_reason']}; the model sees {summary['grid_description']}",
         err=True,
     )
+    for warning in summary["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -355,13 +359,23 @@ def serve(
     workers: Annotated[int, typer.Option()] = 1,
 ) -> None:
     """Serve the job API (HTTP, and gRPC on its own port)."""
+    import signal
+
     import uvicorn
 
-    if grpc_port:
-        from tilefm.grpc_api import serve_background
+    from tilefm.grpc_api import serve_background, stop_server
 
-        serve_background(f"{host}:{grpc_port}")
-    uvicorn.run("tilefm.api.jobs:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    # this process owns the gRPC server for as long as uvicorn runs: with --workers N the HTTP
+    # workers are child processes, and only this one listens on the gRPC port
+    grpc_server = serve_background(f"{host}:{grpc_port}") if grpc_port else None
+    # uvicorn re-raises the signal that stopped it once HTTP is down; with the default SIGTERM
+    # action the process would end right there, before the gRPC server is stopped below
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    try:
+        uvicorn.run("tilefm.api.jobs:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    finally:
+        if grpc_server is not None:
+            stop_server(grpc_server)
 
 
 @app.command()

@@ -7,6 +7,7 @@ the zoom's, and its 256-pixel internal blocks are exactly the XYZ tiles.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import morecantile
@@ -116,18 +117,42 @@ class TilePlan:
         }
 
 
+def check_bbox(
+    bbox: Sequence[float], *, allow_empty: bool = False, label: str | None = None
+) -> tuple[float, float, float, float]:
+    """A WGS84 box checked: four finite numbers minlon, minlat, maxlon, maxlat within
+    -180..180 / -90..90, not inverted.
+
+    Args:
+        bbox: minlon, minlat, maxlon, maxlat in degrees.
+        allow_empty: accept a box of zero width or height (planning refuses it later, as a box
+            that does not intersect the scene); otherwise min < max is required.
+        label: how the box is named in the error (default: its numbers).
+
+    Returns:
+        The box as a tuple of floats.
+
+    Raises:
+        BBoxError: not four numbers, NaN or infinite, out of range, or inverted.
+    """
+    name = label or ",".join(map(str, bbox))
+    if len(bbox) != 4:
+        raise BBoxError(f"expected four numbers minlon,minlat,maxlon,maxlat, got {name}")
+    w, s, e, n = (float(v) for v in bbox)
+    # NaN compares false with everything and infinities are out of range: both fail here
+    inside = -180 <= w <= e <= 180 and -90 <= s <= n <= 90
+    if not inside or (not allow_empty and (w == e or s == n)):
+        raise BBoxError(f"{name} is not a valid lon/lat box (need finite -180<=minlon<maxlon<=180, -90<=minlat<maxlat<=90)")
+    return w, s, e, n
+
+
 def parse_bbox(text: str) -> tuple[float, float, float, float]:
     """`minlon,minlat,maxlon,maxlat` in WGS84 degrees."""
     try:
         vals = tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
         raise BBoxError(f"expected four numbers minlon,minlat,maxlon,maxlat, got {text!r}") from None
-    if len(vals) != 4:
-        raise BBoxError(f"expected four numbers minlon,minlat,maxlon,maxlat, got {text!r}")
-    w, s, e, n = vals
-    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-        raise BBoxError(f"{text!r} is not a valid lon/lat box (need -180<=minlon<maxlon<=180, -90<=minlat<maxlat<=90)")
-    return vals  # type: ignore[return-value]
+    return check_bbox(vals, label=repr(text))
 
 
 def plan_tiles(

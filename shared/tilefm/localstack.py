@@ -336,11 +336,24 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
 TILER_APP_DIR = Path(__file__).resolve().parents[2] / "services" / "tiler"
 
 
+def redis_command(exe: str, port: int, data_dir: Path, *, fsync: str = "everysec") -> list[str]:
+    """redis-server as the job store needs it: every write in the append-only file (fsynced each
+    second by default: a crash of the machine loses at most the last second), on 127.0.0.1."""
+    return [exe, "--bind", "127.0.0.1", "--port", str(port), "--appendonly", "yes", "--appendfsync", fsync,
+            "--dir", str(data_dir)]
+
+
 def up(port: int = 8080, grpc_port: int = 50051, *, tiler_port: int = 8081, redis_url: str = "redis://127.0.0.1:6379/0",
-       models: Path | None = None) -> int:
-    """The whole local stack in one command: Redis (the machine's redis-server when none answers),
-    a SeaweedFS S3 server, the scheduler (local Ray), the job API and the tile server with its
-    viewer; Ctrl-C stops what it started."""
+       models: Path | None = None, redis_dir: Path | None = None) -> int:
+    """The whole local stack in one command: Redis (the machine's redis-server when none answers,
+    with its AOF in `redis_dir`), a SeaweedFS S3 server, the scheduler (local Ray), the job API
+    and the tile server with its viewer; Ctrl-C stops what it started.
+
+    Without `redis_dir` the AOF lives in the stack's temporary folder: it carries the jobs over
+    a restart of redis-server while the stack runs, and goes with the stack, as the throwaway S3
+    server's outputs do (a lasting job record of an output that is gone would only mislead)."""
+    from urllib.parse import urlsplit
+
     import redis as redis_lib
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -354,10 +367,21 @@ def up(port: int = 8080, grpc_port: int = 50051, *, tiler_port: int = 8081, redi
             if not exe:
                 print(f"redis: nothing answers at {redis_url} and redis-server is not installed", file=sys.stderr)
                 return 2
-            procs.append(subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", "6379", "--appendonly", "yes", "--dir", str(tmp)],
-                                          stdout=subprocess.DEVNULL, start_new_session=True))
-            time.sleep(0.5)
-            print(f"redis: started redis-server (AOF in {tmp})")
+            data = redis_dir or tmp / "redis"
+            data.mkdir(mode=0o700, parents=True, exist_ok=True)
+            redis_port = urlsplit(redis_url).port or 6379
+            procs.append(subprocess.Popen(redis_command(exe, redis_port, data), stdout=subprocess.DEVNULL, start_new_session=True))
+            deadline = time.monotonic() + START_TIMEOUT_S  # a long AOF takes a while to replay
+            while True:
+                try:
+                    redis_lib.Redis.from_url(redis_url).ping()
+                    break
+                except redis_lib.RedisError:
+                    if procs[-1].poll() is not None or time.monotonic() > deadline:
+                        print(f"redis: redis-server did not start on port {redis_port} (data in {data})", file=sys.stderr)
+                        return 2
+                    time.sleep(0.2)
+            print(f"redis: started redis-server on port {redis_port} (AOF in {data})")
         with S3Server(bucket="tilefm") as s3:
             env = {**os.environ, **s3.tilefm_env(), "TILEFM_REDIS_URL": redis_url, "RAY_USAGE_STATS_ENABLED": "0"}
             if models:

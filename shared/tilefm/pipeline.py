@@ -17,19 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from tilefm import stac
+from tilefm.bands import bind_card
 from tilefm.backends import GPU_BACKENDS, check_precision, resolve_precision, select_backend
 from tilefm.errors import SceneError, StorageError
-from tilefm.grid import Tile, TilePlan, default_zoom, plan_tiles
+from tilefm.fidelity import InputGrid, input_grid
+from tilefm.grid import Tile, TilePlan, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.base import TileOutput
 from tilefm.models.card import ModelCard
 from tilefm.models.store import weights_path
 from tilefm.read import check_scene
 from tilefm.runtime import LocalExecutor, WorkerSpec, local_threads, make_executor
-from tilefm.scene import Scene, open_scene
+from tilefm.scene import Scene, open_scene, with_bands
 from tilefm.settings import Settings, get_settings
 from tilefm.stitch import Encoding, MosaicWriter, output_tags
-from tilefm.storage import storage_for
+from tilefm.storage import gdal_env, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ class RunSpec:
     executor: str = "ray"
     asset_map: dict[str, str] = field(default_factory=dict)
     date: date | None = None
+    #: refuse a run whose inputs would be resampled further than the card allows
+    strict: bool = False
+    #: bands given on their own, `[MODALITY:]NAME=FILE[:SCALE:OFFSET]` (`tilefm.scene.with_bands`)
+    bands: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +76,8 @@ class Prepared:
     #: resolved for `backend` where this host resolved it; `auto` or as asked where GPU
     #: encoder actors resolve it on their own hosts
     precision: str = "auto"
+    #: the grid the model sees and why the zoom is what it is (`tilefm.fidelity`)
+    grid: InputGrid | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -78,6 +86,7 @@ class Prepared:
             "precision": self.precision,
             "out": self.spec.out,
             **self.plan.summary(),
+            **(self.grid.as_dict() if self.grid else {}),
         }
 
 
@@ -116,14 +125,18 @@ def prepare(
     card = get_card(spec.model)
     if not spec.out.lower().endswith(OUTPUT_SUFFIXES):
         raise StorageError(f"output {spec.out!r} must name a GeoTIFF (.tif)")
-    scene = open_scene_fn(spec.scene, asset_map=spec.asset_map, date_override=spec.date)
+    if spec.scene or not spec.bands:
+        scene = open_scene_fn(spec.scene, asset_map=spec.asset_map, date_override=spec.date)
+    else:  # every band given on its own
+        scene = Scene({}, date_override=spec.date)
+    if spec.bands:
+        scene = with_bands(scene, spec.bands)
+    scene = bind_card(scene, card)  # a card band the sensor lacks: its close equivalent, if any
     check_scene(scene, card)
     if card.architecture == "presto" and scene.date is None:
         raise SceneError("the scene has no date (Presto needs the month): pass --date YYYY-MM-DD", field="date")
-    zoom = spec.zoom
-    if zoom is None:
-        zoom = default_zoom(scene.resolution_m, scene.footprint.centroid.y)
-    plan = plan_tiles(scene.footprint, zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
+    grid = input_grid(scene, card, spec.zoom, strict=spec.strict)
+    plan = plan_tiles(scene.footprint, grid.zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
     remote = spec.executor == "ray" and bool(settings.ray_address)
     precision = spec.precision or settings.precision
     check_precision(card, precision)  # before the backend: GPU workers may resolve that later
@@ -132,7 +145,30 @@ def prepare(
         precision = resolve_precision(card, backend, precision)
     weights = weights_fn(card, settings.model_store)
     (check_writable_fn or storage_for(spec.out, settings).check_writable)(spec.out)
-    return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights, precision=precision)
+    return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights, precision=precision, grid=grid)
+
+
+def check_unclaimed(out: str, job_id: str, settings: Settings) -> None:
+    """Raise `StorageError` if something already at `out` (the COG, or its STAC item) was not
+    written by job `job_id`: a job replaces only its own output (a retry), never another's."""
+    store = storage_for(out, settings)
+    if store.exists(out):
+        taken = out if _written_by(out, settings) != job_id else None
+    else:
+        taken = stac_uri_for(out) if store.exists(stac_uri_for(out)) else None
+    if taken:
+        raise StorageError(f"{taken} already exists and was not written by job {job_id}: refusing to replace it", field="output_prefix")
+
+
+def _written_by(cog: str, settings: Settings) -> str | None:
+    """The job a COG's tags name (`TILEFM_JOB`), or None for any other file."""
+    import rasterio
+
+    try:
+        with rasterio.Env(**gdal_env(settings)), rasterio.open(storage_for(cog, settings).rasterio_path(cog)) as src:
+            return src.tags().get("TILEFM_JOB")
+    except rasterio.errors.RasterioIOError:
+        return None
 
 
 def batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
@@ -151,19 +187,24 @@ def publish(
     proceed: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
     threads: int = 0,
+    owner: str | None = None,
 ) -> str | None:
     """Stitch tile outputs (in any order) into a mosaic, make the COG and its STAC item, and put
     both at `out` — only when every tile arrived and the COG is valid, and `proceed()` (if given)
     still says so. Returns the STAC item's URI, or None when `proceed()` said no. `threads`: the
-    mosaic's (0: TILEFM_COG_THREADS, or its default)."""
+    mosaic's (0: TILEFM_COG_THREADS, or its default). `owner`: the job the output belongs to,
+    which replaces only what it wrote itself (`check_unclaimed`, before the stitching and again
+    just before the output is put); None (a user naming their own file): `out` is replaced."""
     card, plan = prep.card, prep.plan
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
+    if owner is not None:
+        check_unclaimed(out, owner, settings)
     with tempfile.TemporaryDirectory(prefix="tilefm-", dir=settings.work_dir) as tmp:
         mosaic = Path(tmp) / "mosaic.tif"
         stride = card.output_stride
         out_plan = plan.coarsen(stride.bit_length() - 1)
-        extra = {"backend": prep.backend, "precision": prep.precision, **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
+        extra = {"backend": prep.backend, "precision": prep.precision, **({"inference_grid": prep.grid.description} if prep.grid else {}), **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
         tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
         store = storage_for(out, settings)
         try:
@@ -190,6 +231,8 @@ def publish(
                 timings["cog_s"] = time.perf_counter() - t0 - timings["tiles_s"]
                 if proceed is not None and not proceed():
                     raise _Withdrawn
+                if owner is not None:  # as late as it can be: the put is the block's exit
+                    check_unclaimed(out, owner, settings)
                 t1 = time.perf_counter()
         except _Withdrawn:
             return None

@@ -164,9 +164,7 @@ def read_band(band: BandFile, tile: Tile, halo: int, resampling: str, count: int
     valid = ~np.ma.getmaskarray(arr)[0]
     # invalid pixels hold 0, whatever the nodata value (a NaN would poison a model's sums)
     values = np.where(valid, np.asarray(arr.data[0], dtype=np.float32), np.float32(0))
-    if band.offset:
-        values = values + np.float32(band.offset)
-    return values, valid
+    return band.to_units(values), valid
 
 
 def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int, warp: str | None = None) -> TileInput:
@@ -242,8 +240,7 @@ def _read_bands(
             for k, (_, ok) in enumerate(sampler.sample(datasets, resampling, chunks, values_into)):
                 for m, j in enumerate(members):
                     into[j][k][1][...] = ok[m]
-                    if bands[j].offset:
-                        into[j][k][0] += np.float32(bands[j].offset)
+                    bands[j].to_units(into[j][k][0])
     for j in gdal:
         band = bands[j]
         if halo == 0 and len(tiles) > 1:

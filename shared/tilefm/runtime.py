@@ -10,6 +10,7 @@ Ray is imported only here and only when used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -27,9 +28,10 @@ from tilefm.errors import BackendError
 from tilefm.grid import Tile
 from tilefm.models.base import TileModel, TileOutput, input_preparer, load_tile_model
 from tilefm.models.card import ModelCard
-from tilefm.read import TileInput, read_tiles
+from tilefm.native import read_native
+from tilefm.read import GDAL_ENV, TileInput, read_tiles
 from tilefm.readers import ProcessReaders, ThreadReaders
-from tilefm.scene import Scene
+from tilefm.scene import Scene, on_s3, s3_env
 from tilefm.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,10 @@ def read_prepared(
 ) -> PreparedBatch:
     """Read a batch and prepare it (`prepare`: the card's `input_preparer` unless given; `warp`:
     the settings' unless given)."""
-    inputs = read_tiles(scene, card, tiles, halo, warp)
+    if card.context.native:
+        inputs: list[Any] = read_native(scene, card, tiles)
+    else:
+        inputs = read_tiles(scene, card, tiles, halo, warp)
     return PreparedBatch((prepare or input_preparer(card))(inputs), [t.read_s for t in inputs])
 
 
@@ -275,7 +280,10 @@ def read_prepared_in_worker(scene: Scene, card: ModelCard, tiles: list[Tile], ha
     from tilefm.memory import retain_freed_memory
 
     retain_freed_memory()
-    return read_prepared(scene, card, tiles, halo)
+    # a job's s3:// scene is read with the service's endpoint and keys, which a worker's GDAL
+    # does not otherwise know
+    with s3_env(None, **GDAL_ENV) if on_s3(scene) else contextlib.nullcontext():
+        return read_prepared(scene, card, tiles, halo)
 
 
 @dataclass(frozen=True)

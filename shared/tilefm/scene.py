@@ -7,53 +7,44 @@ a bad scene fails before any tile is planned.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
+import posixpath
 import re
 import urllib.parse
 import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import rasterio
+from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.warp import transform_geom
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from tilefm.errors import NotGeoreferencedError, SceneError
+from tilefm.bands import COMMON_NAMES, Sensor, StacBand, band_id, canonical_band, sensor_of_file, sensor_of_item, stac_band  # noqa: F401 - COMMON_NAMES, canonical_band re-exported
+from tilefm.errors import NotGeoreferencedError, SceneError, TileFMError
+from tilefm.settings import Settings, get_settings
+from tilefm.storage import gdal_env, storage_for
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img")
 
-#: STAC eo:bands common names for Sentinel-2 and a few others, so items without band ids resolve
-COMMON_NAMES = {
-    "coastal": "B01",
-    "blue": "B02",
-    "green": "B03",
-    "red": "B04",
-    "rededge1": "B05",
-    "rededge2": "B06",
-    "rededge3": "B07",
-    "nir": "B08",
-    "nir08": "B8A",
-    "nir09": "B09",
-    "cirrus": "B10",
-    "swir16": "B11",
-    "swir22": "B12",
-}
-
-
-def canonical_band(name: str) -> str:
-    """`b2`, `B2`, `B02` -> `B02`; `b8a` -> `B8A`; other names are lower-cased (`elevation`, `vv`)."""
-    m = re.fullmatch(r"[bB]0?(\d{1,2})([aA]?)", name.strip())
-    if m:
-        return f"B{int(m.group(1)):02d}" if not m.group(2) else f"B{int(m.group(1))}A"
-    return name.strip().lower()
-
+#: `check(location, field)`: raises a `TileFMError` naming `field` if `location` may not be
+#: opened (a service's allowlist); called with every file or URL before it is opened
+SourceCheck = Callable[[str, str], None]
+#: the formats a checked scene's rasters open as, by suffix (GeoTIFF for any other name): none
+#: of them can name another file or URL, as a VRT can whatever its file is called (GDAL knows a
+#: format by its content, unless told which to use)
+CHECKED_DRIVERS = {".tif": "GTiff", ".tiff": "GTiff", ".jp2": "JP2OpenJPEG", ".img": "HFA"}
 
 @dataclass(frozen=True)
 class BandFile:
@@ -64,6 +55,20 @@ class BandFile:
     index: int = 1
     #: added to raw values to get the card's units (e.g. -1000 for Sentinel-2 baseline >= 04.00)
     offset: float = 0.0
+    #: raw values times this, before the offset, are the card's units (reflectance x 10000 for
+    #: optical bands: 0.275 for Landsat Collection 2 Level-2 surface reflectance)
+    scale: float = 1.0
+    #: nodata the source declares for the band (STAC), where the file itself may not
+    nodata: float | None = None
+
+    def to_units(self, values: np.ndarray) -> np.ndarray:
+        """Raw values in place to the card's units (values * scale + offset); returns `values`.
+        A band already in the card's units is left as it is, bit for bit."""
+        if self.scale != 1.0:
+            values *= np.float32(self.scale)
+        if self.offset:
+            values += np.float32(self.offset)
+        return values
 
 
 @dataclass
@@ -79,6 +84,8 @@ class Modality:
     #: finest native pixel size, metres (ground)
     resolution_m: float | None = None
     properties: dict[str, Any] = field(default_factory=dict)
+    #: the sensor the bands were recognised as (`tilefm.bands.SENSORS`), where known
+    sensor: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -129,53 +136,183 @@ def parse_scene_arg(arg: str) -> tuple[str, str]:
     return name, source.strip()
 
 
+#: `--band [MODALITY:]NAME=FILE[:SCALE:OFFSET]`
+BAND_ARG = re.compile(r"(?:(?P<modality>[A-Za-z][A-Za-z0-9_-]*):)?(?P<name>[A-Za-z0-9_]+)=(?P<rest>.+)", re.DOTALL)
+#: a band's file and its optional `:SCALE:OFFSET` (neither holds a `/`, as any part of a path may)
+BAND_FILE = re.compile(r"(?P<path>.+?)(?::(?P<scale>[^:/]*):(?P<offset>[^:/]*))?", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class BandArg:
+    """A band given on its own: for `modality` (None: the scene's only one)."""
+
+    modality: str | None
+    band: BandFile
+
+
+def parse_band_arg(arg: str) -> BandArg:
+    """`[MODALITY:]NAME=FILE[:SCALE:OFFSET]` -> the band. NAME is a band id or common name
+    (`B08`, `nir08`); SCALE and OFFSET take the file's raw values to the card's units
+    (reflectance x 10000 for optical bands: `0.275:-2000` for Landsat Collection 2 Level-2)."""
+    m = BAND_ARG.fullmatch(arg.strip())
+    if m is None:
+        raise SceneError(f"expected [MODALITY:]NAME=FILE[:SCALE:OFFSET] (e.g. s2:B08=./nir.tif), got {arg!r}", field="band")
+    name = band_id(m["name"]) or canonical_band(m["name"])
+    f = BAND_FILE.fullmatch(m["rest"].strip())
+    assert f is not None  # the path alone always matches
+    path, scale, offset = f["path"], 1.0, 0.0
+    if f["scale"] is not None:
+        try:
+            scale, offset = float(f["scale"]), float(f["offset"])
+        except ValueError:
+            raise SceneError(f"SCALE and OFFSET must be numbers, got {f['scale']!r} and {f['offset']!r} in {arg!r}", field="band") from None
+        if scale == 0 or not (math.isfinite(scale) and math.isfinite(offset)):
+            raise SceneError(f"SCALE must be a non-zero finite number and OFFSET finite, got {arg!r}", field="band")
+    if any(ord(c) < 32 for c in path):
+        raise SceneError("control characters are not allowed in a band's file", field="band")
+    if path.startswith("file://"):
+        path = _file_path(path, "band")
+    if path.startswith(("http://", "https://")):
+        path = "/vsicurl/" + path
+    elif path.startswith("s3://"):
+        path = "/vsis3/" + path[len("s3://"):]
+    elif not path.startswith("/vsi"):
+        local = Path(path).expanduser()
+        if not local.exists():
+            raise SceneError(f"band file {path!r} does not exist (in {arg!r})", field="band")
+        path = str(local)
+    return BandArg(m["modality"].lower() if m["modality"] else None, BandFile(name, path, offset=offset, scale=scale))
+
+
+def with_bands(scene: Scene, args: list[str]) -> Scene:
+    """`scene` with the bands given on their own (`--band`) added, or in place of its own. A
+    new Scene: the one given, which a service may cache, is left as it is."""
+    mods = dict(scene.modalities)
+    changed = set()
+    for arg in map(parse_band_arg, args):
+        modality = arg.modality
+        if modality is None:
+            if len(mods) != 1:
+                raise SceneError(
+                    f"say which modality band {arg.band.name} is for (MODALITY:{arg.band.name}=FILE): the scene has "
+                    f"{', '.join(sorted(mods)) or 'no modality'}",
+                    field="band",
+                )
+            modality = next(iter(mods))
+        mod = mods.get(modality) or Modality(name=modality, source=arg.band.path, bands={})
+        mods[modality] = replace(mod, bands={**mod.bands, arg.band.name: arg.band})
+        changed.add(modality)
+    for modality in sorted(changed):
+        _inspect_rasters(mods[modality], "band")
+    return replace(scene, modalities=mods)
+
+
 def open_scene(
     sources: dict[str, str],
     *,
     asset_map: dict[str, str] | None = None,
     date_override: date | None = None,
+    check: SourceCheck | None = None,
+    settings: Settings | None = None,
 ) -> Scene:
-    """Resolve and validate every modality's source."""
+    """Resolve and validate every modality's source.
+
+    With `check`, every file or URL is checked before it is opened (each source, a band
+    folder's files, a STAC item's asset hrefs as resolved), and rasters open only as
+    `CHECKED_DRIVERS` say. `s3://` sources are read with `settings`' endpoint and keys (default:
+    the environment's)."""
     if not sources:
         raise SceneError("no scene given: pass --scene MODALITY=SOURCE at least once")
-    mods = {name: open_modality(name, src, asset_map=asset_map) for name, src in sources.items()}
+    with s3_env(settings):
+        mods = {name: open_modality(name, src, asset_map=asset_map, check=check, settings=settings) for name, src in sources.items()}
     return Scene(modalities=mods, date_override=date_override)
 
 
-def open_modality(name: str, source: str, *, asset_map: dict[str, str] | None = None) -> Modality:
+def s3_env(settings: Settings | None = None, **options: Any) -> contextlib.AbstractContextManager[object]:
+    """GDAL set up for the configured S3 endpoint and keys (default: the environment's
+    settings), with `options`; without an endpoint or keys, GDAL's own AWS environment as it is."""
+    settings = settings if settings is not None else get_settings()
+    if not (settings.s3_endpoint_url or settings.s3_access_key_id):
+        return contextlib.nullcontext()
+    return rasterio.Env(**{**options, **gdal_env(settings)})
+
+
+def on_s3(scene: Scene) -> bool:
+    """Whether any band of `scene` is read from S3."""
+    return any(b.path.startswith(("s3://", "/vsis3/")) for m in scene.modalities.values() for b in m.bands.values())
+
+
+def open_modality(
+    name: str, source: str, *, asset_map: dict[str, str] | None = None, check: SourceCheck | None = None,
+    settings: Settings | None = None,
+) -> Modality:
     field_name = f"scene.{name}"
     if any(ord(c) < 32 for c in source):
         raise SceneError("control characters are not allowed in a source", field=field_name)
+    if check is not None:
+        check(source, field_name)
+    if source.startswith("file://"):
+        source = _file_path(source, field_name)
+    checked = check is not None
     parsed = urllib.parse.urlparse(source)
     is_url = parsed.scheme in ("http", "https", "s3")
     if source.endswith(".json") or (is_url and parsed.path.endswith(".json")):
-        mod = _from_stac_item(name, source, asset_map or {})
+        mod = _from_stac_item(name, source, asset_map or {}, settings)
     elif is_url:
-        mod = _from_raster(name, source)
+        mod = _from_raster(name, source, checked)
     else:
         path = Path(source).expanduser()
         if not path.exists():
             raise SceneError(f"source {source!r} does not exist", field=field_name)
         if path.is_dir():
-            mod = _from_band_dir(name, path)
+            mod = _from_band_dir(name, path, check)
         else:
-            mod = _from_raster(name, str(path))
-    _inspect_rasters(mod, field_name)
+            mod = _from_raster(name, str(path), checked)
+    if check is not None:  # before GDAL opens any of them
+        for band_path in sorted({b.path for b in mod.bands.values()}):
+            check(band_path, field_name)
+    _inspect_rasters(mod, field_name, checked)
+    _apply_declared_nodata(mod, field_name, checked)
     return mod
 
 
-def _from_band_dir(name: str, path: Path) -> Modality:
+def _file_path(uri: str, field_name: str) -> str:
+    """`file:///abs/path` (percent-encoded) -> `/abs/path`."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
+        raise SceneError(f"{uri!r} is not a local file URI (file:///absolute/path)", field=field_name)
+    return urllib.parse.unquote(parts.path)
+
+
+def _from_band_dir(name: str, path: Path, check: SourceCheck | None = None) -> Modality:
+    item_path = path / "stac-item.json"
+    item: dict[str, Any] | None = None
+    if item_path.exists():  # a folder exported with its item: its sensor, date and processing metadata
+        if check is not None:
+            check(str(item_path), f"scene.{name}")
+        item = _load_json(str(item_path), f"scene.{name}")
+    item_sensor = sensor_of_item(item) if item is not None else None
     bands: dict[str, BandFile] = {}
+    sensors = set()
     for f in sorted(path.iterdir()):
         if f.suffix.lower() in RASTER_SUFFIXES:
-            bands[canonical_band(f.stem)] = BandFile(canonical_band(f.stem), str(f))
+            # a file name that says its sensor (LC09_L2SP_..._SR_B4.TIF), else the item's sensor's
+            # band names (HLS L30's B05 is its NIR), else a band id or common name as it is
+            named = sensor_of_file(f.stem)
+            if named is None and item_sensor is not None and (own := item_sensor.resolve(f.stem)) is not None:
+                named = item_sensor, own
+            if named is None:
+                bands[canonical_band(f.stem)] = BandFile(canonical_band(f.stem), str(f))
+                continue
+            sensor, band = named
+            scale, offset = sensor.scale_offset(band)
+            bands[band] = BandFile(band, str(f), offset=offset, scale=scale)
+            sensors.add(sensor.name)
     if not bands:
         raise SceneError(f"folder {str(path)!r} holds no rasters ({', '.join(RASTER_SUFFIXES)})", field=f"scene.{name}")
-    mod = Modality(name=name, source=str(path), bands=bands)
-    item = path / "stac-item.json"
-    if item.exists():  # a folder exported with its item: take the date and processing metadata
-        props = _load_json(str(item), f"scene.{name}").get("properties", {})
-        _apply_stac_properties(mod, props)
+    mod = Modality(name=name, source=str(path), bands=bands, sensor=next(iter(sensors)) if len(sensors) == 1 else None)
+    if item is not None:
+        _apply_stac_properties(mod, item.get("properties", {}))
     else:
         m = re.search(r"(20\d{2})(\d{2})(\d{2})", path.name)
         if m:
@@ -186,20 +323,29 @@ def _from_band_dir(name: str, path: Path) -> Modality:
     return mod
 
 
-def _from_raster(name: str, path: str) -> Modality:
+def _from_raster(name: str, path: str, checked: bool = False) -> Modality:
     try:
-        with _open(path) as src:
+        with _open(path, checked) as src:
             descriptions = list(src.descriptions)
             count = src.count
             tags = src.tags()
     except RasterioIOError as e:
         raise SceneError(f"cannot read {path!r}: {_short(e)}", field=f"scene.{name}") from None
+    named = sensor_of_file(Path(urllib.parse.urlsplit(path).path).stem) if count == 1 else None
+    if named is not None:  # LC09_L2SP_..._SR_B4.TIF, HLS.S30....B04.tif
+        sensor, band = named
+        scale, offset = sensor.scale_offset(band)
+        return _with_date(Modality(name=name, source=path, bands={band: BandFile(band, path, offset=offset, scale=scale)}, sensor=sensor.name), tags)
     if count == 1 and not descriptions[0]:
         names = [_single_band_name(name)]
     else:
-        names = [canonical_band(d) if d else f"b{i + 1}" for i, d in enumerate(descriptions)]
+        names = [(band_id(d) or canonical_band(d)) if d else f"b{i + 1}" for i, d in enumerate(descriptions)]
     bands = {n: BandFile(n, path, i + 1) for i, n in enumerate(names)}
-    mod = Modality(name=name, source=path, bands=bands)
+    return _with_date(Modality(name=name, source=path, bands=bands), tags)
+
+
+def _with_date(mod: Modality, tags: dict[str, str]) -> Modality:
+    """The raster's own acquisition time (GeoTIFF tags), where it has one."""
     dt = tags.get("TIFFTAG_DATETIME") or tags.get("datetime")
     if dt:
         mod.datetime = _parse_datetime(dt)
@@ -211,41 +357,49 @@ def _single_band_name(modality: str) -> str:
     return {"dem": "elevation", "srtm": "elevation", "elevation": "elevation"}.get(modality, "b1")
 
 
-def _from_stac_item(name: str, source: str, asset_map: dict[str, str]) -> Modality:
+def _from_stac_item(name: str, source: str, asset_map: dict[str, str], settings: Settings | None = None) -> Modality:
     field_name = f"scene.{name}"
-    item = _load_json(source, field_name)
+    item = _load_json(source, field_name, settings)
     if item.get("type") != "Feature" or "assets" not in item:
         raise SceneError(f"{source!r} is not a STAC item (no Feature with assets)", field=field_name)
     base_dir = Path(source).parent if "://" not in source else None
+    if not isinstance(item["assets"], dict):
+        raise SceneError(f"{source!r}: assets must be an object of assets by key", field=field_name)
+    props = item.get("properties") or {}
+    sensor = sensor_of_item(item)
     bands: dict[str, BandFile] = {}
     for key, asset in item["assets"].items():
-        eo = asset.get("eo:bands") or []
-        if len(eo) != 1 or "image/tiff" not in str(asset.get("type", "image/tiff")):
-            continue  # multi-band previews (visual, thumbnails) and metadata are not model inputs
-        band = _stac_band_name(eo[0], key)
-        href = _resolve_href(key, asset["href"], asset_map, base_dir)
+        if not isinstance(asset, dict) or "image/tiff" not in str(asset.get("type", "image/tiff")):
+            continue  # previews (thumbnails, JPEG 2000 copies) and metadata are not model inputs
+        # where the item states Sentinel-2's processing baseline, the baseline says the offset
+        # (below): Earth Search stamps raster:bands offset -0.1 on baseline >= 04.00 items
+        # whether or not their COGs were shifted back
+        found = _stac_band_name(key, asset, sensor, field_name, use_offset="s2:processing_baseline" not in props)
+        if found is None:
+            continue  # multi-band previews (visual), masks and auxiliary layers
+        href = asset.get("href")
+        if not isinstance(href, str) or not href:
+            raise SceneError(f"assets.{key}.href must be a URL or path, got {href!r}", field=field_name)
+        href = href if base_dir is not None else _remote_href(source, href)
+        href = _resolve_href(key, href, asset_map, base_dir)
         if href is None:
             continue
-        bands[band] = BandFile(band, href)
+        bands[found.id] = BandFile(found.id, href, offset=found.offset, scale=found.scale, nodata=found.nodata)
     if not bands:
-        raise SceneError(f"STAC item {source!r} has no single-band raster assets", field=field_name)
-    mod = Modality(name=name, source=source, bands=bands)
-    _apply_stac_properties(mod, item.get("properties", {}))
+        raise SceneError(
+            f"STAC item {source!r} has no usable band assets (single-band GeoTIFFs whose eo:bands, bands or key "
+            "name a band, e.g. common_name red)",
+            field=field_name,
+        )
+    mod = Modality(name=name, source=source, bands=bands, sensor=sensor.name if sensor else None)
+    _apply_stac_properties(mod, props)
     return mod
 
 
-def _stac_band_name(eo_band: dict[str, Any], key: str) -> str:
-    """Band id from eo:bands: `B02` as is, a common/short name (`blue`, `rededge1`) via the
-    Sentinel-2 table, else "(band 8A)" in the description, else the asset key."""
-    for candidate in (eo_band.get("name"), eo_band.get("common_name"), key):
-        if not candidate:
-            continue
-        if re.fullmatch(r"[bB]\d{1,2}[aA]?", candidate):
-            return canonical_band(candidate)
-        if candidate in COMMON_NAMES:
-            return COMMON_NAMES[candidate]
-    m = re.search(r"band (\d{1,2}[aA]?)\)", eo_band.get("description", ""))
-    return canonical_band(f"B{m.group(1)}") if m else canonical_band(key)
+def _stac_band_name(key: str, asset: dict[str, Any], sensor: Sensor | None, field_name: str, *, use_offset: bool = True) -> StacBand | None:
+    """The band an asset holds and its raw -> card units: `tilefm.bands.stac_band` (the eo
+    common name, the sensor's band names, a Sentinel-2 id, the centre wavelength, ...)."""
+    return stac_band(key, asset, sensor, field_name, use_offset=use_offset)
 
 
 def _resolve_href(key: str, href: str, asset_map: dict[str, str], base_dir: Path | None) -> str | None:
@@ -266,6 +420,18 @@ def _resolve_href(key: str, href: str, asset_map: dict[str, str], base_dir: Path
     return href
 
 
+def _remote_href(item: str, href: str) -> str:
+    """An asset href of a remote item as a URL: a relative one is relative to the item (RFC
+    3986 for http(s); an S3 item's folder for s3://), not to this process's folder."""
+    if "://" in href:
+        return href
+    if not item.startswith("s3://"):
+        return urllib.parse.urljoin(item, href)
+    bucket, _, key = item[len("s3://"):].partition("/")
+    joined = href.lstrip("/") if href.startswith("/") else posixpath.join(posixpath.dirname(key), href)
+    return f"s3://{bucket}/{posixpath.normpath(joined)}"
+
+
 def _apply_stac_properties(mod: Modality, props: dict[str, Any]) -> None:
     mod.properties = props
     if props.get("datetime"):
@@ -275,16 +441,16 @@ def _apply_stac_properties(mod: Modality, props: dict[str, Any]) -> None:
     if baseline and float(baseline) >= 4.0 and not props.get("earthsearch:boa_offset_applied", False):
         for k, b in list(mod.bands.items()):
             if re.fullmatch(r"B\d\d|B8A", k):
-                mod.bands[k] = BandFile(b.name, b.path, b.index, offset=-1000.0)
+                mod.bands[k] = replace(b, offset=-1000.0)
 
 
-def _inspect_rasters(mod: Modality, field_name: str) -> None:
+def _inspect_rasters(mod: Modality, field_name: str, checked: bool = False) -> None:
     """Open every distinct file once: readable, georeferenced; record footprint and resolution."""
     footprints = []
     resolutions = []
     for path in sorted({b.path for b in mod.bands.values()}):
         try:
-            with _open(path) as src:
+            with _open(path, checked) as src:
                 if src.crs is None or src.transform.is_identity:
                     raise NotGeoreferencedError(
                         f"{path!r} is not georeferenced (no CRS or geotransform)", field=field_name
@@ -300,11 +466,39 @@ def _inspect_rasters(mod: Modality, field_name: str) -> None:
     mod.resolution_m = min(resolutions)
 
 
-def _open(path: str) -> rasterio.io.DatasetReader:
-    """Open quietly: a missing georeference is reported as an error by the caller, not a warning."""
+def _apply_declared_nodata(mod: Modality, field_name: str, checked: bool = False) -> None:
+    """A nodata the source declares (STAC) for a file that has neither nodata nor a mask: the
+    band is read through GDAL's `vrt://` with that nodata. A file's own nodata or mask wins.
+    A checked scene cannot name a VRT, so there such a band is an error, not unmasked values."""
+    for key, band in list(mod.bands.items()):
+        if band.nodata is None:
+            continue
+        try:
+            with _open(band.path, checked) as src:
+                all_valid = src.nodatavals[band.index - 1] is None and MaskFlags.all_valid in src.mask_flag_enums[band.index - 1]
+        except RasterioIOError as e:
+            raise SceneError(f"cannot read {band.path!r}: {_short(e)}", field=field_name) from None
+        if not all_valid:
+            continue
+        if checked or "?" in band.path:
+            raise SceneError(
+                f"{band.path!r} (band {key}) has no nodata of its own and its item declares {band.nodata!r}; "
+                "write the nodata into the file",
+                field=field_name,
+            )
+        mod.bands[key] = replace(band, path=f"vrt://{band.path}?a_nodata={band.nodata!r}")
+
+
+def _open(path: str, checked: bool = False) -> rasterio.io.DatasetReader:
+    """Open quietly: a missing georeference is reported as an error by the caller, not a warning.
+    `checked`: only as the format its suffix says (`CHECKED_DRIVERS`)."""
+    driver = None
+    if checked:
+        suffix = Path(urllib.parse.urlsplit(path).path if "://" in path else path).suffix.lower()
+        driver = CHECKED_DRIVERS.get(suffix, "GTiff")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path)
+        return rasterio.open(path, driver=driver)
 
 
 def _ground_resolution(src: rasterio.io.DatasetReader) -> float:
@@ -317,11 +511,16 @@ def _ground_resolution(src: rasterio.io.DatasetReader) -> float:
     return res * (src.crs.linear_units_factor[1] if src.crs.linear_units_factor else 1.0)
 
 
-def _load_json(source: str, field_name: str) -> dict[str, Any]:
+def _load_json(source: str, field_name: str, settings: Settings | None = None) -> dict[str, Any]:
     try:
         if source.startswith(("http://", "https://")):
             with urllib.request.urlopen(source, timeout=30) as r:  # noqa: S310 - user-given STAC URL
                 return json.loads(r.read())
+        if source.startswith("s3://"):
+            try:
+                return json.loads(storage_for(source, settings).read_bytes(source))
+            except TileFMError as e:
+                raise SceneError(f"cannot read STAC item {source!r}: {Exception.__str__(e)}", field=field_name) from None
         return json.loads(Path(source).read_text())
     except FileNotFoundError:
         raise SceneError(f"{source!r} does not exist", field=field_name) from None

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     engine_cache: str = str(Path("~/.cache/tilefm/engines").expanduser())
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: whether the job API's /readyz fails (503) when that Redis says it keeps no append-only
+    #: file: jobs accepted there are lost if it restarts. Off for local use against a machine's
+    #: own Redis (readiness still names the persistence and warns); deployments switch it on.
+    #: A Redis that does not say (INFO switched off) passes with a warning.
+    require_durable_redis: bool = False
 
     #: the largest plan a single run accepts
     max_tiles: int = 20000
@@ -111,9 +116,34 @@ class Settings(BaseSettings):
     #: ~1-2 ms of CPU: a few threads keep the cores busy, many only contend for the GIL and
     #: stretch the latency tail
     tiler_threads: int = 4
+    #: the tiler's caps on one request, each refused with a 422 naming the parameter: band
+    #: numbers a request may name (`bands=`, and on /cog `bidx=` or the bands of `expression=`)
+    tiler_max_bands: int = Field(32, ge=1, le=4096)
+    #: /cog tile size in pixels (`tilesize=`, with `buffer=` and `padding=` added)
+    tiler_max_tilesize: int = Field(1024, ge=256, le=4096)
+    #: longest side of a preview or a /cog image, pixels (`max_size=`, `width=`, `height=`)
+    tiler_max_preview_px: int = Field(1024, ge=64, le=8192)
+    #: longest side statistics are computed at, pixels (`max_size=` of the statistics routes)
+    tiler_max_statistics_px: int = Field(1024, ge=64, le=8192)
+    #: values one request may read at once, MiB of float32 (bands x pixels x 4): the many-band
+    #: embeddings need it beside the caps above (128 bands of a 1024-px preview are 512 MiB)
+    tiler_max_read_mb: int = Field(32, ge=1, le=16384)
+    #: GDAL's block cache of a tiler process, MiB, where GDAL_CACHEMAX is not set (GDAL's own
+    #: default is 5 % of the machine's memory)
+    tiler_gdal_cache_mb: int = Field(128, ge=0)
+    #: API keys (`api_keys`, scope jobs:read) on every data route of the tiler; off keeps the
+    #: viewer usable locally without keys. TILEFM_AUTH_DISABLED does not switch this off
+    tiler_auth: bool = False
+    #: the tiler's URL as clients reach it (https://tiles.example.org, or with a path prefix):
+    #: TileJSON and WMTS name tiles from it. Unset: from the request only where it came in on
+    #: a loopback host, else as root-relative paths (never from another Host header)
+    tiler_public_url: str | None = None
     #: threads per job-API process for its blocking handlers (validation, Redis); the same GIL
     #: argument: a submission is ~1 ms of CPU and one Redis round trip
     api_threads: int = 8
+    #: largest request the job API reads, bytes (HTTP bodies: 413 above it; gRPC messages:
+    #: RESOURCE_EXHAUSTED); a job spec is a few hundred bytes
+    api_max_body_bytes: int = Field(1024 * 1024, ge=1024)
 
 
 @lru_cache

@@ -30,6 +30,7 @@ def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: 
         shape = [src.height, src.width]
         transform = list(src.transform)[:6]
         overviews = src.overviews(1)
+        inference_grid = src.tags().get("TILEFM_INFERENCE_GRID")
     footprint = plan.footprint
     d = scene.date
     dt = datetime.combine(d, time(0), tzinfo=timezone.utc) if d else datetime.now(timezone.utc)
@@ -74,6 +75,8 @@ def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: 
             "tilefm:model_sha256": card.weights.sha256,
             "tilefm:output_kind": card.output.kind,
             "tilefm:zoom": plan.zoom,
+            #: where the model ran: its own grid (`context.grid: native`) or the tiles
+            "tilefm:inference_grid": inference_grid or "web-mercator tiles",
             "tilefm:overviews": overviews,
             "tilefm:scene": scene.describe(),
             "tilefm:version": __version__,

@@ -357,6 +357,11 @@ class Storage(ABC):
     def check_writable(self, uri: PathLike) -> None:
         """Raise `StorageError` now if `uri` cannot be written later (call before a long run)."""
 
+    def check_creatable(self, uri: PathLike) -> None:
+        """`check_writable`, leaving nothing behind: for a check on behalf of others (a service
+        validating a submission), where a folder made for a job that never runs would stay."""
+        self.check_writable(uri)
+
     @abstractmethod
     def rasterio_path(self, uri: PathLike) -> str:
         """A path GDAL/rasterio can open (use it under ``rasterio.Env(**gdal_env(settings))``)."""
@@ -504,6 +509,20 @@ class FileStorage(Storage):
         except OSError as e:
             raise _os_error(e, "cannot write", uri) from e
         probe.unlink(missing_ok=True)
+
+    def check_creatable(self, uri: PathLike) -> None:
+        """The nearest folder on the destination's path that exists is a writable folder, so
+        the rest could be created; nothing is created (and no probe written)."""
+        path = self._path(uri)
+        if path.is_dir():
+            raise StorageError(f"cannot write {uri}: it is a folder")
+        folder = path.parent
+        while not os.path.lexists(folder):
+            folder = folder.parent
+        if not folder.is_dir():  # a file, or a link to nothing, where a folder would go
+            raise StorageError(f"cannot write {uri}: {folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):  # EROFS included
+            raise StorageError(f"cannot write {uri}: permission denied ({folder})")
 
     def rasterio_path(self, uri: PathLike) -> str:
         return str(self._path(uri))

@@ -41,6 +41,23 @@ function apiKey() {
   try { return localStorage.getItem(KEY_STORAGE) || ''; } catch { return ''; }
 }
 
+// a key given in the page's address (/viewer?api_key=KEY) is kept like a typed one, and taken
+// out of the address so that it is not bookmarked or shared with the link
+(() => {
+  const params = new URLSearchParams(location.search);
+  const key = params.get('api_key');
+  if (key === null) return;
+  try { localStorage.setItem(KEY_STORAGE, key.trim()); } catch { /* private mode */ }
+  params.delete('api_key');
+  const query = params.toString();
+  history.replaceState(null, '', location.pathname + (query ? `?${query}` : '') + location.hash);
+})();
+
+/** Whether `url` (absolute, or relative to this page) is on this page's origin. */
+function sameOrigin(url) {
+  try { return new URL(url, location.href).origin === location.origin; } catch { return false; }
+}
+
 function authHeaders() {
   const key = apiKey();
   return key ? { 'X-API-Key': key } : {};
@@ -100,10 +117,12 @@ const map = new maplibregl.Map({
   zoom: 1.5,
   attributionControl: false,
   transformRequest: (url) => {
-    // the API key (if one was entered) goes to this origin only
+    // the API key (if one was entered) goes to this origin only, as a header (never in a URL):
+    // TileJSON and tile URLs from the tiler are absolute or root-relative
+    if (!sameOrigin(url)) return { url };
+    const absolute = new URL(url, location.href).href;
     const key = apiKey();
-    if (key && url.startsWith(location.origin)) return { url, headers: { 'X-API-Key': key } };
-    return { url };
+    return key ? { url: absolute, headers: { 'X-API-Key': key } } : { url: absolute };
   },
 });
 hook.map = map;
@@ -232,9 +251,8 @@ async function loadJobs() {
       title.textContent = model;
       const meta = document.createElement('span');
       meta.className = 'muted small';
-      const labels = Object.entries(job.labels || {}).map(([k, v]) => `${k}=${v}`);
       // ids start with their creation time: the end tells jobs apart
-      meta.textContent = [job.kind, created && created.slice(0, 16).replace('T', ' '), `…${job.id.slice(-6)}`, ...labels]
+      meta.textContent = [created && created.slice(0, 16).replace('T', ' '), `…${job.id.slice(-6)}`]
         .filter(Boolean).join(' · ');
       a.title = job.id;
       a.append(title, meta);

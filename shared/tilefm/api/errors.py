@@ -13,6 +13,7 @@ from starlette.routing import Match
 
 from tilefm.errors import TileFMError
 from tilefm.jobs.errors import IdempotencyConflict, InvalidTransition, JobNotFound
+from tilefm.jobs.store import REDIS_UNAVAILABLE
 from tilefm.tiler.errors import JobNotFinished, OutputUnreadable, PathNotAllowed, TileNotAvailable
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,22 @@ RESPONSES = {
     403: _doc("The API key lacks the scope this route needs"),
     405: _doc("Method not allowed on this path"),
     422: _doc("A field has a wrong type or value, or names something that cannot be used"),
+    503: _doc("The job store (Redis) cannot be reached for now; retry after the Retry-After seconds"),
 }
+
+#: seconds a client is asked to wait while Redis is unreachable (a restart replaying its AOF
+#: takes about this long)
+REDIS_RETRY_AFTER_S = 5
+
+
+def _text(value: str | None) -> str | None:
+    """`value` safe to encode as UTF-8: a lone surrogate (possible in a JSON key or string the
+    request sent) is escaped instead of failing the response."""
+    return value.encode("utf-8", "backslashreplace").decode() if value is not None else None
 
 
 def error_body(status: int, message: str, field: str | None = None) -> dict:
-    return {"error": {"status": status, "field": field, "message": message}}
+    return {"error": {"status": status, "field": _text(field), "message": _text(message)}}
 
 
 def allowed_methods(request: Request) -> set[str]:
@@ -82,10 +94,12 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", []) if p not in ("body",)]
-        field = ".".join(loc) or None
+        # an error about the body as a whole (missing, not an object) is about "body"
+        field = ".".join(loc) or ".".join(str(p) for p in first.get("loc", [])) or None
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body(400, f"malformed JSON: {first.get('msg')}", "body"), status_code=400)
-        details = [{"field": ".".join(str(p) for p in e.get("loc", []) if p != "body"), "message": e.get("msg")} for e in errors]
+        details = [{"field": _text(".".join(str(p) for p in e.get("loc", []) if p != "body")), "message": _text(e.get("msg"))}
+                   for e in errors]
         body = error_body(422, f"{field}: {first.get('msg')}" if field else str(first.get("msg")), field)
         body["error"]["details"] = details
         return JSONResponse(body, status_code=422)
@@ -95,7 +109,19 @@ def install(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # every method of every route on this path, not just the first route's
             headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
+        # FastAPI's 400 for a body its parser gave up on (e.g. JSON nested past the recursion
+        # limit) chains the parser's error
+        field = "body" if exc.status_code == 400 and exc.__cause__ is not None else None
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), field), status_code=exc.status_code,
+                            headers=headers or None)
+
+    async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("job store unreachable: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(error_body(503, "the job store is unreachable for now; retry shortly"), status_code=503,
+                            headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+    for cls in REDIS_UNAVAILABLE:  # a restarting Redis is not a bug: the client retries, the process stays up
+        app.add_exception_handler(cls, _redis_unavailable)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

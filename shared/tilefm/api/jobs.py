@@ -21,7 +21,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from tilefm import __version__, metrics
 from tilefm.api import errors
 from tilefm.api.auth import READ, WRITE, KeyRing, require
-from tilefm.api.middleware import HTTPMetrics, settle_heap
+from tilefm.api.middleware import BodyLimit, HTTPMetrics, settle_heap
 from tilefm.jobs.models import Job, JobSpec, JobState
 from tilefm.jobs.service import JobService
 from tilefm.jobs.store import JobStore
@@ -90,7 +90,8 @@ def get_service(request: Request) -> JobService:
 
 
 def create_router() -> APIRouter:
-    r = APIRouter(prefix="/v1", responses=errors.RESPONSES)
+    too_large = {413: errors._doc("The request body is over the limit (TILEFM_API_MAX_BODY_BYTES)")}
+    r = APIRouter(prefix="/v1", responses={**errors.RESPONSES, **too_large})
     not_found = {404: errors._doc("No job with this id")}
 
     @r.post("/jobs", status_code=202, response_model=Job, dependencies=[require(WRITE)],
@@ -217,6 +218,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.include_router(create_router())
     collector = metrics.JobStoreCollector(store)
 
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(HTTPMetrics)
 
     @app.get("/healthz", include_in_schema=True)
@@ -226,16 +228,43 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        """Redis, the object store and Ray (when an address is configured) are reachable."""
+        """Redis, the object store and Ray (when an address is configured) are reachable, and
+        with `require_durable_redis` Redis keeps an append-only file. `redis_persistence` says
+        what that Redis keeps across a restart; `warnings` what readiness let pass."""
         checks = _readiness(settings, store)
+        persistence, warnings = "unknown (unreachable)", []
+        if checks["redis"] == "ok":
+            persistence, failure, warning = _redis_durability(settings, store)
+            if failure:
+                checks["redis"] = failure
+            warnings += [warning] if warning else []
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "unavailable", "checks": checks, "redis_persistence": persistence, "warnings": warnings}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         return Response(metrics.render(extra=[collector]), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _redis_durability(settings: Settings, store: JobStore) -> tuple[str, str | None, str | None]:
+    """(what Redis persists, a readiness failure, a warning). Without an append-only file a
+    restart loses accepted jobs: a failure where `require_durable_redis` is set, a warning
+    elsewhere; a Redis that does not say (INFO switched off) is only ever a warning."""
+    try:
+        p = store.persistence()
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        return f"unknown ({type(e).__name__})", None, None
+    if p.durable:
+        return p.detail, None, None
+    if p.durable is None:
+        return p.detail, None, "Redis does not say whether it persists: accepted jobs may be lost if it restarts"
+    if settings.require_durable_redis:
+        return p.detail, f"not durable: {p.detail} (require_durable_redis is set)", None
+    return p.detail, None, (f"Redis keeps no append-only file ({p.detail}): accepted jobs are lost if it restarts; "
+                            "TILEFM_REQUIRE_DURABLE_REDIS=true makes this fail readiness")
 
 
 def _readiness(settings: Settings, store: JobStore) -> dict[str, str]:

@@ -4,17 +4,23 @@ endpoints restricted to the configured storage, and the viewer.
 Routes are thin: path and query parsing in dependencies, reading and rendering in
 `tilefm.tiler`. Finished jobs never change, so their tiles are cached in memory and sent with
 long-lived `Cache-Control: immutable` and an ETag.
+
+Every data route (jobs, outputs, /cog) takes the same dependencies first: the API key where
+`TILEFM_TILER_AUTH` is on, then the request guard (finite numbers, a bounded query string);
+/cog adds its caps. The viewer's page and files, health and metrics stay open.
 """
 
 from __future__ import annotations
 
 import hashlib
-from contextlib import asynccontextmanager
 import logging
+import os
 import time
+from contextlib import asynccontextmanager
 from enum import Enum
 from pathlib import Path as FilePath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
@@ -23,10 +29,12 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 from rasterio.errors import RasterioIOError
+from rio_tiler import errors as rio_errors
 
 from tilefm import __version__, metrics
 from tilefm.api import errors
-from tilefm.api.middleware import HTTPMetrics, settle_heap
+from tilefm.api.auth import READ, KeyRing, presented_key
+from tilefm.api.middleware import BodyLimit, HTTPMetrics, settle_heap
 from tilefm.api.jobs import JOB_ID, _readiness  # importing api.jobs registers the `jobid` path convertor
 from tilefm.jobs.models import JobState
 from tilefm.jobs.store import JobStore
@@ -34,16 +42,20 @@ from tilefm.settings import Settings, get_settings
 from tilefm.tiler import render
 from tilefm.tiler.cache import TileCache
 from tilefm.tiler.errors import BadRenderParameter
+from tilefm.tiler.limits import Limits, cog_guard, limited_reader, request_guard
 from tilefm.tiler.outputs import JobOutput, OutputResolver
 from tilefm.tiler.render import MEDIA_TYPES, RenderParams
-from tilefm.tiler.security import allowed_path
+from tilefm.tiler.security import allowed_path, check_public_url, public_base
 from tilefm.tiler.tiles import OutputTiles, SceneTiles
 from tilefm.tiler.wmts import capabilities
 
 log = logging.getLogger(__name__)
 
-IMMUTABLE = "public, max-age=31536000, immutable"
-SHORT = "public, max-age=60"
+IMMUTABLE = "max-age=31536000, immutable"
+SHORT = "max-age=60"
+#: the query parameter an API key may come in (besides the X-API-Key and Authorization headers);
+#: never copied into the tile URLs of TileJSON or WMTS
+API_KEY_PARAM = "api_key"
 
 
 class TileFormat(str, Enum):
@@ -69,13 +81,13 @@ class RenderName(str, Enum):
 
 
 class JobSummary(BaseModel):
+    """What the viewer's job list shows of a finished job, and no more (no labels, no storage
+    locations)."""
+
     id: str
-    state: JobState
     model: str
     created: str
     finished: str | None = None
-    outputs: list[str]
-    labels: dict[str, str]
 
 
 class JobSummaries(BaseModel):
@@ -112,11 +124,27 @@ def _etag(*parts: Any) -> str:
     return '"' + hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32] + '"'
 
 
+def _cache_control(request: Request, policy: str, *, from_host: bool = False) -> str:
+    """`policy` for shared caches only where anyone may read the answer (no keys) and it does
+    not depend on the Host header; otherwise for the browser's own cache."""
+    shared = not request.app.state.settings.tiler_auth and not from_host
+    return f"{'public' if shared else 'private'}, {policy}"
+
+
+def _document_headers(request: Request) -> dict[str, str]:
+    """Cache headers of TileJSON and WMTS, whose URLs may follow the request's Host."""
+    from_host = not request.app.state.public_url
+    headers = {"Cache-Control": _cache_control(request, SHORT, from_host=from_host)}
+    if from_host:
+        headers["Vary"] = "Host"
+    return headers
+
+
 def _tile_response(request: Request, key: str, media_type: str, produce, route: str, fmt: str) -> Response:
     """Serve from the ETag (304) or the cache, else render; time it for Prometheus."""
     t0 = time.perf_counter()
     etag = _etag(key)
-    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    headers = {"ETag": etag, "Cache-Control": _cache_control(request, IMMUTABLE)}
     if request.headers.get("if-none-match") == etag:
         metrics.tile_cache.labels("not_modified").inc()
         return Response(status_code=304, headers=headers)
@@ -133,12 +161,50 @@ def _tile_response(request: Request, key: str, media_type: str, produce, route: 
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
+    return public_base(request, request.app.state.public_url)
 
 
 def _query(request: Request, drop: tuple[str, ...] = ()) -> str:
-    q = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k not in drop)
+    """The request's query for a tile URL template, re-encoded (a value cannot end the URL or
+    the XML attribute it goes into), without `drop` and without an API key."""
+    items = [(k, v) for k, v in request.query_params.multi_items() if k not in drop and k != API_KEY_PARAM]
+    q = urlencode(items, safe=",")
     return f"?{q}" if q else ""
+
+
+# ------------------------------------------------------------------------------------------------
+# authentication and guards
+# ------------------------------------------------------------------------------------------------
+
+
+def tiler_auth(settings: Settings) -> Any:
+    """The API key check of every data route, or None where `tiler_auth` is off. The keys are
+    the job API's (`TILEFM_API_KEYS`), scope jobs:read; a key comes as X-API-Key, Authorization:
+    Bearer, or `?api_key=` (for what cannot send headers; it ends up in access logs)."""
+    if not settings.tiler_auth:
+        return None
+    if settings.auth_disabled:
+        log.warning("TILEFM_AUTH_DISABLED does not switch off the tiler's keys: TILEFM_TILER_AUTH=true asks for them")
+    ring = KeyRing(settings.model_copy(update={"auth_disabled": False}))
+
+    async def dependency(request: Request) -> None:  # async: a hash and a compare need no thread
+        key = presented_key(request) or request.query_params.get(API_KEY_PARAM) or None
+        if key is None:
+            raise HTTPException(401, "missing API key: send X-API-Key: KEY, Authorization: Bearer KEY or ?api_key=KEY",
+                                headers={"WWW-Authenticate": "Bearer"})
+        scopes = ring.scopes_for(key)
+        if scopes is None:
+            raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        if READ not in scopes:
+            raise HTTPException(403, f"this API key lacks the scope {READ!r}")
+
+    return Depends(dependency)
+
+
+def data_dependencies(settings: Settings) -> list[Any]:
+    """Key first (a request without one learns nothing about its parameters), then the guard."""
+    auth = tiler_auth(settings)
+    return [*([auth] if auth is not None else []), Depends(request_guard)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +240,7 @@ def create_output_router() -> APIRouter:
         }
         if out.is_classes:
             body["legend"] = out.legend()
-        return JSONResponse(body, headers={"Cache-Control": SHORT})
+        return JSONResponse(body, headers=_document_headers(request))
 
     def _tile(request: Request, job_id: str, tms: str, z: int, x: int, y: int, scale: int, fmt: TileFormat,
               out: JobOutput, p: RenderParams) -> Response:
@@ -205,12 +271,12 @@ def create_output_router() -> APIRouter:
               lon: Annotated[float, Path(ge=-180, le=180)], lat: Annotated[float, Path(ge=-85.06, le=85.06)]) -> JSONResponse:
         """The output's values at a position, de-quantized (null = no data), with the class name for class maps."""
         body = request.app.state.output_tiles.point(out, lon, lat)
-        return JSONResponse(body, headers={"Cache-Control": IMMUTABLE})
+        return JSONResponse(body, headers={"Cache-Control": _cache_control(request, IMMUTABLE)})
 
     @r.get("/statistics")
     def statistics(request: Request, out: Annotated[JobOutput, Depends(job_output)],
                    bands: Annotated[str | None, Query(description="1-based band numbers, comma-separated (default all)", examples=["1,2,3"])] = None,
-                   max_size: Annotated[int, Query(ge=64, le=2048)] = 1024) -> dict:
+                   max_size: Annotated[int | None, Query(ge=64, description="longest side read, px (default 1024, at most TILEFM_TILER_MAX_STATISTICS_PX)")] = None) -> dict:
         """Per band: min/max/mean/std/percentiles of the de-quantized values, or class counts and fractions."""
         try:
             idx = [int(b) for b in bands.split(",")] if bands else None
@@ -220,8 +286,10 @@ def create_output_router() -> APIRouter:
 
     @r.get("/preview.{fmt}", response_class=Response)
     def preview(request: Request, fmt: ImageFormat, out: Annotated[JobOutput, Depends(job_output)],
-                p: Annotated[RenderParams, Depends(render_params)], max_size: Annotated[int, Query(ge=64, le=2048)] = 1024) -> Response:
+                p: Annotated[RenderParams, Depends(render_params)],
+                max_size: Annotated[int | None, Query(ge=64, description="longest side, px (default 1024, at most TILEFM_TILER_MAX_PREVIEW_PX)")] = None) -> Response:
         """The whole output as one image."""
+        max_size = request.app.state.output_tiles.preview_size(out, p, max_size)
         key = f"{out.job_id}|{out.version}|preview{max_size}.{fmt.value}|{p.key()}"
         return _tile_response(request, key, MEDIA_TYPES[fmt.value],
                               lambda: request.app.state.output_tiles.preview(out, fmt.value, p, max_size), "preview", fmt.value)
@@ -234,7 +302,7 @@ def create_output_router() -> APIRouter:
         url = f"{_base(request)}/v1/jobs/{job_id}/tiles/WebMercatorQuad/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{tile_format.value}{query}"
         xml = capabilities(title=f"tilefm {out.model} {p.render} ({job_id})", layer=f"{job_id}-{p.render}", bounds=out.bounds,
                            minzoom=out.minzoom, maxzoom=out.maxzoom, tile_url=url, fmt=MEDIA_TYPES[tile_format.value])
-        return Response(xml, media_type="application/xml", headers={"Cache-Control": SHORT})
+        return Response(xml, media_type="application/xml", headers=_document_headers(request))
 
     # --- the input scene, drawn the same way --------------------------------------------------
 
@@ -247,13 +315,13 @@ def create_output_router() -> APIRouter:
         scene = request.app.state.scene_tiles.scene(out, _scene_sources(request, out))
         request.app.state.scene_tiles.bands(scene)  # 404 now if the scene has no true colour
         w, s, e, n = scene.footprint.bounds
-        q = f"?rescale={rescale}" if rescale else ""
+        q = "?" + urlencode({"rescale": rescale}, safe=",") if rescale else ""
         return JSONResponse({
             "tilejson": "3.0.0", "name": "input scene (true colour)", "scheme": "xyz",
             "tiles": [f"{_base(request)}/v1/jobs/{job_id}/scene/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.{tile_format.value}{q}"],
             "minzoom": out.minzoom, "maxzoom": out.maxzoom, "bounds": [w, s, e, n],
             "center": [(w + e) / 2, (s + n) / 2, out.native_zoom - 1],
-        }, headers={"Cache-Control": SHORT})
+        }, headers=_document_headers(request))
 
     @r.get("/scene/tiles/{tms}/{z:int}/{x:int}/{y:int}.{fmt}", response_class=Response)
     def scene_tile(request: Request, job_id: Annotated[str, JOB_ID], tms: str, z: int, x: int, y: int, fmt: ImageFormat,
@@ -278,17 +346,19 @@ def create_jobs_router() -> APIRouter:
     r = APIRouter(prefix="/v1", responses=errors.RESPONSES)
 
     @r.get("/jobs", response_model=JobSummaries)
-    def list_jobs(request: Request, state: Annotated[JobState | None, Query(examples=["succeeded"])] = JobState.SUCCEEDED,
+    def list_jobs(request: Request,
+                  state: Annotated[Literal["succeeded"], Query(description="only finished jobs are listed")] = "succeeded",
                   limit: Annotated[int, Query(ge=1, le=100)] = 50,
                   cursor: Annotated[str | None, Query(max_length=200)] = None) -> JobSummaries:
-        """Jobs (newest first) for the viewer to pick from; off when `TILEFM_TILER_LIST_JOBS` is false."""
+        """Succeeded jobs (newest first) for the viewer to pick from: id, model and times only.
+        Off (404) when `TILEFM_TILER_LIST_JOBS` is false."""
         if not request.app.state.settings.tiler_list_jobs:
             raise HTTPException(404, "listing jobs is switched off on this tiler (TILEFM_TILER_LIST_JOBS)")
-        jobs, nxt = request.app.state.store.list(state=state, limit=limit, cursor=cursor)
+        jobs, nxt = request.app.state.store.list(state=JobState.SUCCEEDED, limit=limit, cursor=cursor)
         return JobSummaries(jobs=[JobSummary(
-            id=j.id, state=j.state, model=j.spec.model, created=j.timings.created.isoformat(),
-            finished=j.timings.finished.isoformat() if j.timings.finished else None, outputs=j.outputs, labels=j.spec.labels,
-        ) for j in jobs], next_cursor=nxt)
+            id=j.id, model=j.spec.model, created=j.timings.created.isoformat(),
+            finished=j.timings.finished.isoformat() if j.timings.finished else None,
+        ) for j in jobs if j.state == JobState.SUCCEEDED], next_cursor=nxt)
 
     return r
 
@@ -329,25 +399,72 @@ def create_viewer_router(viewer_dir: FilePath) -> APIRouter:
     return r
 
 
-def mount_cog_endpoints(app: FastAPI, settings: Settings) -> None:
-    """TiTiler's generic COG endpoints at /cog, for datasets under the configured prefixes only."""
+def mount_cog_endpoints(app: FastAPI, settings: Settings, dependencies: list[Any]) -> None:
+    """TiTiler's generic COG endpoints at /cog, for datasets under the configured prefixes only,
+    held to the tiler's caps (`tilefm.tiler.limits`). Without TiTiler's post-processing
+    algorithms (each brings sizes of its own) and its map.html page (the tiler has its viewer)."""
     from titiler.core.factory import TilerFactory
 
     from tilefm.storage import gdal_env
 
     prefixes = settings.tiler_prefixes or settings.allowed_outputs
+    limits = Limits.from_settings(settings)
 
     def cog_path(url: Annotated[str, Query(description="s3://bucket/key.tif or a path, under the tiler's storage prefixes")]) -> str:
         return allowed_path(url, prefixes, settings)
 
+    def cog_limits(request: Request) -> None:
+        cog_guard(limits, request)
+
+    class Factory(TilerFactory):
+        def url_for(self, request: Request, name: str, **path_params: Any) -> str:
+            """URLs (TileJSON's tiles) on the tiler's public base, never the request's Host."""
+            return public_base(request, request.app.state.public_url) + self.router_prefix + str(self.router.url_path_for(name, **path_params))
+
     env = gdal_env(settings)
-    factory = TilerFactory(router_prefix="/cog", path_dependency=cog_path, environment_dependency=lambda: env)
-    app.include_router(factory.router, prefix="/cog", tags=["Cloud Optimized GeoTIFF (restricted)"])
+    factory = Factory(router_prefix="/cog", reader=limited_reader(limits), path_dependency=cog_path,
+                      environment_dependency=lambda: env, process_dependency=lambda: None, add_viewer=False)
+    app.include_router(factory.router, prefix="/cog", tags=["Cloud Optimized GeoTIFF (restricted)"],
+                       dependencies=[*dependencies, Depends(cog_limits)])
+
+
+#: rio-tiler's and TiTiler's errors on /cog: what the request asked for, so a 4xx naming the
+#: parameter where one is to blame (TiTiler's own table answers 500 for most of them)
+RIO_TILER_ERRORS: list[tuple[type[Exception], int, str | None]] = [
+    (rio_errors.TileOutsideBounds, 404, "z"),
+    (rio_errors.PointOutsideBounds, 404, "lon"),
+    (rio_errors.InvalidBufferSize, 422, "buffer"),
+    (rio_errors.InvalidExpression, 422, "expression"),
+    (rio_errors.MissingBands, 422, "bidx"),
+    (rio_errors.InvalidBandName, 422, "bidx"),
+    (rio_errors.InvalidFormat, 422, "format"),
+    (rio_errors.InvalidColorMapName, 422, "colormap_name"),
+    (rio_errors.InvalidColorFormat, 422, "colormap"),
+    (rio_errors.InvalidBounds, 422, "bbox"),
+    (rio_errors.RioTilerError, 422, None),
+]
+
+
+def install_cog_errors(app: FastAPI) -> None:
+    from titiler.core.errors import BadRequestError, TileNotFoundError
+
+    def handler(status: int, field: str | None):
+        async def handle(_: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse(errors.error_body(status, str(exc) or type(exc).__name__, field), status_code=status)
+        return handle
+
+    for cls, status, field in [*RIO_TILER_ERRORS, (BadRequestError, 400, None), (TileNotFoundError, 404, "z")]:
+        app.add_exception_handler(cls, handler(status, field))
 
 
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None, viewer_dir: FilePath | None = None) -> FastAPI:
     settings = settings or get_settings()
+    public_url = check_public_url(settings.tiler_public_url) if settings.tiler_public_url else None
     store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    if settings.tiler_gdal_cache_mb and "GDAL_CACHEMAX" not in os.environ:
+        # read by GDAL when its block cache is first used: before this process reads anything
+        os.environ["GDAL_CACHEMAX"] = str(settings.tiler_gdal_cache_mb)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if settings.tiler_threads:
@@ -358,28 +475,29 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app = FastAPI(title="tilefm tiles", version=__version__, lifespan=lifespan,
                   description="Finished jobs' outputs and input scenes as web-map tiles (XYZ, TileJSON, WMTS), values at points, and a viewer.")
     app.state.settings = settings
+    app.state.public_url = public_url
     app.state.store = store
     app.state.resolver = OutputResolver(store, settings)
     app.state.output_tiles = OutputTiles(settings)
     app.state.scene_tiles = SceneTiles(settings)
     app.state.tile_cache = TileCache(settings.tiler_cache_mb * 1024 * 1024)
     errors.install(app)
-    from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
-
-    add_exception_handlers(app, DEFAULT_STATUS_CODES)  # rio-tiler's errors on /cog: 4xx, not 500
+    install_cog_errors(app)  # rio-tiler's errors on /cog: 4xx naming the parameter, not 500
 
     @app.exception_handler(RasterioIOError)
     async def _unreadable(_: Request, exc: RasterioIOError) -> JSONResponse:
         # a dataset under the allowed prefixes that is missing or unreadable: the user's URL, not a bug
         return JSONResponse(errors.error_body(404, f"the dataset cannot be opened: {exc}", "url"), status_code=404)
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)  # the POST routes of /cog take GeoJSON
     app.add_middleware(GZipMiddleware, minimum_size=1000, exclude_content_types=(
         "text/event-stream", "image/png", "image/jpeg", "image/webp", "image/tiff", "application/x-binary"))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"], allow_headers=["*"],
                            expose_headers=["ETag"])
-    app.include_router(create_jobs_router())
-    app.include_router(create_output_router())
-    mount_cog_endpoints(app, settings)
+    guarded = data_dependencies(settings)
+    app.include_router(create_jobs_router(), dependencies=guarded)
+    app.include_router(create_output_router(), dependencies=guarded)
+    mount_cog_endpoints(app, settings, guarded)
     if viewer_dir is not None:
         app.include_router(create_viewer_router(viewer_dir))
 

@@ -4,8 +4,10 @@ keeps them in step); the HTTP API speaks these, gRPC speaks the generated messag
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated
+from datetime import date as _date
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
@@ -32,23 +34,95 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
 }
 
 
+#: limits on what one job may name: a request over any of them is refused (422 / INVALID_ARGUMENT)
+#: naming the field, before anything is opened or stored
+MAX_MODALITIES = 8  # sources of one scene (the model cards read at most three)
+MAX_ASSETS = 64  # asset renames (a band each)
+MAX_LABELS = 32
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_VALUE_CHARS = 256
+MAX_KEY_CHARS = 64  # a modality or asset name
+MAX_PATH_BYTES = 4096  # a path or URI, UTF-8 (Linux PATH_MAX)
+MAX_NAME_BYTES = 255  # one component of it (NAME_MAX): longer ones fail deep in the OS otherwise
+
+
+def check_location(value: str) -> str:
+    """A path or URI a job reads or writes, bounded the way file systems bound them.
+
+    Args:
+        value: the path or URI.
+
+    Returns:
+        `value` unchanged.
+
+    Raises:
+        ValueError: empty, over `MAX_PATH_BYTES`, or with a component over `MAX_NAME_BYTES`.
+    """
+    size = len(_utf8(value))
+    if not value:
+        raise ValueError("must not be empty")
+    if size > MAX_PATH_BYTES:
+        raise ValueError(f"is {size} bytes long, over the limit of {MAX_PATH_BYTES}")
+    longest = max(len(part.encode()) for part in value.split("/"))
+    if longest > MAX_NAME_BYTES:
+        raise ValueError(f"has a path component of {longest} bytes, over the limit of {MAX_NAME_BYTES}")
+    return value
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8; ValueError for a lone surrogate (JSON lets one through as `\\ud800`, and it
+    could be neither stored nor sent back)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (it holds a lone surrogate)") from None
+
+
+def _check_mapping(values: dict[str, str], *, key_chars: int, value_check: Callable[[str], object]) -> dict[str, str]:
+    """Every key 1 to `key_chars` characters, every value passing `value_check`; the error names the key."""
+    for key, value in values.items():
+        try:
+            _utf8(key)
+        except ValueError as e:
+            raise ValueError(f"a key {e}") from None
+        if not 0 < len(key) <= key_chars:
+            raise ValueError(f"key {key[:80]!r} must be 1 to {key_chars} characters")
+        try:
+            value_check(value)
+        except ValueError as e:
+            raise ValueError(f"the value of {key[:80]!r} {e}") from None
+    return values
+
+
+def _label_value(value: str) -> str:
+    _utf8(value)
+    if len(value) > MAX_LABEL_VALUE_CHARS:
+        raise ValueError(f"is {len(value)} characters long, over the limit of {MAX_LABEL_VALUE_CHARS}")
+    return value
+
+
 class JobSpec(BaseModel):
-    """What to run. Validated again, against real files and settings, before a job is accepted."""
+    """What to run. Validated again, against real files and settings, before a job is accepted.
+
+    Numbers are strict (no `true` or `"7"` for a zoom or a priority), the bbox must be a real,
+    non-inverted lon/lat box, and every collection, name and path is bounded (the `MAX_*` limits
+    above)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    scene: Annotated[dict[str, str], Field(min_length=1, description="modality -> source (band folder, raster or STAC item)")]
+    scene: Annotated[dict[str, str], Field(min_length=1, max_length=MAX_MODALITIES,
+                                           description="modality -> source (band folder, raster or STAC item)")]
     model: Annotated[str, Field(min_length=1, max_length=100)]
-    output_prefix: Annotated[str, Field(min_length=1, description="s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its STAC item beside it")]
-    zoom: Annotated[int | None, Field(ge=0, le=22)] = None
-    bbox: tuple[float, float, float, float] | None = None
+    output_prefix: Annotated[str, Field(min_length=1, max_length=MAX_PATH_BYTES, description="s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its STAC item beside it")]
+    zoom: Annotated[int | None, Field(ge=0, le=22, strict=True)] = None
+    bbox: Annotated[tuple[float, float, float, float] | None, Field(description="minlon, minlat, maxlon, maxlat in WGS84 degrees: finite, -180..180 and -90..90, min <= max")] = None
     backend: str = "auto"
     precision: Annotated[str | None, Field(description="model arithmetic: auto, fp32, fp16, bf16 (GPU backends) or int8 (onnxruntime on CPUs); absent: the workers' TILEFM_PRECISION")] = None
-    dtype: str | None = None
-    date: str | None = None
-    assets: dict[str, str] = Field(default_factory=dict)
-    priority: Annotated[int, Field(ge=0, le=9)] = 5
-    labels: dict[str, str] = Field(default_factory=dict)
+    dtype: Annotated[str | None, Field(max_length=16)] = None
+    date: Annotated[str | None, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", description="YYYY-MM-DD")] = None
+    assets: Annotated[dict[str, str], Field(max_length=MAX_ASSETS)] = Field(default_factory=dict)
+    priority: Annotated[int, Field(ge=0, le=9, strict=True)] = 5
+    labels: Annotated[dict[str, str], Field(max_length=MAX_LABELS)] = Field(default_factory=dict)
 
     @field_validator("backend")
     @classmethod
@@ -63,6 +137,60 @@ class JobSpec(BaseModel):
         if v is not None and v not in ("auto", "fp32", "fp16", "bf16", "int8"):
             raise ValueError("must be one of auto, fp32, fp16, bf16, int8")
         return v
+
+    @field_validator("bbox", mode="before")
+    @classmethod
+    def _bbox_numbers(cls, v: Any) -> Any:
+        # JSON numbers only: pydantic would otherwise take true as 1.0 and "1" as 1.0
+        if isinstance(v, list | tuple) and any(isinstance(x, bool) or not isinstance(x, int | float) for x in v):
+            raise ValueError("must be four numbers minlon, minlat, maxlon, maxlat")
+        return v
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox_range(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        from tilefm.errors import BBoxError
+        from tilefm.grid import check_bbox  # the CLI's own check (grid imports the geo stack: lazily)
+
+        if v is None:
+            return v
+        try:
+            # zero-size boxes pass here; planning refuses them as not intersecting the scene
+            return check_bbox(v, allow_empty=True)
+        except BBoxError as e:
+            raise ValueError(Exception.__str__(e)) from None
+
+    @field_validator("date")
+    @classmethod
+    def _date(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                _date.fromisoformat(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not a calendar date (YYYY-MM-DD)") from None
+        return v
+
+    @field_validator("model", "dtype")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        if v is not None:
+            _utf8(v)
+        return v
+
+    @field_validator("scene", "assets")
+    @classmethod
+    def _locations(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_mapping(v, key_chars=MAX_KEY_CHARS, value_check=check_location)
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _output_prefix(cls, v: str) -> str:
+        return check_location(v)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_mapping(v, key_chars=MAX_LABEL_KEY_CHARS, value_check=_label_value)
 
 
 def _utc_us(t: datetime) -> str:

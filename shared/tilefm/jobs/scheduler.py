@@ -7,6 +7,11 @@ goes to Redis as each tile lands. The driver holds no state that matters: every 
 contribution is stored beside the job's output (`.parts/`) and recorded in Redis, and the job's
 lease expires if the driver dies, so another (or the restarted) scheduler re-queues the job and
 resumes it without redoing finished tiles.
+
+Redis going away (a restart, a failover) stops nothing for good: the loop waits for it with a
+capped backoff and carries on with the jobs it holds, and part writes finished meanwhile wait
+to be recorded rather than failing their job. A lease that ran out while Redis was away is
+dropped like any lost lease; the job is re-queued and resumed from its recorded tiles.
 """
 
 from __future__ import annotations
@@ -20,27 +25,38 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from tilefm import metrics
 from tilefm.errors import TileFMError
 from tilefm.grid import Tile
+from tilefm.jobs.errors import InvalidTransition
 from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
-from tilefm.jobs.service import output_uri, run_spec
-from tilefm.jobs.store import JobStore
+from tilefm.jobs.service import output_uri, prepare_job
+from tilefm.jobs.store import REDIS_UNAVAILABLE, JobStore
 from tilefm.models.base import TileOutput
-from tilefm.pipeline import DEFAULT_BATCH, Prepared, batches, prepare, publish
+from tilefm.pipeline import DEFAULT_BATCH, Prepared, batches, publish
 from tilefm.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders
 from tilefm.settings import Settings
 from tilefm.stitch import Encoding
-from tilefm.storage import FileLocation, parse_uri, storage_for
+from tilefm.storage import FileLocation, S3Storage, parse_uri, storage_for
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: waits between tries while Redis is unreachable: doubling from the first to the last
+REDIS_BACKOFF_S = (0.5, 10.0)
+
+
+def _backoff(delay: float) -> float:
+    return min(max(2 * delay, REDIS_BACKOFF_S[0]), REDIS_BACKOFF_S[1])
 
 
 def parts_prefix(job: Job) -> str:
@@ -122,16 +138,27 @@ class Scheduler:
         self._rr: deque[str] = deque()
         self._last_renew = 0.0
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, *, idle_sleep: float = 0.5) -> None:
-        stop = stop or threading.Event()
+        stop = self._stop = stop or threading.Event()
         self.ray = connect(self.settings)
         self._read = remote_reader(self.ray, self.settings)
         log.info("scheduler %s started", self.owner)
+        delay = 0.0
         try:
             while not stop.is_set():
-                busy = self.step()
+                try:
+                    busy = self.step()
+                except REDIS_UNAVAILABLE as e:  # a step stops at its first Redis call and is safe to redo
+                    delay = _backoff(delay)
+                    log.warning("redis unreachable (%s); %d jobs held, retrying in %.1f s", _reason(e), len(self.active), delay)
+                    stop.wait(delay)
+                    continue
+                if delay:
+                    log.info("redis reachable again; carrying on with %d jobs", len(self.active))
+                    delay = 0.0
                 if not busy:
                     stop.wait(idle_sleep)
         finally:
@@ -148,6 +175,8 @@ class Scheduler:
             job = self.store.claim_next(self.owner, self.lease_s)
             if job is None:
                 break
+            if job.id in self.active:  # running here already: Redis lost the first claim in a restart
+                continue
             self._start(job)
         for a in list(self.active.values()):
             self._check_cancel(a)
@@ -158,6 +187,7 @@ class Scheduler:
         return bool(self.active)
 
     def shutdown(self) -> None:
+        self._stop.set()  # worker threads waiting for Redis give up
         self.io.shutdown(wait=True)
         if self.ray is not None:
             for pool in self.pools.values():
@@ -168,9 +198,9 @@ class Scheduler:
     # -- jobs ----------------------------------------------------------------------------------
     def _start(self, job: Job) -> None:
         try:
-            prep = prepare(run_spec(job.spec, out=output_uri(job.spec, job.id)), self.settings)
+            prep = prepare_job(job, self.settings)  # its own key, allowlists checked again
         except TileFMError as e:
-            self._fail(job.id, JobError(message=str(e), field=e.field))
+            self._fail(job, JobError(message=str(e), field=e.field))
             return
         done = self.store.tiles_done(job.id)
         todo = [t for t in prep.plan.tiles if str(t) not in done]
@@ -251,10 +281,10 @@ class Scheduler:
                     log.warning("job %s: batch %s failed (%s); retrying", a.job.id, batch.tiles, e)
                     a.pending.appendleft(batch)
                 else:
+                    a.failed.update((str(t), _reason(e)) for t in batch.tiles)  # before Redis, which may be away
                     for t in batch.tiles:
-                        a.failed[str(t)] = _reason(e)
-                        self.store.tile_failed(a.job.id, str(t), _reason(e))
                         metrics.tiles_failed.labels(a.prep.card.name, a.prep.backend).inc()
+                        self.store.tile_failed(a.job.id, str(t), _reason(e))
                 continue
             a.writes.append(self.io.submit(self._store_parts, a, outputs))
 
@@ -267,7 +297,7 @@ class Scheduler:
             t0 = time.perf_counter()
             store.write_bytes(part_uri(a.job, out.tile), encode_part(out, a.part_dtype))
             metrics.stage_seconds.labels("upload").observe(time.perf_counter() - t0)
-            if self.store.tile_done(a.job.id, str(out.tile)):
+            if self._until_redis(self.store.tile_done, a.job.id, str(out.tile)):
                 with self._lock:
                     a.done += 1
                 metrics.tiles_processed.labels(*labels).inc()
@@ -276,49 +306,71 @@ class Scheduler:
             self._event(a)
 
     def _maybe_finish(self, a: _Active) -> None:
+        """A job leaves `active` only once its final state is recorded: a Redis error on the way
+        leaves it here for the next step to try again."""
         if a.finishing is not None:
             if a.finishing.done():
-                self.active.pop(a.job.id, None)
-                self._rr = deque(j for j in self._rr if j != a.job.id)
                 exc = a.finishing.exception()
                 if exc is not None:
-                    self._fail(a.job.id, JobError(message=f"finishing the output failed: {_reason(exc)}"))
+                    self._fail(a.job, JobError(message=f"finishing the output failed: {_reason(exc)}"), a)
+                    self._forget(a.job.id)
+                elif a.finishing.result():
+                    self._forget(a.job.id)
+                # else cancelled while stitching: the next step's cancel check records it and cleans up
             return
         a.writes = [w for w in a.writes if not w.done() or w.exception() is not None]
         errors = [w.exception() for w in a.writes if w.done() and w.exception() is not None]
         if errors:
-            self.active.pop(a.job.id, None)
-            self._fail(a.job.id, JobError(message=f"storing tiles failed: {_reason(errors[0])}"))
+            self._fail(a.job, JobError(message=f"storing tiles failed: {_reason(errors[0])}"), a)
+            self._forget(a.job.id)
             return
         if a.pending or a.in_flight or a.writes:
             return
         if a.failed:
-            self.active.pop(a.job.id, None)
             tiles = [TileFailure(tile=t, reason=r) for t, r in sorted(a.failed.items())]
-            self._fail(a.job.id, JobError(message=f"{len(tiles)} tiles failed after {self.max_attempts} attempts", tiles=tiles))
+            self._fail(a.job, JobError(message=f"{len(tiles)} tiles failed after {self.max_attempts} attempts", tiles=tiles), a)
+            self._forget(a.job.id)
             return
         a.finishing = self.io.submit(self._finish, a)
 
-    def _finish(self, a: _Active) -> None:
-        """Stitch the stored tiles into the COG, publish it, then drop the parts."""
+    def _forget(self, job_id: str) -> None:
+        self.active.pop(job_id, None)
+        self._rr = deque(j for j in self._rr if j != job_id)
+
+    def _finish(self, a: _Active) -> bool:
+        """Stitch the stored tiles into the COG, publish it, then drop the parts. False where a
+        cancel stopped it."""
         job, prep = a.job, a.prep
-        done = self.store.tiles_done(job.id)
+        out = output_uri(job.spec, job.id)
+        store = storage_for(out, self.settings)  # the output and its parts
+        done = self._until_redis(self.store.tiles_done, job.id)
+        if unrecorded := [t for t in prep.plan.tiles if str(t) not in done and store.exists(part_uri(job, t))]:
+            # stored, but the record was among the last writes of a Redis that restarted without
+            # them (appendfsync everysec): the part is what counts
+            log.warning("job %s: %d stored tiles were not recorded in Redis; recording them", job.id, len(unrecorded))
+            for t in unrecorded:
+                self._until_redis(self.store.tile_done, job.id, str(t))
+            done |= {str(t) for t in unrecorded}
         missing = [str(t) for t in prep.plan.tiles if str(t) not in done]
         if missing:
             raise RuntimeError(f"{len(missing)} tiles not recorded as done: {', '.join(missing[:5])}")
-        out = output_uri(job.spec, job.id)
-        store = storage_for(out, self.settings)  # the output and its parts
         parts = (decode_part(store.read_bytes(part_uri(job, t)), t) for t in prep.plan.tiles)
         timings: dict[str, float] = {}
         ran = replace(prep, backend=a.backend, precision=a.precision)  # what the encoders ran, as a run's output says
-        stac_uri = publish(ran, a.encoding, parts, out, self.settings, extra_tags={"job": job.id},
-                           proceed=lambda: not self.store.cancel_requested(job.id), timings=timings)
+        stac_uri = publish(ran, a.encoding, parts, out, self.settings, extra_tags={"job": job.id}, owner=job.id,
+                           proceed=lambda: not self._until_redis(self.store.cancel_requested, job.id), timings=timings)
         metrics.stage_seconds.labels("stitch").observe(timings["tiles_s"] + timings["cog_s"])
         if stac_uri is None:
-            return  # cancelled while stitching: the cancel path cleans up
+            return False  # cancelled while stitching: the cancel path cleans up
         metrics.stage_seconds.labels("upload").observe(timings["upload_s"])
-        self.store.transition(job.id, JobState.SUCCEEDED, outputs=[out, stac_uri])
-        self._delete_parts(job, prep)
+        try:
+            self._until_redis(self.store.transition, job.id, JobState.SUCCEEDED, outputs=[out, stac_uri])
+        except InvalidTransition:
+            if self._until_redis(self.store.get, job.id).state is not JobState.SUCCEEDED:
+                raise
+            # an earlier try was recorded, its reply lost with the connection
+        self._delete_parts(job)
+        return True
 
     def _check_cancel(self, a: _Active) -> None:
         if not self.store.cancel_requested(a.job.id):
@@ -332,44 +384,92 @@ class Scheduler:
             return  # wait for the finisher to notice
         for w in a.writes:
             w.exception()  # let in-flight part writes land before deleting them
-        self.active.pop(a.job.id, None)
-        self._rr = deque(j for j in self._rr if j != a.job.id)
         try:
             self.store.transition(a.job.id, JobState.CANCELLED)
         except TileFMError:
             pass  # already final
-        self._delete_parts(a.job, a.prep)
+        self._forget(a.job.id)
+        self._delete_parts(a.job)
 
-    def _delete_parts(self, job: Job, prep: Prepared) -> None:
-        parts = storage_for(output_uri(job.spec, job.id), self.settings)
-        for t in prep.plan.tiles:
-            parts.delete(part_uri(job, t))
-        folder = parse_uri(parts_prefix(job).rstrip("/"))
-        if isinstance(folder, FileLocation):  # object stores have no folders to leave behind
-            with contextlib.suppress(OSError):
-                folder.path.rmdir()
+    def _delete_parts(self, job: Job) -> None:
+        """Remove everything under the job's `.parts-<id>/` (whichever plan wrote it). Never
+        raises: the job's state is recorded by now, and parts left behind only take space."""
+        prefix = parts_prefix(job)
+        try:
+            parts = storage_for(output_uri(job.spec, job.id), self.settings)
+            folder = parse_uri(prefix.rstrip("/"))
+            if isinstance(folder, FileLocation):
+                if folder.path.is_dir():
+                    for p in folder.path.iterdir():
+                        parts.delete(p.as_uri())
+                    with contextlib.suppress(OSError):
+                        folder.path.rmdir()
+            elif isinstance(parts, S3Storage):
+                pages = parts.client.get_paginator("list_objects_v2").paginate(Bucket=folder.bucket, Prefix=folder.key + "/")
+                for page in pages:
+                    for obj in page.get("Contents", []):
+                        parts.delete(f"s3://{folder.bucket}/{obj['Key']}")
+        except Exception as e:  # noqa: BLE001 - logged; see above
+            log.warning("job %s: parts under %s not removed: %s", job.id, prefix, _reason(e))
 
-    def _fail(self, job_id: str, error: JobError) -> None:
-        log.error("job %s failed: %s", job_id, error.message)
-        self.store.transition(job_id, JobState.FAILED, error=error)
+    def _fail(self, job: Job, error: JobError, a: _Active | None = None) -> None:
+        """Record the failure, then remove the job's parts: a failed job is never resumed. Its
+        running work (`a`) stops first, so that no part lands after the clean-up."""
+        if a is not None:
+            self._stop_work(a)
+        log.error("job %s failed: %s", job.id, error.message)
+        try:
+            self.store.transition(job.id, JobState.FAILED, error=error)
+        except InvalidTransition as e:  # final already (cancelled meanwhile): its parts go all the same
+            log.warning("job %s: not marked failed, it is already %s", job.id, e.current)
+        self._delete_parts(job)
+
+    def _stop_work(self, a: _Active) -> None:
+        """Drop a job's queued batches and cancel its running ones, then wait for its part writes."""
+        a.pending.clear()
+        for ref, (batch, _) in list(self.refs.items()):
+            if batch.job_id == a.job.id:
+                self.ray.cancel(ref)
+                self.refs.pop(ref)
+        for w in a.writes:
+            w.exception()
+
+    def _until_redis(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call`, retried while Redis is unreachable, for the worker threads: what they record
+        (a stored part, a finished output) is done work that an outage must not throw away.
+        Gives up only when the scheduler stops."""
+        delay = 0.0
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except REDIS_UNAVAILABLE as e:
+                if self._stop.is_set():
+                    raise
+                delay = _backoff(delay)
+                log.warning("redis unreachable (%s); retrying %s in %.1f s", _reason(e), getattr(call, "__name__", "a call"), delay)
+                self._stop.wait(delay)
 
     def _event(self, a: _Active, message: str = "") -> None:
         """A progress event (state changes are published by the store itself)."""
         a.last_event = time.monotonic()
         elapsed = max(time.monotonic() - a.started, 1e-6)
         rate = (a.done - a.done_at_start) / elapsed
-        job = self.store.get(a.job.id)
-        self.store.publish(JobEvent(job_id=a.job.id, state=job.state, progress=job.progress, tiles_per_second=round(rate, 3), time=_now(), message=message))
+        try:
+            job = self.store.get(a.job.id)
+            self.store.publish(JobEvent(job_id=a.job.id, state=job.state, progress=job.progress, tiles_per_second=round(rate, 3),
+                                        time=_now(), message=message))
+        except REDIS_UNAVAILABLE as e:  # progress only: the next event carries it
+            log.info("job %s: progress event not sent (%s)", a.job.id, _reason(e))
 
     def _renew_leases(self) -> None:
         now = time.monotonic()
         if now - self._last_renew < self.lease_s / 3:
             return
-        self._last_renew = now
         for job_id in list(self.active):
             if not self.store.renew_lease(job_id, self.owner, self.lease_s):
                 log.warning("job %s: lease lost; dropping it here", job_id)
-                self.active.pop(job_id, None)
+                self._forget(job_id)
+        self._last_renew = now  # only once every lease is renewed: after a Redis error, the next step tries again
 
 
 def _reason(e: BaseException) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,11 +18,12 @@ from typing import TYPE_CHECKING
 import anyio
 
 from tilefm.errors import StorageError, TileFMError
+from tilefm.jobs import locations
 from tilefm.jobs.models import Job, JobEvent, JobSpec, JobState
 from tilefm.jobs.store import JobStore
 from tilefm.models.store import weights_path
-from tilefm.pipeline import RunSpec, prepare
-from tilefm.scene import open_scene
+from tilefm.pipeline import Prepared, RunSpec, check_unclaimed, prepare
+from tilefm.scene import Scene, open_scene
 from tilefm.storage import storage_for
 from tilefm.settings import Settings
 
@@ -39,25 +39,66 @@ def body_hash(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def output_uri(spec: JobSpec, job_id: str | None = None) -> str:
-    """Where a job's COG goes: `<prefix>/<job id>/<model>.tif` (its STAC item beside it), so jobs
-    sharing a prefix never overwrite each other; a prefix naming a .tif is used as is."""
-    prefix = spec.output_prefix
-    if prefix.lower().endswith((".tif", ".tiff")):
-        return prefix
-    return prefix.rstrip("/") + (f"/{job_id}" if job_id else "") + f"/{spec.model}.tif"
+def output_uri(spec: JobSpec, job_id: str) -> str:
+    """Where job `job_id` writes its COG: `<output_prefix>/<job id>/<model>.tif`, its STAC item
+    beside it. The job's own id names the folder, so jobs sharing a prefix never write the same key."""
+    return locations.output_uri(spec.output_prefix, spec.model, job_id)
 
 
 def run_spec(spec: JobSpec, *, out: str | None = None) -> RunSpec:
+    """The run of `spec`, writing to `out`; without one (validation, before the job has an id) to
+    `<output_prefix>/<model>.tif`, a name only used to probe that the prefix can be written."""
     try:
         d = date.fromisoformat(spec.date) if spec.date else None
     except ValueError:
         raise TileFMError(f"expected YYYY-MM-DD, got {spec.date!r}", field="date") from None
+    probe = spec.output_prefix.rstrip("/") + f"/{spec.model}.tif"
     return RunSpec(
-        scene=dict(spec.scene), model=spec.model, out=out or output_uri(spec), zoom=spec.zoom,
+        scene=dict(spec.scene), model=spec.model, out=out or probe, zoom=spec.zoom,
         bbox=tuple(spec.bbox) if spec.bbox else None, backend=spec.backend, precision=spec.precision, dtype=spec.dtype,
         asset_map=dict(spec.assets), date=d,
     )
+
+
+def resolve_paths(spec: JobSpec) -> JobSpec:
+    """`spec` with its relative local paths made absolute, once, at submission: the record then
+    names the same files for every process that opens them, whatever its working folder."""
+    scene = {k: locations.absolute(v) for k, v in spec.scene.items()}
+    assets = {k: locations.absolute(v) for k, v in spec.assets.items()}
+    prefix = locations.absolute(spec.output_prefix)
+    if (scene, assets, prefix) == (spec.scene, spec.assets, spec.output_prefix):
+        return spec
+    return spec.model_copy(update={"scene": scene, "assets": assets, "output_prefix": prefix})
+
+
+def check_locations(spec: JobSpec, settings: Settings) -> None:
+    """Every location `spec` names is inside the allowlists, and its output prefix is a folder."""
+    for modality, source in spec.scene.items():
+        locations.check_allowed(source, settings.allowed_sources, f"scene.{modality}")
+    for key, path in spec.assets.items():
+        locations.check_allowed(path, settings.allowed_sources, f"assets.{key}")
+    locations.check_allowed(spec.output_prefix, settings.allowed_outputs, "output_prefix")
+    locations.check_output_prefix(spec.output_prefix)
+
+
+def open_scene_for(settings: Settings) -> Callable[..., Scene]:
+    """`open_scene` as the service opens scenes: every file or URL checked against the source
+    allowlist before GDAL sees it, and S3 read with the service's endpoint and keys."""
+    return functools.partial(open_scene, check=locations.source_check(settings.allowed_sources), settings=settings)
+
+
+def prepare_job(job: Job, settings: Settings) -> Prepared:
+    """A queued job's run, as its scheduler starts it: the locations checked again (files may
+    have changed since the job was accepted), written to the job's own key, and refused if
+    something this job did not write is already there."""
+    check_locations(job.spec, settings)
+    out = output_uri(job.spec, job.id)
+
+    def check_writable(uri: str) -> None:
+        storage_for(uri, settings).check_writable(uri)
+        check_unclaimed(uri, job.id, settings)
+
+    return prepare(run_spec(job.spec, out=out), settings, open_scene_fn=open_scene_for(settings), check_writable_fn=check_writable)
 
 
 class JobService:
@@ -81,17 +122,14 @@ class JobService:
         `block=False` it only uses what the caches already hold and raises `CacheMiss` where it
         would have to open files or reach the object store (an event loop then hands it to a
         thread)."""
-        for modality, source in spec.scene.items():
-            _check_allowed(source, self.settings.allowed_sources, f"scene.{modality}")
-        for key, path in spec.assets.items():
-            _check_allowed(path, self.settings.allowed_sources, f"assets.{key}")
-        _check_allowed(spec.output_prefix, self.settings.allowed_outputs, "output_prefix")
+        check_locations(spec, self.settings)
         if spec.dtype not in (None, "float16", "float32", "int8"):
             raise TileFMError(f"unknown dtype {spec.dtype!r} (float16, float32 or int8)", field="dtype")
         prep = _prepare_cached(spec, self.settings, block=block)
         return len(prep.plan.tiles)
 
     def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        spec = resolve_paths(spec)
         tiles = self.validate(spec)
         return self.store.create(spec, idempotency_key=idempotency_key, body_hash=body_hash(spec), total=tiles)
 
@@ -101,6 +139,7 @@ class JobService:
         """`submit` for an event loop: validation from warm caches and the record over an asyncio
         Redis client run on the loop; only cache misses (files, object store) take a thread. A
         submission is ~1 ms of CPU, and a thread hop per request cost a fifth of the throughput."""
+        spec = resolve_paths(spec)
         try:
             tiles = self.validate(spec, block=False)
         except CacheMiss:
@@ -227,13 +266,18 @@ def _prepare_cached(spec: JobSpec, settings: Settings, *, block: bool = True):
     """Validation opens every file of the scene and probes the output location: both are cached
     briefly so that a burst of submissions stays fast."""
 
+    open_checked = open_scene_for(settings)
+
     def open_cached(sources, *, asset_map=None, date_override=None):
-        key = json.dumps([sources, asset_map, str(date_override)], sort_keys=True)
-        return _scenes.get(key, lambda: open_scene(sources, asset_map=asset_map, date_override=date_override), block=block)
+        # the allowlist and the S3 endpoint are part of the key: a scene one service may open
+        # is not thereby open to another with other settings in the same process
+        key = json.dumps([sources, asset_map, str(date_override), settings.allowed_sources, settings.s3_endpoint_url], sort_keys=True)
+        return _scenes.get(key, lambda: open_checked(sources, asset_map=asset_map, date_override=date_override), block=block)
 
     def writable_cached(uri: str) -> None:
+        # creating nothing: a submission that is refused, or never run, leaves no folder behind
         prefix = uri.rsplit("/", 1)[0]
-        _writable.get(f"{prefix}|{settings.s3_endpoint_url}", lambda: storage_for(uri, settings).check_writable(uri), block=block)
+        _writable.get(f"{prefix}|{settings.s3_endpoint_url}", lambda: storage_for(uri, settings).check_creatable(uri), block=block)
 
     try:
         return prepare(run_spec(spec), settings, open_scene_fn=open_cached, check_writable_fn=writable_cached,
@@ -241,25 +285,3 @@ def _prepare_cached(spec: JobSpec, settings: Settings, *, block: bool = True):
     except StorageError as e:
         e.field = "output_prefix"
         raise
-
-
-def _normalise(location: str) -> str:
-    """Local paths and file:// URIs as resolved absolute paths (no `..` escapes); URIs as given."""
-    if location.startswith("file://"):
-        location = location[7:]
-    if "://" in location:
-        return location
-    return os.path.realpath(os.path.expanduser(location))
-
-
-def _check_allowed(location: str, allowed: list[str], field: str) -> None:
-    if any(ord(c) < 32 for c in location):
-        raise TileFMError("control characters are not allowed in a path or URI", field=field)
-    if not allowed:
-        return
-    loc = _normalise(location)
-    for prefix in allowed:
-        p = _normalise(prefix)
-        if loc == p or loc.startswith(p.rstrip("/") + "/"):
-            return
-    raise TileFMError(f"{location!r} is outside the locations this service may use ({', '.join(allowed)})", field=field)

@@ -68,6 +68,11 @@ API:
             # (redis-py 8 defaults to 5 s)
         def counts_by_state(self) -> dict[JobState, int]
         def queue_depth(self) -> int
+        def persistence(self) -> Persistence   # whether this Redis keeps its data across a restart
+
+`REDIS_UNAVAILABLE`: the errors that mean Redis cannot be reached for now (down, restarting,
+loading its data, failing over) rather than that a request was wrong; callers retry them (the
+scheduler) or answer 503 (the APIs).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis as redis_lib
 
@@ -100,7 +105,24 @@ from tilefm.jobs.models import (
 if TYPE_CHECKING:
     from redis.asyncio import Redis as AsyncRedis
 
-__all__ = ["JobStore", "new_job_id", "queue_score", "spec_hash"]
+__all__ = ["REDIS_UNAVAILABLE", "JobStore", "Persistence", "new_job_id", "queue_score", "spec_hash"]
+
+#: Redis is unreachable for now, not wrong: refused or dropped connections, timeouts, a server
+#: still loading its AOF (BusyLoadingError is a ConnectionError) or a replica not yet promoted
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis_lib.exceptions.ConnectionError,
+    redis_lib.exceptions.TimeoutError,
+    redis_lib.exceptions.ReadOnlyError,
+)
+
+
+class Persistence(NamedTuple):
+    """Whether a Redis keeps its data across a restart: `durable` is True with the append-only
+    file on, False without it (RDB snapshots alone lose the writes since the last one), None
+    where the server does not say (INFO switched off, as some managed services do)."""
+
+    durable: bool | None
+    detail: str
 
 #: how long an Idempotency-Key is remembered
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -680,3 +702,29 @@ class JobStore:
 
     def queue_depth(self) -> int:
         return int(self.redis.zcard(self._k("jobs", "queue")))
+
+    # -- durability ------------------------------------------------------------------------------
+
+    def persistence(self) -> Persistence:
+        """From INFO persistence (aof_enabled) and, where CONFIG is allowed, the fsync policy or
+        the snapshot schedule. Raises what an unreachable Redis raises."""
+        try:
+            info = self.redis.info("persistence")
+        except redis_lib.exceptions.ResponseError as e:
+            return Persistence(None, f"unknown (INFO refused: {e})")
+        if "aof_enabled" not in info:
+            return Persistence(None, "unknown (INFO persistence has no aof_enabled)")
+        if int(info["aof_enabled"]):
+            fsync = self._config("appendfsync")
+            return Persistence(True, f"aof (appendfsync {fsync})" if fsync else "aof")
+        save = self._config("save")
+        return Persistence(False, f"rdb snapshots only (save {save!r})" if save else "none")
+
+    def _config(self, name: str) -> str | None:
+        """A CONFIG value, or None where CONFIG is renamed or switched off."""
+        try:
+            values = self.redis.config_get(name)
+        except redis_lib.exceptions.ResponseError:
+            return None
+        value = values.get(name, values.get(name.encode()))
+        return _str(value) if value is not None else None

@@ -19,6 +19,9 @@ class Band(BaseModel):
     shift: float = 0.0
     mean: float = 0.0
     std: float = 1.0
+    #: bands (by id, in order of preference) read in this one's place where the scene lacks it:
+    #: a close equivalent the model was trained to take, e.g. Landsat OLI's NIR (B8A) for B08
+    alternatives: list[str] = Field(default_factory=list)
 
 
 class Input(BaseModel):
@@ -76,15 +79,27 @@ class Context(BaseModel):
     window: int = 256
     overlap: int = 0
     blend: Literal["sine", "none"] = "sine"
+    #: where the windows are laid: `tile` = on the output's web-mercator tiles (inputs resampled
+    #: onto them); `native` = on the scene's own pixel grid (coarsened to `gsd_m` where the scene
+    #: is much finer), the blended scores then resampled onto the tiles (`tilefm.native`). Models
+    #: with spatial context answer for the texture they are shown, and resampled imagery is not
+    #: what they were trained on
+    grid: Literal["tile", "native"] = "tile"
 
     @model_validator(mode="after")
     def _check(self) -> "Context":
         stride = self.window - self.overlap
         if stride <= 0 or self.overlap % 2:
             raise ValueError("overlap must be even and smaller than window")
-        if not self.per_pixel and 256 % stride:
+        if not self.per_pixel and self.grid == "tile" and 256 % stride:
             raise ValueError(f"window - overlap ({stride}) must divide the 256-pixel tile")
+        if self.per_pixel and self.grid == "native":
+            raise ValueError("per-pixel models read on the tile grid (grid: tile)")
         return self
+
+    @property
+    def native(self) -> bool:
+        return self.grid == "native"
 
     @property
     def stride(self) -> int:
@@ -92,8 +107,9 @@ class Context(BaseModel):
 
     @property
     def halo(self) -> int:
-        """Pixels read around each tile so that the tile's own windows are complete."""
-        return 0 if self.per_pixel else self.overlap // 2
+        """Pixels read around each tile so that the tile's own windows are complete (none on
+        the native grid, whose reads span whole windows of their own)."""
+        return 0 if self.per_pixel or self.native else self.overlap // 2
 
 
 class Weights(BaseModel):
@@ -168,6 +184,12 @@ class ModelCard(BaseModel):
     backends: list[BackendName]
     #: precisions the model may run in (GPU backends); fp32 is the reference
     precisions: list[Precision] = Field(default_factory=lambda: ["fp32"])
+    #: ground sampling distance the model was trained at, metres: a native-grid model runs on
+    #: the scene's pixels coarsened by the largest whole factor that keeps them no larger than
+    #: this, and a run warns (or with --strict refuses) when its inputs must be resampled further
+    #: from it than `max_resample` times
+    gsd_m: float | None = Field(None, gt=0)
+    max_resample: float = Field(4.0, ge=1)
     #: network shape for `architecture: vit`
     vit: ViTSpec | None = None
     #: max abs difference to a reference allowed by `tilefm models verify`

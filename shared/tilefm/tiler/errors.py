@@ -31,6 +31,10 @@ class BadRenderParameter(TileFMError):
     """A query parameter that cannot be applied to this output (422)."""
 
 
+class LimitExceeded(BadRenderParameter):
+    """A request over one of the tiler's caps (sizes, band counts, bytes read) (422)."""
+
+
 class PathNotAllowed(TileFMError):
     """A `url` outside the configured storage prefixes (403)."""
 

@@ -130,6 +130,8 @@ def read_output(job: Job, settings: Settings) -> JobOutput:
             descriptions = [d or f"b{i + 1}" for i, d in enumerate(src.descriptions)]
     except rasterio.errors.RasterioIOError as e:
         raise OutputUnreadable(f"the output of job {job.id} cannot be read ({uri}): {e}") from e
+    if tags.get("TILEFM_JOB") != job.id:  # whatever is at the key now, it is not this job's
+        raise OutputUnreadable(f"the file at {uri} was not written by job {job.id}")
     card = ModelCard.model_validate_json(tags["TILEFM_CARD"]) if "TILEFM_CARD" in tags else None
     zoom = int(tags.get("TILEFM_ZOOM", 0))
     classes = [ClassInfo(c.value, c.name, c.color) for c in (card.output.classes if card else [])]

@@ -79,17 +79,21 @@ def compute(values: np.ndarray, rng_seed: int = 0) -> RenderStats:
     )
 
 
-def sample(path: str, dequantize) -> np.ndarray:
-    """The output at the overview closest to SAMPLE_SIZE columns: the whole scene, evenly."""
+def sample(path: str, dequantize, max_bytes: int | None = None) -> np.ndarray:
+    """The output at the overview closest to SAMPLE_SIZE columns: the whole scene, evenly; read
+    smaller where its bands at that size would be over `max_bytes` of float32."""
     with rasterio.open(path) as src:
         levels = [1, *src.overviews(1)]
         factor = max((f for f in levels if src.width / f >= SAMPLE_SIZE), default=1)
         h, w = max(1, src.height // factor), max(1, src.width // factor)
+        if max_bytes is not None and src.count * h * w * 4 > max_bytes:
+            shrink = (max_bytes / (src.count * h * w * 4)) ** 0.5
+            h, w = max(1, int(h * shrink)), max(1, int(w * shrink))
         data = src.read(out_shape=(src.count, h, w), resampling=rasterio.enums.Resampling.nearest)
     return dequantize(data)
 
 
-def load_or_compute(output, storage, env: dict) -> RenderStats:
+def load_or_compute(output, storage, env: dict, max_bytes: int | None = None) -> RenderStats:
     """Stats stored beside the COG (`<name>.pca.json`), or computed now and stored there.
     A read-only store (the tiler may hold read-only credentials) keeps them in memory only."""
     uri = stats_uri(output.uri)
@@ -98,7 +102,7 @@ def load_or_compute(output, storage, env: dict) -> RenderStats:
     except (StorageError, FileNotFoundError, KeyError, json.JSONDecodeError, TypeError):
         pass
     with rasterio.Env(**env):
-        stats = compute(sample(output.path, output.dequantize))
+        stats = compute(sample(output.path, output.dequantize, max_bytes))
     try:
         storage.write_bytes(uri, stats.to_json())
     except StorageError as e:

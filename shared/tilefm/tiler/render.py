@@ -60,18 +60,29 @@ def pca(values: np.ndarray, stats: RenderStats) -> np.ndarray:
     return to_uint8(stats.project(values), np.asarray(stats.pca_lo), np.asarray(stats.pca_hi))
 
 
+#: pixels whose similarity is computed at once: the float64 copies stay a few MiB however
+#: large the image (a whole 128-band tile at once was ~8 times the tile's own size)
+SIMILARITY_CHUNK = 16384
+
+
 def cosine_similarity(values: np.ndarray, query: np.ndarray) -> np.ndarray:
     """[bands, H, W] x [bands] -> [H, W] in [-1, 1]; NaN where the pixel has no value."""
     q = np.asarray(query, np.float64)
     qn = np.linalg.norm(q)
     if not np.isfinite(qn) or qn == 0:
         raise BadRenderParameter("the query vector is zero or not finite", field="vector")
-    flat = values.reshape(values.shape[0], -1).astype(np.float64)
-    dots = q @ np.nan_to_num(flat)
-    norms = np.linalg.norm(np.nan_to_num(flat), axis=0) * qn
-    sim = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.nan)
-    sim[np.isnan(flat).any(axis=0)] = np.nan
-    return np.clip(sim, -1.0, 1.0).astype(np.float32).reshape(values.shape[1:])
+    flat = values.reshape(values.shape[0], -1)
+    out = np.empty(flat.shape[1], np.float32)
+    for i in range(0, flat.shape[1], SIMILARITY_CHUNK):
+        part = flat[:, i:i + SIMILARITY_CHUNK].astype(np.float64)
+        missing = np.isnan(part).any(axis=0)
+        np.nan_to_num(part, copy=False)
+        dots = q @ part
+        norms = np.linalg.norm(part, axis=0) * qn
+        sim = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.nan)
+        sim[missing] = np.nan
+        out[i:i + SIMILARITY_CHUNK] = np.clip(sim, -1.0, 1.0)
+    return out.reshape(values.shape[1:])
 
 
 def rank(values: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
@@ -81,6 +92,13 @@ def rank(values: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
     out = np.interp(values, q, np.linspace(0.0, 1.0, len(q))).astype(np.float32)
     out[np.isnan(values)] = np.nan
     return out
+
+
+def check_colormap(name: str) -> None:
+    """A colormap name rio-tiler knows, checked when a layer is asked for (TileJSON, WMTS), not
+    first at its tiles."""
+    if name not in colormaps.list():
+        raise BadRenderParameter(f"unknown colormap {name!r}", field="colormap_name")
 
 
 def colormap_rgb(values: np.ndarray, name: str, rescale: tuple[float, float]) -> np.ndarray:

@@ -1,13 +1,21 @@
 """Which datasets the generic COG endpoints may open: only files under the configured storage
 prefixes. GDAL opens far more than files (`/vsicurl/` URLs, cloud metadata endpoints, VRTs that
-point anywhere), so the `url` parameter is parsed and checked here before GDAL ever sees it."""
+point anywhere), so the `url` parameter is parsed and checked here before GDAL ever sees it.
+
+Also here: the base of the URLs TileJSON and WMTS documents name, which never comes from a Host
+header the server does not know (a shared cache would hand a forged one to everyone)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tilefm.errors import StorageError
+from starlette.requests import Request
+
 from tilefm.settings import Settings
 from tilefm.storage import FileLocation, S3Location, parse_uri, storage_for
 from tilefm.tiler.errors import PathNotAllowed
@@ -53,3 +61,43 @@ def allowed_path(url: str, prefixes: list[str], settings: Settings) -> str:
             if os.path.commonpath([real, str(p.path)]) == str(p.path):
                 return real
     raise PathNotAllowed(f"{url!r} is outside the storage this tiler serves ({', '.join(prefixes)})")
+
+
+#: a Host header: a name or an IPv4 address, or an IPv6 address in brackets, and a port
+_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::[0-9]{1,5})?$")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine (localhost, 127.0.0.0/8, ::1), with any port."""
+    m = _HOST.match(host)
+    if m is None:
+        return False
+    name = m.group("v6") or m.group("name")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_public_url(url: str) -> str:
+    """`TILEFM_TILER_PUBLIC_URL` as the base of tile URLs: http(s), a host, no query or fragment."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment or not _HOST.match(parts.netloc):
+        raise ValueError(f"TILEFM_TILER_PUBLIC_URL must be an http(s) URL with a host and no query, not {url!r}")
+    return url.rstrip("/")
+
+
+def public_base(request: Request, public_url: str | None) -> str:
+    """What TileJSON and WMTS put before `/v1/...`, without a trailing slash: the configured
+    public URL; else the request's own scheme and host where that host is a loopback one (local
+    use, so GIS desktops get absolute URLs); else nothing, i.e. root-relative URLs, which a
+    browser resolves against the page's own origin."""
+    if public_url:
+        return public_url
+    root = str(request.scope.get("root_path") or "").rstrip("/")
+    host = request.headers.get("host", "")
+    if is_loopback_host(host):
+        return f"{request.url.scheme}://{host}{root}"
+    return root

@@ -26,6 +26,7 @@ from tilefm.settings import Settings
 from tilefm.storage import gdal_env, storage_for
 from tilefm.tiler import pca, render
 from tilefm.tiler.errors import BadRenderParameter, TileNotAvailable
+from tilefm.tiler.limits import Limits
 from tilefm.tiler.outputs import JobOutput
 from tilefm.tiler.render import RenderParams
 
@@ -139,6 +140,7 @@ class OutputTiles:
     def __post_init__(self) -> None:
         self._readers = ReaderCache()
         self._env = gdal_env(self.settings)
+        self.limits = Limits.from_settings(self.settings)
         self._stats: dict[str, pca.RenderStats] = {}
         self._stats_lock = threading.Lock()
         self._samples: dict[str, np.ndarray] = {}
@@ -151,7 +153,8 @@ class OutputTiles:
         with self._stats_lock:  # one computation per job, however many tiles ask at once
             s = self._stats.get(out.job_id)
             if s is None:
-                s = self._stats[out.job_id] = pca.load_or_compute(out, storage_for(out.uri, self.settings), self._env)
+                s = self._stats[out.job_id] = pca.load_or_compute(out, storage_for(out.uri, self.settings), self._env,
+                                                                  max_bytes=self.limits.max_read_bytes)
             return s
 
     def sample(self, out: JobOutput) -> np.ndarray:
@@ -187,6 +190,8 @@ class OutputTiles:
             raise BadRenderParameter(f"render {name!r} is not available for a {out.kind} output; choose one of {', '.join(allowed)}", field="render")
         query, quantiles = None, None
         resc = render.parse_rescale(rescale)
+        if colormap_name is not None:
+            render.check_colormap(colormap_name)
         if name == "similarity":
             if not vector and (lon is None or lat is None):
                 raise BadRenderParameter("similarity needs a query: lon and lat of a pixel, or vector", field="lon")
@@ -216,6 +221,10 @@ class OutputTiles:
                 self._queries.popitem(last=False)
         return hit
 
+    def _band_count(self, out: JobOutput, p: RenderParams) -> int:
+        idx = self._indexes(out, p)
+        return len(idx) if idx is not None else out.count
+
     def _indexes(self, out: JobOutput, p: RenderParams) -> list[int] | None:
         if p.render == "classes":
             return [1]
@@ -225,12 +234,25 @@ class OutputTiles:
 
     def tile(self, out: JobOutput, tms: str, z: int, x: int, y: int, scale: int, fmt: str, p: RenderParams) -> bytes:
         check_tile(tms, z, x, y, out.minzoom, out.maxzoom, scale)
+        size = TILE_SIZE * scale
+        self.limits.check_read(self._band_count(out, p), size, size, "scale" if scale > 1 else "render")
         stats = self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
         with self.env():
             img = read_aligned(self._readers.get(out.path).dataset, out, z, x, y, TILE_SIZE * scale, self._indexes(out, p))
         return self._render(out, img, fmt, p, stats)
 
+    def _shape(self, out: JobOutput) -> tuple[int, int]:
+        with self.env():
+            ds = self._readers.get(out.path).dataset
+            return ds.height, ds.width
+
+    def preview_size(self, out: JobOutput, p: RenderParams, max_size: int | None) -> int:
+        """The longest side of the preview: `max_size` within the caps, or the default."""
+        height, width = self._shape(out)
+        return self.limits.image_size(max_size, statistics=False, bands=self._band_count(out, p), height=height, width=width)
+
     def preview(self, out: JobOutput, fmt: str, p: RenderParams, max_size: int) -> bytes:
+        """`max_size`: from `preview_size`."""
         stats = self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
         with self.env():
             img = self._readers.get(out.path).preview(indexes=self._indexes(out, p), max_size=max_size, resampling_method="nearest")
@@ -291,10 +313,16 @@ class OutputTiles:
             body["class"] = {"value": c.value, "name": c.name, "color": c.color} if c else None
         return body
 
-    def statistics(self, out: JobOutput, bands: list[int] | None, max_size: int) -> dict[str, Any]:
+    def statistics(self, out: JobOutput, bands: list[int] | None, max_size: int | None) -> dict[str, Any]:
+        """`max_size` None: the default size, or the largest whose read of these bands fits the
+        per-request budget."""
+        if bands is not None:
+            self.limits.check_bands(len(bands), "bands")
         indexes = bands or list(range(1, out.count + 1))
         if not all(1 <= b <= out.count for b in indexes):
             raise BadRenderParameter(f"bands must be between 1 and {out.count}", field="bands")
+        height, width = self._shape(out)
+        max_size = self.limits.image_size(max_size, statistics=True, bands=len(indexes), height=height, width=width)
         with self.env():
             img = self._readers.get(out.path).preview(indexes=indexes, max_size=max_size, resampling_method="nearest")
         raw = np.ma.getdata(img.array)

@@ -1,9 +1,13 @@
 """WMTS 1.0.0 capabilities for one layer, so GIS desktops (QGIS, ArcGIS) can add a job's output
-the way they add any tiled service."""
+the way they add any tiled service.
+
+Everything interpolated is escaped, text with `escape` and attributes with `quoteattr`: the tile
+URL carries the request's rendering parameters, and no value of them may close an attribute or
+open an element."""
 
 from __future__ import annotations
 
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, quoteattr
 
 from tilefm.grid import TMS
 
@@ -11,7 +15,7 @@ from tilefm.grid import TMS
 def capabilities(*, title: str, layer: str, bounds: tuple[float, float, float, float], minzoom: int, maxzoom: int,
                  tile_url: str, fmt: str = "image/png") -> str:
     """`tile_url` has {TileMatrix}, {TileCol} and {TileRow} placeholders (WMTS RESTful names)."""
-    w, s, e, n = bounds
+    w, s, e, n = (float(v) for v in bounds)  # numbers, whatever was passed in
     matrices = []
     for z in range(minzoom, maxzoom + 1):
         m = TMS.matrix(z)
@@ -43,9 +47,9 @@ def capabilities(*, title: str, layer: str, bounds: tuple[float, float, float, f
         <ows:UpperCorner>{e!r} {n!r}</ows:UpperCorner>
       </ows:WGS84BoundingBox>
       <Style isDefault="true"><ows:Identifier>default</ows:Identifier></Style>
-      <Format>{fmt}</Format>
+      <Format>{escape(fmt)}</Format>
       <TileMatrixSetLink><TileMatrixSet>WebMercatorQuad</TileMatrixSet></TileMatrixSetLink>
-      <ResourceURL format="{fmt}" resourceType="tile" template="{escape(tile_url)}"/>
+      <ResourceURL format={quoteattr(fmt)} resourceType="tile" template={quoteattr(tile_url)}/>
     </Layer>
     <TileMatrixSet>
       <ows:Identifier>WebMercatorQuad</ows:Identifier>
