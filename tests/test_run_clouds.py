@@ -11,9 +11,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import rasterio
+import rasterio.warp
 from affine import Affine
 from rasterio.enums import Resampling
-from rasterio.vrt import WarpedVRT
 from rio_cogeo import cog_validate
 from shapely.geometry import box, shape
 from shapely.geometry import mapping
@@ -22,19 +22,23 @@ from rasterio.warp import transform_geom
 from conftest import run_cli
 from tilefm.grid import TMS, TILE_SIZE, resolution
 from tilefm.models import get_card
-from tilefm.read import WARP_TOLERANCE
 from tilefm.seams import seam_report
 from tilefm.windows import blend_weights
 
 ZOOM = 11
+#: the cloudy north-east of the sample scene (lon/lat)
+CLOUDY_BBOX = "-11.45,24.75,-11.0,25.25"
 ORIGIN = TMS.xy_bounds(0, 0, ZOOM)  # the world's top-left tile
 
 
 @pytest.fixture(scope="module")
 def clouds(tmp_path_factory, scene_dir: Path, output_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("clouds") / "clouds.tif"
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", str(ZOOM), "--out", f"file://{out}")
+    # no --zoom: the default follows from the grid the model sees (the scene's own 100 m pixels)
+    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--out", f"file://{out}")
     assert r.returncode == 0, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert f"zoom {ZOOM} by default" in first and "EPSG:32629 100 m" in first, first
     assert "wrote" in r.stderr
     return out
 
@@ -55,6 +59,7 @@ def test_cog_is_valid_and_web_aligned(clouds: Path) -> None:
         assert src.dtypes[0] == "uint8" and src.nodata == 255
         assert src.colormap(1)[1][:3] == (0xF5, 0xF5, 0xF5)
         assert src.tags()["TILEFM_MODEL"] == "ukis-csmask"
+        assert src.tags()["TILEFM_INFERENCE_GRID"] == "EPSG:32629 100 m"
         assert src.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"
 
 
@@ -91,51 +96,69 @@ def test_no_seams(clouds: Path) -> None:
         assert score <= 1.2, f"stripe at period {period}: {report.as_dict()}"
 
 
-def _window_probs(scene_dir: Path, session: ort.InferenceSession, gx: int, gy: int) -> tuple[np.ndarray, np.ndarray]:
-    """An independent read of one 256-px window at global pixel (gx, gy) and the model's probabilities."""
+def _grid_probs(scene_dir: Path, session: ort.InferenceSession, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An independent blend on the scene's own 100 m grid, read straight from the band files:
+    every window of the documented lattice (starts at k * stride - (window - stride) / 2) that
+    touches grid pixels rows x cols, Hann-weighted. Returns (weighted sums [3, h, w], weights [h, w])
+    over the span of those windows, and its grid origin."""
     card = get_card("ukis-csmask")
-    res = resolution(ZOOM)
-    transform = Affine(res, 0, ORIGIN.left + gx * res, 0, -res, ORIGIN.top - gy * res)
+    ctx = card.context
+    window, stride = ctx.window, ctx.stride
+    anchor = (window - stride) // 2
+    first_r = -((window - 1 - rows[0] - anchor) // stride)
+    first_c = -((window - 1 - cols[0] - anchor) // stride)
+    last_r, last_c = (rows[1] - 1 + anchor) // stride, (cols[1] - 1 + anchor) // stride
+    r0, c0 = first_r * stride - anchor, first_c * stride - anchor
+    h, w = (last_r - first_r) * stride + window, (last_c - first_c) * stride + window
     bands = []
     for b in card.inputs[0].bands:
-        with rasterio.open(scene_dir / f"{b.name}.tif") as src, WarpedVRT(
-            src, crs="EPSG:3857", transform=transform, width=256, height=256, resampling=Resampling.bilinear,
-            tolerance=WARP_TOLERANCE,
-        ) as vrt:
-            bands.append((vrt.read(1).astype(np.float32) * b.scale - b.mean) / b.std)
-    logits = session.run(None, {"input": np.stack(bands)[None]})[0][0]
-    e = np.exp(logits - logits.max(0))
-    return e / e.sum(0), np.ones((256, 256), bool)
+        with rasterio.open(scene_dir / f"{b.name}.tif") as src:
+            f = 1098 // src.width  # 20 m bands (200 m here): each pixel repeated f x f
+            full = src.read(1, out_shape=(1098, 1098), resampling=Resampling.nearest).astype(np.float32)
+            assert f in (1, 2)
+        bands.append(((full * b.scale - b.mean) / b.std, full > 0))
+    norm = np.stack([x for x, _ in bands])
+    ok = np.logical_and.reduce([v for _, v in bands])
+    assert r0 >= 0 and c0 >= 0 and r0 + h <= 1098 and c0 + w <= 1098, "the block must be well inside the scene"
+    norm, ok = norm[:, r0 : r0 + h, c0 : c0 + w] * ok[r0 : r0 + h, c0 : c0 + w], ok[r0 : r0 + h, c0 : c0 + w]
+    weights = blend_weights(window, ctx.overlap, ctx.blend)
+    acc = np.zeros((3, h, w), np.float64)
+    wsum = np.zeros((h, w), np.float64)
+    for i in range(0, h - window + 1, stride):
+        for j in range(0, w - window + 1, stride):
+            logits = session.run(None, {"input": norm[None, :, i : i + window, j : j + window].astype(np.float32)})[0][0]
+            e = np.exp(logits - logits.max(0))
+            wv = weights * ok[i : i + window, j : j + window]
+            acc[:, i : i + window, j : j + window] += e / e.sum(0) * wv
+            wsum[i : i + window, j : j + window] += wv
+    return acc, wsum, (r0, c0)
 
 
 def test_classes_match_an_independent_blend(clouds: Path, scene_dir: Path, model_store: Path) -> None:
-    """Recompute a block of pixels from the 4x4 windows that cover it, read straight from the
-    band files with GDAL's warper (not through tilefm), and compare classes."""
-    ctx = get_card("ukis-csmask").context
-    stride, halo = ctx.stride, ctx.halo
+    """Recompute a block of output pixels from the windows on the scene's own grid that cover it,
+    read straight from the band files (not through tilefm), put onto the output grid by GDAL's
+    warper, and compare classes."""
     session = ort.InferenceSession(str(model_store / "ukis-csmask-6b-l2a" / "model.onnx"), providers=["CPUExecutionProvider"])
-    weights = blend_weights(ctx.window, ctx.overlap, ctx.blend)
-    with rasterio.open(clouds) as src:
+    with rasterio.open(clouds) as src, rasterio.open(scene_dir / "B02.tif") as b02:
         classes = src.read(1)
-        x0 = round((src.transform.c - ORIGIN.left) / src.res[0])
-        y0 = round((ORIGIN.top - src.transform.f) / src.res[1])
-    # a 64x64 block in the middle of the scene, on the window grid (global windows start at -halo + k*stride)
-    cy, cx = classes.shape[0] // 2, classes.shape[1] // 2
-    by = ((y0 + cy + halo) // stride) * stride - halo
-    bx = ((x0 + cx + halo) // stride) * stride - halo
-    acc = np.zeros((3, stride, stride), np.float64)
-    wsum = np.zeros((stride, stride), np.float64)
-    n_windows = ctx.window // stride
-    for ky in range(n_windows):
-        for kx in range(n_windows):
-            oy, ox = by - ky * stride, bx - kx * stride  # window origins covering the block
-            probs, _ = _window_probs(scene_dir, session, ox, oy)
-            sl = (slice(ky * stride, (ky + 1) * stride), slice(kx * stride, (kx + 1) * stride))
-            acc += probs[(slice(None), *sl)] * weights[sl]
-            wsum += weights[sl]
-    blended = acc / wsum
+        cy, cx = classes.shape[0] // 2, classes.shape[1] // 2
+        block = (slice(cy, cy + 64), slice(cx, cx + 64))
+        dst_transform = src.transform @ Affine.translation(cx, cy)
+        # the grid pixels under the block, and a margin for the bilinear kernel
+        left, top = dst_transform @ (0, 0)
+        right, bottom = dst_transform @ (64, 64)
+        xs, ys = rasterio.warp.transform(src.crs, b02.crs, [left, right, left, right], [top, top, bottom, bottom])
+        pts = [~b02.transform @ (x, y) for x, y in zip(xs, ys)]
+        rows = (int(min(p[1] for p in pts)) - 3, int(max(p[1] for p in pts)) + 4)
+        cols = (int(min(p[0] for p in pts)) - 3, int(max(p[0] for p in pts)) + 4)
+        acc, wsum, (r0, c0) = _grid_probs(scene_dir, session, rows, cols)
+        stack = np.concatenate([acc, wsum[None]]).astype(np.float32)
+        out = np.zeros((4, 64, 64), np.float32)
+        rasterio.warp.reproject(stack, out, src_transform=b02.transform @ Affine.translation(c0, r0), src_crs=b02.crs,
+                                dst_transform=dst_transform, dst_crs=src.crs, resampling=Resampling.bilinear)  # fmt: skip
+    blended = out[:3] / out[3]
     expected = blended.argmax(0)
-    stored = classes[by - y0 : by - y0 + stride, bx - x0 : bx - x0 + stride]
+    stored = classes[block]
     top2 = np.sort(blended, axis=0)
     clear_margin = (top2[-1] - top2[-2]) > 0.02
     assert clear_margin.mean() > 0.9
@@ -143,11 +166,50 @@ def test_classes_match_an_independent_blend(clouds: Path, scene_dir: Path, model
     assert agree >= 0.999, f"only {agree:.4f} of confidently classified pixels agree"
 
 
+def _scl_agreement(cog: Path, scene_dir: Path) -> tuple[float, float, float]:
+    """Cloud-vs-not agreement of a class map with ESA's Scene Classification (SCL 8, 9, 10 =
+    cloud; SCL put onto the map's grid by nearest neighbour; SCL 0 = no data, left out), and the
+    cloud shares of both."""
+    with rasterio.open(cog) as src, rasterio.open(scene_dir / "SCL.tif") as scl_src:
+        classes = src.read(1)
+        scl = np.zeros(classes.shape, np.uint8)
+        rasterio.warp.reproject(rasterio.band(scl_src, 1), scl, dst_transform=src.transform, dst_crs=src.crs,
+                                resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)  # fmt: skip
+    m = (scl > 0) & (classes != 255)
+    assert m.sum() > 100_000
+    ref, got = np.isin(scl, [8, 9, 10])[m], (classes == 1)[m]
+    return float((ref == got).mean()), float(got.mean()), float(ref.mean())
+
+
+def test_clouds_agree_with_esa_scene_classification(clouds: Path, scene_dir: Path) -> None:
+    """ESA's own classification of this scene is the oracle: the model, shown the scene's own
+    pixels, finds the clouds SCL finds (a model shown bilinear-upsampled tiles called two thirds
+    of this desert cloud)."""
+    agree, ours, esa = _scl_agreement(clouds, scene_dir)
+    print(json.dumps({"agreement": agree, "cloud_share": ours, "scl_cloud_share": esa}))
+    assert agree >= 0.93
+    assert abs(ours - esa) <= 0.05
+
+
+@pytest.mark.parametrize("zoom", [10, 12])
+def test_clouds_agree_with_scl_at_other_zooms(zoom: int, tmp_path: Path, scene_dir: Path) -> None:
+    """The answer does not depend on the zoom it is shown at (the cloudy north-east of the scene)."""
+    out = tmp_path / f"clouds-{zoom}.tif"
+    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", str(zoom), "--bbox", CLOUDY_BBOX,
+                "--executor", "local", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    agree, ours, esa = _scl_agreement(out, scene_dir)
+    print(json.dumps({"zoom": zoom, "agreement": agree, "cloud_share": ours, "scl_cloud_share": esa}))
+    assert esa > 0.05  # the area holds clouds to find
+    assert agree >= 0.90
+
+
 def test_stac_item_beside_the_cog(clouds: Path) -> None:
     item = json.loads(clouds.with_name("clouds.stac.json").read_text())
     assert item["type"] == "Feature" and item["stac_version"] == "1.0.0"
     assert item["properties"]["proj:epsg"] == 3857
     assert item["properties"]["tilefm:model"] == "ukis-csmask"
+    assert item["properties"]["tilefm:inference_grid"] == "EPSG:32629 100 m"
     assert item["properties"]["datetime"].startswith("2020-02-19")
     asset = item["assets"]["data"]
     assert asset["href"].endswith("clouds.tif") and "cloud-optimized" in asset["type"]

@@ -10,9 +10,9 @@ as succeeded jobs in a job store of their own in the machine's Redis.
 from __future__ import annotations
 
 import hashlib
-import itertools
+import io
 import json
-import math
+import urllib.parse
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import rasterio
 from fastapi.testclient import TestClient
+from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 
@@ -216,6 +217,21 @@ def test_the_largest_allowed_requests_are_served(client: TestClient, deployment:
     assert len(stats) == BANDS and all(s["count"] > 0 for s in stats.values())
 
 
+def test_many_bands_without_a_size_get_the_largest_that_fits(deployment: Deployment) -> None:
+    """1 MiB of reads: 16 bands fit at 128 px. Asked for no size, previews and statistics of all
+    bands come at that size; asked for more, they are refused naming max_size."""
+    emb = deployment.jobs["embedding"]
+    with TestClient(deployment.app(tiler_max_read_mb=1)) as c:
+        assert c.get(f"/v1/jobs/{emb}/statistics").status_code == 200
+        assert c.get(f"/v1/jobs/{emb}/statistics", params={"bands": "1,2,3"}).status_code == 200
+        prev = c.get(f"/v1/jobs/{emb}/preview.png", params={"render": "raw"})
+        assert prev.status_code == 200
+        assert max(Image.open(io.BytesIO(prev.content)).size) == 128
+        _error(c.get(f"/v1/jobs/{emb}/statistics", params={"max_size": 256}), 422, "max_size")
+        _error(c.get(f"/v1/jobs/{emb}/preview.png", params={"render": "pca", "max_size": 129}), 422, "max_size")
+        assert c.get(f"/v1/jobs/{emb}/preview.png", params={"render": "rgb", "max_size": 256}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------------
 # the job list
 # ------------------------------------------------------------------------------------------------
@@ -372,7 +388,7 @@ def test_wmts_query_values_cannot_inject(client: TestClient, deployment: Deploym
     assert set(resource.attrib) == {"format", "resourceType", "template"}
     template = resource.get("template")
     assert not any(ch in template for ch in "\"'<> ") and "evil" not in [e.tag for e in root.iter()]
-    assert template.endswith("?render=classes&x=" + __import__("urllib.parse").parse.quote_plus(value, safe=","))
+    assert template.endswith("?render=classes&x=" + urllib.parse.quote_plus(value, safe=","))
 
 
 def test_wmts_document_escapes_every_value() -> None:

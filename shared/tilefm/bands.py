@@ -192,11 +192,11 @@ def stac_band(key: str, asset: dict[str, Any], sensor: Sensor | None, field_name
     asset key: `SR_B5`, HLS L30's `B05`), which is exact where a common name may be broad (old
     Landsat items call OLI's band 5 `nir`); the eo common name; a Sentinel-2 id or common name as
     `name` or key (a sensor with its own table excepted); the centre wavelength; "(band 8A)" in
-    the description. STAC 1.0
-    (`eo:bands`, `raster:bands`) and 1.1 (`bands` with `eo:` / `raster:` fields, or the same
-    fields on the asset) both resolve. Where the band declares a `scale`, its scale and offset
-    (raw -> physical units) give the card units; else the sensor's table does. `use_offset`
-    False: the declared offset is not the authority (Sentinel-2's processing baseline is)."""
+    the description. STAC 1.0 (`eo:bands`, `raster:bands`) and 1.1 (`bands` with `eo:` /
+    `raster:` fields, or the same fields on the asset) both resolve. Where the band declares a
+    `scale`, its scale and offset (raw -> physical units) give the card units; else the
+    sensor's table does. `use_offset` False: the declared offset is not the authority
+    (Sentinel-2's processing baseline is)."""
     descs = asset.get("eo:bands") or asset.get("bands") or []
     if not isinstance(descs, list) or len(descs) > 1:
         return None

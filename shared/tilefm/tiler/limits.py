@@ -25,8 +25,9 @@ from tilefm.tiler.errors import BadRenderParameter, LimitExceeded, TileNotAvaila
 
 #: the longest query string a tiler route reads (a similarity vector of 1024 bands fits)
 MAX_QUERY_CHARS = 32 * 1024
-#: parameters allowed to be NaN or infinite: a no-data value can be NaN
-NON_FINITE_ALLOWED = frozenset({"nodata"})
+#: parameters the finite-number check leaves alone: a no-data value can be NaN; a dataset URL
+#: and an API key are text (a file may be named "inf"), checked elsewhere
+NOT_NUMBERS = frozenset({"nodata", "url", "api_key"})
 #: /cog statistics: histogram bins (a count, or that many edges), percentiles, categories
 MAX_HISTOGRAM_BINS = 1024
 MAX_PERCENTILES = 100
@@ -132,7 +133,7 @@ def check_finite(items: Iterable[tuple[str, Any]]) -> None:
     """Refuse NaN and infinities (`nan`, `inf`, `1e999`) wherever a number is read, before any
     handler compares or casts them (NaN passes every `<` check by failing it)."""
     for name, value in items:
-        if name in NON_FINITE_ALLOWED or not isinstance(value, str):
+        if name in NOT_NUMBERS or not isinstance(value, str):
             continue
         bad = _non_finite(value)
         if bad is not None:
