@@ -3,7 +3,8 @@
     TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/pipeline.py [--model ukis-csmask] [--zoom 11] [--rounds 2]
 
 - model-only: the same batches of tiles, inputs already in memory, through the model alone
-  (window stacks -> backend -> probabilities; no reads, no blending, no writes);
+  (window stacks -> backend -> probabilities; no reads, no blending, no writes). On the scene's
+  own grid (`context.grid: native`) that is the distinct windows each batch runs;
 - end-to-end: `tilefm run` as a user runs it (scene checks, plan, Ray readers and encoder actor,
   stitching, COG with overviews, STAC item, output written), wall clock.
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tilefm.models.onnx import NATIVE_CHUNK
+from tilefm.native import read_native
 from tilefm.pipeline import RunSpec, batches, execute, prepare
 from tilefm.read import read_tile
 from tilefm.runtime import WorkerSpec, cpu_count
@@ -38,6 +41,10 @@ def model_only(prep, batch_size: int) -> tuple[float, int]:
     halo = model.read_halo
     prepared = []
     for batch in batches(prep.plan.tiles, batch_size):
+        if prep.card.context.native:  # the distinct windows of the batch on the scene's grid
+            stack = model.native_stack(read_native(prep.scene, prep.card, batch))
+            prepared += [stack[i : i + NATIVE_CHUNK] for i in range(0, len(stack), NATIVE_CHUNK)]
+            continue
         tiles = [read_tile(prep.scene, prep.card, t, halo) for t in batch]
         if hasattr(model, "windows"):
             prepared.append(model.windows(tiles)[0].copy())  # the model reuses its window buffer
@@ -66,7 +73,7 @@ def main() -> int:
     p.add_argument("--model", default="ukis-csmask")
     p.add_argument("--zoom", type=int, default=11)
     p.add_argument("--bbox", default=None)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: the model's, else 4)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--executor", default="ray")
     p.add_argument("--scene", default=str(SCENE))
@@ -81,6 +88,11 @@ def main() -> int:
             bbox=parse_bbox(args.bbox) if args.bbox else None, batch_size=args.batch_size, executor=args.executor,
         )
         prep = prepare(spec)
+        if args.batch_size is None:
+            from tilefm.models.onnx import NATIVE_BATCH
+
+            args.batch_size = NATIVE_BATCH if prep.card.context.native else 4
+            spec.batch_size = args.batch_size
         print(f"{args.model}: {len(prep.plan.tiles)} tiles at zoom {args.zoom}, batch {args.batch_size}, "
               f"{cpu_count()} CPUs, executor {args.executor}", file=sys.stderr)
         end_to_end(spec)  # warm-up: Ray start, imports, file caches

@@ -136,3 +136,25 @@ def test_zoom_and_grid_reasons(scene, card) -> None:
     assert "trained on 10 m pixels" in input_grid(scene, fine, None).warnings[0]
     with pytest.raises(ResamplingError):
         input_grid(scene, fine, None, strict=True)
+
+
+def test_a_batch_runs_each_window_once_and_tiles_agree(scene, card, model_store: Path) -> None:
+    """Neighbours in one batch share their windows, and give what each gives alone: a tile's
+    answer does not depend on its batch. (The card's windows at half overlap, to keep this quick.)"""
+    from tilefm.models.base import load_tile_model
+
+    half = card.model_copy(update={"context": card.context.model_copy(update={"overlap": 128})})
+    model = load_tile_model(half, "onnxruntime", model_store / "ukis-csmask-6b-l2a" / "model.onnx", threads=1)
+    t = TMS.tile(-11.45, 24.85, 12)
+    pair = [Tile(t.x, t.y, 12), Tile(t.x + 1, t.y, 12)]
+    inputs = read_native(scene, half, pair)
+    together = model.run(inputs)
+    alone = [model.run(read_native(scene, half, [tile]))[0] for tile in pair]
+    assert len(model.native_stack(inputs)) < sum(len(model.native_stack([i])) for i in inputs)
+    for a, b in zip(together, alone):
+        assert a.halo == 0 and a.values.shape == (3, 256, 256)
+        assert (a.weight > 0).all()
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.weight, b.weight, rtol=1e-6)
+        probs = a.values / a.weight
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)  # blended probabilities

@@ -274,7 +274,12 @@ def bind_card(scene: Scene, card: ModelCard) -> Scene:
     """The scene as `card` reads it. A card band the scene lacks is read from the first of its
     `alternatives` the scene has (Landsat OLI's NIR for a model that takes either NIR). A band a
     required input still lacks, on a scene whose sensor is known, is a MissingBandError naming
-    the band and the sensor; optional inputs' missing bands stay missing (masked when read)."""
+    the band and the sensor; optional inputs' missing bands stay missing (masked when read).
+    Each acquisition of a time series is bound as a scene of its own."""
+    if scene.series:
+        series = {name: [bind_card(replace(scene, modalities={name: a}, series={}), card).modalities[name] for a in acqs]
+                  for name, acqs in scene.series.items()}
+        scene = replace(scene, modalities={**scene.modalities, **{name: acqs[0] for name, acqs in series.items()}}, series=series)
     mods = dict(scene.modalities)
     changed = False
     for inp in card.inputs:

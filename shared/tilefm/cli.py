@@ -65,7 +65,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     )
 )
 def run(
-    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE (band folder, raster, or STAC item); repeatable.")],
+    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE (band folder, raster, STAC item, STAC ItemCollection, or a folder of dated band folders or items); repeatable. A modality given more than once, or with several acquisitions, is a time series (models that take one, e.g. presto).")],
     model: Annotated[str, typer.Option(help="Model name (see `tilefm models list`).")],
     out: Annotated[str, typer.Option(help="Output COG URI: file:///path.tif, s3://bucket/key.tif or a local path.")],
     zoom: Annotated[Optional[int], typer.Option(help="Web-mercator zoom; default matches the scene's native resolution.")] = None,
@@ -77,17 +77,17 @@ def run(
     executor: Annotated[str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")] = "ray",
     asset: Annotated[list[str], typer.Option(help="STAC asset KEY=PATH, to read an item's assets from local files; repeatable.")] = [],  # noqa: B006
     band: Annotated[list[str], typer.Option("--band", help="[MODALITY:]NAME=FILE[:SCALE:OFFSET]: a band (B08, nir08, vv, ...) added to the scene or in place of its own; SCALE and OFFSET take the file's values to the model card's units (reflectance x 10000: 0.275:-2000 for Landsat Collection 2 Level-2); repeatable.")] = [],  # noqa: B006
-    scene_date: Annotated[Optional[str], typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none.")] = None,
+    scene_date: Annotated[Optional[str], typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none (a scene of one date).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the tile plan; read and write nothing.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 2) a run whose inputs would be resampled further from the model's training pixels than its card allows, instead of warning.")] = False,
 ) -> None:
     """Run MODEL over a scene and write a Cloud-Optimized GeoTIFF (+ a STAC item beside it)."""
     from tilefm.grid import parse_bbox
     from tilefm.pipeline import RunSpec, execute, prepare
-    from tilefm.scene import parse_scene_arg
+    from tilefm.scene import parse_scene_args
 
     try:
-        scenes = dict(parse_scene_arg(s) for s in scene)
+        scenes = parse_scene_args(scene)
         if executor not in ("ray", "local"):
             raise TileFMError(f"unknown executor {executor!r} (ray or local)", field="executor")
         if dtype not in (None, "float16", "float32", "int8"):
@@ -197,14 +197,14 @@ def models_calibrate(
     """Make the calibration set an int8 TensorRT engine takes its scales from (real tiles of a
     scene, as the model sees them) and put it in the model store beside the weights."""
     from tilefm.backends.calibration import calibrate
-    from tilefm.scene import parse_scene_arg
+    from tilefm.scene import parse_scene_args
 
     try:
         try:
             d = date.fromisoformat(scene_date) if scene_date else None
         except ValueError:
             raise TileFMError(f"expected YYYY-MM-DD, got {scene_date!r}", field="date") from None
-        path = calibrate(name, dict(parse_scene_arg(s) for s in scene), zoom=zoom, tiles=tiles, date=d)
+        path = calibrate(name, parse_scene_args(scene), zoom=zoom, tiles=tiles, date=d)
     except TileFMError as e:
         fail(e)
     typer.echo(f"{name}: calibration set at {path}")
@@ -263,7 +263,7 @@ def _follow(client, job_id: str) -> int:
 
 @jobs_app.command("submit")
 def jobs_submit(
-    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE; repeatable.")],
+    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE; repeatable (a modality given more than once is a time series).")],
     model: Annotated[str, typer.Option(help="Model name.")],
     out: Annotated[str, typer.Option(help="Output prefix (s3://bucket/prefix/ or file:///dir/).")],
     api: ApiUrl = "http://127.0.0.1:8080",
@@ -277,10 +277,10 @@ def jobs_submit(
     """Submit a job; with --watch, follow it with a progress bar."""
     from tilefm.grid import parse_bbox
     from tilefm.jobs.models import JobSpec
-    from tilefm.scene import parse_scene_arg
+    from tilefm.scene import parse_scene_args
 
     try:
-        spec = JobSpec(scene=dict(parse_scene_arg(s) for s in scene), model=model, output_prefix=out, zoom=zoom,
+        spec = JobSpec(scene=parse_scene_args(scene), model=model, output_prefix=out, zoom=zoom,
                        bbox=parse_bbox(bbox) if bbox else None, priority=priority)
         client = _client(api, api_key)
         job = client.submit(spec, idempotency_key)

@@ -48,3 +48,23 @@ def retain_freed_memory() -> bool:
     if not _done:
         log.debug("mallopt refused the thresholds; freed memory goes back to the kernel")
     return _done
+
+
+#: the tiler's threshold: arrays over it get pages of their own, returned when freed
+SERVER_MMAP_THRESHOLD = 2 << 20
+
+
+def release_large_arrays(threshold: int = SERVER_MMAP_THRESHOLD) -> bool:
+    """The opposite trade, for a long-lived server whose requests vary in size (the tiler):
+    every allocation over `threshold` is mapped on its own and unmapped on free, and the
+    threshold stays where it is put. glibc otherwise raises it to the largest block freed (up
+    to 32 MiB) and serves blocks under it from per-thread heaps it never returns: a tiler whose
+    4 threads had rendered 32 MiB reads kept ~1 GiB after the load had gone. True when set."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))

@@ -23,6 +23,7 @@ XYZ tiles stay the unit of work, of resume and of output. For each output tile:
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class NativeInput:
     valid: np.ndarray
     band_names: list[str]
     lattice: WindowLattice
-    date: object = None
+    date: datetime.date | None = None
     read_s: float = 0.0
     #: a native input's values reach the tile through `to_tile`, never through a halo
     halo: int = 0

@@ -42,7 +42,8 @@ DEFAULT_BATCH = 4
 
 @dataclass
 class RunSpec:
-    scene: dict[str, str]
+    #: modality -> source, or its sources (a time series: `tilefm.scene.open_scene`)
+    scene: dict[str, str | list[str]]
     model: str
     out: str
     zoom: int | None = None
@@ -87,7 +88,13 @@ class Prepared:
             "out": self.spec.out,
             **self.plan.summary(),
             **(self.grid.as_dict() if self.grid else {}),
+            **({"timesteps": timesteps(self.scene)} if self.scene.series else {}),
         }
+
+
+def timesteps(scene: Scene) -> list[str]:
+    """The dates of a time series' timesteps, YYYY-MM-DD, in order."""
+    return [d.isoformat() for d in scene.timesteps]
 
 
 @dataclass
@@ -204,7 +211,7 @@ def publish(
         mosaic = Path(tmp) / "mosaic.tif"
         stride = card.output_stride
         out_plan = plan.coarsen(stride.bit_length() - 1)
-        extra = {"backend": prep.backend, "precision": prep.precision, **({"inference_grid": prep.grid.description} if prep.grid else {}), **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **(extra_tags or {})}
+        extra = {"backend": prep.backend, "precision": prep.precision, **({"inference_grid": prep.grid.description} if prep.grid else {}), **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **({"timesteps": timesteps(prep.scene)} if prep.scene.series else {}), **(extra_tags or {})}
         tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
         store = storage_for(out, settings)
         try:

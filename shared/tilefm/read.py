@@ -42,20 +42,24 @@ GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_VSIL_CURL_ALLOWED_
 
 @dataclass
 class TileInput:
-    """A tile's input stack in the card's band order (modalities concatenated)."""
+    """A tile's input stack in the card's band order (modalities concatenated). For a time
+    series (`dates` not empty), `data` and `valid` have a leading timestep axis."""
 
     tile: Tile
     halo: int
-    #: [bands, H, W] float32 in the card's units (offsets applied, not yet normalised)
+    #: [bands, H, W] float32 in the card's units (offsets applied, not yet normalised); a time
+    #: series: [timesteps, bands, H, W]
     data: np.ndarray
-    #: [bands, H, W] True where the band has a value
+    #: [bands, H, W] (a time series: [timesteps, bands, H, W]) True where the band has a value
     valid: np.ndarray
     band_names: list[str]
-    #: acquisition date of the scene (models that use the season need it)
+    #: acquisition date of the scene (models that use the season need it); a time series: its first
     date: date | None = None
     #: inputs read with their own extra halo ("modality:band" -> values, valid), e.g. a DEM for slopes
     extra: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     read_s: float = 0.0
+    #: a time series: the date of each timestep, in order; empty for a scene of one date
+    dates: list[date] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -92,7 +96,8 @@ def card_band_names(card: ModelCard) -> list[str]:
 
 
 def check_scene(scene: Scene, card: ModelCard) -> None:
-    """Fail before planning if the scene cannot feed the model."""
+    """Fail before planning if the scene cannot feed the model (every acquisition of a time
+    series, and the series itself: `check_series`)."""
     for inp in card.inputs:
         mod = scene.modalities.get(inp.modality)
         if mod is None:
@@ -103,18 +108,49 @@ def check_scene(scene: Scene, card: ModelCard) -> None:
                     field=f"scene.{inp.modality}",
                 )
             continue
-        missing = [b for b in inp.band_names if b not in mod.bands]
-        if missing and (inp.required or len(missing) == len(inp.band_names)):
-            raise MissingBandError(
-                f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing from {mod.source!r} "
-                f"(model {card.name!r} needs {', '.join(inp.band_names)}; found {', '.join(sorted(mod.bands))})",
-                field=f"scene.{inp.modality}",
-            )
+        for mod in scene.series.get(inp.modality, [mod]):
+            missing = [b for b in inp.band_names if b not in mod.bands]
+            if missing and (inp.required or len(missing) == len(inp.band_names)):
+                raise MissingBandError(
+                    f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing from {mod.source!r} "
+                    f"(model {card.name!r} needs {', '.join(inp.band_names)}; found {', '.join(sorted(mod.bands))})",
+                    field=f"scene.{inp.modality}",
+                )
     known = {i.modality for i in card.inputs}
     if not known & set(scene.modalities):
         raise SceneError(
             f"none of the scene's modalities ({', '.join(scene.modalities)}) is an input of model "
             f"{card.name!r} (inputs: {', '.join(sorted(known))})"
+        )
+    check_series(scene, card)
+
+
+def check_series(scene: Scene, card: ModelCard) -> None:
+    """A time series only for a model that takes one (`max_timesteps` in its card), of no more
+    dates than it takes, and only of modalities it reads. The error names the modality with the
+    most acquisitions."""
+    if not scene.series:
+        return
+    name = max(scene.series, key=lambda k: len(scene.series[k]))
+    days = scene.timesteps
+    listed = ", ".join(map(str, days[:4])) + (", ..." if len(days) > 4 else "")
+    if card.max_timesteps == 1:
+        raise SceneError(
+            f"model {card.name!r} takes one date, and the scene is a time series of {len(days)} ({listed}): "
+            f"give scene.{name} one source (time series are for models whose card has max_timesteps, e.g. presto)",
+            field=f"scene.{name}",
+        )
+    known = {i.modality for i in card.inputs}
+    unread = sorted(set(scene.series) - known)
+    if unread:
+        raise SceneError(
+            f"model {card.name!r} does not read {unread[0]!r}, whose acquisitions would make timesteps of nothing; leave it out",
+            field=f"scene.{unread[0]}",
+        )
+    if len(days) > card.max_timesteps:
+        raise SceneError(
+            f"the time series has {len(days)} dates ({listed}), more than model {card.name!r} takes ({card.max_timesteps})",
+            field=f"scene.{name}",
         )
 
 
@@ -175,6 +211,8 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: 
     """Tiles that follow each other in one row, read as one strip per source grid: each source
     pixel is decoded once for the row, and with a halo the neighbours' overlapping halos too.
     `warp`: "auto" or "gdal" (default: the settings'), see `tilefm.warp`."""
+    if scene.series:
+        return _read_series_row(scene, card, tiles, halo, warp)
     t0 = time.perf_counter()
     warp = warp or get_settings().warp
     n = TILE_SIZE + 2 * halo
@@ -214,6 +252,31 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: 
         TileInput(tile=t, halo=halo, data=data[k], valid=valid[k], band_names=names, date=scene.date, extra=extras[k], read_s=share)
         for k, t in enumerate(tiles)
     ]
+
+
+def _read_series_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None) -> list[TileInput]:
+    """`read_row` of a time series: each timestep's acquisitions read as a scene of one date,
+    the static modalities (given once) read once and put at every timestep. A band a timestep
+    lacks (its modality not acquired that day, or no data there) is invalid at that timestep only."""
+    t0 = time.perf_counter()
+    days = scene.timesteps
+    steps = [read_row(scene.timestep(d), card, tiles, halo, warp) for d in days]
+    static_scene = scene.static()
+    static_rows = np.array([name.split(":", 1)[0] in static_scene.modalities for name in card_band_names(card)])
+    static = read_row(static_scene, card, tiles, halo, warp) if static_rows.any() else None
+    share = (time.perf_counter() - t0) / len(tiles)
+    out = []
+    for k, t in enumerate(tiles):
+        data = np.stack([s[k].data for s in steps])
+        valid = np.stack([s[k].valid for s in steps])
+        extra = dict(steps[0][k].extra)
+        if static is not None:
+            data[:, static_rows] = static[k].data[static_rows]
+            valid[:, static_rows] = static[k].valid[static_rows]
+            extra.update(static[k].extra)
+        out.append(TileInput(tile=t, halo=halo, data=data, valid=valid, band_names=steps[0][k].band_names, date=days[0],
+                             extra=extra, read_s=share, dates=list(days)))
+    return out
 
 
 def _read_bands(

@@ -16,7 +16,7 @@ import re
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
@@ -97,32 +97,62 @@ class Modality:
 
 @dataclass
 class Scene:
-    """All modalities of a job. Their footprints may differ; the scene's is their union."""
+    """All modalities of a job. Their footprints may differ; the scene's is their union.
+
+    A time series is a scene with a modality given more than once: `series` holds every
+    acquisition of such a modality, sorted by date, and `modalities` the first of each (so that
+    what looks at one date sees the first). Its timesteps are the distinct dates of those
+    acquisitions; a modality given once (a DEM) is static, the same at every timestep."""
 
     modalities: dict[str, Modality]
     #: overrides the sources' dates (e.g. for a band folder with no metadata)
     date_override: date | None = None
+    #: modality -> its acquisitions, sorted by date, for the modalities given more than once
+    series: dict[str, list[Modality]] = field(default_factory=dict)
+
+    def acquisitions(self) -> list[Modality]:
+        """Every acquisition of every modality (one per modality for a scene of one date)."""
+        return [a for name, m in self.modalities.items() for a in self.series.get(name, [m])]
 
     @functools.cached_property
     def footprint(self) -> BaseGeometry:
         # cached: a service validates many submissions against one opened scene
-        return unary_union([m.footprint for m in self.modalities.values() if m.footprint is not None])
+        return unary_union([m.footprint for m in self.acquisitions() if m.footprint is not None])
 
     @property
     def date(self) -> date | None:
         if self.date_override is not None:
             return self.date_override
+        if self.series:
+            return self.timesteps[0]
         for m in self.modalities.values():
             if m.datetime is not None:
                 return m.datetime.date()
         return None
 
     @property
+    def timesteps(self) -> list[date]:
+        """The dates of a time series, in order (every acquisition of `series` has one); empty
+        for a scene of one date."""
+        return sorted({a.datetime.date() for acqs in self.series.values() for a in acqs if a.datetime is not None})
+
+    def timestep(self, day: date) -> Scene:
+        """The acquisitions of a time series on `day`, as a scene of that date (a modality with
+        none that day is absent from it)."""
+        mods = {name: a for name, acqs in self.series.items() for a in acqs if a.datetime is not None and a.datetime.date() == day}
+        return Scene(modalities=mods, date_override=day)
+
+    def static(self) -> Scene:
+        """The modalities given once, as a scene of their own: a time series reads them once
+        and uses them at every timestep."""
+        return Scene(modalities={k: m for k, m in self.modalities.items() if k not in self.series}, date_override=self.date)
+
+    @property
     def resolution_m(self) -> float:
-        return min(m.resolution_m for m in self.modalities.values() if m.resolution_m)
+        return min(m.resolution_m for m in self.acquisitions() if m.resolution_m)
 
     def describe(self) -> dict[str, Any]:
-        return {k: m.describe() for k, m in self.modalities.items()}
+        return {k: {"timesteps": [a.describe() for a in self.series[k]]} if k in self.series else m.describe() for k, m in self.modalities.items()}
 
 
 def parse_scene_arg(arg: str) -> tuple[str, str]:
@@ -134,6 +164,16 @@ def parse_scene_arg(arg: str) -> tuple[str, str]:
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise SceneError(f"modality name {name!r} must be lower-case letters, digits, - or _")
     return name, source.strip()
+
+
+def parse_scene_args(args: list[str]) -> dict[str, str | list[str]]:
+    """Repeated `--scene MODALITY=SOURCE`: a modality given once maps to its source, one given
+    more than once to its sources in the order given (a time series, `open_scene`)."""
+    out: dict[str, str | list[str]] = {}
+    for name, source in map(parse_scene_arg, args):
+        given = out.get(name)
+        out[name] = source if given is None else [*([given] if isinstance(given, str) else given), source]
+    return out
 
 
 #: `--band [MODALITY:]NAME=FILE[:SCALE:OFFSET]`
@@ -199,6 +239,11 @@ def with_bands(scene: Scene, args: list[str]) -> Scene:
                     field="band",
                 )
             modality = next(iter(mods))
+        if modality in scene.series:  # which of its dates would the file be?
+            raise SceneError(
+                f"{modality} is a time series of {len(scene.series[modality])} acquisitions: give each one's bands in its own source, "
+                f"not with --band", field="band",
+            )
         mod = mods.get(modality) or Modality(name=modality, source=arg.band.path, bands={})
         mods[modality] = replace(mod, bands={**mod.bands, arg.band.name: arg.band})
         changed.add(modality)
@@ -208,7 +253,7 @@ def with_bands(scene: Scene, args: list[str]) -> Scene:
 
 
 def open_scene(
-    sources: dict[str, str],
+    sources: Mapping[str, str | Sequence[str]],
     *,
     asset_map: dict[str, str] | None = None,
     date_override: date | None = None,
@@ -217,15 +262,119 @@ def open_scene(
 ) -> Scene:
     """Resolve and validate every modality's source.
 
+    A modality's source may hold several acquisitions (a STAC ItemCollection, a folder of dated
+    band folders or items), and a modality may be given a list of sources: a modality with more
+    than one acquisition in all makes the scene a time series (`Scene.series`), each acquisition
+    with its own date (none may be missing, none may repeat), at most `MAX_ACQUISITIONS`.
+
     With `check`, every file or URL is checked before it is opened (each source, a band
     folder's files, a STAC item's asset hrefs as resolved), and rasters open only as
     `CHECKED_DRIVERS` say. `s3://` sources are read with `settings`' endpoint and keys (default:
     the environment's)."""
     if not sources:
         raise SceneError("no scene given: pass --scene MODALITY=SOURCE at least once")
+    mods: dict[str, Modality] = {}
+    series: dict[str, list[Modality]] = {}
     with s3_env(settings):
-        mods = {name: open_modality(name, src, asset_map=asset_map, check=check, settings=settings) for name, src in sources.items()}
-    return Scene(modalities=mods, date_override=date_override)
+        for name, given in sources.items():
+            listed = [given] if isinstance(given, str) else list(given)
+            if not listed:
+                raise SceneError("no source given", field=f"scene.{name}")
+            acquisitions: list[Modality] = []
+            for source in listed:
+                acquisitions += open_acquisitions(name, source, asset_map=asset_map, check=check, settings=settings)
+                if len(acquisitions) > MAX_ACQUISITIONS:
+                    raise SceneError(f"more than {MAX_ACQUISITIONS} acquisitions: no model takes that many dates", field=f"scene.{name}")
+            if len(acquisitions) > 1:
+                acquisitions = _by_date(name, acquisitions)
+                series[name] = acquisitions
+            mods[name] = acquisitions[0]
+    if series and date_override is not None:
+        raise SceneError(
+            f"a date sets the date of a scene of one date; each acquisition of a time series ({', '.join(f'scene.{n}' for n in series)}) "
+            "has its own", field="date",
+        )
+    return Scene(modalities=mods, date_override=date_override, series=series)
+
+
+#: acquisitions one modality of a scene may have: more than any model takes (Presto: 24), few
+#: enough that opening them all (every file of each) stays quick
+MAX_ACQUISITIONS = 64
+
+
+def _by_date(name: str, acquisitions: list[Modality]) -> list[Modality]:
+    """A modality's acquisitions sorted by date; each must have one, and no two the same day."""
+    field_name = f"scene.{name}"
+    for a in acquisitions:
+        if a.datetime is None:
+            raise SceneError(
+                f"{a.source!r} has no acquisition date (a STAC item's datetime, a YYYYMMDD in a band folder's name, or the "
+                "raster's TIFFTAG_DATETIME): each acquisition of a time series needs its own",
+                field=field_name,
+            )
+    ordered = sorted(acquisitions, key=lambda a: a.datetime.date())  # type: ignore[union-attr]
+    for a, b in zip(ordered, ordered[1:]):
+        if a.datetime.date() == b.datetime.date():  # type: ignore[union-attr]
+            raise SceneError(
+                f"{a.source!r} and {b.source!r} are both from {b.datetime.date()}: a time series takes one acquisition a day",  # type: ignore[union-attr]
+                field=field_name,
+            )
+    return ordered
+
+
+def open_acquisitions(
+    name: str, source: str, *, asset_map: dict[str, str] | None = None, check: SourceCheck | None = None,
+    settings: Settings | None = None,
+) -> list[Modality]:
+    """The acquisitions one source holds, in its order: one for a band folder, a raster or a
+    STAC item (`open_modality`); each item of a STAC ItemCollection (a search result); each band
+    folder and item in a folder that holds no rasters of its own (dated acquisitions side by side)."""
+    field_name = f"scene.{name}"
+    if any(ord(c) < 32 for c in source):
+        raise SceneError("control characters are not allowed in a source", field=field_name)
+    if check is not None:
+        check(source, field_name)
+    where = _file_path(source, field_name) if source.startswith("file://") else source
+    parsed = urllib.parse.urlparse(where)
+    is_url = parsed.scheme in ("http", "https", "s3")
+    if where.endswith(".json") or (is_url and parsed.path.endswith(".json")):
+        doc = _load_json(where, field_name, settings)
+        if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+            return _from_item_collection(name, where, doc, asset_map=asset_map, check=check, settings=settings)
+        return [open_modality(name, source, asset_map=asset_map, check=check, settings=settings, item=doc)]
+    if not is_url:
+        folder = Path(where).expanduser()
+        if folder.is_dir() and not any(f.suffix.lower() in RASTER_SUFFIXES for f in folder.iterdir()):
+            members = [
+                f for f in sorted(folder.iterdir())
+                if not f.name.startswith(".") and ((f.is_dir() and any(g.suffix.lower() in RASTER_SUFFIXES for g in f.iterdir())) or f.suffix == ".json")
+            ]
+            if members:
+                return [open_modality(name, str(f), asset_map=asset_map, check=check, settings=settings) for f in members]
+    return [open_modality(name, source, asset_map=asset_map, check=check, settings=settings)]
+
+
+def _from_item_collection(
+    name: str, source: str, doc: dict[str, Any], *, asset_map: dict[str, str] | None, check: SourceCheck | None,
+    settings: Settings | None,
+) -> list[Modality]:
+    """Each item of a STAC ItemCollection as an acquisition, named `SOURCE#ITEM_ID`."""
+    field_name = f"scene.{name}"
+    features = doc.get("features")
+    if not isinstance(features, list):
+        raise SceneError(f"{source!r}: a FeatureCollection's features must be a list of STAC items", field=field_name)
+    if not features:
+        raise SceneError(f"{source!r} is a STAC ItemCollection with no items: nothing to read", field=field_name)
+    if len(features) > MAX_ACQUISITIONS:
+        raise SceneError(f"{source!r} holds {len(features)} items, more than {MAX_ACQUISITIONS}: no model takes that many dates", field=field_name)
+    out = []
+    for i, item in enumerate(features):
+        if not isinstance(item, dict):
+            raise SceneError(f"{source!r}: features[{i}] is not a STAC item", field=field_name)
+        mod = _from_stac_item(name, source, asset_map or {}, settings, item=item)
+        mod.source = f"{source}#{item.get('id', i)}"
+        out.append(_finish_modality(mod, field_name, check))
+    return out
 
 
 def s3_env(settings: Settings | None = None, **options: Any) -> contextlib.AbstractContextManager[object]:
@@ -239,13 +388,15 @@ def s3_env(settings: Settings | None = None, **options: Any) -> contextlib.Abstr
 
 def on_s3(scene: Scene) -> bool:
     """Whether any band of `scene` is read from S3."""
-    return any(b.path.startswith(("s3://", "/vsis3/")) for m in scene.modalities.values() for b in m.bands.values())
+    return any(b.path.startswith(("s3://", "/vsis3/")) for m in scene.acquisitions() for b in m.bands.values())
 
 
 def open_modality(
     name: str, source: str, *, asset_map: dict[str, str] | None = None, check: SourceCheck | None = None,
-    settings: Settings | None = None,
+    settings: Settings | None = None, item: dict[str, Any] | None = None,
 ) -> Modality:
+    """One acquisition: a band folder, a raster or a STAC item (`item`: the item's JSON, where
+    the caller has read it already)."""
     field_name = f"scene.{name}"
     if any(ord(c) < 32 for c in source):
         raise SceneError("control characters are not allowed in a source", field=field_name)
@@ -257,7 +408,7 @@ def open_modality(
     parsed = urllib.parse.urlparse(source)
     is_url = parsed.scheme in ("http", "https", "s3")
     if source.endswith(".json") or (is_url and parsed.path.endswith(".json")):
-        mod = _from_stac_item(name, source, asset_map or {}, settings)
+        mod = _from_stac_item(name, source, asset_map or {}, settings, item=item)
     elif is_url:
         mod = _from_raster(name, source, checked)
     else:
@@ -268,11 +419,16 @@ def open_modality(
             mod = _from_band_dir(name, path, check)
         else:
             mod = _from_raster(name, str(path), checked)
-    if check is not None:  # before GDAL opens any of them
+    return _finish_modality(mod, field_name, check)
+
+
+def _finish_modality(mod: Modality, field_name: str, check: SourceCheck | None) -> Modality:
+    """Every band file checked (before GDAL opens any of them), opened and inspected."""
+    if check is not None:
         for band_path in sorted({b.path for b in mod.bands.values()}):
             check(band_path, field_name)
-    _inspect_rasters(mod, field_name, checked)
-    _apply_declared_nodata(mod, field_name, checked)
+    _inspect_rasters(mod, field_name, check is not None)
+    _apply_declared_nodata(mod, field_name, check is not None)
     return mod
 
 
@@ -357,10 +513,12 @@ def _single_band_name(modality: str) -> str:
     return {"dem": "elevation", "srtm": "elevation", "elevation": "elevation"}.get(modality, "b1")
 
 
-def _from_stac_item(name: str, source: str, asset_map: dict[str, str], settings: Settings | None = None) -> Modality:
+def _from_stac_item(
+    name: str, source: str, asset_map: dict[str, str], settings: Settings | None = None, item: dict[str, Any] | None = None
+) -> Modality:
     field_name = f"scene.{name}"
-    item = _load_json(source, field_name, settings)
-    if item.get("type") != "Feature" or "assets" not in item:
+    item = _load_json(source, field_name, settings) if item is None else item
+    if not isinstance(item, dict) or item.get("type") != "Feature" or "assets" not in item:
         raise SceneError(f"{source!r} is not a STAC item (no Feature with assets)", field=field_name)
     base_dir = Path(source).parent if "://" not in source else None
     if not isinstance(item["assets"], dict):
@@ -435,7 +593,9 @@ def _remote_href(item: str, href: str) -> str:
 def _apply_stac_properties(mod: Modality, props: dict[str, Any]) -> None:
     mod.properties = props
     if props.get("datetime"):
-        mod.datetime = _parse_datetime(props["datetime"])
+        mod.datetime = _parse_datetime(props["datetime"]) if isinstance(props["datetime"], str) else None
+        if mod.datetime is None:
+            raise SceneError(f"{mod.source!r}: datetime {props['datetime']!r} is not a date and time (RFC 3339)", field=f"scene.{mod.name}")
     # Sentinel-2 L2A from processing baseline 04.00 on carries a +1000 offset (unless already removed)
     baseline = props.get("s2:processing_baseline")
     if baseline and float(baseline) >= 4.0 and not props.get("earthsearch:boa_offset_applied", False):

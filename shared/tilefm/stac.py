@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, time, timezone
+from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,12 @@ def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: 
             for c in card.output.classes
         ]
     links = []
-    for m in scene.modalities.values():
-        if m.source.endswith(".json"):
-            links.append({"rel": "derived_from", "href": m.source, "type": "application/geo+json"})
+    for source in dict.fromkeys(m.source.split("#", 1)[0] for m in scene.acquisitions()):  # an ItemCollection's items: SOURCE#ID
+        if source.endswith(".json"):
+            links.append({"rel": "derived_from", "href": source, "type": "application/geo+json"})
+    # a time series: the date of every timestep, and the range they span (STAC common metadata)
+    series = {"start_datetime": _stamp(scene.timesteps[0]), "end_datetime": _stamp(scene.timesteps[-1]),
+              "tilefm:timesteps": [d.isoformat() for d in scene.timesteps]} if scene.series else {}
     return {
         "type": "Feature",
         "stac_version": "1.0.0",
@@ -80,10 +83,15 @@ def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: 
             "tilefm:overviews": overviews,
             "tilefm:scene": scene.describe(),
             "tilefm:version": __version__,
+            **series,
         },
         "links": links,
         "assets": {"data": asset},
     }
+
+
+def _stamp(d: date) -> str:
+    return datetime.combine(d, time(0), tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def dumps(item: dict[str, Any]) -> bytes:

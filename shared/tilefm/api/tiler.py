@@ -38,6 +38,7 @@ from tilefm.api.middleware import BodyLimit, HTTPMetrics, settle_heap
 from tilefm.api.jobs import JOB_ID, _readiness  # importing api.jobs registers the `jobid` path convertor
 from tilefm.jobs.models import JobState
 from tilefm.jobs.store import JobStore
+from tilefm.memory import release_large_arrays
 from tilefm.settings import Settings, get_settings
 from tilefm.tiler import render
 from tilefm.tiler.cache import TileCache
@@ -469,6 +470,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     async def lifespan(_: FastAPI):
         if settings.tiler_threads:
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.tiler_threads
+        release_large_arrays()  # reads of tens of MiB come and go: their memory goes back at once
         settle_heap()
         yield
 

@@ -107,7 +107,7 @@ def make_calibration(card: ModelCard, scene: Any, plan: Any, tiles: int = DEFAUL
     return Calibration(np.stack(chosen), want, card_bands(card), weights_id(card), source)
 
 
-def calibrate(model: str, sources: dict[str, str], *, zoom: int | None = None, tiles: int = DEFAULT_TILES, store: Path | None = None, date: Any = None) -> Path:
+def calibrate(model: str, sources: dict[str, str | list[str]], *, zoom: int | None = None, tiles: int = DEFAULT_TILES, store: Path | None = None, date: Any = None) -> Path:
     """Make `model`'s calibration set from a scene and put it in the model store."""
     from tilefm.grid import default_zoom, plan_tiles
     from tilefm.models import get_card

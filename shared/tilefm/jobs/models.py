@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from datetime import date as _date
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 
 class JobState(str, enum.Enum):
@@ -37,6 +37,7 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
 #: limits on what one job may name: a request over any of them is refused (422 / INVALID_ARGUMENT)
 #: naming the field, before anything is opened or stored
 MAX_MODALITIES = 8  # sources of one scene (the model cards read at most three)
+MAX_SOURCES = 64  # sources of one modality, a time series (the models take at most 24 dates)
 MAX_ASSETS = 64  # asset renames (a band each)
 MAX_LABELS = 32
 MAX_LABEL_KEY_CHARS = 63
@@ -78,7 +79,35 @@ def _utf8(text: str) -> bytes:
         raise ValueError("is not valid Unicode (it holds a lone surrogate)") from None
 
 
-def _check_mapping(values: dict[str, str], *, key_chars: int, value_check: Callable[[str], object]) -> dict[str, str]:
+def _sources(value: Any) -> Any:
+    """A modality's sources as given: one (a string) or a list of them (a time series), with
+    an error naming the modality for anything else (before pydantic tries each form)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a source (a string) or a list of sources (a time series)")
+    if not value:
+        raise ValueError("must name at least one source")
+    if len(value) > MAX_SOURCES:
+        raise ValueError(f"names {len(value)} sources, over the limit of {MAX_SOURCES}")
+    return value
+
+
+#: one modality's source, or its sources: a time series, one acquisition date each
+Sources = Annotated[str | list[str], BeforeValidator(_sources)]
+
+
+def check_sources(value: str | list[str]) -> str | list[str]:
+    """`check_location` on a source, or on each of a list of them."""
+    for i, source in enumerate([value] if isinstance(value, str) else value):
+        try:
+            check_location(source)
+        except ValueError as e:
+            raise ValueError(f"{e}" if isinstance(value, str) else f"source {i} {e}") from None
+    return value
+
+
+def _check_mapping(values: dict[str, Any], *, key_chars: int, value_check: Callable[[Any], object]) -> dict[str, Any]:
     """Every key 1 to `key_chars` characters, every value passing `value_check`; the error names the key."""
     for key, value in values.items():
         try:
@@ -110,8 +139,9 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scene: Annotated[dict[str, str], Field(min_length=1, max_length=MAX_MODALITIES,
-                                           description="modality -> source (band folder, raster or STAC item)")]
+    scene: Annotated[dict[str, Sources], Field(min_length=1, max_length=MAX_MODALITIES,
+                                               description="modality -> source (band folder, raster, STAC item or ItemCollection), "
+                                                           "or a list of sources: a time series, one acquisition date each")]
     model: Annotated[str, Field(min_length=1, max_length=100)]
     output_prefix: Annotated[str, Field(min_length=1, max_length=MAX_PATH_BYTES, description="s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its STAC item beside it")]
     zoom: Annotated[int | None, Field(ge=0, le=22, strict=True)] = None
@@ -177,10 +207,20 @@ class JobSpec(BaseModel):
             _utf8(v)
         return v
 
-    @field_validator("scene", "assets")
+    @field_validator("scene")
+    @classmethod
+    def _scene_locations(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        return _check_mapping(v, key_chars=MAX_KEY_CHARS, value_check=check_sources)
+
+    @field_validator("assets")
     @classmethod
     def _locations(cls, v: dict[str, str]) -> dict[str, str]:
         return _check_mapping(v, key_chars=MAX_KEY_CHARS, value_check=check_location)
+
+    def sources(self) -> list[tuple[str, str]]:
+        """(field, source) for every source of the scene: `scene.MODALITY` for each of a
+        modality's sources."""
+        return [(f"scene.{m}", s) for m, given in self.scene.items() for s in ([given] if isinstance(given, str) else given)]
 
     @field_validator("output_prefix")
     @classmethod

@@ -38,6 +38,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tilefm.errors import TileFMError
 from tilefm.jobs.models import Job, JobError, JobEvent, JobSpec, JobState, Progress, Timings, TileFailure
 
 __all__ = [
@@ -103,7 +104,8 @@ def datetime_from_proto(ts: Timestamp) -> datetime:
 
 def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
     msg = pb.JobSpec(
-        scene=dict(spec.scene),
+        scene={k: v for k, v in spec.scene.items() if isinstance(v, str)},
+        scene_series={k: pb.SourceList(sources=v) for k, v in spec.scene.items() if not isinstance(v, str)},
         model=spec.model,
         output_prefix=spec.output_prefix,
         backend=spec.backend,
@@ -127,9 +129,13 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
 
 def spec_to_dict(msg: pb.JobSpec) -> dict[str, Any]:
     """The JobSpec fields a message sets, as a dict for `JobSpec.model_validate`: absent optional
-    fields and an empty backend are left out, so the model's defaults apply."""
+    fields and an empty backend are left out, so the model's defaults apply. A time series
+    (`scene_series`) is a list in `scene`; a modality in both is refused (a TileFMError naming it)."""
+    both = sorted(set(msg.scene) & set(msg.scene_series))
+    if both:
+        raise TileFMError(f"{both[0]!r} is in both scene and scene_series: give its sources in one of them", field=f"scene.{both[0]}")
     data: dict[str, Any] = {
-        "scene": dict(msg.scene),
+        "scene": {**dict(msg.scene), **{k: list(v.sources) for k, v in msg.scene_series.items()}},
         "model": msg.model,
         "output_prefix": msg.output_prefix,
         "assets": dict(msg.assets),

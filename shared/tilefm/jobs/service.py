@@ -63,7 +63,7 @@ def run_spec(spec: JobSpec, *, out: str | None = None) -> RunSpec:
 def resolve_paths(spec: JobSpec) -> JobSpec:
     """`spec` with its relative local paths made absolute, once, at submission: the record then
     names the same files for every process that opens them, whatever its working folder."""
-    scene = {k: locations.absolute(v) for k, v in spec.scene.items()}
+    scene = {k: locations.absolute(v) if isinstance(v, str) else [locations.absolute(s) for s in v] for k, v in spec.scene.items()}
     assets = {k: locations.absolute(v) for k, v in spec.assets.items()}
     prefix = locations.absolute(spec.output_prefix)
     if (scene, assets, prefix) == (spec.scene, spec.assets, spec.output_prefix):
@@ -73,8 +73,8 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
 
 def check_locations(spec: JobSpec, settings: Settings) -> None:
     """Every location `spec` names is inside the allowlists, and its output prefix is a folder."""
-    for modality, source in spec.scene.items():
-        locations.check_allowed(source, settings.allowed_sources, f"scene.{modality}")
+    for field, source in spec.sources():  # each source of a time series too
+        locations.check_allowed(source, settings.allowed_sources, field)
     for key, path in spec.assets.items():
         locations.check_allowed(path, settings.allowed_sources, f"assets.{key}")
     locations.check_allowed(spec.output_prefix, settings.allowed_outputs, "output_prefix")

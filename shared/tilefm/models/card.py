@@ -190,6 +190,9 @@ class ModelCard(BaseModel):
     #: from it than `max_resample` times
     gsd_m: float | None = Field(None, gt=0)
     max_resample: float = Field(4.0, ge=1)
+    #: acquisition dates the model takes at once: above 1, a scene may be a time series of up
+    #: to this many dates (`tilefm.scene.Scene.series`); 1, one date. Only Presto reads series
+    max_timesteps: int = Field(1, ge=1)
     #: network shape for `architecture: vit`
     vit: ViTSpec | None = None
     #: max abs difference to a reference allowed by `tilefm models verify`
@@ -204,6 +207,8 @@ class ModelCard(BaseModel):
             raise ValueError("a vit card needs its `vit` section")
         if self.architecture == "vit" and self.output.channels != self.vit.dim:
             raise ValueError(f"output.channels ({self.output.channels}) must be vit.dim ({self.vit.dim})")
+        if self.max_timesteps > 1 and self.architecture != "presto":
+            raise ValueError(f"architecture {self.architecture!r} reads one date (max_timesteps 1); only presto reads a time series")
         if not self.weights.checkpoint and self.architecture != "vit":
             raise ValueError(f"architecture {self.architecture!r} needs a weights file")
         return self

@@ -23,9 +23,11 @@ def softmax(scores: np.ndarray, axis: int = 1) -> np.ndarray:
     return scores
 
 
-#: windows per call of the network on the native grid (a batch's distinct windows run in
-#: chunks, so that the stack stays within a few hundred MB whatever the batch)
-NATIVE_CHUNK = 32
+#: windows per call of the network on the native grid: a batch's distinct windows run in chunks,
+#: since onnxruntime's activations for the U-Net grow with the chunk (a 30-tile run's peak RSS:
+#: 2.6 GB in chunks of 32, 1.2 GB in chunks of 4, at the same CPU time); a GPU gets larger ones
+NATIVE_CHUNK = 4
+NATIVE_CHUNK_GPU = 32
 #: tiles per batch on the native grid (`batch_size`)
 NATIVE_BATCH = 16
 
@@ -107,10 +109,10 @@ class OnnxWindowModel(TileModel):
             outs.append(TileOutput(tile=t.tile, halo=t.halo, values=acc, weight=wsum))
         return outs
 
-    def run_native(self, inputs: list[NativeInput]) -> list[TileOutput]:
-        """Inputs on the inference grid: each lattice window of the batch runs once (neighbouring
-        tiles share most of theirs) and is blended into every tile region that holds it, then
-        each region's blended sums go onto its tile's pixels (`tilefm.native.to_tile`)."""
+    def _native_windows(self, inputs: list[NativeInput]) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[tuple, list[int]], list[tuple]]:
+        """Per input its normalised data and validity; per lattice window of the batch the inputs
+        that hold it; and the windows to run (those with a valid pixel: the others would add
+        nothing, their weight being zero everywhere)."""
         W = self.window
         prepared = []
         for inp in inputs:
@@ -122,30 +124,44 @@ class OnnxWindowModel(TileModel):
         for k, inp in enumerate(inputs):
             for i, j in inp.windows():
                 holders.setdefault((inp.grid, i, j), []).append(k)
+        todo = []
+        for key, ks in holders.items():
+            oy, ox = inputs[ks[0]].window_offset(key[1], key[2])
+            if prepared[ks[0]][1][oy : oy + W, ox : ox + W].any():
+                todo.append(key)
+        return prepared, holders, todo
+
+    def _stack(self, inputs: list[NativeInput], prepared: list[tuple[np.ndarray, np.ndarray]], holders: dict[tuple, list[int]], keys: list[tuple]) -> np.ndarray:
+        W = self.window
+        x = np.empty((len(keys), prepared[0][0].shape[0], W, W), np.float32)
+        for n, key in enumerate(keys):
+            k = holders[key][0]
+            oy, ox = inputs[k].window_offset(key[1], key[2])
+            x[n] = prepared[k][0][:, oy : oy + W, ox : ox + W]
+        return x
+
+    def native_stack(self, inputs: list[NativeInput]) -> np.ndarray:
+        """The distinct windows a batch runs, stacked [N, bands, W, W] (what `predict` is given,
+        chunk by chunk: for benchmarks of the model alone)."""
+        prepared, holders, todo = self._native_windows(inputs)
+        return self._stack(inputs, prepared, holders, todo)
+
+    def run_native(self, inputs: list[NativeInput]) -> list[TileOutput]:
+        """Inputs on the inference grid: each lattice window of the batch runs once (neighbouring
+        tiles share most of theirs) and is blended into every tile region that holds it, then
+        each region's blended sums go onto its tile's pixels (`tilefm.native.to_tile`)."""
+        W = self.window
+        prepared, holders, todo = self._native_windows(inputs)
         channels = len(self.card.output.classes) or self.card.output.channels
         acc = [np.zeros((channels, *v.shape), np.float32) for _, v in prepared]
         wsum = [np.zeros(v.shape, np.float32) for _, v in prepared]
-
-        def window(k: int, key: tuple) -> tuple[int, int]:
-            return inputs[k].window_offset(key[1], key[2])
-
-        # windows with no valid pixel add nothing: their weight is zero everywhere
-        todo = []
-        for key, ks in holders.items():
-            oy, ox = window(ks[0], key)
-            if prepared[ks[0]][1][oy : oy + W, ox : ox + W].any():
-                todo.append(key)
         # blended chunk by chunk, so that a batch holds one chunk's scores, not all of them
-        for c in range(0, len(todo), NATIVE_CHUNK):
-            chunk = todo[c : c + NATIVE_CHUNK]
-            x = np.empty((len(chunk), prepared[0][0].shape[0], W, W), np.float32)
-            for n, key in enumerate(chunk):
-                k = holders[key][0]
-                oy, ox = window(k, key)
-                x[n] = prepared[k][0][:, oy : oy + W, ox : ox + W]
-            for key, p in zip(chunk, self.predict(x)):
+        size = NATIVE_CHUNK_GPU if self.on_gpu else NATIVE_CHUNK
+        for c in range(0, len(todo), size):
+            chunk = todo[c : c + size]
+            for key, p in zip(chunk, self.predict(self._stack(inputs, prepared, holders, chunk))):
                 for k in holders[key]:
-                    oy, ox = window(k, key)
+                    oy, ox = inputs[k].window_offset(key[1], key[2])
                     wv = self.weights * prepared[k][1][oy : oy + W, ox : ox + W]
                     acc[k][:, oy : oy + W, ox : ox + W] += p * wv
                     wsum[k][oy : oy + W, ox : ox + W] += wv

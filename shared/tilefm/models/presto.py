@@ -12,7 +12,9 @@ Inputs of :meth:`PrestoEncoder.forward`:
 - ``mask[n, t, 17]``, 1 (or any non-zero) = missing;
 - ``dynamic_world[n, t]`` int64, classes 0..8, :data:`DW_MISSING` (9) = missing;
 - ``latlons[n, 2]`` float32, latitude and longitude in degrees;
-- ``month``: 0-based month of timestep 0, as one int, one per pixel ``[n]`` or a table ``[n, t]``.
+- ``month``: 0-based month of timestep 0, as one int, one per pixel ``[n]`` (timestep t then has
+  month + t, mod 12), or the month of every timestep as a table ``[n, t]`` (any months, in any
+  order: a time series' own dates), or ``[1, t]`` for the same table at every pixel.
 """
 
 from __future__ import annotations
@@ -219,6 +221,17 @@ class Block(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 
+def _shared_months(month: torch.Tensor) -> bool:
+    """Whether a month argument is the same for every pixel: one int, or one row of a table."""
+    return month.ndim == 0 or (month.ndim == 2 and month.shape[0] == 1)
+
+
+def month_rows(month: Any, start: int, stop: int) -> Any:
+    """Pixels `start`..`stop` of a month argument (an int or a ``[1, t]`` table: as it is)."""
+    m = np.asarray(month) if not isinstance(month, torch.Tensor) else month
+    return month if m.ndim == 0 or (m.ndim == 2 and m.shape[0] == 1) else month[start:stop]
+
+
 def _as_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype)
@@ -261,6 +274,8 @@ class PrestoEncoder(nn.Module):
 
     # ---------------------------------------------------------------- inputs
     def _months(self, month: Any, n: int, t: int, device: torch.device) -> torch.Tensor:
+        """``[n, t]`` 0-based months. A table is taken as it is (mod 12): the official encoder's
+        months, one per pixel and timestep; only an int or one per pixel counts up from timestep 0."""
         m = _as_tensor(month, torch.long, device)
         steps = torch.arange(t, device=device)
         if m.ndim == 0:
@@ -307,9 +322,10 @@ class PrestoEncoder(nn.Module):
             raise ValueError(f"latlons must be [{n}, 2], got {tuple(ll.shape)}")
         # masked values never matter (and may be NaN): zero them
         x = x.masked_fill(mask_b, 0.0)
-        # one month for every pixel (a scene): the codes are the same for all, so broadcast one
-        # row instead of building n identical ones (same sums, a fraction of the memory traffic)
-        rows = 1 if _as_tensor(month, torch.long, device).ndim == 0 else n
+        # one month (or one table) for every pixel (a scene): the codes are the same for all, so
+        # broadcast one row instead of building n identical ones (same sums, a fraction of the
+        # memory traffic)
+        rows = 1 if _shared_months(_as_tensor(month, torch.long, device)) else n
         months = self._months(month, rows, t, device)
 
         month_code = self.month_embed(months)  # [rows, t, 32]
@@ -410,7 +426,7 @@ class PrestoEncoder(nn.Module):
         out = []
         for s in range(0, n, chunk_size):
             e = s + chunk_size
-            mo = mo_t if mo_t.ndim == 0 else mo_t[s:e]
+            mo = mo_t if _shared_months(mo_t) else mo_t[s:e]
             out.append(self._encode(x_t[s:e], m_t[s:e], dw_t[s:e], ll_t[s:e], mo))
         return torch.cat(out, 0)
 

@@ -1,8 +1,11 @@
-"""Presto on tiles: every pixel of a tile is one single-timestep Presto input.
+"""Presto on tiles: every pixel of a tile is one Presto input, of one timestep per date.
 
 Bands the scene lacks are masked (their tokens dropped), location is each pixel's own lat/lon, the
-month is the scene's. A DEM modality gives elevation and a Horn slope, computed on the tile plus a
-one-pixel halo so that slopes agree across tile edges.
+month is the scene's. A time series (`tilefm.scene.Scene.series`) gives every pixel one timestep
+per date, each with its own month (the encoder takes the months as a table, never assuming
+consecutive ones), a band without data at one date masked at that timestep only. A DEM modality
+gives elevation and a Horn slope, computed on the tile plus a one-pixel halo so that slopes agree
+across tile edges.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile, resolution
 from tilefm.models.base import InputPreparer, TileModel, TileOutput
 from tilefm.models.card import ModelCard
-from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, normalize, normalize_torch
+from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, month_rows, normalize, normalize_torch
 from tilefm.read import TileInput, tile_latitudes
 
 #: card band "modality:name" -> Presto raw band
@@ -66,15 +69,20 @@ class PrestoInputs(InputPreparer):
         self.elev_name = "dem:elevation" if "dem:elevation" in names else None
 
     def pixels(self, t: TileInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(raw [n_pix, 1, 16], present [n_pix, 1, 16], latlons [n_pix, 2], pixel validity [256, 256])."""
+        """(raw [n_pix, T, 16], present [n_pix, T, 16], latlons [n_pix, 2], pixel validity
+        [256, 256]): T timesteps (1 for a scene of one date); a pixel is valid where any band has
+        a value at any timestep."""
         h = t.halo
         core = (slice(h, h + TILE_SIZE), slice(h, h + TILE_SIZE))
-        raw = np.zeros((TILE_SIZE, TILE_SIZE, len(RAW_BAND_NAMES)), np.float32)
+        data, valid = (t.data, t.valid) if t.dates else (t.data[None], t.valid[None])
+        steps = data.shape[0]
+        raw = np.zeros((TILE_SIZE, TILE_SIZE, steps, len(RAW_BAND_NAMES)), np.float32)
         present = np.zeros(raw.shape, bool)
         for j, name in enumerate(t.band_names):
             k = self.raw_index[name]
-            raw[..., k] = t.data[j][core]
-            present[..., k] = t.valid[j][core]
+            for s in range(steps):
+                raw[:, :, s, k] = data[s, j][core]
+                present[:, :, s, k] = valid[s, j][core]
         if self.elev_name in t.extra:
             elev, elev_ok = t.extra[self.elev_name]  # the tile plus one pixel, for the 3x3 kernel
             e = (elev.shape[0] - TILE_SIZE) // 2 - 1
@@ -83,37 +91,53 @@ class PrestoInputs(InputPreparer):
             cell = (resolution(t.tile.z) * np.cos(np.radians(lat)))[1:-1, None]
             slope, ok = horn_slope(elev, elev_ok, cell, cell)
             k = RAW_BAND_NAMES.index("slope")
-            raw[..., k] = slope
-            present[..., k] = ok & present[..., RAW_BAND_NAMES.index("elevation")]
-        pix_valid = present.any(axis=-1)
+            raw[..., k] = slope[..., None]  # a static DEM: the same slope at every timestep
+            present[..., k] = ok[..., None] & present[..., RAW_BAND_NAMES.index("elevation")]
+        pix_valid = present.any(axis=(-2, -1))
         lon, lat = t.lonlat()
         latlons = np.stack([lat[core], lon[core]], axis=-1).astype(np.float32)
         sel = pix_valid.ravel()
         n = int(sel.sum())
+        shape = (-1, steps, raw.shape[-1])
         return (
-            raw.reshape(-1, 1, raw.shape[-1])[sel],
-            present.reshape(-1, 1, raw.shape[-1])[sel],
+            raw.reshape(shape)[sel],
+            present.reshape(shape)[sel],
             latlons.reshape(-1, 2)[sel],
             pix_valid,
-        ) if n else (np.zeros((0, 1, raw.shape[-1]), np.float32), np.zeros((0, 1, raw.shape[-1]), bool), np.zeros((0, 2), np.float32), pix_valid)
+        ) if n else (np.zeros((0, steps, raw.shape[-1]), np.float32), np.zeros((0, steps, raw.shape[-1]), bool), np.zeros((0, 2), np.float32), pix_valid)
+
+    @staticmethod
+    def months(t: TileInput) -> list[int]:
+        """The 0-based month of each of a tile's timesteps (one for a scene of one date)."""
+        if t.date is None:
+            raise SceneError("Presto needs the scene date (month)", field="date")
+        return [d.month - 1 for d in t.dates or [t.date]]
 
     def __call__(self, tiles: list[TileInput]) -> PrestoBatch:
         if not tiles:
             return PrestoBatch([], 0, [], *(np.zeros((0,)) for _ in range(3)))
-        if tiles[0].date is None:
-            raise SceneError("Presto needs the scene date (month)", field="date")
+        tables = [self.months(t) for t in tiles]
         parts = [self.pixels(t) for t in tiles]
         raw, present, latlons = (np.concatenate([p[k] for p in parts]) for k in range(3))
-        return PrestoBatch([t.tile for t in tiles], tiles[0].date.month - 1, [p[3] for p in parts], raw, present, latlons)
+        month: int | np.ndarray
+        if not tiles[0].dates:
+            month = tables[0][0]
+        elif all(m == tables[0] for m in tables):  # one scene: one table for every pixel
+            month = np.array([tables[0]], np.int64)
+        else:
+            month = np.concatenate([np.tile(np.array(m, np.int64), (len(p[0]), 1)) for m, p in zip(tables, parts)])
+        return PrestoBatch([t.tile for t in tiles], month, [p[3] for p in parts], raw, present, latlons)
 
 
 @dataclass
 class PrestoBatch:
-    """A prepared batch: the tiles, the scene's month, each tile's pixel validity, and the valid
-    pixels of all tiles as Presto's arrays."""
+    """A prepared batch: the tiles, the months, each tile's pixel validity, and the valid pixels
+    of all tiles as Presto's arrays ([n, T, 16]: T timesteps)."""
 
     tiles: list[Tile]
-    month: int
+    #: a scene of one date: its 0-based month; a time series: the 0-based month of every
+    #: timestep, [1, T] (the same for every pixel) or [n, T]
+    month: int | np.ndarray
     valid: list[np.ndarray]
     raw: np.ndarray
     present: np.ndarray
@@ -177,8 +201,10 @@ class PrestoTileModel(TileModel):
             outs.append(TileOutput(tile=t, halo=0, values=values, weight=valid.astype(np.float32)))
         return outs
 
-    def embed(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int) -> np.ndarray:
-        """Embeddings [n, 128] for single-timestep pixels (the model alone, no I/O)."""
+    def embed(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int | np.ndarray) -> np.ndarray:
+        """Embeddings [n, 128] for pixels of T timesteps, raw and present [n, T, 16] (the model
+        alone, no I/O). `month`: timestep 0's (an int: T = 1, or consecutive months), or the
+        month of every timestep as a [1, T] or [n, T] table (`PrestoEncoder.forward`)."""
         if len(raw) == 0:
             return np.zeros((0, self.card.output.channels), np.float32)
         if self.device.type == "cuda":
@@ -189,7 +215,7 @@ class PrestoTileModel(TileModel):
             return self.net(x, mask, dw, latlons, month, chunk_size=self.chunk).numpy()
 
     @torch.inference_mode()
-    def _embed_cuda(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int) -> np.ndarray:
+    def _embed_cuda(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int | np.ndarray) -> np.ndarray:
         """Raw values and masks go to the GPU (normalised there, in chunks); embeddings come back
         in the card's output dtype (float16: half the bytes over PCIe, and what the COG stores).
 
@@ -216,7 +242,7 @@ class PrestoTileModel(TileModel):
             x, mask = normalize_torch(r, p)
             dw = torch.full(x.shape[:2], DW_MISSING, dtype=torch.long, device=dev)
             with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-                y = self.net._encode(x, mask, dw, ll, month)
+                y = self.net._encode(x, mask, dw, ll, month_rows(month, s, e))
             slot.out[:k].copy_(y.to(self.out_dtype), non_blocking=True)
             slot.done.record(stream)
             slot.pending = (s, e)
