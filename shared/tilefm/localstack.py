@@ -317,7 +317,7 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
         env = {**os.environ, **server.tilefm_env(), "TILEFM_MODEL_STORE": str(models), "RAY_USAGE_STATS_ENABLED": "0"}
         jobs = [
             ["--scene", f"s2={scene}", "--model", "presto", "--zoom", "10", "--out", "s3://tilefm/demo/presto.tif"],
-            ["--scene", f"s2={scene / 'stac-item.json'}", "--model", "ukis-csmask", "--zoom", "11", "--out", (out_dir / "clouds.tif").as_uri()],
+            ["--scene", f"s2={scene / 'stac-item.json'}", "--model", "ukis-csmask", "--out", (out_dir / "clouds.tif").as_uri()],
         ]
         for args in jobs:
             print("$ tilefm run " + " ".join(args), flush=True)

@@ -360,8 +360,9 @@ def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requeste
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     placement = place_encoders(worker, requested or worker.backend, settings, ray.cluster_resources())
+    extra = {"resources": dict(settings.encoder_resources)} if settings.encoder_resources else {}
     actor_cls = ray.remote(
-        num_cpus=settings.encoder_num_cpus, num_gpus=placement.num_gpus, max_restarts=3, max_task_retries=3
+        num_cpus=settings.encoder_num_cpus, num_gpus=placement.num_gpus, max_restarts=3, max_task_retries=3, **extra
     )(EncoderActor)
     spec = replace(worker, backend=placement.backend)
     pool = EncoderPool([actor_cls.remote(spec) for _ in range(placement.replicas)], placement)
@@ -371,10 +372,12 @@ def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requeste
         except GetTimeoutError:
             for a in pool.actors:
                 ray.kill(a)
+            where = unplaceable(ray, settings, placement)
             raise BackendError(
                 f"{placement.replicas} encoder actor(s) for {worker.card.name!r} wanting {placement.num_gpus:g} GPU(s) each "
                 f"were not running after {settings.encoder_start_timeout_s:g} s (the cluster has "
-                f"{ray.cluster_resources().get('GPU', 0):g} GPUs; see TILEFM_ENCODER_NUM_GPUS, TILEFM_ENCODER_REPLICAS)",
+                f"{ray.cluster_resources().get('GPU', 0):g} GPUs{'; ' + where if where else ''}; see TILEFM_ENCODER_NUM_GPUS, "
+                "TILEFM_ENCODER_RESOURCES, TILEFM_ENCODER_REPLICAS)",
                 field="backend",
             ) from None
         except (RayActorError, RayTaskError) as e:  # the model did not load there (after Ray's restarts)
@@ -389,6 +392,25 @@ def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requeste
                 len(idle), worker.card.name, idle[0].backend,
             )
     return pool
+
+
+def encoder_needs(settings: Settings, placement: Placement) -> dict[str, float]:
+    """What one encoder actor reserves on its node."""
+    needs = {"CPU": settings.encoder_num_cpus, "GPU": placement.num_gpus, **settings.encoder_resources}
+    return {k: float(v) for k, v in needs.items() if v}
+
+
+def unplaceable(ray: Any, settings: Settings, placement: Placement) -> str | None:
+    """None where a live node of the cluster could hold one of the encoder actors (free or not),
+    else why none can: what an actor needs and what the live nodes have. Actors that lost their
+    node wait for one that can take them (Ray restarts them there), so a job whose only
+    encoder node is gone would otherwise wait forever."""
+    needs = encoder_needs(settings, placement)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in needs.items()) for n in nodes):
+        return None
+    have = [{k: n.get("Resources", {}).get(k, 0.0) for k in needs} for n in nodes]
+    return f"no node of the Ray cluster can take an encoder actor: each needs {needs}; the {len(nodes)} live node(s) have {have}"
 
 
 class RayExecutor:

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     #: can run on one (one actor per GPU); a number = always (an autoscaled GPU group starts
     #: nodes for them; the chart sets it); 0 = encoders never take a GPU
     encoder_num_gpus: float | None = Field(None, ge=0)
+    #: Ray custom resources each encoder actor reserves, as JSON ({"encoder": 1}): the actors go
+    #: only to nodes that declare them (`ray start --resources`), reader tasks anywhere. Empty
+    #: = no such constraint
+    encoder_resources: dict[str, float] = Field(default_factory=dict)
     #: how long encoder actors may take to be placed and load their model before the run fails
     encoder_start_timeout_s: float = Field(900.0, gt=0)
     #: encoder actors per model; 0 = one per `encoder_num_gpus` GPUs of the cluster, or one

@@ -68,6 +68,16 @@ SPEC_EXAMPLES = {
             "labels": {"project": "demo"},
         },
     },
+    "presto time series": {
+        "summary": "Presto embeddings of a time series: several acquisitions of a modality, each with its own date",
+        "value": {
+            "scene": {"s2": ["/data/s2/S2A_29RKH_20200105/stac-item.json", "/data/s2/S2A_29RKH_20200219/stac-item.json"]},
+            "model": "presto",
+            "zoom": 10,
+            "bbox": [-11.6, 24.62, -11.2, 24.98],
+            "output_prefix": "s3://tilefm/jobs/presto-series/",
+        },
+    },
 }
 
 

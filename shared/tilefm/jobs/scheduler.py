@@ -42,7 +42,7 @@ from tilefm.jobs.service import output_uri, prepare_job
 from tilefm.jobs.store import REDIS_UNAVAILABLE, JobStore
 from tilefm.models.base import TileOutput
 from tilefm.pipeline import DEFAULT_BATCH, Prepared, batches, publish
-from tilefm.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders
+from tilefm.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders, unplaceable
 from tilefm.settings import Settings
 from tilefm.stitch import Encoding
 from tilefm.storage import FileLocation, S3Storage, parse_uri, storage_for
@@ -137,6 +137,9 @@ class Scheduler:
         self.ray = None
         self._rr: deque[str] = deque()
         self._last_renew = 0.0
+        #: since when no live node could hold each pool's actors (`_check_placement`)
+        self._unplaceable: dict[tuple[str, ...], float] = {}
+        self._last_placement_check = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -182,6 +185,7 @@ class Scheduler:
             self._check_cancel(a)
         self._dispatch()
         self._collect(timeout=0.2 if self.refs else 0)
+        self._check_placement()
         for a in list(self.active.values()):
             self._maybe_finish(a)
         return bool(self.active)
@@ -205,7 +209,11 @@ class Scheduler:
         done = self.store.tiles_done(job.id)
         todo = [t for t in prep.plan.tiles if str(t) not in done]
         self.store.set_total(job.id, len(prep.plan.tiles))
-        pool = self._pool(prep)  # load the model before the first batch (on GPUs: its batch size)
+        try:
+            pool = self._pool(prep)  # load the model before the first batch (on GPUs: its batch size)
+        except TileFMError as e:  # no node took the encoders in time, or the model did not load there
+            self._fail(job, JobError(message=str(e), field=e.field))
+            return
         a = _Active(
             job=job, prep=prep, encoding=Encoding.for_card(prep.card, job.spec.dtype),
             pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size or pool.batch_size or DEFAULT_BATCH)),
@@ -235,6 +243,36 @@ class Scheduler:
             self.pools[key] = start_encoders(self.ray, self._worker(prep), self.settings, requested=prep.spec.backend)
             metrics.ray_actors.set(sum(len(p.actors) for p in self.pools.values()))
         return self.pools[key]
+
+    def _check_placement(self, every_s: float = 2.0) -> None:
+        """Fail the jobs of a pool whose actors no live node can hold (their node left the cluster
+        and no other has what they reserve: TILEFM_ENCODER_RESOURCES, GPUs) once that has lasted
+        `encoder_start_timeout_s` (an autoscaler's time to add a node): Ray would keep their
+        batches waiting for a node forever."""
+        now = time.monotonic()
+        if now - self._last_placement_check < every_s:
+            return
+        self._last_placement_check = now
+        busy = {act for _, act in self.refs.values()}
+        for key, pool in list(self.pools.items()):
+            why = unplaceable(self.ray, self.settings, pool.placement) if any(act in busy for act in pool.actors) else None
+            if why is None:
+                self._unplaceable.pop(key, None)
+                continue
+            since = self._unplaceable.setdefault(key, now)
+            if now - since < self.settings.encoder_start_timeout_s:
+                if since == now:
+                    log.warning("encoders for %s: %s; their jobs fail in %g s unless one joins", key[0], why,
+                                self.settings.encoder_start_timeout_s)
+                continue
+            message = f"encoder actors for {key[0]!r} lost their node: {why} (for {now - since:.0f} s; see TILEFM_ENCODER_RESOURCES)"
+            for a in [a for a in self.active.values() if self._pool_key(a.prep) == key and a.finishing is None]:
+                self._fail(a.job, JobError(message=message, field="backend"), a)
+                self._forget(a.job.id)
+            for actor in self.pools.pop(key).actors:
+                self.ray.kill(actor)
+            self._unplaceable.pop(key, None)
+            metrics.ray_actors.set(sum(len(p.actors) for p in self.pools.values()))
 
     def _dispatch(self) -> None:
         """Round-robin over running jobs, a batch at a time, while actors have room."""

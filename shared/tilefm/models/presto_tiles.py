@@ -212,7 +212,13 @@ class PrestoTileModel(TileModel):
         x, mask = normalize(raw, present)
         dw = np.full(x.shape[:2], DW_MISSING, np.int64)
         with torch.inference_mode():
-            return self.net(x, mask, dw, latlons, month, chunk_size=self.chunk).numpy()
+            return self.net(x, mask, dw, latlons, month, chunk_size=self.chunk_for(raw)).numpy()
+
+    def chunk_for(self, raw: np.ndarray) -> int:
+        """Pixels per forward pass for inputs of T timesteps: a pixel has about T times a
+        single date's tokens (and attention T^2 times), so T times fewer pixels keep a chunk's
+        memory near what the chunk size was set for."""
+        return max(1, self.chunk // raw.shape[1])
 
     @torch.inference_mode()
     def _embed_cuda(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int | np.ndarray) -> np.ndarray:
@@ -228,9 +234,10 @@ class PrestoTileModel(TileModel):
         n = len(raw)
         out = np.empty((n, self.card.output.channels), dtype=np.float16 if self.out_dtype == torch.float16 else np.float32)
         inputs = (raw, present, latlons.astype(np.float32, copy=False))
-        slots = self._pinned_slots(inputs, out)
-        for i, s in enumerate(range(0, n, self.chunk)):
-            e = min(n, s + self.chunk)
+        chunk = self.chunk_for(raw)
+        slots = self._pinned_slots(inputs, out, chunk)
+        for i, s in enumerate(range(0, n, chunk)):
+            e = min(n, s + chunk)
             slot = slots[i % len(slots)]
             slot.drain(out)  # its copies from two chunks ago are done; their output unpacked
             k = e - s
@@ -250,12 +257,12 @@ class PrestoTileModel(TileModel):
             slot.drain(out)
         return out
 
-    def _pinned_slots(self, inputs: tuple[np.ndarray, ...], out: np.ndarray) -> list[_PinnedSlot]:
+    def _pinned_slots(self, inputs: tuple[np.ndarray, ...], out: np.ndarray, chunk: int) -> list[_PinnedSlot]:
         """Two slots of pinned buffers for this chunk size and these shapes, kept across calls
         (pinning is slow: ~ms per 10 MB)."""
-        key = (self.chunk, out.dtype.str, out.shape[1:], *((a.dtype.str, a.shape[1:]) for a in inputs))
+        key = (chunk, out.dtype.str, out.shape[1:], *((a.dtype.str, a.shape[1:]) for a in inputs))
         if getattr(self, "_slots_key", None) != key:
-            self._slots = [_PinnedSlot(self.chunk, inputs, out) for _ in range(2)]
+            self._slots = [_PinnedSlot(chunk, inputs, out) for _ in range(2)]
             self._slots_key = key
         for slot in self._slots:  # a call that raised may have left copies in flight: not this call's rows
             slot.done.synchronize()
