@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2048, help="pixels per side of the written output")
     ap.add_argument("--requests", type=int, default=20, help="requests per kind")
     ap.add_argument("--clients", default="1,4", help="clients at once, one pass per number")
+    ap.add_argument("--kinds", default="", help="only the kinds whose names contain one of these words (comma-separated)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args()
 
@@ -201,6 +202,8 @@ def main() -> None:
               flush=True)
         for salt, clients in enumerate(int(c) for c in args.clients.split(",")):
             kinds = request_kinds(job, cog, info, args.requests, salt)
+            if args.kinds:
+                kinds = {k: v for k, v in kinds.items() if any(w in k for w in args.kinds.split(","))}
             for kind, urls in kinds.items():
                 res = run_kind(base, proc.pid, urls, clients)
                 results[f"{kind} x{clients}"] = res

@@ -36,7 +36,7 @@ from tilefm.jobs import proto as conv
 from tilefm.jobs.models import MAX_SOURCES, JobSpec
 from tilefm.models import get_card
 from tilefm.models.card import ModelCard
-from tilefm.models.presto import DW_MISSING, MAX_TIMESTEPS, load_presto
+from tilefm.models.presto import MAX_TIMESTEPS, load_presto
 from tilefm.models.presto_tiles import PrestoInputs, PrestoTileModel
 from tilefm.pipeline import RunSpec, prepare
 from tilefm.read import check_scene, read_tiles, tile_latitudes

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tilefm.errors import TileFMError
-from tilefm.grid import default_zoom, resolution
+from tilefm.errors import TileFMError, ZoomError
+from tilefm.grid import MAX_ZOOM, MIN_ZOOM, default_zoom, resolution
 from tilefm.models.card import ModelCard
 from tilefm.native import InferenceGrid
 from tilefm.scene import Scene
@@ -56,6 +56,8 @@ def input_grid(scene: Scene, card: ModelCard, zoom: int | None, *, strict: bool 
     Returns:
         An `InputGrid`.
     """
+    if zoom is not None and not (isinstance(zoom, int) and MIN_ZOOM <= zoom <= MAX_ZOOM):
+        raise ZoomError(f"zoom {zoom} is outside {MIN_ZOOM}..{MAX_ZOOM}")
     latitude = scene.footprint.centroid.y
     cos = max(math.cos(math.radians(latitude)), 1e-6)
     if card.context.native:
