@@ -190,6 +190,6 @@ class RayCluster:
     def shutdown(self) -> None:
         pids = self.processes()
         _signal(pids, signal.SIGTERM)
-        _signal(_wait_gone(pids, 10), signal.SIGKILL)
+        _signal(_wait_gone(pids, 5), signal.SIGKILL)
         _wait_gone(pids, 10)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -110,6 +110,19 @@ def _recorded_once(env: dict[str, str], job: dict) -> set[str]:
     return done
 
 
+# first: the scheduler below keeps its encoder actor, which holds the cluster's only `encoder`
+# resource, between jobs (a run's actor would wait for it)
+@pytest.mark.parametrize("mode", ["gcs", "client"])
+def test_tilefm_run_on_the_cluster(mode: str, cluster: RayCluster, env: dict[str, str], scene_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clouds.tif"
+    address = cluster.address if mode == "gcs" else cluster.client_address
+    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11",
+                "--bbox", ",".join(map(str, SMALL_BBOX)), "--out", out.as_uri(),
+                env={**env, "TILEFM_RAY_ADDRESS": address}, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert out.is_file()
+
+
 def test_job_runs_its_encoders_on_the_encoder_node(cluster: RayCluster, api: TestClient, scheduler, env, scene_dir: Path, tmp_path: Path) -> None:
     job = _submit(api, scene_dir, tmp_path / "out")
     total = job["progress"]["tiles_total"]
@@ -122,17 +135,6 @@ def test_job_runs_its_encoders_on_the_encoder_node(cluster: RayCluster, api: Tes
     # the scheduler keeps its actors between jobs: they are on the encoder node, none on the head
     assert encoder_actor_pids(_node(cluster, "encoder")), "no encoder actor on the node with the resource"
     assert not encoder_actor_pids(_node(cluster, "head"))
-
-
-@pytest.mark.parametrize("mode", ["gcs", "client"])
-def test_tilefm_run_on_the_cluster(mode: str, cluster: RayCluster, env: dict[str, str], scene_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "clouds.tif"
-    address = cluster.address if mode == "gcs" else cluster.client_address
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11",
-                "--bbox", ",".join(map(str, SMALL_BBOX)), "--out", out.as_uri(),
-                env={**env, "TILEFM_RAY_ADDRESS": address}, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert out.is_file()
 
 
 def test_killed_encoder_node_fails_the_job_and_the_scheduler_carries_on(cluster: RayCluster, api: TestClient, scheduler, env,
@@ -150,6 +152,13 @@ def test_killed_encoder_node_fails_the_job_and_the_scheduler_carries_on(cluster:
     assert time.monotonic() - killed < 90
     assert 2 <= len(_recorded_once(env, job)) < job["progress"]["tiles_total"]
     assert scheduler["proc"].poll() is None, log
+    # a job submitted while no node has the resource fails the same way once its encoders had
+    # their time to start, and the scheduler carries on
+    job = _wait(api, _submit(api, scene_dir, tmp_path / "none")["id"], timeout=120)
+    message = job["error"]["message"] if job["error"] else ""
+    assert job["state"] == "failed" and "were not running after 20 s" in message, job
+    assert "no node of the Ray cluster can take an encoder actor" in message, message
+    assert scheduler["proc"].poll() is None, scheduler["log"].read_text()[-3000:]
     # a node with the resource joins again: the next job gets new encoders there
     cluster.add_node("encoder2", num_cpus=1, resources=ENCODER)
     job = _wait(api, _submit(api, scene_dir, tmp_path / "again")["id"])

@@ -38,7 +38,9 @@ class RenderStats:
     def project(self, values: np.ndarray) -> np.ndarray:
         """[bands, H, W] -> [3, H, W] principal components (NaN stays NaN)."""
         flat = values.reshape(values.shape[0], -1)
-        out = np.asarray(self.components, np.float32) @ (flat - np.asarray(self.mean, np.float32)[:, None])
+        comps = np.asarray(self.components, np.float32)
+        # C (x - m) as C x - C m: no centred copy of all the bands
+        out = comps @ flat - (comps @ np.asarray(self.mean, np.float32))[:, None]
         return out.reshape(3, *values.shape[1:])
 
     def to_json(self) -> bytes:

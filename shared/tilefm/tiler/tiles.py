@@ -108,15 +108,18 @@ def read_aligned(src, out: JobOutput, z: int, x: int, y: int, size: int, indexes
     dtype = src.dtypes[0]
     nodata = src.nodata
     fill = nodata if nodata is not None else 0
-    data = np.full((len(idx), size, size), fill, dtype=dtype)
     px = size / span  # output pixels per native pixel
     oc0, or0 = round((c0 - col0) * px), round((r0 - row0) * px)
     oc1, or1 = round((c1 - col0) * px), round((r1 - row0) * px)
     win = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
-    if px >= 1:  # at or past the native zoom: read native pixels, repeat them
+    whole = (or0, oc0, or1, oc1) == (0, 0, size, size)
+    data = np.empty((len(idx), size, size), dtype) if whole and px <= 1 else np.full((len(idx), size, size), fill, dtype)
+    if whole and px <= 1:  # the usual tile: read straight into it (no second copy of every band)
+        src.read(idx, window=win, out=data, resampling=rasterio.enums.Resampling.nearest)
+    elif px >= 1:  # at or past the native zoom: read native pixels, repeat them
         part = src.read(idx, window=win)
         k = round(px)
-        data[:, or0:or1, oc0:oc1] = np.repeat(np.repeat(part, k, axis=1), k, axis=2)
+        data[:, or0:or1, oc0:oc1] = np.repeat(np.repeat(part, k, axis=1), k, axis=2) if k > 1 else part
     else:  # zoomed out: GDAL reads the matching overview
         data[:, or0:or1, oc0:oc1] = src.read(idx, window=win, out_shape=(len(idx), or1 - or0, oc1 - oc0),
                                             resampling=rasterio.enums.Resampling.nearest)
