@@ -19,7 +19,10 @@ from tilefm.models.base import TileOutput
 from tilefm.stitch import Encoding, MosaicWriter
 from tilefm.windows import blend_weights, window_offsets
 
-CLOUDS = get_card("ukis-csmask")
+#: the cloud model's windows laid on the tiles (`context.grid: tile`): the halo blending that
+#: tile-grid context models rely on (the card itself runs on the scene's grid, `tilefm.native`)
+_csmask = get_card("ukis-csmask")
+CLOUDS = _csmask.model_copy(update={"context": _csmask.context.model_copy(update={"grid": "tile"})})
 PRESTO = get_card("presto")
 
 
