@@ -35,7 +35,7 @@ from tilefm.settings import Settings
 from tilefm.tiler.wmts import capabilities
 
 ZOOM = 12
-TILE_X, TILE_Y = 2058, 1648  # the output's top-left tile: 2 x 2 tiles at zoom 12
+TILE_X, TILE_Y = 1918, 1756  # the top-left tile: 2 x 2 tiles at zoom 12, inside the sample scene
 BANDS = 16
 #: caps small enough to reach with these outputs: 16 bands of 256 x 256 float32 are 4 MiB
 CAPS = {"tiler_max_bands": 4, "tiler_max_tilesize": 512, "tiler_max_preview_px": 256,
@@ -104,8 +104,8 @@ class Deployment:
     def settings(self, **overrides) -> Settings:
         return Settings(redis_prefix=self.prefix, allowed_outputs=[str(self.root)], tiler_cache_mb=0, **overrides)
 
-    def app(self, **overrides):
-        return create_app(self.settings(**overrides), store=self.store)
+    def app(self, viewer_dir: Path | None = None, **overrides):
+        return create_app(self.settings(**overrides), store=self.store, viewer_dir=viewer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ COG_TILE = f"/tiles/WebMercatorQuad/{ZOOM}/{TILE_X}/{TILE_Y}.png"
 
 def _cap_cases(d: Deployment) -> list[tuple[str, dict, str]]:
     emb = d.jobs["embedding"]
-    bbox = "/bbox/0.88,33.05,0.96,33.12"
+    bbox = "/bbox/-11.40,24.70,-11.30,24.80"
     return [
         (f"/v1/jobs/{emb}/statistics", {"bands": "1,1,1,1,1"}, "bands"),
         (f"/v1/jobs/{emb}/statistics", {"bands": ",".join(["1"] * 5000)}, "bands"),
@@ -208,7 +208,7 @@ def test_the_largest_allowed_requests_are_served(client: TestClient, deployment:
         (*_cog(deployment, COG_TILE, expression="b1+b2+b3+b4"), ),
         (*_cog(deployment, "/preview.png", bidx=[1, 2, 3], max_size=256), ),
         (*_cog(deployment, "/statistics", bidx=1, max_size=256, histogram_bins=1024), ),
-        (*_cog(deployment, "/bbox/0.88,33.05,0.96,33.12/256x256.png", bidx=1), ),
+        (*_cog(deployment, "/bbox/-11.40,24.70,-11.30,24.80/256x256.png", bidx=1), ),
     ]
     for path, params in ok:
         r = client.get(path, params=params)
@@ -275,7 +275,7 @@ def _data_routes(d: Deployment) -> list[str]:
         _tile(d, "classes"),
         _tile(d, "embedding", ".npy"),
         f"/v1/jobs/{cls}/WMTSCapabilities.xml",
-        f"/v1/jobs/{cls}/point/0.92,33.1",
+        f"/v1/jobs/{cls}/point/-11.34,24.77",
         f"/v1/jobs/{cls}/statistics",
         f"/v1/jobs/{cls}/preview.png?max_size=64",
         f"/cog/info?url={d.cogs['classes']}",
@@ -417,7 +417,7 @@ def test_point_positions_are_checked(client: TestClient, deployment: Deployment,
 def test_a_point_outside_the_output_is_404(client: TestClient, deployment: Deployment) -> None:
     _error(client.get("/cog/point/10,10", params={"url": str(deployment.cogs["classes"])}), 404, "lon")
     _error(client.get(f"/v1/jobs/{deployment.jobs['classes']}/point/10,10"), 404, "lon")
-    assert client.get(f"/v1/jobs/{deployment.jobs['classes']}/point/0.92,33.1").status_code == 200
+    assert client.get(f"/v1/jobs/{deployment.jobs['classes']}/point/-11.34,24.77").status_code == 200
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,14 +483,14 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
     add("/v1/jobs", {"cursor": "x" * 300}, "cursor")
     add("/v1/jobs", {"cursor": "not-a-cursor"}, "cursor")
     # /cog: the same kinds of values through TiTiler's parameters
-    for path in (cog_tile, cog_prev, cog_stats, "/cog/point/0.92,33.1"):
+    for path in (cog_tile, cog_prev, cog_stats, "/cog/point/-11.34,24.77"):
         for v in ["0", "17", "-1", "x", "nan", "1.5"]:
             add(path, {"url": url, "bidx": v}, "bidx")
         for v in ["b0", "b17", "b1+", "import os", "b1/;", "x" * 2000, "b1+nan", "b1*inf", "__import__('os')", "b1;" * 5]:
             add(path, {"url": url, "expression": v}, "expression")
         for v in [*NON_FINITE[:4]]:
             add(path, {"url": url, "bidx": 1, "nodata": "x" + v}, "nodata")
-    for path in (cog_tile, cog_prev, "/cog/bbox/0.88,33.05,0.96,33.12.png"):
+    for path in (cog_tile, cog_prev, "/cog/bbox/-11.40,24.70,-11.30,24.80.png"):
         for v in ["1", "1,2,3", "a,b", *[f"0,{x}" for x in NON_FINITE[:4]]]:
             add(path, {"url": url, "bidx": 1, "rescale": v}, "rescale")
         for v in ["nope", "VIRIDIS ", "<x>"]:
@@ -525,7 +525,7 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
     for w, h, field in [("0", "10", "width"), ("10", "0", "height"), ("257", "10", "width"), ("x", "10", "width"),
                         ("10", "99999999999", "height")]:
         add(f"/cog/preview/{w}x{h}.png", {"url": url, "bidx": 1}, field)
-        add(f"/cog/bbox/0.88,33.05,0.96,33.12/{w}x{h}.png", {"url": url, "bidx": 1}, field)
+        add(f"/cog/bbox/-11.40,24.70,-11.30,24.80/{w}x{h}.png", {"url": url, "bidx": 1}, field)
     for v in ["0", "-5", "x", "nan", "100000", ",".join(map(str, range(2000)))]:
         add(cog_stats, {"url": url, "bidx": 1, "histogram_bins": v}, "histogram_bins")
     for v in ["-1", "101", "x", "nan", "1e999"]:
@@ -541,7 +541,7 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
                             ("x", "0", "lon")]:
         add(f"/cog/point/{lon},{lat}", {"url": url}, field)
     for v in ["epsg:0", "nope"]:
-        add("/cog/point/0.92,33.1", {"url": url, "coord_crs": v}, "coord_crs")
+        add("/cog/point/-11.34,24.77", {"url": url, "coord_crs": v}, "coord_crs")
     for v in ["-1", "x", "nan"]:
         add("/cog/WebMercatorQuad/tilejson.json", {"url": url, "minzoom": v}, "minzoom")
         add("/cog/WebMercatorQuad/tilejson.json", {"url": url, "maxzoom": v}, "maxzoom")

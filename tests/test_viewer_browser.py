@@ -15,6 +15,10 @@ the bounds (a sliver under 1/1000 of a tile: a rounding problem) or lies inside 
 `tiler_server` (tests/conftest.py) is the real app (`tilefm.api.tiler.create_app`) over HTTP with
 two jobs run by the real scheduler: (base_url, {"clouds": job_id, "presto": job_id}).
 
+With API keys required (`keyed_server`, synthetic outputs, reached on a host name that is not a
+loopback one): the viewer opened with `?api_key=` sends the key on every request of its own and
+of MapLibre's, and resolves the tiler's root-relative tile URLs; without a key it asks for one.
+
 Needs the Python package `playwright` and Debian's Chromium (/usr/bin/chromium, or set
 TILEFM_CHROMIUM); no `playwright install`. WebGL comes from SwiftShader (CPU), see CHROMIUM_ARGS.
 Either missing fails the test (never a skip).
@@ -35,8 +39,10 @@ import numpy as np
 import pytest
 
 CHROMIUM = os.environ.get("TILEFM_CHROMIUM", "/usr/bin/chromium")
-#: software WebGL for MapLibre in headless Chromium on machines without a GPU
-CHROMIUM_ARGS = ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+#: software WebGL for MapLibre in headless Chromium on machines without a GPU; `tiles.test`, a
+#: host name that is not a loopback one, for the tiler on 127.0.0.1
+CHROMIUM_ARGS = ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--host-resolver-rules=MAP tiles.test 127.0.0.1"]
 VIEWPORT = {"width": 1280, "height": 800}
 #: the viewer's map background (viewer.js BACKGROUND): a blank map is all this colour
 BACKGROUND = (0x1D, 0x21, 0x26)
@@ -280,3 +286,83 @@ def test_api_error_shown(viewer: Page, output_dir: Path) -> None:
     assert "404" in banner.inner_text()
     viewer.screenshot(output_dir / "viewer" / "error.png")
     assert viewer.page_errors == []
+
+
+# ------------------------------------------------------------------------------------------------
+# API keys: the viewer over a tiler that asks for them
+# ------------------------------------------------------------------------------------------------
+
+
+def _serve(app) -> tuple[object, int]:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the tile server did not start"
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, scene_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A tiler with keys required (TILEFM_TILER_AUTH) over the synthetic outputs of
+    test_tiler_security (in the sample scene; no scheduler), reached as http://tiles.test:PORT:
+    not a loopback host, so its TileJSON URLs are root-relative."""
+    from conftest import REPO, drop_redis_keys
+    from test_tiler_security import KEYS, Deployment
+
+    d = Deployment(tmp_path_factory.mktemp("viewer-keys"), scene_dir)
+    server, port = _serve(d.app(viewer_dir=REPO / "services" / "tiler" / "viewer", tiler_auth=True, api_keys=KEYS))
+    yield f"http://tiles.test:{port}", d.jobs
+    server.should_exit = True
+    drop_redis_keys(d.prefix)
+
+
+@pytest.mark.parametrize("name", ["classes", "embedding"])
+def test_job_view_with_a_key(browser, keyed_server, name: str) -> None:
+    """Opened with ?api_key=, the viewer keeps the key, takes it out of the address, and sends
+    it on every request to its origin (TileJSON and tiles through MapLibre included): no 401,
+    every tile served."""
+    from test_tiler_security import READ_KEY
+
+    base, jobs = keyed_server
+    page = Page(browser, base)
+    statuses: list[tuple[int, str]] = []
+    page.page.on("response", lambda r: statuses.append((r.status, r.url)))
+    try:
+        assert page.open(f"/viewer/jobs/{jobs[name]}?api_key={READ_KEY}") == "ready", page.hook("errors")
+        assert "api_key" not in page.page.url
+        assert page.page.evaluate("() => localStorage.getItem('tilefm.apiKey')") == READ_KEY
+        assert not [u for s, u in statuses if s == 401], statuses
+        info = page.hook("info")
+        tj = page.page.evaluate(f"""() => fetch('/v1/jobs/{jobs[name]}/tilejson.json',
+                                                 {{headers: {{'X-API-Key': '{READ_KEY}'}}}}).then(r => r.json())""")
+        assert tj["tiles"][0].startswith("/v1/jobs/"), tj["tiles"]  # root-relative: the browser resolves it
+        page.assert_tiles_ok(f"/{jobs[name]}/tiles/", info["bounds"])
+        assert all("api_key" not in u for _, u in page.tiles)
+        assert page.hook("tileErrors") == [] and page.hook("errors") == [] and page.page_errors == []
+        # a reload keeps working from the stored key
+        assert page.open(f"/viewer/jobs/{jobs[name]}") == "ready", page.hook("errors")
+    finally:
+        page.close()
+
+
+def test_without_a_key_the_viewer_asks_for_one(browser, keyed_server) -> None:
+    base, jobs = keyed_server
+    page = Page(browser, base)
+    try:
+        assert page.open(f"/viewer/jobs/{jobs['classes']}") == "failed"
+        assert page.page.locator("#key-form").is_visible()
+        assert "401" in page.page.locator("#banner").inner_text()
+        assert page.page_errors == []
+    finally:
+        page.close()

@@ -58,8 +58,9 @@ def release_large_arrays(threshold: int = SERVER_MMAP_THRESHOLD) -> bool:
     """The opposite trade, for a long-lived server whose requests vary in size (the tiler):
     every allocation over `threshold` is mapped on its own and unmapped on free, and the
     threshold stays where it is put. glibc otherwise raises it to the largest block freed (up
-    to 32 MiB) and serves blocks under it from per-thread heaps it never returns: a tiler whose
-    4 threads had rendered 32 MiB reads kept ~1 GiB after the load had gone. True when set."""
+    to 32 MiB) and serves blocks under it from per-thread heaps it does not return, so a tiler
+    kept what its largest concurrent reads had needed (docs/tiler.md, "Threats and limits").
+    True when set."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.gnu_get_libc_version  # noqa: B018 - glibc only
