@@ -330,8 +330,8 @@ def test_sources_as_users_have_them(store: JobStore, scene_dir: Path, outputs: P
     service = JobService(store, _settings(store, [str(scene_dir.parent)], [str(outputs)]))
     monkeypatch.chdir(scene_dir.parent)
     job, _ = service.submit(JobSpec.model_validate(_spec(scene_dir.name, str(outputs))))
-    assert job.spec.scene["s2"] == str(scene_dir)  # resolved once, at submission
-    assert store.get(job.id).spec.scene["s2"] == str(scene_dir)
+    assert job.spec.scene["s2"] == os.path.realpath(scene_dir)  # resolved once, at submission
+    assert store.get(job.id).spec.scene["s2"] == os.path.realpath(scene_dir)
     assert service.validate(JobSpec.model_validate(_spec(scene_dir.as_uri(), str(outputs)))) == 4
     assert service.validate(JobSpec.model_validate(_spec((scene_dir / "stac-item.json").as_uri(), str(outputs)))) == 4
     with pytest.raises(TileFMError):

@@ -40,7 +40,7 @@ from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile
 from tilefm.models.card import Context, ModelCard
 from tilefm.read import GDAL_ENV, _cache
-from tilefm.scene import BandFile, Scene
+from tilefm.scene import BandFile, Modality, Scene
 
 #: grid pixels read beyond a tile's footprint, on top of the resampling kernel's reach: the
 #: footprint is computed from the tile's corners in the grid's CRS, and a densified edge of a
@@ -69,7 +69,7 @@ class InferenceGrid:
 
     def describe(self) -> str:
         """`EPSG:32629 100 m` (and `x3` when coarsened), for tags, items and logs."""
-        crs = CRS.from_user_input(self.crs)
+        crs = _crs(self.crs)
         epsg = crs.to_epsg()
         name = f"EPSG:{epsg}" if epsg else crs.to_string()
         res = f"{self.res:g} {'deg' if crs.is_geographic else 'm'}"
@@ -79,14 +79,14 @@ class InferenceGrid:
     def of(cls, scene: Scene, card: ModelCard) -> InferenceGrid:
         """The finest grid among the card's bands in the scene, coarsened by the largest whole
         factor that keeps its pixels no larger than the card's `gsd_m`."""
-        best: tuple[float, str] | None = None
-        for band in _card_bands(scene, card):
-            res = _band_grid(band.path)[2]
-            if best is None or res < best[0]:
-                best = (res, band.path)
+        best = None
+        for mod, band in _card_bands(scene, card):
+            grid = _band_grid(mod, band.path)
+            if best is None or grid[2] < best[2]:
+                best = grid
         if best is None:
             raise SceneError(f"the scene has none of model {card.name!r}'s bands")
-        crs, transform, res, width, height, metres = _band_grid(best[1])
+        crs, transform, res, width, height, metres = best
         factor = 1
         if card.gsd_m and metres:
             factor = max(1, int(card.gsd_m / metres + 1e-6))
@@ -95,7 +95,7 @@ class InferenceGrid:
         return cls(crs, tuple(coarse)[:6], math.ceil(width / factor), math.ceil(height / factor), factor)
 
     def ground_resolution_m(self) -> float | None:
-        crs = CRS.from_user_input(self.crs)
+        crs = _crs(self.crs)
         if crs.is_geographic:
             return None
         return self.res * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
@@ -247,29 +247,42 @@ def _kernel_reach(grid: InferenceGrid, tile: Tile) -> int:
     return math.ceil(max(1.0, _tile_over_grid(grid, tile)))
 
 
-def _card_bands(scene: Scene, card: ModelCard) -> list[BandFile]:
+def _card_bands(scene: Scene, card: ModelCard) -> list[tuple[Modality, BandFile]]:
     found = []
     for inp in card.inputs:
         mod = scene.modalities.get(inp.modality)
         if mod is not None:
-            found += [mod.bands[b.name] for b in inp.bands if b.name in mod.bands]
+            found += [(mod, mod.bands[b.name]) for b in inp.bands if b.name in mod.bands]
     return found
 
 
-@lru_cache(maxsize=256)
-def _band_grid(path: str) -> tuple[str, tuple[float, ...], float, int, int, float | None]:
-    """(CRS WKT, transform, pixel size, width, height, pixel size in metres or None) of a file."""
-    with rasterio.open(path) as src:
-        crs = src.crs
-        metres = None if crs.is_geographic else abs(src.transform.a) * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
-        return crs.to_wkt(), tuple(src.transform)[:6], abs(src.transform.a), src.width, src.height, metres
+def _band_grid(mod: Modality, path: str) -> tuple[str, tuple[float, ...], float, int, int, float | None]:
+    """(CRS WKT, transform, pixel size, width, height, pixel size in metres or None) of a file,
+    as the scene recorded it when it was opened (where it was read, with the right credentials)."""
+    recorded = mod.grids.get(path)
+    crs_wkt, transform, width, height = recorded if recorded is not None else _open_grid(path)
+    crs = _crs(crs_wkt)
+    res = abs(transform[0])
+    metres = None if crs.is_geographic else res * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
+    return crs_wkt, transform, res, width, height, metres
+
+
+def _open_grid(path: str) -> tuple[str, tuple[float, ...], int, int]:
+    """A file's grid for scenes assembled by hand, without what `open_scene` records."""
+    src = _cache.get(path).dataset
+    return src.crs.to_wkt(), tuple(src.transform)[:6], src.width, src.height
+
+
+@lru_cache(maxsize=64)
+def _crs(wkt: str) -> CRS:
+    return CRS.from_wkt(wkt)
 
 
 def _read_onto(band: BandFile, grid: InferenceGrid, transform: Affine, values: np.ndarray, valid: np.ndarray) -> None:
     """One band onto a region of the grid, in place: coarser files repeated by nearest
     neighbour, finer ones area-averaged (never interpolated); outside the file stays invalid."""
     src = _cache.get(band.path).dataset
-    finer = abs(src.transform.a) < grid.res * 0.999 and CRS.from_user_input(grid.crs) == src.crs
+    finer = abs(src.transform.a) < grid.res * 0.999 and _crs(grid.crs) == src.crs
     resampling = Resampling.average if finer else Resampling.nearest
     nodata = src.nodata
     fill = np.float32(np.nan)

@@ -86,6 +86,9 @@ class Modality:
     properties: dict[str, Any] = field(default_factory=dict)
     #: the sensor the bands were recognised as (`tilefm.bands.SENSORS`), where known
     sensor: str | None = None
+    #: each file's pixel grid, as opened: path -> (CRS as WKT, affine transform, width, height),
+    #: so that what needs a band's grid later (`tilefm.native`) does not open the file again
+    grids: dict[str, tuple[str, tuple[float, ...], int, int]] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -620,6 +623,7 @@ def _inspect_rasters(mod: Modality, field_name: str, checked: bool = False) -> N
                 geom = transform_geom(src.crs, "EPSG:4326", mapping(outline))
                 footprints.append(shape(geom))
                 resolutions.append(_ground_resolution(src))
+                mod.grids[path] = (src.crs.to_wkt(), tuple(src.transform)[:6], src.width, src.height)
         except RasterioIOError as e:
             raise SceneError(f"cannot read {path!r}: {_short(e)}", field=field_name) from None
     mod.footprint = unary_union(footprints)
