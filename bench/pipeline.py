@@ -89,9 +89,9 @@ def main() -> int:
         )
         prep = prepare(spec)
         if args.batch_size is None:
-            from tilefm.models.onnx import NATIVE_BATCH
+            from tilefm.pipeline import default_batch
 
-            args.batch_size = NATIVE_BATCH if prep.card.context.native else 4
+            args.batch_size = default_batch(prep.card)
             spec.batch_size = args.batch_size
         print(f"{args.model}: {len(prep.plan.tiles)} tiles at zoom {args.zoom}, batch {args.batch_size}, "
               f"{cpu_count()} CPUs, executor {args.executor}", file=sys.stderr)

@@ -21,6 +21,7 @@ from tilefm.bands import bind_card
 from tilefm.backends import GPU_BACKENDS, check_precision, resolve_precision, select_backend
 from tilefm.errors import SceneError, StorageError
 from tilefm.fidelity import InputGrid, input_grid
+from tilefm.native import NATIVE_BATCH
 from tilefm.grid import Tile, TilePlan, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.base import TileOutput
@@ -38,6 +39,12 @@ log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = (".tif", ".tiff")
 #: tiles per batch when neither the run nor the encoders say
 DEFAULT_BATCH = 4
+
+
+def default_batch(card: ModelCard) -> int:
+    """Tiles per batch where neither the run nor the encoders' device says: larger on the scene's
+    own grid, where a batch's tiles share their windows (`tilefm.native.NATIVE_BATCH`)."""
+    return NATIVE_BATCH if card.context.native else DEFAULT_BATCH
 
 
 @dataclass
@@ -271,7 +278,7 @@ def execute(
     load_s = time.perf_counter() - t0
     if (executor.backend, executor.precision) != (prep.backend, prep.precision):  # GPU encoders picked their own (the output says which)
         prep = replace(prep, backend=executor.backend, precision=executor.precision)
-    batch_size = spec.batch_size or executor.batch_size or DEFAULT_BATCH
+    batch_size = spec.batch_size or executor.batch_size or default_batch(prep.card)
 
     def outputs() -> Iterator[TileOutput]:
         done = 0

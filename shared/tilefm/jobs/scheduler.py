@@ -41,7 +41,7 @@ from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
 from tilefm.jobs.service import output_uri, prepare_job
 from tilefm.jobs.store import REDIS_UNAVAILABLE, JobStore
 from tilefm.models.base import TileOutput
-from tilefm.pipeline import DEFAULT_BATCH, Prepared, batches, publish
+from tilefm.pipeline import Prepared, batches, default_batch, publish
 from tilefm.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders, unplaceable
 from tilefm.settings import Settings
 from tilefm.stitch import Encoding
@@ -216,7 +216,7 @@ class Scheduler:
             return
         a = _Active(
             job=job, prep=prep, encoding=Encoding.for_card(prep.card, job.spec.dtype),
-            pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size or pool.batch_size or DEFAULT_BATCH)),
+            pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size or pool.batch_size or default_batch(prep.card))),
             done_at_start=len(done), done=len(done), backend=pool.backend, precision=pool.precision(self._worker(prep)),
         )
         self.active[job.id] = a

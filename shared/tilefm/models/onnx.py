@@ -10,7 +10,7 @@ import numpy as np
 from tilefm.backends.onnxruntime import OrtSession
 from tilefm.models.base import TileModel, TileOutput, normalize
 from tilefm.models.card import ModelCard
-from tilefm.native import NativeInput, to_tile
+from tilefm.native import NATIVE_BATCH, NativeInput, to_tile
 from tilefm.read import TileInput
 from tilefm.windows import blend_weights, window_offsets
 
@@ -28,8 +28,6 @@ def softmax(scores: np.ndarray, axis: int = 1) -> np.ndarray:
 #: 2.6 GB in chunks of 32, 1.2 GB in chunks of 4, at the same CPU time); a GPU gets larger ones
 NATIVE_CHUNK = 4
 NATIVE_CHUNK_GPU = 32
-#: tiles per batch on the native grid (`batch_size`)
-NATIVE_BATCH = 16
 
 
 class OnnxWindowModel(TileModel):
@@ -50,9 +48,7 @@ class OnnxWindowModel(TileModel):
         return "CUDAExecutionProvider" in self.session.providers
 
     def batch_size(self) -> int | None:
-        """On the native grid a batch's tiles share the windows where their regions overlap, so
-        larger batches run fewer windows per tile (a 16-tile batch at stride 64: ~16 windows a
-        tile, against ~30 for batches of 4)."""
+        """On the native grid a batch's tiles share their windows: `tilefm.native.NATIVE_BATCH`."""
         return NATIVE_BATCH if self.card.context.native else None
 
     def windows(self, tiles: list[TileInput]) -> tuple[np.ndarray, np.ndarray]:
