@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from conftest import OUTPUT_DIR, drop_redis_keys
+from conftest import OUTPUT_DIR, drop_redis_keys, settings_from
 from tilefm.api.auth import KeyRing, hash_key
 from tilefm.api.jobs import create_app
 from tilefm.grpc_api import FIELD_METADATA_KEY, MAX_TOKEN_CHARS, create_server
@@ -75,13 +75,7 @@ def _examples(n: int) -> int:
 
 
 def _settings(**env: str) -> Settings:
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return settings_from(env)
 
 
 SERVICE_SETTINGS = _settings(

@@ -162,6 +162,9 @@ class NativeInput:
     read_s: float = 0.0
     #: a native input's values reach the tile through `to_tile`, never through a halo
     halo: int = 0
+    #: a tile pixel's size in grid pixels: above 1 `to_tile` area-averages (bilinear from a
+    #: finer grid would sample, not summarise, the pixels in between), else it is bilinear
+    tile_over_grid: float = 1.0
 
     @property
     def origin(self) -> tuple[int, int]:
@@ -192,7 +195,9 @@ def read_native(scene: Scene, card: ModelCard, tiles: list[Tile]) -> list[Native
     names = [f"{i.modality}:{b.name}" for i in card.inputs for b in i.bands]
     out = []
     for tile in tiles:
-        margin = MARGIN_PX + _kernel_reach(grid, tile)
+        # a tile pixel's size in grid pixels: the resampling kernel's reach beyond the tile's edge
+        ratio = _tile_over_grid(grid, tile)
+        margin = MARGIN_PX + math.ceil(max(1.0, ratio))
         r0, r1, c0, c1 = grid.pixel_span(tile, margin)
         rows, cols = lattice.covering(r0, r1), lattice.covering(c0, c1)
         first, count = (rows.start, cols.start), (len(rows), len(cols))
@@ -210,7 +215,7 @@ def read_native(scene: Scene, card: ModelCard, tiles: list[Tile]) -> list[Native
                 if band is not None:
                     _read_onto(band, grid, transform, data[k], valid[k])
                 k += 1
-        out.append(NativeInput(tile, grid, first, count, data, valid, names, lattice, scene.date))
+        out.append(NativeInput(tile, grid, first, count, data, valid, names, lattice, scene.date, tile_over_grid=ratio))
     share = (time.perf_counter() - t0) / max(len(tiles), 1)
     for o in out:
         o.read_s = share
@@ -229,26 +234,15 @@ def to_tile(inp: NativeInput, sums: np.ndarray, weight: np.ndarray) -> tuple[np.
     dst = np.zeros((stack.shape[0], TILE_SIZE, TILE_SIZE), np.float32)
     reproject(
         stack, dst, src_transform=inp.region_transform, src_crs=inp.grid.crs, dst_transform=dst_transform, dst_crs="EPSG:3857",
-        resampling=_tile_resampling(inp.grid, inp.tile), num_threads=1,
+        resampling=Resampling.average if inp.tile_over_grid > 1.0 else Resampling.bilinear, num_threads=1,
     )  # fmt: skip
     return dst[:-1], dst[-1]
-
-
-def _tile_resampling(grid: InferenceGrid, tile: Tile) -> Resampling:
-    """Bilinear onto tiles whose pixels are no coarser than the grid's, else an area average
-    (bilinear from a finer grid would sample, not summarise, the pixels in between)."""
-    return Resampling.average if _tile_over_grid(grid, tile) > 1.0 else Resampling.bilinear
 
 
 def _tile_over_grid(grid: InferenceGrid, tile: Tile) -> float:
     """A tile pixel's size in grid pixels (at the tile's centre)."""
     r0, r1, c0, c1 = grid.pixel_span(tile, 0)
     return max(r1 - r0, c1 - c0) / TILE_SIZE
-
-
-def _kernel_reach(grid: InferenceGrid, tile: Tile) -> int:
-    """Grid pixels the resampling kernel reaches beyond the tile's edge."""
-    return math.ceil(max(1.0, _tile_over_grid(grid, tile)))
 
 
 def _card_bands(scene: Scene, card: ModelCard) -> list[tuple[Modality, BandFile]]:
