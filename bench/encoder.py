@@ -54,7 +54,10 @@ VARIANTS = {
     "fp16": dict(precision="fp16", compile=False, graphs=False),
 }
 #: default variants per (architecture, GPU backend)
-GPU_VARIANTS = {"vit": ["fp32-eager", "bf16-graphs", "fp16-graphs", "bf16-compile"], "presto": ["fp32", "bf16", "fp16"]}
+GPU_VARIANTS = {
+    "vit": ["fp32-eager", "bf16-graphs", "fp16-graphs", "bf16-compile"],
+    "presto": ["fp32", "bf16", "fp16"],
+}
 #: variants per CPU backend (those the card does not allow are skipped)
 CPU_VARIANTS = {"onnxruntime": ["fp32", "int8"], "torch": ["fp32"]}
 
@@ -72,7 +75,7 @@ class GpuSampler:
         except Exception:  # noqa: BLE001 - no NVML, no GPU: utilisation is simply not measured
             pass
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         self._stop = threading.Event()
         if self.handle is not None:
             self._t = threading.Thread(target=self._run, daemon=True)
@@ -119,7 +122,9 @@ class Workload:
 
         self.prep, self.vit = prep, prep.card.architecture == "vit"
         with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-            tiles = list(pool.map(lambda t: read_tile(prep.scene, prep.card, t, model.read_halo), prep.plan.tiles))
+            tiles = list(
+                pool.map(lambda t: read_tile(prep.scene, prep.card, t, model.read_halo), prep.plan.tiles)
+            )
         self.month = (prep.scene.date.month - 1) if prep.scene.date else 0
         if self.vit:
             parts = [model.inputs(t) for t in tiles]
@@ -149,7 +154,9 @@ class Workload:
         return model.embed(item[1], item[2], item[3], self.month)
 
 
-def model_only(work: Workload, model: Any, batch: int, min_tiles: int, reference: np.ndarray | None) -> dict[str, Any]:
+def model_only(
+    work: Workload, model: Any, batch: int, min_tiles: int, reference: np.ndarray | None
+) -> dict[str, Any]:
     items = work.items(batch, min_tiles)
     first = work.run(model, items[0])  # warm-up: export / engine / compile / graph capture
     work.run(model, items[0])
@@ -184,11 +191,20 @@ def model_only(work: Workload, model: Any, batch: int, min_tiles: int, reference
             "rel_err": agree.rel_error if agree else None, "class_agreement": agree.class_agreement if agree else None}  # fmt: skip
 
 
-def end_to_end(spec_kw: dict[str, Any], backend: str, batch: int, executor: str = "local", precision: str | None = None) -> dict[str, Any]:
+def end_to_end(
+    spec_kw: dict[str, Any], backend: str, batch: int, executor: str = "local", precision: str | None = None
+) -> dict[str, Any]:
     from tilefm.pipeline import RunSpec, execute, prepare
 
     with tempfile.TemporaryDirectory() as tmp, GpuSampler() as gpu:
-        spec = RunSpec(**spec_kw, out=str(Path(tmp) / "out.tif"), backend=backend, precision=precision, batch_size=batch, executor=executor)
+        spec = RunSpec(
+            **spec_kw,
+            out=str(Path(tmp) / "out.tif"),
+            backend=backend,
+            precision=precision,
+            batch_size=batch,
+            executor=executor,
+        )
         result = execute(prepare(spec))
     t = result.timings
     # model load happens before the first batch; the rest is the pipeline as a user meets it
@@ -232,17 +248,45 @@ def presto_pixels(work: Workload, model: Any, pixels: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="vit-small,presto")
-    ap.add_argument("--backends", default="", help="comma list; default: every available backend the card lists")
-    ap.add_argument("--variants", default="", help=f"GPU variants (default per architecture: {GPU_VARIANTS}); of {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--backends", default="", help="comma list; default: every available backend the card lists"
+    )
+    ap.add_argument(
+        "--variants",
+        default="",
+        help=f"GPU variants (default per architecture: {GPU_VARIANTS}); of {', '.join(VARIANTS)}",
+    )
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--bbox", default=BBOX, help="minlon,minlat,maxlon,maxlat, or all")
     ap.add_argument("--zoom", type=int, default=10)
-    ap.add_argument("--min-tiles", type=int, default=0, help="model-only: cycle the plan's tiles up to this many")
+    ap.add_argument(
+        "--min-tiles", type=int, default=0, help="model-only: cycle the plan's tiles up to this many"
+    )
     ap.add_argument("--gpu", action="store_true", help="include torch-cuda / tensorrt (needs CUDA)")
-    ap.add_argument("--e2e", default="best", choices=["best", "all", "none"], help="end-to-end runs: the fastest model-only variant per model and backend, every row, or none")
-    ap.add_argument("--e2e-rounds", type=int, default=1, help="end-to-end runs per row, in this process (the first is the row's; every round's tiles/s are listed)")
-    ap.add_argument("--executor", default="local", choices=["local", "ray"], help="end-to-end: reader threads in this process, or Ray reader tasks (processes) and an encoder actor")
-    ap.add_argument("--presto-pixels", type=int, default=0, help="also time Presto over this many pixels (10980^2 = 120560400)")
+    ap.add_argument(
+        "--e2e",
+        default="best",
+        choices=["best", "all", "none"],
+        help="end-to-end runs: the fastest model-only variant per model and backend, every row, or none",
+    )
+    ap.add_argument(
+        "--e2e-rounds",
+        type=int,
+        default=1,
+        help="end-to-end runs per row, in this process (the first is the row's; every round's tiles/s are listed)",
+    )
+    ap.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="end-to-end: reader threads in this process, or Ray reader tasks (processes) and an encoder actor",
+    )
+    ap.add_argument(
+        "--presto-pixels",
+        type=int,
+        default=0,
+        help="also time Presto over this many pixels (10980^2 = 120560400)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     ap.add_argument("--json-out", type=Path, default=None, help="append each row as JSON here")
     args = ap.parse_args()
@@ -277,7 +321,11 @@ def main() -> None:
             gpu = backend in ("torch-cuda", "tensorrt")
             if gpu and not args.gpu:
                 continue
-            variants = (args.variants.split(",") if args.variants else GPU_VARIANTS[card.architecture]) if gpu else CPU_VARIANTS[backend]
+            variants = (
+                (args.variants.split(",") if args.variants else GPU_VARIANTS[card.architecture])
+                if gpu
+                else CPU_VARIANTS[backend]
+            )
             best: tuple[float, dict[str, Any]] | None = None
             for vname in variants:
                 v = VARIANTS[vname]
@@ -289,20 +337,35 @@ def main() -> None:
                     row = {"model": name, "backend": backend, "variant": vname, "precision": v["precision"], "batch": batch,
                            **model_only(work, model, batch, args.min_tiles, reference)}  # fmt: skip
                     if args.e2e == "all":
-                        row |= end_to_end_rounds(args.e2e_rounds, spec_kw, backend, batch, args.executor, v["precision"])
+                        row |= end_to_end_rounds(
+                            args.e2e_rounds, spec_kw, backend, batch, args.executor, v["precision"]
+                        )
                         row["ratio"] = row["e2e_tiles_s"] / row["model_tiles_s"]
                     emit(row)
                     if best is None or row["model_tiles_s"] > best[0]:
                         best = (row["model_tiles_s"], row)
                     del model
-                    if card.architecture == "presto" and args.presto_pixels and batch == int(args.batch_sizes.split(",")[0]):
+                    if (
+                        card.architecture == "presto"
+                        and args.presto_pixels
+                        and batch == int(args.batch_sizes.split(",")[0])
+                    ):
                         settings_env(batch, v)
                         m = WorkerSpec(card=card, backend=backend, weights=prep.weights).load()
-                        emit({"model": name, "backend": backend, "variant": vname, "presto": presto_pixels(work, m, args.presto_pixels)})
+                        emit(
+                            {
+                                "model": name,
+                                "backend": backend,
+                                "variant": vname,
+                                "presto": presto_pixels(work, m, args.presto_pixels),
+                            }
+                        )
             if args.e2e == "best" and best is not None:
                 b = best[1]
                 settings_env(b["batch"], VARIANTS[b["variant"]])
-                e2e = end_to_end_rounds(args.e2e_rounds, spec_kw, backend, b["batch"], args.executor, b["precision"])
+                e2e = end_to_end_rounds(
+                    args.e2e_rounds, spec_kw, backend, b["batch"], args.executor, b["precision"]
+                )
                 emit({**b, **e2e, "ratio": e2e["e2e_tiles_s"] / b["model_tiles_s"]})
 
     def f(v: Any, fmt: str = "{:.1f}") -> str:
@@ -310,7 +373,11 @@ def main() -> None:
 
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{len(os.sched_getaffinity(0))} ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU x{len(os.sched_getaffinity(0))} ({platform.processor() or platform.machine()})"
+    )
     lines = [
         f"Encoder benchmark on {device}, zoom {args.zoom}, sample scene {SCENE.name}, bbox {args.bbox}.",
         "",
@@ -320,17 +387,27 @@ def main() -> None:
     for r in rows:
         if "presto" in r:
             p = r["presto"]
-            lines.append(f"| {r['model']} | {r['backend']} | {r['variant']} | {p['pixels']:,} px | {p['seconds']:.1f} s ({p['pixels_s'] / 1e6:.1f} Mpx/s) | {f(p['gpu_util'], '{:.0f}')} | | | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['backend']} | {r['variant']} | {p['pixels']:,} px | {p['seconds']:.1f} s ({p['pixels_s'] / 1e6:.1f} Mpx/s) | {f(p['gpu_util'], '{:.0f}')} | | | | | | |"
+            )
             continue
-        e2e = f"{f(r.get('e2e_tiles_s'))} ({r.get('e2e_tiles', '-')}, {r.get('e2e_readers', '-')})" if "e2e_tiles_s" in r else "-"
+        e2e = (
+            f"{f(r.get('e2e_tiles_s'))} ({r.get('e2e_tiles', '-')}, {r.get('e2e_readers', '-')})"
+            if "e2e_tiles_s" in r
+            else "-"
+        )
         ratio = f(r.get("ratio"), "{:.2f}") if "ratio" in r else "-"
-        lines.append(f"| {r['model']} | {r['backend']} | {r['variant']} | {r['batch']} | {f(r['model_tiles_s'])}{' (each waited for: ' + f(r['model_sync_tiles_s']) + ')' if 'model_sync_tiles_s' in r else ''} | {f(r['model_gpu_util'], '{:.0f}')} | {f(r['rel_err'], '{:.1e}')} | {f(r.get('class_agreement'), '{:.2%}')} | {e2e} | {f(r.get('e2e_stream_tiles_s'))} | {f(r.get('e2e_gpu_util'), '{:.0f}')} | {ratio} |")
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['variant']} | {r['batch']} | {f(r['model_tiles_s'])}{' (each waited for: ' + f(r['model_sync_tiles_s']) + ')' if 'model_sync_tiles_s' in r else ''} | {f(r['model_gpu_util'], '{:.0f}')} | {f(r['rel_err'], '{:.1e}')} | {f(r.get('class_agreement'), '{:.2%}')} | {e2e} | {f(r.get('e2e_stream_tiles_s'))} | {f(r.get('e2e_gpu_util'), '{:.0f}')} | {ratio} |"
+        )
     for r in rows:
         if "e2e_rounds_tiles_s" in r:
             per = ", ".join(map(str, r["e2e_rounds_tiles_s"]))
             stream = ", ".join(map(str, r["e2e_rounds_stream_tiles_s"]))
             ratios = ", ".join(f"{t / r['model_tiles_s']:.2f}" for t in r["e2e_rounds_tiles_s"])
-            lines.append(f"\n{r['model']} {r['variant']} batch {r['batch']}, end to end by round in one process: {per} tiles/s (stream {stream}); e2e / model {ratios}")
+            lines.append(
+                f"\n{r['model']} {r['variant']} batch {r['batch']}, end to end by round in one process: {per} tiles/s (stream {stream}); e2e / model {ratios}"
+            )
     table = "\n".join(lines)
     print(table)
     if args.out:

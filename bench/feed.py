@@ -55,7 +55,11 @@ class InstantModel:
         self.prepare = model.prepare
         C, rng = self.card.output.channels, np.random.default_rng(0)
         if out_dtype == "gpu":
-            half = half_outputs(self.card, "torch-cuda") if self.card.output_stride > 1 else self.card.output.dtype == "float16"
+            half = (
+                half_outputs(self.card, "torch-cuda")
+                if self.card.output_stride > 1
+                else self.card.output.dtype == "float16"
+            )
             out_dtype = "float16" if half else "float32"
         self.dtype = np.dtype(out_dtype)
         if self.card.output_stride > 1:  # embed(bands, x) -> [N, C, n, n]
@@ -65,7 +69,11 @@ class InstantModel:
         else:  # embed(raw, present, latlons, month) -> [pixels, C]
             self.unit, self.per_tile = (C,), 256 * 256
         pool_shape = (4 if self.per_tile == 1 else 256 * 256, *self.unit)
-        self.pool = np.zeros(pool_shape, self.dtype) if values == "zeros" else rng.normal(size=pool_shape).astype(self.dtype)
+        self.pool = (
+            np.zeros(pool_shape, self.dtype)
+            if values == "zeros"
+            else rng.normal(size=pool_shape).astype(self.dtype)
+        )
         model.embed = self.embed
         model.launch_embed = lambda *args: Done(self.embed(*args))  # the ViT's queued embed, computed now
 
@@ -100,7 +108,13 @@ def feed(
     from tilefm.stitch import Encoding
 
     worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
-    ex = LocalExecutor(worker, readers=readers, prefetch=2, kind=kind, model=InstantModel(worker.load(), device_ms, values, out_dtype))  # type: ignore[arg-type]
+    ex = LocalExecutor(
+        worker,
+        readers=readers,
+        prefetch=2,
+        kind=kind,
+        model=InstantModel(worker.load(), device_ms, values, out_dtype),
+    )  # type: ignore[arg-type]
     settings = get_settings()
     timings: dict[str, float] = {}
     n = len(prep.plan.tiles)
@@ -111,7 +125,11 @@ def feed(
         t0 = time.perf_counter()
         outputs = (o for b in ex.map(prep.scene, batches(prep.plan.tiles, batch)) for o in b)
         if cog:
-            out = f"{out_root}/feed-{os.getpid()}-{time.time_ns()}.tif" if out_root else str(Path(tmp) / "out.tif")
+            out = (
+                f"{out_root}/feed-{os.getpid()}-{time.time_ns()}.tif"
+                if out_root
+                else str(Path(tmp) / "out.tif")
+            )
             publish(prep, Encoding.for_card(prep.card), outputs, out, settings, timings=timings)
         else:
             done = sum(1 for _ in outputs)
@@ -134,18 +152,40 @@ def main() -> None:
     ap.add_argument("--zoom", type=int, default=13)
     ap.add_argument("--bbox", default="all", help="minlon,minlat,maxlon,maxlat, or all")
     ap.add_argument("--readers", default="1,2", help="reader thread counts, comma separated")
-    ap.add_argument("--kinds", default="thread", help="reader kinds to compare (thread, process), comma separated")
+    ap.add_argument(
+        "--kinds", default="thread", help="reader kinds to compare (thread, process), comma separated"
+    )
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds per reader count (alternating); the best is reported")
-    ap.add_argument("--no-stitch", action="store_true", help="count outputs instead of stitching them and making the COG")
-    ap.add_argument("--device-ms", type=float, default=0.0,
-                    help="stand-in device time per tile (a sleep, GIL released): the stream's tiles/s against 1000/device-ms")
-    ap.add_argument("--values", choices=("random", "zeros"), default="random",
-                    help="what the stand-in network returns: random normal values (compress as badly as any), or zeros")
-    ap.add_argument("--out-dtype", choices=("gpu", "float32", "float16"), default="gpu",
-                    help="the stand-in's outputs: what a GPU runner hands back for the model (the ViTs: float16), or as given")
-    ap.add_argument("--store", choices=("file", "s3"), default="file",
-                    help="where the COG goes: a local file, or a throwaway SeaweedFS on 127.0.0.1 (tilefm.localstack)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="rounds per reader count (alternating); the best is reported"
+    )
+    ap.add_argument(
+        "--no-stitch", action="store_true", help="count outputs instead of stitching them and making the COG"
+    )
+    ap.add_argument(
+        "--device-ms",
+        type=float,
+        default=0.0,
+        help="stand-in device time per tile (a sleep, GIL released): the stream's tiles/s against 1000/device-ms",
+    )
+    ap.add_argument(
+        "--values",
+        choices=("random", "zeros"),
+        default="random",
+        help="what the stand-in network returns: random normal values (compress as badly as any), or zeros",
+    )
+    ap.add_argument(
+        "--out-dtype",
+        choices=("gpu", "float32", "float16"),
+        default="gpu",
+        help="the stand-in's outputs: what a GPU runner hands back for the model (the ViTs: float16), or as given",
+    )
+    ap.add_argument(
+        "--store",
+        choices=("file", "s3"),
+        default="file",
+        help="where the COG goes: a local file, or a throwaway SeaweedFS on 127.0.0.1 (tilefm.localstack)",
+    )
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
@@ -174,19 +214,48 @@ def run(args: argparse.Namespace, out_root: str | None) -> None:
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {(k, r): [] for r in readers for k in kinds}
     for _ in range(args.rounds):
         for k, r in rows:
-            rows[k, r].append(feed(prep, r, args.batch, not args.no_stitch, args.device_ms, args.values, k, out_root, args.out_dtype))
+            rows[k, r].append(
+                feed(
+                    prep,
+                    r,
+                    args.batch,
+                    not args.no_stitch,
+                    args.device_ms,
+                    args.values,
+                    k,
+                    out_root,
+                    args.out_dtype,
+                )
+            )
     cpus = len(os.sched_getaffinity(0))
-    print(f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}")
+    print(
+        f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}"
+    )
     print(f"the COG to: {out_root or 'a local file'}; outputs: {args.out_dtype}")
-    print("| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | upload s | stream / device-only | main process CPU ms/tile |")
+    print(
+        "| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | upload s | stream / device-only | main process CPU ms/tile |"
+    )
     print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for (k, r), rs in rows.items():
         best = max(rs, key=lambda x: x["feed_tiles_s"])
         each = ", ".join(f"{x['feed_tiles_s']:.1f}" for x in rs)
-        print(f"| {r} ({k}) | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} | {best['upload_s']} | {best['vs_device'] or 0:.2f} | {best['main_cpu_ms_per_tile']} |")
+        print(
+            f"| {r} ({k}) | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} | {best['upload_s']} | {best['vs_device'] or 0:.2f} | {best['main_cpu_ms_per_tile']} |"
+        )
         if args.json_out:
             with args.json_out.open("a") as f:
-                f.write(json.dumps({"model": args.model, "zoom": args.zoom, "cpus": cpus, **best, "rounds": [x["feed_tiles_s"] for x in rs]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "model": args.model,
+                            "zoom": args.zoom,
+                            "cpus": cpus,
+                            **best,
+                            "rounds": [x["feed_tiles_s"] for x in rs],
+                        }
+                    )
+                    + "\n"
+                )
 
 
 if __name__ == "__main__":

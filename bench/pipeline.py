@@ -73,7 +73,9 @@ def main() -> int:
     p.add_argument("--model", default="ukis-csmask")
     p.add_argument("--zoom", type=int, default=11)
     p.add_argument("--bbox", default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: the model's, else 4)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="tiles per batch (default: the model's, else 4)"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--executor", default="ray")
     p.add_argument("--scene", default=str(SCENE))
@@ -84,8 +86,13 @@ def main() -> int:
         from tilefm.grid import parse_bbox
 
         spec = RunSpec(
-            scene={"s2": args.scene}, model=args.model, out=str(Path(tmp) / "out.tif"), zoom=args.zoom,
-            bbox=parse_bbox(args.bbox) if args.bbox else None, batch_size=args.batch_size, executor=args.executor,
+            scene={"s2": args.scene},
+            model=args.model,
+            out=str(Path(tmp) / "out.tif"),
+            zoom=args.zoom,
+            bbox=parse_bbox(args.bbox) if args.bbox else None,
+            batch_size=args.batch_size,
+            executor=args.executor,
         )
         prep = prepare(spec)
         if args.batch_size is None:
@@ -93,28 +100,44 @@ def main() -> int:
 
             args.batch_size = default_batch(prep.card)
             spec.batch_size = args.batch_size
-        print(f"{args.model}: {len(prep.plan.tiles)} tiles at zoom {args.zoom}, batch {args.batch_size}, "
-              f"{cpu_count()} CPUs, executor {args.executor}", file=sys.stderr)
+        print(
+            f"{args.model}: {len(prep.plan.tiles)} tiles at zoom {args.zoom}, batch {args.batch_size}, "
+            f"{cpu_count()} CPUs, executor {args.executor}",
+            file=sys.stderr,
+        )
         end_to_end(spec)  # warm-up: Ray start, imports, file caches
         for r in range(args.rounds):
             e2e_s, tiles = end_to_end(spec)
             mo_s, _ = model_only(prep, args.batch_size)
-            row = {"round": r, "tiles": tiles, "model_only_s": round(mo_s, 2), "end_to_end_s": round(e2e_s, 2),
-                   "model_only_tiles_per_s": round(tiles / mo_s, 3), "end_to_end_tiles_per_s": round(tiles / e2e_s, 3),
-                   "ratio": round(mo_s / e2e_s, 3)}
+            row = {
+                "round": r,
+                "tiles": tiles,
+                "model_only_s": round(mo_s, 2),
+                "end_to_end_s": round(e2e_s, 2),
+                "model_only_tiles_per_s": round(tiles / mo_s, 3),
+                "end_to_end_tiles_per_s": round(tiles / e2e_s, 3),
+                "ratio": round(mo_s / e2e_s, 3),
+            }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     summary = {
-        "model": args.model, "zoom": args.zoom, "tiles": rows[0]["tiles"], "batch_size": args.batch_size,
-        "executor": args.executor, "cpus": cpu_count(), "machine": platform.machine(),
+        "model": args.model,
+        "zoom": args.zoom,
+        "tiles": rows[0]["tiles"],
+        "batch_size": args.batch_size,
+        "executor": args.executor,
+        "cpus": cpu_count(),
+        "machine": platform.machine(),
         "model_only_tiles_per_s": statistics.median(r["model_only_tiles_per_s"] for r in rows),
         "end_to_end_tiles_per_s": statistics.median(r["end_to_end_tiles_per_s"] for r in rows),
         "ratio": statistics.median(r["ratio"] for r in rows),
         "rounds": rows,
     }
     print(json.dumps(summary, indent=2))
-    print(f"| {args.model} | {args.zoom} | {summary['tiles']} | {args.batch_size} | {summary['model_only_tiles_per_s']:.2f} | "
-          f"{summary['end_to_end_tiles_per_s']:.2f} | {summary['ratio']:.2f} |")
+    print(
+        f"| {args.model} | {args.zoom} | {summary['tiles']} | {args.batch_size} | {summary['model_only_tiles_per_s']:.2f} | "
+        f"{summary['end_to_end_tiles_per_s']:.2f} | {summary['ratio']:.2f} |"
+    )
     return 0
 
 

@@ -35,7 +35,11 @@ def run(scene, card, tiles, batch: int, threads: int, warp: str, prepare: bool =
     prep = input_preparer(card)
 
     def one(b: list) -> object:
-        return read_prepared(scene, card, b, halo, prep, warp) if prepare else read_tiles(scene, card, b, halo, warp)
+        return (
+            read_prepared(scene, card, b, halo, prep, warp)
+            if prepare
+            else read_tiles(scene, card, b, halo, warp)
+        )
 
     t0 = time.perf_counter()
     if threads == 1:  # in this thread, as in a reader process (malloc's main arena, see --malloc)
@@ -51,14 +55,28 @@ def run(scene, card, tiles, batch: int, threads: int, warp: str, prepare: bool =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="vit-small:13,ukis-csmask:11,presto:12")
-    ap.add_argument("--tiles", type=int, default=104, help="tiles per measurement (from the middle of the plan)")
+    ap.add_argument(
+        "--tiles", type=int, default=104, help="tiles per measurement (from the middle of the plan)"
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--prepare", action="store_true", help="time the model's input preparation too (a reader's whole work)")
-    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
-                    help="retain: freed arrays stay in the heap, as in tilefm's reader processes (tilefm.memory; it is the main thread's heap that gave memory back); default: glibc's own thresholds")
-    ap.add_argument("--warps", default="auto,gdal", help="samplers to time: auto (tilefm's), gdal (GDAL's warper, ~15x slower), comma separated")
+    ap.add_argument(
+        "--prepare",
+        action="store_true",
+        help="time the model's input preparation too (a reader's whole work)",
+    )
+    ap.add_argument(
+        "--malloc",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain: freed arrays stay in the heap, as in tilefm's reader processes (tilefm.memory; it is the main thread's heap that gave memory back); default: glibc's own thresholds",
+    )
+    ap.add_argument(
+        "--warps",
+        default="auto,gdal",
+        help="samplers to time: auto (tilefm's), gdal (GDAL's warper, ~15x slower), comma separated",
+    )
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -98,7 +116,9 @@ def main() -> None:
                 **{f"{w}_tiles_s": statistics.median(got[w]) for w in warps},
                 "rounds": got, "cpus": len(os.sched_getaffinity(0)),
             }  # fmt: skip
-            row["speedup"] = row["auto_tiles_s"] / row["gdal_tiles_s"] if {"auto", "gdal"} <= set(warps) else None
+            row["speedup"] = (
+                row["auto_tiles_s"] / row["gdal_tiles_s"] if {"auto", "gdal"} <= set(warps) else None
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json_out:
@@ -108,7 +128,11 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         cells = [r.get("auto_tiles_s"), r.get("gdal_tiles_s"), r["speedup"]]
-        print(f"| {r['case']} | {r['bands_read']} | {r['halo']} | {r['threads']} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+        print(
+            f"| {r['case']} | {r['bands_read']} | {r['halo']} | {r['threads']} | "
+            + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

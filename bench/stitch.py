@@ -34,16 +34,30 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=0, help="the first N tiles of the plan (0: all)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cog", action="store_true", help="also time the COG step")
-    ap.add_argument("--threads", type=int, default=0, help="compressing threads (0: TILEFM_COG_THREADS's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="compressing threads (0: TILEFM_COG_THREADS's default)"
+    )
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the outputs' dtype")
-    ap.add_argument("--store", choices=("float16", "float32", "int8"), default=None, help="how the COG stores embeddings (default: the card's)")
+    ap.add_argument(
+        "--store",
+        choices=("float16", "float32", "int8"),
+        default=None,
+        help="how the COG stores embeddings (default: the card's)",
+    )
     args = ap.parse_args()
 
     from tilefm.models.base import TileOutput
     from tilefm.pipeline import RunSpec, prepare
     from tilefm.stitch import Encoding, MosaicWriter
 
-    spec = RunSpec(scene={"s2": str(SCENE)}, model=args.model, zoom=args.zoom, out="/tmp/stitch.tif", executor="local", date=date(2020, 2, 19))
+    spec = RunSpec(
+        scene={"s2": str(SCENE)},
+        model=args.model,
+        zoom=args.zoom,
+        out="/tmp/stitch.tif",
+        executor="local",
+        date=date(2020, 2, 19),
+    )
     prep = prepare(spec)
     card, plan = prep.card, prep.plan
     if args.tiles:
@@ -57,19 +71,31 @@ def main() -> None:
             return rng.normal(size=(n, n, C)).astype(args.dtype).transpose(2, 0, 1)
         return rng.normal(size=(C, n, n)).astype(args.dtype)
 
-    outs = [TileOutput(tile=t, halo=0, values=values(), weight=np.ones((n, n), np.float32)) for t in plan.tiles]
+    outs = [
+        TileOutput(tile=t, halo=0, values=values(), weight=np.ones((n, n), np.float32)) for t in plan.tiles
+    ]
     enc = Encoding.for_card(card, args.store)
     out_plan = plan.coarsen(card.output_stride.bit_length() - 1)
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            writer = MosaicWriter(plan, card, Path(tmp) / "m.tif", enc, halo=0, out_plan=out_plan, threads=args.threads)
-            c0, p0, f0 = time.thread_time(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            writer = MosaicWriter(
+                plan, card, Path(tmp) / "m.tif", enc, halo=0, out_plan=out_plan, threads=args.threads
+            )
+            c0, p0, f0 = (
+                time.thread_time(),
+                time.process_time(),
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
+            )
             for o in outs:
                 writer.add(o)
             t1, c1 = time.perf_counter(), time.thread_time()
             writer.close()
-            t2, p2, f2 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t2, p2, f2 = (
+                time.perf_counter(),
+                time.process_time(),
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
+            )
             if args.cog:
                 writer.finish(Path(tmp) / "c.tif")
             t3 = time.perf_counter()

@@ -59,9 +59,24 @@ def free_port() -> int:
 
 def serve(app_dir: Path, module: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", f"{module}:app", "--app-dir", str(app_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            f"{module}:app",
+            "--app-dir",
+            str(app_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     for _ in range(300):
         try:
@@ -75,9 +90,27 @@ def serve(app_dir: Path, module: str, port: int, env: dict[str, str]) -> subproc
 def make_cog(out: Path) -> Path:
     cog = out / "clouds" / "ukis-csmask.tif"
     if not cog.exists():
-        subprocess.run([sys.executable, "-m", "tilefm", "run", "--scene", f"s2={SHARED / 'data' / 's2-l2a-29RKH-20200219'}",
-                        "--model", "ukis-csmask", "--zoom", "11", "--bbox=-11.7,24.6,-11.2,24.95", "--out", str(cog),
-                        "--executor", "local"], check=True, env={**os.environ, "TILEFM_MODEL_STORE": str(SHARED / "models")})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tilefm",
+                "run",
+                "--scene",
+                f"s2={SHARED / 'data' / 's2-l2a-29RKH-20200219'}",
+                "--model",
+                "ukis-csmask",
+                "--zoom",
+                "11",
+                "--bbox=-11.7,24.6,-11.2,24.95",
+                "--out",
+                str(cog),
+                "--executor",
+                "local",
+            ],
+            check=True,
+            env={**os.environ, "TILEFM_MODEL_STORE": str(SHARED / "models")},
+        )
     return cog
 
 
@@ -87,8 +120,12 @@ def register_job(cog: Path, prefix: str) -> str:
     from tilefm.jobs.store import JobStore
 
     store = JobStore.from_url("redis://127.0.0.1:6379/0", prefix=prefix)
-    spec = JobSpec(scene={"s2": str(SHARED / "data" / "s2-l2a-29RKH-20200219")}, model="ukis-csmask", zoom=11,
-                   output_prefix=cog.parent.parent.as_uri() + "/")
+    spec = JobSpec(
+        scene={"s2": str(SHARED / "data" / "s2-l2a-29RKH-20200219")},
+        model="ukis-csmask",
+        zoom=11,
+        output_prefix=cog.parent.parent.as_uri() + "/",
+    )
     store.create(spec, idempotency_key=None, body_hash=uuid.uuid4().hex)
     job = store.claim_next("bench", 60)
     store.transition(job.id, JobState.SUCCEEDED, outputs=[cog.as_uri()])
@@ -103,18 +140,43 @@ def tile_paths(cog: Path) -> list[tuple[int, int, int]]:
         zoom = int(src.tags()["TILEFM_ZOOM"])
         w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
     eps = 1e-6
-    return [(t.z, t.x, t.y) for t in tms.tiles(w + eps, s + eps, e - eps, n - eps, [zoom - 1, zoom, zoom + 1])]
+    return [
+        (t.z, t.x, t.y) for t in tms.tiles(w + eps, s + eps, e - eps, n - eps, [zoom - 1, zoom, zoom + 1])
+    ]
 
 
 def wrk(url_file: Path, base: str, conns: int, duration: int, seed: int) -> dict[str, float]:
     script = url_file.with_suffix(f".{seed}.lua")
     script.write_text(LUA % (url_file, seed))
-    out = subprocess.run(["wrk", "-t", "1", "-c", str(conns), "-d", f"{duration}s", "--latency", "--timeout", "10s", "-s", str(script), base],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            str(conns),
+            "-d",
+            f"{duration}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            base,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     pct = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": pct["50"], "p99_ms": pct["99"], "non_2xx": int(errors.group(1)) if errors else 0}
+    return {
+        "rps": rps,
+        "p50_ms": pct["50"],
+        "p99_ms": pct["99"],
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
 
 
 def _ms(text: str) -> float:
@@ -136,8 +198,11 @@ def main() -> None:
     prefix = f"tilefm-bench-{uuid.uuid4().hex[:6]}:"
     job = register_job(cog, prefix)
     (work / "plain.py").write_text(PLAIN_TITILER)
-    env = {"TILEFM_REDIS_PREFIX": prefix, "TILEFM_ALLOWED_OUTPUTS": json.dumps([str(cog.parent)]),
-           "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    env = {
+        "TILEFM_REDIS_PREFIX": prefix,
+        "TILEFM_ALLOWED_OUTPUTS": json.dumps([str(cog.parent)]),
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    }
     ports = {"job route": free_port(), "job route (cache on)": free_port(), "plain TiTiler": free_port()}
     procs = [
         serve(REPO / "services" / "tiler", "app", ports["job route"], {**env, "TILEFM_TILER_CACHE_MB": "0"}),
@@ -163,16 +228,35 @@ def main() -> None:
         clients = [int(c) for c in args.clients.split(",")]
         for rnd in range(args.rounds):
             for conns in clients:
-                for name in ("job route", "plain TiTiler") if rnd % 2 == 0 else ("plain TiTiler", "job route"):
+                for name in (
+                    ("job route", "plain TiTiler") if rnd % 2 == 0 else ("plain TiTiler", "job route")
+                ):
                     time.sleep(2)  # the previous server drains what it still had queued: no overlap
-                    res = wrk(files[name], f"http://127.0.0.1:{ports[name]}", conns, args.duration, seed=rnd * 100 + conns)
+                    res = wrk(
+                        files[name],
+                        f"http://127.0.0.1:{ports[name]}",
+                        conns,
+                        args.duration,
+                        seed=rnd * 100 + conns,
+                    )
                     results[name].setdefault(conns, []).append(res)
-                    print(f"round {rnd + 1} {name:14s} c={conns:2d}: {res['rps']:7.1f} tiles/s  p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  non-2xx {res['non_2xx']}", flush=True)
+                    print(
+                        f"round {rnd + 1} {name:14s} c={conns:2d}: {res['rps']:7.1f} tiles/s  p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  non-2xx {res['non_2xx']}",
+                        flush=True,
+                    )
         for conns in clients:
             time.sleep(2)
-            res = wrk(files["job route (cache on)"], f"http://127.0.0.1:{ports['job route (cache on)']}", conns, args.duration, seed=999)
+            res = wrk(
+                files["job route (cache on)"],
+                f"http://127.0.0.1:{ports['job route (cache on)']}",
+                conns,
+                args.duration,
+                seed=999,
+            )
             results["job route (cache on)"].setdefault(conns, []).append(res)
-        print(f"\n{len(tiles)} tiles (zooms {min(t[0] for t in tiles)}-{max(t[0] for t in tiles)}) of {cog.name}, {args.rounds} rounds of {args.duration} s, median of rounds\n")
+        print(
+            f"\n{len(tiles)} tiles (zooms {min(t[0] for t in tiles)}-{max(t[0] for t in tiles)}) of {cog.name}, {args.rounds} rounds of {args.duration} s, median of rounds\n"
+        )
         print("| clients | route | tiles/s | p50 ms | p99 ms | non-2xx |")
         print("|---|---|---|---|---|---|")
         summary = {}
@@ -182,7 +266,9 @@ def main() -> None:
                 med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in ("rps", "p50_ms", "p99_ms")}
                 med["non_2xx"] = sum(r["non_2xx"] for r in runs)
                 summary.setdefault(name, {})[conns] = med
-                print(f"| {conns} | {name} | {med['rps']:.1f} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | {med['non_2xx']} |")
+                print(
+                    f"| {conns} | {name} | {med['rps']:.1f} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | {med['non_2xx']} |"
+                )
         print()
         for conns in clients:
             ratio = summary["job route"][conns]["rps"] / summary["plain TiTiler"][conns]["rps"]

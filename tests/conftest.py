@@ -70,7 +70,9 @@ def output_dir() -> Path:
     return OUTPUT_DIR
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the `tilefm` command as a user would, in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
@@ -111,7 +113,9 @@ def start_scheduler(env: dict[str, str], log: Path) -> subprocess.Popen:
     """`tilefm scheduler` in its own process group, on a local Ray cluster, logging to `log`."""
     return subprocess.Popen(
         [sys.executable, "-m", "tilefm", "scheduler", "--metrics-port", "0"],
-        env={**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        env={**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
@@ -164,10 +168,20 @@ def finished_jobs(tiler_env: dict[str, str], scene_dir: Path, tmp_path_factory) 
     proc = start_scheduler(tiler_env, log)
     try:
         specs = {
-            "clouds": JobSpec(scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, bbox=tuple(CLOUDS_BBOX),
-                              output_prefix=TILER_PREFIX),
-            "presto": JobSpec(scene={"s2": str(scene_dir)}, model="presto", zoom=10, bbox=tuple(PRESTO_BBOX),
-                              output_prefix=TILER_PREFIX),
+            "clouds": JobSpec(
+                scene={"s2": str(scene_dir)},
+                model="ukis-csmask",
+                zoom=11,
+                bbox=tuple(CLOUDS_BBOX),
+                output_prefix=TILER_PREFIX,
+            ),
+            "presto": JobSpec(
+                scene={"s2": str(scene_dir)},
+                model="presto",
+                zoom=10,
+                bbox=tuple(PRESTO_BBOX),
+                output_prefix=TILER_PREFIX,
+            ),
         }
         ids = {name: service.submit(spec)[0].id for name, spec in specs.items()}
         deadline = time.monotonic() + 600

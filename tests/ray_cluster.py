@@ -76,6 +76,7 @@ def _state(pid: int) -> str:
     except (OSError, IndexError):
         return "Z"
 
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -98,7 +99,11 @@ class RayNode:
     def raylet(self) -> int:
         """The pid of the node's raylet (found by its node manager port, this node's alone)."""
         for pid, (_, cmd) in _procs().items():
-            if cmd and Path(cmd[0]).name == "raylet" and f"--node_manager_port={self.node_manager_port}" in cmd:
+            if (
+                cmd
+                and Path(cmd[0]).name == "raylet"
+                and f"--node_manager_port={self.node_manager_port}" in cmd
+            ):
                 return pid
         raise LookupError(f"no raylet for node {self.name} (port {self.node_manager_port})")
 
@@ -117,8 +122,17 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.client_address = f"ray://127.0.0.1:{self.client_port}"
         try:
-            self._start("head", head_cpus, {}, ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={self.client_port}",
-                                                "--include-dashboard=false"])
+            self._start(
+                "head",
+                head_cpus,
+                {},
+                [
+                    "--head",
+                    f"--port={self.gcs_port}",
+                    f"--ray-client-server-port={self.client_port}",
+                    "--include-dashboard=false",
+                ],
+            )
         except BaseException:
             self.shutdown()
             raise
@@ -139,24 +153,38 @@ class RayCluster:
         nm, om, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
         node = RayNode(name, temp_dir, nm, resources)
         cmd = [
-            RAY, "start", *args, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
-            f"--resources={json.dumps(resources)}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            RAY,
+            "start",
+            *args,
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
-            f"--node-manager-port={nm}", f"--object-manager-port={om}",
-            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
             # each node its own worker ports: two raylets on one host must not hand out the same
             f"--worker-port-list={','.join(map(str, free_ports(16)))}",
         ]
         env = {
-            **os.environ, **self.env,
+            **os.environ,
+            **self.env,
             # a killed node is noticed in ~3 s instead of Ray's ~30 s (the tests kill one)
-            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "1000",
             "RAY_health_check_failure_threshold": "3",
         }
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if out.returncode != 0:
-            raise RuntimeError(f"`ray start` of node {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            raise RuntimeError(
+                f"`ray start` of node {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            )
         self.nodes.append(node)
         deadline = time.monotonic() + 60
         while True:  # its raylet has registered with the GCS by the time `ray start` returns
@@ -173,8 +201,13 @@ class RayCluster:
         import json
 
         code = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n for n in ray.nodes() if n['Alive']]))"
-        out = subprocess.run([sys.executable, "-c", code % self.address], env={**os.environ, **self.env},
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code % self.address],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -182,7 +215,9 @@ class RayCluster:
     def processes(self) -> list[int]:
         """This cluster's processes: those whose command line names its temp dirs, and their children."""
         root, procs = str(self.root), _procs()
-        found = {pid for pid, (_, cmd) in procs.items() if any(root in part for part in cmd) and pid != os.getpid()}
+        found = {
+            pid for pid, (_, cmd) in procs.items() if any(root in part for part in cmd) and pid != os.getpid()
+        }
         for pid in list(found):
             found.update(descendants(pid, procs))
         return sorted(found)

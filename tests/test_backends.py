@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import tilefm.backends as backends
-from conftest import run_cli
 from tilefm.backends import BackendOptions, resolve_precision, select_backend
 from tilefm.backends.compare import LIMITS, agreement, class_agreement, kmeans, rel_error
 from tilefm.backends.engine_cache import engine_key, engine_uri, load_or_build
@@ -81,7 +81,18 @@ def test_tensorrt_missing_is_a_clear_error() -> None:
     with pytest.raises(BackendError, match=r"tilefm\[tensorrt\]"):
         require_tensorrt()
     scene = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-20200219"
-    r = run_cli("run", "--scene", f"s2={scene}", "--model", "vit-small", "--backend", "tensorrt", "--out", "/tmp/x.tif", "--dry-run")
+    r = run_cli(
+        "run",
+        "--scene",
+        f"s2={scene}",
+        "--model",
+        "vit-small",
+        "--backend",
+        "tensorrt",
+        "--out",
+        "/tmp/x.tif",
+        "--dry-run",
+    )
     assert r.returncode == 2 and "tilefm[tensorrt]" in r.stderr, r.stderr
 
 
@@ -89,8 +100,14 @@ def test_precision(machine) -> None:
     vit, presto, clouds = get_card("vit-small"), get_card("presto"), get_card("ukis-csmask")
     machine(cuda=True)
     assert resolve_precision(vit, "torch") == "fp32"
-    assert resolve_precision(vit, "torch-cuda") == "bf16" and resolve_precision(vit, "tensorrt", "fp16") == "fp16"
-    assert resolve_precision(presto, "torch-cuda") == "bf16" and resolve_precision(presto, "torch-cuda", "fp32") == "fp32"
+    assert (
+        resolve_precision(vit, "torch-cuda") == "bf16"
+        and resolve_precision(vit, "tensorrt", "fp16") == "fp16"
+    )
+    assert (
+        resolve_precision(presto, "torch-cuda") == "bf16"
+        and resolve_precision(presto, "torch-cuda", "fp32") == "fp32"
+    )
     assert resolve_precision(clouds, "onnxruntime") == "fp32"  # the card allows nothing else
     with pytest.raises(BackendError, match="needs a GPU backend"):
         resolve_precision(vit, "torch", "fp16")
@@ -112,7 +129,9 @@ def test_precision(machine) -> None:
 def test_auto_backend_follows_the_precision(machine) -> None:
     vit, presto = get_card("vit-small"), get_card("presto")
     machine(cuda=True, trt=True)
-    assert select_backend(vit, precision="int8") == "onnxruntime"  # not the GPU ones (TensorRT's needs a calibration set)
+    assert (
+        select_backend(vit, precision="int8") == "onnxruntime"
+    )  # not the GPU ones (TensorRT's needs a calibration set)
     assert select_backend(vit, "tensorrt", precision="int8") == "tensorrt"  # unless asked for
     assert select_backend(vit, precision="fp16") == "tensorrt"
     machine()
@@ -130,12 +149,28 @@ def test_job_spec_accepts_torch_cuda() -> None:
 
 
 def test_engine_cache_key_is_stable_and_covers_everything() -> None:
-    base = dict(model_sha256=SHA, compute_capability=(9, 0), tensorrt_version="10.3.0", precision="fp16", input_shape=(10, 256, 256), max_batch=8)
+    base = dict(
+        model_sha256=SHA,
+        compute_capability=(9, 0),
+        tensorrt_version="10.3.0",
+        precision="fp16",
+        input_shape=(10, 256, 256),
+        max_batch=8,
+    )
     key = engine_key(**base)
     assert key == engine_key(**base) and key.digest() == engine_key(**base).digest()
     assert key.batch_sizes == (1, 8, 8)
-    assert key.filename.startswith("abababababab-sm90-trt10.3.0-fp16-10x256x256-b8-") and key.filename.endswith(".engine")
-    changes = dict(model_sha256="cd" * 32, compute_capability=(8, 9), tensorrt_version="10.4.0", precision="bf16", input_shape=(13, 256, 256), max_batch=16)
+    assert key.filename.startswith(
+        "abababababab-sm90-trt10.3.0-fp16-10x256x256-b8-"
+    ) and key.filename.endswith(".engine")
+    changes = dict(
+        model_sha256="cd" * 32,
+        compute_capability=(8, 9),
+        tensorrt_version="10.4.0",
+        precision="bf16",
+        input_shape=(13, 256, 256),
+        max_batch=16,
+    )
     digests = {key.digest()}
     for field, value in changes.items():
         digests.add(engine_key(**{**base, field: value}).digest())
@@ -201,7 +236,14 @@ def test_class_agreement_tells_class_maps_apart() -> None:
     shuffled = ref[rng.permutation(len(ref))]  # same values, other pixels: chance-level agreement
     assert class_agreement(shuffled, ref, k=4) < 0.5
     # [N, C, H, W] maps: pixels, not tiles, are what is labelled
-    assert class_agreement(ref.reshape(10, 20, 20, 32).transpose(0, 3, 1, 2), ref.reshape(10, 20, 20, 32).transpose(0, 3, 1, 2), k=4) == 1.0
+    assert (
+        class_agreement(
+            ref.reshape(10, 20, 20, 32).transpose(0, 3, 1, 2),
+            ref.reshape(10, 20, 20, 32).transpose(0, 3, 1, 2),
+            k=4,
+        )
+        == 1.0
+    )
     assert kmeans(ref, 4).shape == (4, 32)
     with pytest.raises(ValueError, match="at least 8 distinct"):
         kmeans(np.ones((100, 3), np.float32))
@@ -223,7 +265,9 @@ def test_onnxruntime_fp32_and_int8_match_reference(reference) -> None:
     int8 = quantize_int8(fp32)
     ops = [n.op_type for n in onnx.load_from_string(int8).graph.node]
     # per block: q/k/v, the attention's projection and the MLP's two (q@k and attn@v stay float)
-    assert ops.count("MatMulInteger") >= 4 * get_card("vit-small").vit.depth and "DynamicQuantizeLinear" in ops
+    assert (
+        ops.count("MatMulInteger") >= 4 * get_card("vit-small").vit.depth and "DynamicQuantizeLinear" in ops
+    )
     assert len(int8) < 0.4 * len(fp32)  # int8 weights
     run = OrtRunner(fp32, precision="int8")
     assert run.precision == "int8" and run.session.providers == ["CPUExecutionProvider"]
@@ -355,11 +399,23 @@ def test_outputs_come_back_in_the_dtype_the_run_stores(model_store: Path) -> Non
     weights = weights_path(presto, model_store)
     assert WorkerSpec(card=presto, backend="torch", weights=weights).load().out_dtype == torch.float16
     for stored in ("float32", "int8"):
-        assert WorkerSpec(card=presto, backend="torch", weights=weights, out_dtype=stored).load().out_dtype == torch.float32
+        assert (
+            WorkerSpec(card=presto, backend="torch", weights=weights, out_dtype=stored).load().out_dtype
+            == torch.float32
+        )
     vit = get_card("vit-small")
-    assert WorkerSpec(card=vit, backend="torch", weights=None, out_dtype="float16").load().options.out_dtype == "float32"
+    assert (
+        WorkerSpec(card=vit, backend="torch", weights=None, out_dtype="float16").load().options.out_dtype
+        == "float32"
+    )
     with pytest.raises(BackendError, match="float16 outputs, not 'bfloat16'"):
-        backends.make_runner(torch.nn.Identity(), "torch", (1,), backends.BackendOptions(out_dtype="bfloat16"), model_sha256=SHA)
+        backends.make_runner(
+            torch.nn.Identity(),
+            "torch",
+            (1,),
+            backends.BackendOptions(out_dtype="bfloat16"),
+            model_sha256=SHA,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +443,9 @@ def test_presto_torch_cuda_matches_cpu(presto_pixels, precision: str) -> None:
     from tilefm.models.presto_tiles import PrestoTileModel
 
     card, weights, inputs, ref = presto_pixels
-    got = PrestoTileModel(card, "torch-cuda", weights, precision=precision, out_dtype="float32").embed(*inputs)
+    got = PrestoTileModel(card, "torch-cuda", weights, precision=precision, out_dtype="float32").embed(
+        *inputs
+    )
     assert got.shape == ref.shape == (65536, 128)
     check(got, ref, precision)
     # what a job stores: float16 from the GPU, as the COG holds it
@@ -398,7 +456,9 @@ def test_presto_torch_cuda_matches_cpu(presto_pixels, precision: str) -> None:
     chunked.chunk = 10_000
     many = chunked.embed(*inputs)
     assert many.shape == ref.shape and rel_err(many, ref) < LIMITS[precision], (precision, rel_err(many, ref))
-    again = chunked.embed(*(a[:12_345] if isinstance(a, np.ndarray) else a for a in inputs))  # the slots, kept
+    again = chunked.embed(
+        *(a[:12_345] if isinstance(a, np.ndarray) else a for a in inputs)
+    )  # the slots, kept
     assert again.shape == (12_345, 128) and rel_err(again, many[:12_345]) < LIMITS[precision]
 
 

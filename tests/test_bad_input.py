@@ -35,11 +35,11 @@ from urllib.parse import quote
 import grpc
 import pytest
 import schemathesis
+from conftest import OUTPUT_DIR, drop_redis_keys, settings_from
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from conftest import OUTPUT_DIR, drop_redis_keys, settings_from
 from tilefm.api.auth import KeyRing, hash_key
 from tilefm.api.jobs import create_app
 from tilefm.grpc_api import FIELD_METADATA_KEY, MAX_TOKEN_CHARS, create_server
@@ -80,7 +80,9 @@ def _settings(**env: str) -> Settings:
 
 SERVICE_SETTINGS = _settings(
     TILEFM_REDIS_PREFIX=PREFIX,
-    TILEFM_API_KEYS=json.dumps([{"name": "bad-input", "sha256": hash_key(KEY), "scopes": ["jobs:read", "jobs:write"]}]),
+    TILEFM_API_KEYS=json.dumps(
+        [{"name": "bad-input", "sha256": hash_key(KEY), "scopes": ["jobs:read", "jobs:write"]}]
+    ),
     TILEFM_ALLOWED_SOURCES=json.dumps([EMPTY]),
     TILEFM_ALLOWED_OUTPUTS=json.dumps([f"file://{EMPTY}/"]),
     TILEFM_API_MAX_BODY_BYTES=str(MAX_BODY),
@@ -89,7 +91,10 @@ APP = create_app(SERVICE_SETTINGS)
 AUTH = {"Authorization": f"Bearer {KEY}"}
 #: a spec of the right shape that names a scene that is not there (422 on `scene` at the end)
 BASE_SPEC: dict[str, Any] = {
-    "scene": {"s2": f"{EMPTY}/scene"}, "model": "ukis-csmask", "output_prefix": f"file://{EMPTY}/out/", "zoom": 11,
+    "scene": {"s2": f"{EMPTY}/scene"},
+    "model": "ukis-csmask",
+    "output_prefix": f"file://{EMPTY}/out/",
+    "zoom": 11,
 }
 
 _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bad-input")
@@ -144,8 +149,10 @@ def check_http(status: int, text: str, where: str) -> None:
 
 def _post_spec(client: TestClient, body: bytes, kind: str) -> None:
     CASES[kind] += 1
-    r = _within_time(lambda: client.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"}),
-                     f"POST /v1/jobs {body[:200]!r}")
+    r = _within_time(
+        lambda: client.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"}),
+        f"POST /v1/jobs {body[:200]!r}",
+    )
     check_http(r.status_code, r.text, f"POST /v1/jobs {body[:300]!r}")
     assert r.status_code != 202, f"accepted: {body[:300]!r}"
 
@@ -162,7 +169,11 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP).include(path_regex
 def test_schemathesis_job_routes(case) -> None:
     CASES["http.schemathesis"] += 1
     response = _within_time(lambda: case.call(headers=AUTH), f"{case.method} {case.formatted_path}")
-    check_http(response.status_code, response.text, f"{case.method} {case.formatted_path} {case.query} {str(case.body)[:300]}")
+    check_http(
+        response.status_code,
+        response.text,
+        f"{case.method} {case.formatted_path} {case.query} {str(case.body)[:300]}",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,22 +181,88 @@ def test_schemathesis_job_routes(case) -> None:
 # ------------------------------------------------------------------------------------------------
 
 SPECIAL_NUMBERS = [
-    math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -0.0, 0, -1, 1, 9, 10, 22, 23, 180, 180.0000001, -180.0000001,
-    90.0000001, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**40,
-    True, False, 11.5, 1e-300,
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e308,
+    -1e308,
+    5e-324,
+    -0.0,
+    0,
+    -1,
+    1,
+    9,
+    10,
+    22,
+    23,
+    180,
+    180.0000001,
+    -180.0000001,
+    90.0000001,
+    2**31 - 1,
+    2**31,
+    -(2**31),
+    -(2**31) - 1,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    10**40,
+    True,
+    False,
+    11.5,
+    1e-300,
 ]
 SPECIAL_STRINGS = [
-    "", " ", "\x00", "\x1f", "\ud800", "\udfff", "\u202e", "\ufeff", "é", "💥", "7", "11", "true", "null", "NaN",
-    "Infinity", "1e400", "auto", "fp32", "float16", "2020-02-19", "2020-02-30", "2020-13-01", "20200219",
-    "2020-02-19T00:00:00", "٢٠٢٠-٠٢-١٩", "../../etc/passwd", "s3://", "file://", "file:///", "s3://tilefm/x/",
-    f"{EMPTY}/scene", "/" + "a" * (MAX_NAME_BYTES + 1), "/" + "é" * (MAX_NAME_BYTES // 2 + 1),
-    "/a" * (MAX_PATH_BYTES // 2 + 1), "k" * (MAX_LABEL_KEY_CHARS + 1), "v" * (MAX_LABEL_VALUE_CHARS + 1),
-    "%00", "%2e%2e/", "\\\\server\\share", "C:\\x", "~root/x",
+    "",
+    " ",
+    "\x00",
+    "\x1f",
+    "\ud800",
+    "\udfff",
+    "\u202e",
+    "\ufeff",
+    "é",
+    "💥",
+    "7",
+    "11",
+    "true",
+    "null",
+    "NaN",
+    "Infinity",
+    "1e400",
+    "auto",
+    "fp32",
+    "float16",
+    "2020-02-19",
+    "2020-02-30",
+    "2020-13-01",
+    "20200219",
+    "2020-02-19T00:00:00",
+    "٢٠٢٠-٠٢-١٩",
+    "../../etc/passwd",
+    "s3://",
+    "file://",
+    "file:///",
+    "s3://tilefm/x/",
+    f"{EMPTY}/scene",
+    "/" + "a" * (MAX_NAME_BYTES + 1),
+    "/" + "é" * (MAX_NAME_BYTES // 2 + 1),
+    "/a" * (MAX_PATH_BYTES // 2 + 1),
+    "k" * (MAX_LABEL_KEY_CHARS + 1),
+    "v" * (MAX_LABEL_VALUE_CHARS + 1),
+    "%00",
+    "%2e%2e/",
+    "\\\\server\\share",
+    "C:\\x",
+    "~root/x",
 ]
 
 numbers = st.sampled_from(SPECIAL_NUMBERS) | st.integers() | st.floats()
-long_strings = st.builds(lambda c, n: c * n, st.sampled_from(["a", "é", "丁", "/", "💥", "\ud800", "/x"]),
-                         st.integers(100, 6000))
+long_strings = st.builds(
+    lambda c, n: c * n, st.sampled_from(["a", "é", "丁", "/", "💥", "\ud800", "/x"]), st.integers(100, 6000)
+)
 strings = st.sampled_from(SPECIAL_STRINGS) | st.text(max_size=40) | long_strings
 json_values = st.recursive(
     st.none() | st.booleans() | numbers | strings,
@@ -201,12 +278,28 @@ FIELD_VALUES: dict[str, st.SearchStrategy] = {
     "assets": st.dictionaries(strings, strings, max_size=MAX_ASSETS + 4) | json_values,
     "labels": string_maps | json_values,
 }
-FIELDS = ["scene", "model", "output_prefix", "zoom", "bbox", "backend", "precision", "dtype", "date", "assets",
-          "priority", "labels", "no_such_field"]
-mutation = st.sampled_from(FIELDS).flatmap(lambda f: st.tuples(st.just(f), FIELD_VALUES.get(f, strings | json_values)))
+FIELDS = [
+    "scene",
+    "model",
+    "output_prefix",
+    "zoom",
+    "bbox",
+    "backend",
+    "precision",
+    "dtype",
+    "date",
+    "assets",
+    "priority",
+    "labels",
+    "no_such_field",
+]
+mutation = st.sampled_from(FIELDS).flatmap(
+    lambda f: st.tuples(st.just(f), FIELD_VALUES.get(f, strings | json_values))
+)
 bad_specs = st.lists(mutation, min_size=1, max_size=3).map(lambda ms: {**BASE_SPEC, **dict(ms)})
 partial_specs = st.sets(st.sampled_from(sorted(BASE_SPEC)), max_size=3).map(
-    lambda drop: {k: v for k, v in BASE_SPEC.items() if k not in drop})
+    lambda drop: {k: v for k, v in BASE_SPEC.items() if k not in drop}
+)
 
 
 def _dumps(body: Any) -> bytes:
@@ -232,12 +325,15 @@ def test_http_bboxes(client: TestClient, bbox: list) -> None:
     """Every bbox (none of them on the empty scene) is refused; the unusable ones as `bbox`."""
     CASES["http.bbox"] += 1
     body = _dumps({**BASE_SPEC, "bbox": bbox})
-    r = _within_time(lambda: client.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"}),
-                     f"bbox {bbox}")
+    r = _within_time(
+        lambda: client.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"}),
+        f"bbox {bbox}",
+    )
     check_http(r.status_code, r.text, f"bbox {bbox}")
     w, s, e, n = bbox
     usable = all(isinstance(v, float | int) and not isinstance(v, bool) for v in bbox) and (
-        -180 <= w <= e <= 180 and -90 <= s <= n <= 90)
+        -180 <= w <= e <= 180 and -90 <= s <= n <= 90
+    )
     if not usable:
         assert (r.status_code, r.json()["error"]["field"]) == (422, "bbox"), (bbox, r.text)
 
@@ -247,7 +343,11 @@ def _quote(text: str) -> str:
     return quote(text[:3000].encode("utf-8", "surrogatepass"), safe="")
 
 
-@given(params=st.dictionaries(st.sampled_from(["limit", "cursor", "state", "x"]), strings | numbers.map(str), max_size=3))
+@given(
+    params=st.dictionaries(
+        st.sampled_from(["limit", "cursor", "state", "x"]), strings | numbers.map(str), max_size=3
+    )
+)
 @settings(max_examples=_examples(120), **SETTINGS)
 def test_http_list_queries(client: TestClient, params: dict) -> None:
     CASES["http.list-query"] += 1
@@ -257,7 +357,11 @@ def test_http_list_queries(client: TestClient, params: dict) -> None:
     check_http(r.status_code, r.text, f"GET /v1/jobs {params}")
 
 
-@given(job_id=strings, method=st.sampled_from(["GET", "DELETE", "POST"]), suffix=st.sampled_from(["", ":cancel", "/events"]))
+@given(
+    job_id=strings,
+    method=st.sampled_from(["GET", "DELETE", "POST"]),
+    suffix=st.sampled_from(["", ":cancel", "/events"]),
+)
 @settings(max_examples=_examples(80), **SETTINGS)
 def test_http_job_ids(client: TestClient, job_id: str, method: str, suffix: str) -> None:
     CASES["http.job-id"] += 1
@@ -285,25 +389,57 @@ RAW_BODIES: dict[str, tuple[bytes | Callable[[], Iterator[bytes]], str, int]] = 
     "bare-nan": (b"NaN", "application/json", 422),
     "deeply-nested-list": (b"[" * 20_000 + b"]" * 20_000, "application/json", 400),
     "deeply-nested-object": (b'{"a":' * 8_000 + b"1" + b"}" * 8_000, "application/json", 400),
-    "nested-in-a-field": (_dumps({**BASE_SPEC, "labels": {"a": "b"}})[:-1] + b', "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
-                          "application/json", 400),
-    "invalid-utf8": (b'{"model": "\xff\xfe", "scene": {"s2": "/x"}, "output_prefix": "file:///x/"}', "application/json", 400),
-    "utf16": (json.dumps(BASE_SPEC).encode("utf-16"), "application/json", 422),  # JSON may be UTF-16: the scene
+    "nested-in-a-field": (
+        _dumps({**BASE_SPEC, "labels": {"a": "b"}})[:-1] + b', "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        "application/json",
+        400,
+    ),
+    "invalid-utf8": (
+        b'{"model": "\xff\xfe", "scene": {"s2": "/x"}, "output_prefix": "file:///x/"}',
+        "application/json",
+        400,
+    ),
+    "utf16": (
+        json.dumps(BASE_SPEC).encode("utf-16"),
+        "application/json",
+        422,
+    ),  # JSON may be UTF-16: the scene
     "bom": (b"\xef\xbb\xbf" + json.dumps(BASE_SPEC).encode(), "application/json", 422),
-    "duplicate-keys": (b'{"zoom": 1, "zoom": "x", "scene": {"s2": "/x"}, "model": "m", "output_prefix": "file:///x/"}',
-                       "application/json", 422),
-    "lone-surrogate-key": (b'{"scene": {"\\ud800": 1}, "model": "m", "output_prefix": "file:///x/"}', "application/json", 422),
-    "lone-surrogate-value": (b'{"scene": {"s2": "\\udc00"}, "model": "m", "output_prefix": "file:///x/"}', "application/json", 422),
+    "duplicate-keys": (
+        b'{"zoom": 1, "zoom": "x", "scene": {"s2": "/x"}, "model": "m", "output_prefix": "file:///x/"}',
+        "application/json",
+        422,
+    ),
+    "lone-surrogate-key": (
+        b'{"scene": {"\\ud800": 1}, "model": "m", "output_prefix": "file:///x/"}',
+        "application/json",
+        422,
+    ),
+    "lone-surrogate-value": (
+        b'{"scene": {"s2": "\\udc00"}, "model": "m", "output_prefix": "file:///x/"}',
+        "application/json",
+        422,
+    ),
     "text-plain": (json.dumps(BASE_SPEC).encode(), "text/plain", 422),
     "form": (b"scene=x&model=y", "application/x-www-form-urlencoded", 422),
     "over-limit": (_dumps({**BASE_SPEC, "labels": {"a": "b" * MAX_BODY}}), "application/json", 413),
     "over-limit-chunked": (lambda: _chunks(2 * MAX_BODY), "application/json", 413),
     "at-limit-chunked": (lambda: _chunks(MAX_BODY - 8192), "application/json", 422),
-    "huge-int": (b'{"scene": {"s2": "/x"}, "model": "m", "output_prefix": "file:///x/", "zoom": ' + b"9" * 5000 + b"}",
-                 "application/json", 400),
-    "many-labels": (_dumps({**BASE_SPEC, "labels": {str(i): "v" for i in range(MAX_LABELS + 1)}}), "application/json", 422),
-    "many-modalities": (_dumps({**BASE_SPEC, "scene": {f"m{i}": f"{EMPTY}/{i}" for i in range(MAX_MODALITIES + 1)}}),
-                        "application/json", 422),
+    "huge-int": (
+        b'{"scene": {"s2": "/x"}, "model": "m", "output_prefix": "file:///x/", "zoom": ' + b"9" * 5000 + b"}",
+        "application/json",
+        400,
+    ),
+    "many-labels": (
+        _dumps({**BASE_SPEC, "labels": {str(i): "v" for i in range(MAX_LABELS + 1)}}),
+        "application/json",
+        422,
+    ),
+    "many-modalities": (
+        _dumps({**BASE_SPEC, "scene": {f"m{i}": f"{EMPTY}/{i}" for i in range(MAX_MODALITIES + 1)}}),
+        "application/json",
+        422,
+    ),
 }
 
 
@@ -312,7 +448,9 @@ def test_http_raw_bodies(client: TestClient, name: str) -> None:
     CASES["http.raw-body"] += 1
     body, content_type, expected = RAW_BODIES[name]
     content = body() if callable(body) else body
-    r = _within_time(lambda: client.post("/v1/jobs", content=content, headers={**AUTH, "Content-Type": content_type}), name)
+    r = _within_time(
+        lambda: client.post("/v1/jobs", content=content, headers={**AUTH, "Content-Type": content_type}), name
+    )
     check_http(r.status_code, r.text, name)
     assert r.status_code == expected, (name, r.status_code, r.text[:300])
 
@@ -325,8 +463,12 @@ def test_http_raw_bodies(client: TestClient, name: str) -> None:
 @pytest.fixture(scope="module")
 def channel() -> Iterator[grpc.Channel]:
     store = JobStore.from_url(SERVICE_SETTINGS.redis_url, prefix=PREFIX)
-    server, port = create_server(JobService(store, SERVICE_SETTINGS), "127.0.0.1:0",
-                                 keyring=KeyRing(Settings(auth_disabled=True)), watch_poll_ms=100)
+    server, port = create_server(
+        JobService(store, SERVICE_SETTINGS),
+        "127.0.0.1:0",
+        keyring=KeyRing(Settings(auth_disabled=True)),
+        watch_poll_ms=100,
+    )
     server.start()
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -343,8 +485,12 @@ def stub(channel: grpc.Channel) -> pb_grpc.JobServiceStub:
 
 
 def _base_spec() -> pb.JobSpec:
-    return pb.JobSpec(scene=BASE_SPEC["scene"], model=BASE_SPEC["model"], output_prefix=BASE_SPEC["output_prefix"],
-                      zoom=BASE_SPEC["zoom"])
+    return pb.JobSpec(
+        scene=BASE_SPEC["scene"],
+        model=BASE_SPEC["model"],
+        output_prefix=BASE_SPEC["output_prefix"],
+        zoom=BASE_SPEC["zoom"],
+    )
 
 
 def _spec_with(**changes: Any) -> pb.JobSpec:
@@ -379,8 +525,13 @@ def _field(err: grpc.RpcError) -> str | None:
 
 
 #: statuses that say the caller is at fault; never INTERNAL, UNKNOWN, UNAVAILABLE or a deadline
-CALLER_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED}
+CALLER_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 NAN, INF = math.nan, math.inf
 GOOD_BBOX = (-11.7, 24.6, -11.2, 24.95)
@@ -400,9 +551,11 @@ SPEC_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("priority-10", {"priority": 10}, "priority"),
     ("priority-int32-max", {"priority": 2**31 - 1}, "priority"),
     ("priority-int32-min", {"priority": -(2**31)}, "priority"),
-    *[(f"bbox-{side}-{name}", {"bbox": _bbox_with(i, v)}, "bbox")
-      for i, side in enumerate(["min_lon", "min_lat", "max_lon", "max_lat"])
-      for name, v in [("nan", NAN), ("inf", INF), ("-inf", -INF), ("1e308", 1e308), ("-1e308", -1e308)]],
+    *[
+        (f"bbox-{side}-{name}", {"bbox": _bbox_with(i, v)}, "bbox")
+        for i, side in enumerate(["min_lon", "min_lat", "max_lon", "max_lat"])
+        for name, v in [("nan", NAN), ("inf", INF), ("-inf", -INF), ("1e308", 1e308), ("-1e308", -1e308)]
+    ],
     ("bbox-lon-over-180", {"bbox": (170.0, 0.0, 180.5, 1.0)}, "bbox"),
     ("bbox-lon-under-180", {"bbox": (-180.5, 0.0, -170.0, 1.0)}, "bbox"),
     ("bbox-lat-over-90", {"bbox": (0.0, 80.0, 1.0, 90.5)}, "bbox"),
@@ -428,8 +581,16 @@ SPEC_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("model-unknown", {"model": "no-such-model"}, "model"),  # looked up before the scene is opened
     ("output-empty", {"output_prefix": ""}, "output_prefix"),
     ("output-long", {"output_prefix": f"file://{EMPTY}/" + "a/" * MAX_PATH_BYTES}, "output_prefix"),
-    ("output-long-component", {"output_prefix": f"file://{EMPTY}/" + "a" * (MAX_NAME_BYTES + 1) + "/"}, "output_prefix"),
-    ("output-long-unicode-component", {"output_prefix": f"file://{EMPTY}/" + "é" * 128 + "/"}, "output_prefix"),
+    (
+        "output-long-component",
+        {"output_prefix": f"file://{EMPTY}/" + "a" * (MAX_NAME_BYTES + 1) + "/"},
+        "output_prefix",
+    ),
+    (
+        "output-long-unicode-component",
+        {"output_prefix": f"file://{EMPTY}/" + "é" * 128 + "/"},
+        "output_prefix",
+    ),
     ("output-outside", {"output_prefix": "file:///etc/"}, "output_prefix"),
     ("output-control-char", {"output_prefix": f"file://{EMPTY}/a\nb/"}, "output_prefix"),
     ("scene-empty", {"scene": {}}, "scene"),
@@ -456,11 +617,15 @@ SPEC_CASES: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("changes", "field"), [(c, f) for _, c, f in SPEC_CASES], ids=[i for i, _, _ in SPEC_CASES])
+@pytest.mark.parametrize(
+    ("changes", "field"), [(c, f) for _, c, f in SPEC_CASES], ids=[i for i, _, _ in SPEC_CASES]
+)
 def test_grpc_submit_bad_spec(stub: pb_grpc.JobServiceStub, changes: dict, field: str) -> None:
     CASES["grpc.matrix"] += 1
     msg = _spec_with(**changes)
-    err = _rpc_error(lambda: stub.Submit(pb.SubmitRequest(spec=msg), timeout=CALL_TIMEOUT_S), f"Submit {changes}"[:300])
+    err = _rpc_error(
+        lambda: stub.Submit(pb.SubmitRequest(spec=msg), timeout=CALL_TIMEOUT_S), f"Submit {changes}"[:300]
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
     assert _field(err) == field, (err.details(), _field(err))
     assert err.details().startswith(field.split(".")[0]), err.details()
@@ -469,35 +634,82 @@ def test_grpc_submit_bad_spec(stub: pb_grpc.JobServiceStub, changes: dict, field
 # (case id, method, request, the status, the field named)
 REQUEST_CASES: list[tuple[str, str, Any, grpc.StatusCode, str | None]] = [
     ("submit-no-spec", "Submit", pb.SubmitRequest(), grpc.StatusCode.INVALID_ARGUMENT, "spec"),
-    ("submit-long-idempotency-key", "Submit", pb.SubmitRequest(spec=_base_spec(), idempotency_key="k" * (MAX_TOKEN_CHARS + 1)),
-     grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key"),
-    *[(f"{m.lower()}-{name}", m, req(value), code, "id")
-      for m, req in [("Get", lambda v: pb.GetJobRequest(id=v)), ("Cancel", lambda v: pb.CancelJobRequest(id=v)),
-                     ("Watch", lambda v: pb.WatchJobRequest(id=v))]
-      for name, value, code in [("no-id", "", grpc.StatusCode.INVALID_ARGUMENT),
-                                ("long-id", "f" * (MAX_TOKEN_CHARS + 1), grpc.StatusCode.INVALID_ARGUMENT),
-                                ("huge-id", "f" * (MAX_BODY - 1000), grpc.StatusCode.INVALID_ARGUMENT),
-                                ("unknown-id", uuid.uuid4().hex, grpc.StatusCode.NOT_FOUND),
-                                ("unicode-id", "ид" * 16, grpc.StatusCode.NOT_FOUND),
-                                ("glob-id", "*", grpc.StatusCode.NOT_FOUND),
-                                ("nul-id", "\x00" * 32, grpc.StatusCode.NOT_FOUND)]],
+    (
+        "submit-long-idempotency-key",
+        "Submit",
+        pb.SubmitRequest(spec=_base_spec(), idempotency_key="k" * (MAX_TOKEN_CHARS + 1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "idempotency_key",
+    ),
+    *[
+        (f"{m.lower()}-{name}", m, req(value), code, "id")
+        for m, req in [
+            ("Get", lambda v: pb.GetJobRequest(id=v)),
+            ("Cancel", lambda v: pb.CancelJobRequest(id=v)),
+            ("Watch", lambda v: pb.WatchJobRequest(id=v)),
+        ]
+        for name, value, code in [
+            ("no-id", "", grpc.StatusCode.INVALID_ARGUMENT),
+            ("long-id", "f" * (MAX_TOKEN_CHARS + 1), grpc.StatusCode.INVALID_ARGUMENT),
+            ("huge-id", "f" * (MAX_BODY - 1000), grpc.StatusCode.INVALID_ARGUMENT),
+            ("unknown-id", uuid.uuid4().hex, grpc.StatusCode.NOT_FOUND),
+            ("unicode-id", "ид" * 16, grpc.StatusCode.NOT_FOUND),
+            ("glob-id", "*", grpc.StatusCode.NOT_FOUND),
+            ("nul-id", "\x00" * 32, grpc.StatusCode.NOT_FOUND),
+        ]
+    ],
     ("list-limit-negative", "List", pb.ListJobsRequest(limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
     ("list-limit-101", "List", pb.ListJobsRequest(limit=101), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
-    ("list-limit-int32-max", "List", pb.ListJobsRequest(limit=2**31 - 1), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
-    ("list-limit-int32-min", "List", pb.ListJobsRequest(limit=-(2**31)), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
-    ("list-bad-cursor", "List", pb.ListJobsRequest(cursor="not-a-cursor"), grpc.StatusCode.INVALID_ARGUMENT, "cursor"),
-    ("list-long-cursor", "List", pb.ListJobsRequest(cursor="c" * (MAX_TOKEN_CHARS + 1)), grpc.StatusCode.INVALID_ARGUMENT, "cursor"),
-    ("list-unicode-cursor", "List", pb.ListJobsRequest(cursor="💥" * 10), grpc.StatusCode.INVALID_ARGUMENT, "cursor"),
+    (
+        "list-limit-int32-max",
+        "List",
+        pb.ListJobsRequest(limit=2**31 - 1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "limit",
+    ),
+    (
+        "list-limit-int32-min",
+        "List",
+        pb.ListJobsRequest(limit=-(2**31)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "limit",
+    ),
+    (
+        "list-bad-cursor",
+        "List",
+        pb.ListJobsRequest(cursor="not-a-cursor"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "cursor",
+    ),
+    (
+        "list-long-cursor",
+        "List",
+        pb.ListJobsRequest(cursor="c" * (MAX_TOKEN_CHARS + 1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "cursor",
+    ),
+    (
+        "list-unicode-cursor",
+        "List",
+        pb.ListJobsRequest(cursor="💥" * 10),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "cursor",
+    ),
     ("list-unknown-state", "List", pb.ListJobsRequest(state=42), grpc.StatusCode.INVALID_ARGUMENT, "state"),
     ("list-negative-state", "List", pb.ListJobsRequest(state=-1), grpc.StatusCode.INVALID_ARGUMENT, "state"),
 ]
 
 
-@pytest.mark.parametrize(("method", "request_", "code", "field"), [c[1:] for c in REQUEST_CASES], ids=[c[0] for c in REQUEST_CASES])
-def test_grpc_bad_requests(stub: pb_grpc.JobServiceStub, method: str, request_: Any, code: grpc.StatusCode,
-                           field: str | None) -> None:
+@pytest.mark.parametrize(
+    ("method", "request_", "code", "field"), [c[1:] for c in REQUEST_CASES], ids=[c[0] for c in REQUEST_CASES]
+)
+def test_grpc_bad_requests(
+    stub: pb_grpc.JobServiceStub, method: str, request_: Any, code: grpc.StatusCode, field: str | None
+) -> None:
     CASES["grpc.matrix"] += 1
-    err = _rpc_error(lambda: getattr(stub, method)(request_, timeout=CALL_TIMEOUT_S), f"{method} {str(request_)[:200]}")
+    err = _rpc_error(
+        lambda: getattr(stub, method)(request_, timeout=CALL_TIMEOUT_S), f"{method} {str(request_)[:200]}"
+    )
     assert err.code() == code, (err.code(), err.details())
     assert _field(err) == field, (err.details(), _field(err))
 
@@ -538,26 +750,52 @@ def test_grpc_malformed_messages(channel: grpc.Channel, method: str, name: str) 
 def test_grpc_message_over_the_limit(stub: pb_grpc.JobServiceStub) -> None:
     CASES["grpc.matrix"] += 1
     msg = _spec_with(labels={"k": "v" * (MAX_BODY + 1)})
-    err = _rpc_error(lambda: stub.Submit(pb.SubmitRequest(spec=msg), timeout=CALL_TIMEOUT_S), "over the limit")
+    err = _rpc_error(
+        lambda: stub.Submit(pb.SubmitRequest(spec=msg), timeout=CALL_TIMEOUT_S), "over the limit"
+    )
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (err.code(), err.details())
 
 
 int32s = st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1, 9, 10, 22, 23, -1])
 doubles = st.floats() | st.sampled_from([math.nan, math.inf, -math.inf, 180.0, -180.0, 90.0, -90.0, 1e308])
-proto_text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40) | long_strings.filter(
-    lambda s: "\ud800" not in s) | st.sampled_from([s for s in SPECIAL_STRINGS if not any("\ud800" <= c <= "\udfff" for c in s)])
+proto_text = (
+    st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)
+    | long_strings.filter(lambda s: "\ud800" not in s)
+    | st.sampled_from([s for s in SPECIAL_STRINGS if not any("\ud800" <= c <= "\udfff" for c in s)])
+)
 proto_maps = st.dictionaries(proto_text, proto_text, max_size=MAX_LABELS + 4)
 
 
 @st.composite
 def proto_specs(draw: st.DrawFn) -> pb.JobSpec:
     msg = _base_spec()
-    for name in draw(st.sets(st.sampled_from(["zoom", "priority", "bbox", "model", "output_prefix", "backend",
-                                               "precision", "dtype", "date", "scene", "assets", "labels"]), min_size=1)):
+    for name in draw(
+        st.sets(
+            st.sampled_from(
+                [
+                    "zoom",
+                    "priority",
+                    "bbox",
+                    "model",
+                    "output_prefix",
+                    "backend",
+                    "precision",
+                    "dtype",
+                    "date",
+                    "scene",
+                    "assets",
+                    "labels",
+                ]
+            ),
+            min_size=1,
+        )
+    ):
         if name in ("zoom", "priority"):
             setattr(msg, name, draw(int32s))
         elif name == "bbox":
-            msg.bbox.CopyFrom(pb.BBox(**{k: draw(doubles) for k in ("min_lon", "min_lat", "max_lon", "max_lat")}))
+            msg.bbox.CopyFrom(
+                pb.BBox(**{k: draw(doubles) for k in ("min_lon", "min_lat", "max_lon", "max_lat")})
+            )
         elif name in ("scene", "assets", "labels"):
             getattr(msg, name).clear()
             getattr(msg, name).update(draw(proto_maps))

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-
 from conftest import run_cli
+
 from tilefm.bands import BANDS, HLS_L30, LANDSAT_L2, band_by_wavelength, bind_card, sensor_of_file
 from tilefm.errors import MissingBandError, SceneError
 from tilefm.grid import Tile
@@ -37,8 +37,24 @@ COMMON = {
     "rededge3": "B07", "nir": "B08", "nir08": "B8A", "nir09": "B09", "swir16": "B11", "swir22": "B12",
 }  # fmt: skip
 #: Landsat 8/9 OLI surface reflectance bands -> the sample scene's equivalent
-OLI_SR = {"SR_B1": "B01", "SR_B2": "B02", "SR_B3": "B03", "SR_B4": "B04", "SR_B5": "B8A", "SR_B6": "B11", "SR_B7": "B12"}
-OLI_COMMON = {"SR_B1": "coastal", "SR_B2": "blue", "SR_B3": "green", "SR_B4": "red", "SR_B5": "nir08", "SR_B6": "swir16", "SR_B7": "swir22"}
+OLI_SR = {
+    "SR_B1": "B01",
+    "SR_B2": "B02",
+    "SR_B3": "B03",
+    "SR_B4": "B04",
+    "SR_B5": "B8A",
+    "SR_B6": "B11",
+    "SR_B7": "B12",
+}
+OLI_COMMON = {
+    "SR_B1": "coastal",
+    "SR_B2": "blue",
+    "SR_B3": "green",
+    "SR_B4": "red",
+    "SR_B5": "nir08",
+    "SR_B6": "swir16",
+    "SR_B7": "swir22",
+}
 L2_SCALE, L2_OFFSET = 2.75e-05, -0.2
 #: a whole-DN resampled value (GDAL rounds to the source type) is off by up to 0.5 DN: 0.5 in the
 #: native scene's units, 0.5 * 0.275 in the twin's, plus the twin's quantisation (0.275 / 2)
@@ -60,10 +76,25 @@ def _write_landsat(src_path: Path, dst_path: Path, *, nodata: float | None = 0) 
         dst.write(_landsat_dn(data), 1)
 
 
-def _asset(href: str, *, common: str | None = None, name: str | None = None, wavelength: float | None = None, raster: dict | None = None) -> dict:
-    asset: dict = {"href": href, "type": "image/tiff; application=geotiff; profile=cloud-optimized", "roles": ["data"]}
+def _asset(
+    href: str,
+    *,
+    common: str | None = None,
+    name: str | None = None,
+    wavelength: float | None = None,
+    raster: dict | None = None,
+) -> dict:
+    asset: dict = {
+        "href": href,
+        "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+        "roles": ["data"],
+    }
     if common or name:
-        band = {k: v for k, v in (("name", name or common), ("common_name", common), ("center_wavelength", wavelength)) if v is not None}
+        band = {
+            k: v
+            for k, v in (("name", name or common), ("common_name", common), ("center_wavelength", wavelength))
+            if v is not None
+        }
         asset["eo:bands"] = [band]
     if raster is not None:
         asset["raster:bands"] = [raster]
@@ -96,7 +127,9 @@ def twin(scene_dir: Path, stac_item: dict, tmp_path_factory) -> Path:
     for common, band in COMMON.items():
         _write_landsat(scene_dir / f"{band}.tif", folder / f"{common}.tif")
         raster = {"nodata": 0, "data_type": "uint16", "scale": L2_SCALE, "offset": L2_OFFSET}
-        assets[common] = _asset(f"./{common}.tif", common=common, wavelength=BANDS[band].wavelength_um, raster=raster)
+        assets[common] = _asset(
+            f"./{common}.tif", common=common, wavelength=BANDS[band].wavelength_um, raster=raster
+        )
     assets["thumbnail"] = {"href": "./thumb.jpg", "type": "image/jpeg", "roles": ["thumbnail"]}
     path = folder / "item.json"
     path.write_text(json.dumps(_item("twin", assets, stac_item)))
@@ -113,7 +146,9 @@ def landsat_files(scene_dir: Path, tmp_path_factory) -> Path:
     return folder
 
 
-def _read(scene: Scene, card_name: str, tiles: list[Tile] = TILES) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _read(
+    scene: Scene, card_name: str, tiles: list[Tile] = TILES
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     card = get_card(card_name)
     inputs = read_tiles(scene, card, tiles, card.context.halo)
     return inputs[0].band_names, np.stack([t.data for t in inputs]), np.stack([t.valid for t in inputs])
@@ -156,7 +191,9 @@ def test_baseline_offset_wins_over_raster_bands_offset(scene_dir: Path, stac_ite
             if r.get("scale") == 0.0001:
                 r["offset"] = -0.1
     for applied, expected in ((False, -1000.0), (True, 0.0)):
-        item["properties"].update({"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": applied})
+        item["properties"].update(
+            {"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": applied}
+        )
         (tmp_path / "item.json").write_text(json.dumps(item))
         for f in scene_dir.glob("B*.tif"):
             if not (tmp_path / f.name).exists():
@@ -228,10 +265,19 @@ def _landsat_item(folder: Path, stac_item: dict, *, usgs: bool) -> Path:
         if usgs:
             assets[sr] = {"href": href, "type": "image/tiff; application=geotiff; profile=cloud-optimized"}
         else:
-            raster = {"nodata": 0, "data_type": "uint16", "scale": L2_SCALE, "offset": L2_OFFSET, "unit": "none"}
+            raster = {
+                "nodata": 0,
+                "data_type": "uint16",
+                "scale": L2_SCALE,
+                "offset": L2_OFFSET,
+                "unit": "none",
+            }
             assets[OLI_COMMON[sr]] = _asset(href, common=OLI_COMMON[sr], name=sr, raster=raster)
     for qa in ("qa_pixel", "qa_aerosol"):
-        assets[qa] = {"href": f"./{LANDSAT_ID}_{qa.upper()}.TIF", "type": "image/tiff; application=geotiff; profile=cloud-optimized"}
+        assets[qa] = {
+            "href": f"./{LANDSAT_ID}_{qa.upper()}.TIF",
+            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+        }
     props = {"platform": "landsat-9", "instruments": ["oli", "tirs"], "landsat:correction": "L2SP"}
     path = folder / f"{'usgs' if usgs else 'pc'}-item.json"
     path.write_text(json.dumps(_item(LANDSAT_ID, assets, stac_item, **props)))
@@ -295,7 +341,9 @@ def test_landsat_missing_band_names_the_sensor(landsat_files: Path, tmp_path: Pa
         if not f.name.endswith("_SR_B5.TIF"):
             os.symlink(f, tmp_path / f.name)
     scene = open_scene({"s2": str(tmp_path)})
-    with pytest.raises(MissingBandError, match=r"B08 \(nir, 0.842 um\).*Landsat 8/9 OLI/TIRS Collection 2 Level-2") as e:
+    with pytest.raises(
+        MissingBandError, match=r"B08 \(nir, 0.842 um\).*Landsat 8/9 OLI/TIRS Collection 2 Level-2"
+    ) as e:
         bind_card(scene, get_card("ukis-csmask"))
     assert e.value.field == "scene.s2"
 
@@ -312,11 +360,28 @@ def test_a_file_missing_from_a_folder_is_not_the_sensors_fault(scene_dir: Path, 
 
 def test_sensor_names_win_over_broad_common_names(landsat_files: Path, stac_item: dict):
     """Older Landsat items call OLI's band 5 `nir`: its own name (B5) says it is the narrow NIR."""
-    assets = {sr: _asset(f"./{LANDSAT_ID}_{sr}.TIF", name=sr.replace("SR_", ""), common="nir" if sr == "SR_B5" else OLI_COMMON[sr]) for sr in OLI_SR}
+    assets = {
+        sr: _asset(
+            f"./{LANDSAT_ID}_{sr}.TIF",
+            name=sr.replace("SR_", ""),
+            common="nir" if sr == "SR_B5" else OLI_COMMON[sr],
+        )
+        for sr in OLI_SR
+    }
     path = landsat_files / "old-item.json"
-    path.write_text(json.dumps(_item(LANDSAT_ID, assets, stac_item, platform="LANDSAT_8", instruments=["OLI_TIRS"])))
+    path.write_text(
+        json.dumps(_item(LANDSAT_ID, assets, stac_item, platform="LANDSAT_8", instruments=["OLI_TIRS"]))
+    )
     mod = open_modality("s2", str(path))
-    assert mod.sensor == "landsat-c2-l2" and sorted(mod.bands) == ["B01", "B02", "B03", "B04", "B11", "B12", "B8A"]
+    assert mod.sensor == "landsat-c2-l2" and sorted(mod.bands) == [
+        "B01",
+        "B02",
+        "B03",
+        "B04",
+        "B11",
+        "B12",
+        "B8A",
+    ]
 
 
 def test_landsat_file_as_a_single_raster(landsat_files: Path):
@@ -349,17 +414,35 @@ def test_hls_s30_folder(scene_dir: Path, tmp_path: Path, native: Scene):
 def test_hls_l30_folder_and_item(scene_dir: Path, stac_item: dict, tmp_path: Path):
     """HLS L30 keeps Landsat's band numbers: its B05 is the NIR (B8A), B06/B07 the SWIRs."""
     stem = "HLS.L30.T29RKH.2020050T112111.v2.0"
-    numbers = {"B01": "B01", "B02": "B02", "B03": "B03", "B04": "B04", "B05": "B8A", "B06": "B11", "B07": "B12"}
+    numbers = {
+        "B01": "B01",
+        "B02": "B02",
+        "B03": "B03",
+        "B04": "B04",
+        "B05": "B8A",
+        "B06": "B11",
+        "B07": "B12",
+    }
     folder = _symlinks(scene_dir, tmp_path / stem, {f"{stem}.{n}.tif": b for n, b in numbers.items()})
     mod = open_modality("s2", str(folder))
     assert mod.sensor == "hls-l30"
-    assert {k: Path(v.path).name for k, v in mod.bands.items()} == {b: f"{stem}.{n}.tif" for n, b in numbers.items()}
+    assert {k: Path(v.path).name for k, v in mod.bands.items()} == {
+        b: f"{stem}.{n}.tif" for n, b in numbers.items()
+    }
     # the same as an item whose assets are keyed by those numbers, with no band metadata
-    assets = {n: {"href": f"./{stem}.{n}.tif", "type": "image/tiff; application=geotiff; profile=cloud-optimized"} for n in numbers}
-    assets["Fmask"] = {"href": f"./{stem}.Fmask.tif", "type": "image/tiff; application=geotiff; profile=cloud-optimized"}
+    assets = {
+        n: {"href": f"./{stem}.{n}.tif", "type": "image/tiff; application=geotiff; profile=cloud-optimized"}
+        for n in numbers
+    }
+    assets["Fmask"] = {
+        "href": f"./{stem}.Fmask.tif",
+        "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+    }
     (folder / "item.json").write_text(json.dumps(_item(stem, assets, stac_item, platform="landsat-8")))
     item = open_modality("s2", str(folder / "item.json"))
-    assert item.sensor == "hls-l30" and {k: v.path for k, v in item.bands.items()} == {k: v.path for k, v in mod.bands.items()}
+    assert item.sensor == "hls-l30" and {k: v.path for k, v in item.bands.items()} == {
+        k: v.path for k, v in mod.bands.items()
+    }
     card = get_card("ukis-csmask")
     bound = bind_card(Scene({"s2": item}), card)
     check_scene(bound, card)
@@ -378,7 +461,13 @@ def test_s2_l1c_item_and_safe_names(scene_dir: Path, stac_item: dict, tmp_path: 
     safe = open_modality("s2", str(folder))
     assert sorted(safe.bands) == sorted(ids) and safe.sensor == "sentinel-2"
     assets = {b: _asset(f"./T29RKH_20200219T112111_{b}.tif", name=b) for b in ids}
-    item = _item("S2A_MSIL1C_20200219", assets, stac_item, platform="sentinel-2a", **{"s2:product_type": "S2MSI1C", "s2:processing_baseline": "04.00"})
+    item = _item(
+        "S2A_MSIL1C_20200219",
+        assets,
+        stac_item,
+        platform="sentinel-2a",
+        **{"s2:product_type": "S2MSI1C", "s2:processing_baseline": "04.00"},
+    )
     (folder / "item.json").write_text(json.dumps(item))
     l1c = open_modality("s2", str(folder / "item.json"))
     assert sorted(l1c.bands) == sorted(ids)
@@ -399,7 +488,11 @@ def test_sensor_tables():
     assert sensor_of_file(f"{LANDSAT_ID}_QA_PIXEL") is None
     assert sensor_of_file("HLS.L30.T29RKH.2020050T112111.v2.0.B09") == (HLS_L30, "B10")  # cirrus
     assert sensor_of_file("B04") is None
-    assert band_by_wavelength(0.865) == "B8A" and band_by_wavelength(0.655) == "B04" and band_by_wavelength(3.0) is None
+    assert (
+        band_by_wavelength(0.865) == "B8A"
+        and band_by_wavelength(0.655) == "B04"
+        and band_by_wavelength(3.0) is None
+    )
 
 
 def test_stac_11_bands_and_wavelengths(scene_dir: Path, stac_item: dict, tmp_path: Path):
@@ -407,8 +500,24 @@ def test_stac_11_bands_and_wavelengths(scene_dir: Path, stac_item: dict, tmp_pat
     os.symlink(scene_dir / "B04.tif", tmp_path / "a.tif")
     os.symlink(scene_dir / "B8A.tif", tmp_path / "b.tif")
     assets = {
-        "a": {"href": "./a.tif", "type": "image/tiff", "bands": [{"name": "x", "eo:common_name": "red", "nodata": 0, "raster:scale": 0.0001, "raster:offset": -0.1}]},
-        "b": {"href": "./b.tif", "type": "image/tiff", "bands": [{"name": "y", "eo:center_wavelength": 0.86}]},
+        "a": {
+            "href": "./a.tif",
+            "type": "image/tiff",
+            "bands": [
+                {
+                    "name": "x",
+                    "eo:common_name": "red",
+                    "nodata": 0,
+                    "raster:scale": 0.0001,
+                    "raster:offset": -0.1,
+                }
+            ],
+        },
+        "b": {
+            "href": "./b.tif",
+            "type": "image/tiff",
+            "bands": [{"name": "y", "eo:center_wavelength": 0.86}],
+        },
     }
     item = _item("stac-1.1", assets, stac_item)
     item["stac_version"] = "1.1.0"
@@ -429,10 +538,15 @@ def test_band_arg_parses(twin: Path, scene_dir: Path):
     assert arg.modality == "s2" and arg.band == BandFile("B08", str(nir), offset=-2000.0, scale=0.275)
     assert parse_band_arg(f"b8a={nir}").band == BandFile("B8A", str(nir))
     assert parse_band_arg("vv=s3://bucket/scene/vv.tif").band.path == "/vsis3/bucket/scene/vv.tif"
-    assert parse_band_arg("B04=https://example.com:8443/x/B04.tif").band.path == "/vsicurl/https://example.com:8443/x/B04.tif"
+    assert (
+        parse_band_arg("B04=https://example.com:8443/x/B04.tif").band.path
+        == "/vsicurl/https://example.com:8443/x/B04.tif"
+    )
     # in place of the scene's own B08
     scene = with_bands(open_scene({"s2": str(scene_dir)}), [f"B08={nir}:0.275:-2000"])
-    assert scene.modalities["s2"].bands["B08"].path == str(nir) and scene.modalities["s2"].footprint is not None
+    assert (
+        scene.modalities["s2"].bands["B08"].path == str(nir) and scene.modalities["s2"].footprint is not None
+    )
     a, _ = read_band(scene.modalities["s2"].bands["B08"], TILES[0], 0, "bilinear")
     b, _ = read_band(BandFile("B08", str(scene_dir / "B08.tif")), TILES[0], 0, "bilinear")
     assert np.abs(a - b).max() <= READ_TOLERANCE
@@ -462,7 +576,18 @@ def test_band_arg_needs_its_modality_when_there_are_several(scene_dir: Path, twi
 
 
 def test_cli_band_option(scene_dir: Path, twin: Path, tmp_path: Path):
-    common = ["run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--out", str(tmp_path / "x.tif"), "--zoom", "10", "--dry-run"]
+    common = [
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "ukis-csmask",
+        "--out",
+        str(tmp_path / "x.tif"),
+        "--zoom",
+        "10",
+        "--dry-run",
+    ]
     r = run_cli(*common, "--band", f"B08={twin.parent / 'nir.tif'}:abc:1")
     assert r.returncode == 2 and "band:" in r.stderr and "must be numbers" in r.stderr, r.stderr
     r = run_cli(*common, "--band", f"s2:B08={twin.parent / 'nir.tif'}:0.275:-2000")
@@ -484,7 +609,11 @@ def test_item_without_usable_bands(stac_item: dict, tmp_path: Path):
     assets = {
         "thumbnail": {"href": "./t.jpg", "type": "image/jpeg"},
         "aot": {"href": "./aot.tif", "type": "image/tiff"},
-        "visual": {"href": "./v.tif", "type": "image/tiff", "eo:bands": [{"common_name": "red"}, {"common_name": "green"}, {"common_name": "blue"}]},
+        "visual": {
+            "href": "./v.tif",
+            "type": "image/tiff",
+            "eo:bands": [{"common_name": "red"}, {"common_name": "green"}, {"common_name": "blue"}],
+        },
     }
     with pytest.raises(SceneError, match="no usable band assets") as e:
         open_modality("s2", str(_bad_item(tmp_path, stac_item, assets)))
@@ -501,7 +630,9 @@ def test_item_without_usable_bands(stac_item: dict, tmp_path: Path):
         ({"nodata": "none"}, r"raster:bands\[0\]\.nodata must be a number"),
     ],
 )
-def test_item_with_bad_raster_bands(scene_dir: Path, stac_item: dict, tmp_path: Path, raster: dict, match: str):
+def test_item_with_bad_raster_bands(
+    scene_dir: Path, stac_item: dict, tmp_path: Path, raster: dict, match: str
+):
     os.symlink(scene_dir / "B04.tif", tmp_path / "red.tif")
     path = _bad_item(tmp_path, stac_item, {"red": _asset("./red.tif", common="red", raster=raster)})
     with pytest.raises(SceneError, match=match) as e:
@@ -510,7 +641,9 @@ def test_item_with_bad_raster_bands(scene_dir: Path, stac_item: dict, tmp_path: 
 
 
 def test_item_band_without_href(stac_item: dict, tmp_path: Path):
-    path = _bad_item(tmp_path, stac_item, {"red": {"type": "image/tiff", "eo:bands": [{"common_name": "red"}]}})
+    path = _bad_item(
+        tmp_path, stac_item, {"red": {"type": "image/tiff", "eo:bands": [{"common_name": "red"}]}}
+    )
     with pytest.raises(SceneError, match=r"assets\.red\.href") as e:
         open_modality("s2", str(path))
     assert e.value.field == "scene.s2"
@@ -533,7 +666,20 @@ def test_twin_runs_like_the_native_scene(twin: Path, scene_dir: Path, tmp_path: 
     outs = {}
     for name, source in (("native", scene_dir), ("twin", twin)):
         out = tmp_path / f"{name}.tif"
-        r = run_cli("run", "--scene", f"s2={source}", "--model", model, "--zoom", "10", f"--bbox={E2E_BBOX}", "--executor", "local", "--out", str(out))
+        r = run_cli(
+            "run",
+            "--scene",
+            f"s2={source}",
+            "--model",
+            model,
+            "--zoom",
+            "10",
+            f"--bbox={E2E_BBOX}",
+            "--executor",
+            "local",
+            "--out",
+            str(out),
+        )
         assert r.returncode == 0, r.stderr
         with rasterio.open(out) as src:
             outs[name] = src.read()

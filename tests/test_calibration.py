@@ -9,10 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from tilefm.backends import BackendOptions
-from tilefm.backends.calibration import Calibration, calibration_path, make_calibration, quantize_qdq, require_calibration
+from tilefm.backends.calibration import (
+    Calibration,
+    calibration_path,
+    make_calibration,
+    quantize_qdq,
+    require_calibration,
+)
 from tilefm.backends.compare import agreement, rel_error
 from tilefm.backends.engine_cache import calibration_digest, engine_key
 from tilefm.errors import BackendError
@@ -38,7 +44,18 @@ def calibration(scene) -> Calibration:
 
 
 def test_the_cli_puts_a_set_of_real_tiles_in_the_model_store(scene_dir: Path, tmp_path: Path) -> None:
-    r = run_cli("models", "calibrate", "vit-small", "--scene", f"s2={scene_dir}", "--zoom", "12", "--tiles", "12", env={"TILEFM_MODEL_STORE": str(tmp_path)})
+    r = run_cli(
+        "models",
+        "calibrate",
+        "vit-small",
+        "--scene",
+        f"s2={scene_dir}",
+        "--zoom",
+        "12",
+        "--tiles",
+        "12",
+        env={"TILEFM_MODEL_STORE": str(tmp_path)},
+    )
     assert r.returncode == 0, r.stderr
     path = calibration_path(VIT, tmp_path, ["s2"])
     assert path == tmp_path / "vit-small" / "calibration-s2.npz" and str(path) in r.stdout
@@ -51,11 +68,20 @@ def test_the_cli_puts_a_set_of_real_tiles_in_the_model_store(scene_dir: Path, tm
     flat = cal.x.reshape(12, -1).astype(np.float32)
     assert len({row.tobytes() for row in flat}) == 12
     # bad input: a clear error, no traceback
-    r = run_cli("models", "calibrate", "presto", "--scene", f"s2={scene_dir}", env={"TILEFM_MODEL_STORE": str(tmp_path)})
+    r = run_cli(
+        "models",
+        "calibrate",
+        "presto",
+        "--scene",
+        f"s2={scene_dir}",
+        env={"TILEFM_MODEL_STORE": str(tmp_path)},
+    )
     assert r.returncode == 2 and "does not run in int8" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_the_set_is_found_for_the_bands_an_engine_is_built_for(calibration: Calibration, tmp_path: Path) -> None:
+def test_the_set_is_found_for_the_bands_an_engine_is_built_for(
+    calibration: Calibration, tmp_path: Path
+) -> None:
     with pytest.raises(BackendError, match="tilefm models calibrate vit-small") as e:
         require_calibration(VIT, tmp_path, S2)
     assert e.value.field == "precision"
@@ -92,7 +118,11 @@ def test_qdq_int8_graph_matches_fp32_on_other_tiles(calibration: Calibration, sc
     graph = onnx.load_from_string(qdq).graph
     ops = [n.op_type for n in graph.node]
     # Q/DQ pairs on the trunk's matrix products (TensorRT's explicit quantization), not ORT's integer ops
-    assert ops.count("QuantizeLinear") >= 4 * VIT.vit.depth and "DequantizeLinear" in ops and "MatMulInteger" not in ops
+    assert (
+        ops.count("QuantizeLinear") >= 4 * VIT.vit.depth
+        and "DequantizeLinear" in ops
+        and "MatMulInteger" not in ops
+    )
     zero_points = [i for i in graph.initializer if i.name.endswith("_zero_point")]
     assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
     got = OrtRunner(qdq)(x)
@@ -111,7 +141,10 @@ def test_engine_keys_and_placement_of_tensorrt_int8(calibration: Calibration) ->
     assert a.digest() != b.digest() and a.filename != b.filename and "-int8-" in a.filename
     assert calibration_digest(None) == "" and len(calibration_digest(samples)) == 64
     # keys without a calibration (fp16, fp32 engines) are those of before: caches stay valid
-    assert engine_key("cd" * 32, (9, 0), "10.3.0", "fp16", (10, 256, 256), 8).digest() == engine_key("cd" * 32, (9, 0), "10.3.0", "fp16", (10, 256, 256), 8, calibration_sha256="").digest()
+    assert (
+        engine_key("cd" * 32, (9, 0), "10.3.0", "fp16", (10, 256, 256), 8).digest()
+        == engine_key("cd" * 32, (9, 0), "10.3.0", "fp16", (10, 256, 256), 8, calibration_sha256="").digest()
+    )
     # int8 actors: CPU ones for onnxruntime, GPU ones when TensorRT was asked for
     int8 = WorkerSpec(card=VIT, backend="onnxruntime", weights=None, precision="int8")
     cluster = {"CPU": 16.0, "GPU": 2.0}
@@ -123,5 +156,10 @@ def test_tensorrt_int8_without_a_calibration_set_says_so() -> None:
     from tilefm.backends.tensorrt import tensorrt_runner
 
     with pytest.raises(BackendError, match="calibration set") as e:
-        tensorrt_runner(None, (10, 256, 256), BackendOptions(precision="int8", max_batch=2, engine_cache="/tmp"), model_sha256="cd" * 32)  # type: ignore[arg-type]
+        tensorrt_runner(
+            None,
+            (10, 256, 256),
+            BackendOptions(precision="int8", max_batch=2, engine_cache="/tmp"),
+            model_sha256="cd" * 32,
+        )  # type: ignore[arg-type]
     assert e.value.field == "precision"

@@ -31,19 +31,34 @@ def _levels(rng: np.random.Generator, bits: int, bands: int = BANDS) -> list[np.
     levels = [base]
     for _ in range(2):
         c, h, w = levels[-1].shape
-        levels.append(levels[-1].reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4)).astype(dtype).astype(np.float32))
+        levels.append(
+            levels[-1].reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4)).astype(dtype).astype(np.float32)
+        )
     return levels
 
 
 def _build(
-    tmp_path: Path, levels: list[np.ndarray], bits: int, bigtiff: bool | None = None, order: str = "reversed", expected: bool = True,
-    base: Path | None = None, early: EarlyParts | None = None,
+    tmp_path: Path,
+    levels: list[np.ndarray],
+    bits: int,
+    bigtiff: bool | None = None,
+    order: str = "reversed",
+    expected: bool = True,
+    base: Path | None = None,
+    early: EarlyParts | None = None,
 ) -> COGBuilder:
     """The COG of `levels`, its blocks put in `order`: `reversed` (the last row's last block
     first), `rows` (row-major, as a stream over the plan mostly gives them); `expected`: the
     builder is told which full-resolution blocks will come."""
     bands, h, w = levels[0].shape
-    profile = dict(count=bands, dtype="float32", nodata=float("nan"), crs="EPSG:3857", transform=TRANSFORM, **({"nbits": 16} if bits == 16 else {}))
+    profile = dict(
+        count=bands,
+        dtype="float32",
+        nodata=float("nan"),
+        crs="EPSG:3857",
+        transform=TRANSFORM,
+        **({"nbits": 16} if bits == 16 else {}),
+    )
     fields = template_fields(profile, {"TILEFM_MODEL": "test"}, [f"embedding_{i:03d}" for i in range(bands)])
     puts = []
     for level, a in enumerate(levels):
@@ -78,7 +93,9 @@ def room(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return request.param
 
 
-@pytest.mark.parametrize("bits,bigtiff", [(16, None), (32, None), (16, True)], ids=["float16", "float32", "float16-bigtiff"])
+@pytest.mark.parametrize(
+    "bits,bigtiff", [(16, None), (32, None), (16, True)], ids=["float16", "float32", "float16-bigtiff"]
+)
 def test_gdal_reads_back_every_level(tmp_path: Path, bits: int, bigtiff: bool | None, room: str) -> None:
     levels = _levels(np.random.default_rng(bits), bits)
     dst = _build(tmp_path, levels, bits, bigtiff).base
@@ -90,7 +107,11 @@ def test_gdal_reads_back_every_level(tmp_path: Path, bits: int, bigtiff: bool | 
         assert ds.overviews(1) == [2, 4]
         assert ds.crs.to_epsg() == 3857 and ds.transform == TRANSFORM and np.isnan(ds.nodata)
         assert ds.tags()["TILEFM_MODEL"] == "test" and ds.descriptions[-1] == f"embedding_{BANDS - 1:03d}"
-        assert ds.profile["compress"] == "deflate" and ds.profile["interleave"] == "pixel" and ds.block_shapes[0] == (BLOCK, BLOCK)
+        assert (
+            ds.profile["compress"] == "deflate"
+            and ds.profile["interleave"] == "pixel"
+            and ds.block_shapes[0] == (BLOCK, BLOCK)
+        )
         assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         nbits = ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS")
         if bits == 32:
@@ -115,7 +136,11 @@ def test_a_block_encodes_the_same_in_any_memory_layout(bits: int) -> None:
     data are bands-first float32: the same values give the same bytes (which GDAL reads back
     exactly, above)."""
     rng = np.random.default_rng(7)
-    block = rng.normal(scale=3, size=(BANDS, BLOCK, BLOCK)).astype(np.float16 if bits == 16 else np.float32).astype(np.float32)
+    block = (
+        rng.normal(scale=3, size=(BANDS, BLOCK, BLOCK))
+        .astype(np.float16 if bits == 16 else np.float32)
+        .astype(np.float32)
+    )
     block[:, 5:9, 100:140] = np.nan
     want = encode_block(block, bits)
     pixels = np.ascontiguousarray(block.transpose(1, 2, 0))
@@ -191,7 +216,7 @@ def test_template_fields_are_gdals(tmp_path: Path) -> None:
     assert set(fields) == {33550, 33922, 34735, 34737, 42112, 42113}
     for tag, f in fields.items():
         assert theirs[tag] == f, tag
-    assert b"<Item name=\"DESCRIPTION\" sample=\"2\" role=\"description\">z</Item>" in fields[42112].data
+    assert b'<Item name="DESCRIPTION" sample="2" role="description">z</Item>' in fields[42112].data
 
 
 def test_room_is_inserted_before_a_files_data_or_nothing_changes(tmp_path: Path) -> None:
@@ -208,8 +233,12 @@ def test_room_is_inserted_before_a_files_data_or_nothing_changes(tmp_path: Path)
     assert cog._insert_room(path, 0)  # nothing to insert: done
 
 
-@pytest.mark.parametrize("order,expected", [("reversed", True), ("rows", False)], ids=["held", "as-they-come"])
-def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_settings, order: str, expected: bool) -> None:
+@pytest.mark.parametrize(
+    "order,expected", [("reversed", True), ("rows", False)], ids=["held", "as-they-come"]
+)
+def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_settings, order: str, expected: bool
+) -> None:
     """With `early` parts, the full resolution's bytes go up as they are written (here given
     every ~1 MB, sent as parts of S3's smallest size), the front (header, IFDs, overviews,
     padded to S3's smallest part) and the rest at the end: the object is the COG, byte for
@@ -219,7 +248,9 @@ def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, 
     uri = f"s3://tilefm/tests/cog-{os.getpid()}-{order}/out.tif"
     levels = _levels(np.random.default_rng(3), 16, bands=48)  # ~6 MB a block
     with storage.writing(uri, work_dir=tmp_path) as staged:
-        builder = _build(tmp_path, levels, 16, order=order, expected=expected, base=staged.path, early=staged.early)
+        builder = _build(
+            tmp_path, levels, 16, order=order, expected=expected, base=staged.path, early=staged.early
+        )
         assert staged.early is not None and staged.early.started  # parts went up during the writes
         staged.front = builder.front
         assert builder.front is not None and builder.front >= EarlyParts.MIN_PART
@@ -248,7 +279,9 @@ def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-def test_copy_ranges_puts_every_byte_where_it_belongs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool) -> None:
+def test_copy_ranges_puts_every_byte_where_it_belongs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool
+) -> None:
     """The COG step's copies: ranges split into pieces, by copy_file_range or, where the kernel
     cannot, by pread and pwrite; a source that ends early is an error."""
     monkeypatch.setattr(cog, "COPY_PIECE", 1000)

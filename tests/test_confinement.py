@@ -76,14 +76,21 @@ def outputs(tmp_path: Path) -> Path:
 @pytest.fixture
 def victim(outputs: Path) -> Path:
     """Another job's finished output, at the key the service gives it."""
-    cog = Path(output_uri(JobSpec(scene={"s2": "/x"}, model="ukis-csmask", output_prefix=str(outputs)), "0" * 32))
+    cog = Path(
+        output_uri(JobSpec(scene={"s2": "/x"}, model="ukis-csmask", output_prefix=str(outputs)), "0" * 32)
+    )
     cog.parent.mkdir(parents=True)
     cog.write_bytes(VICTIM)
     return cog
 
 
 def _settings(store: JobStore, sources: list[str], outs: list[str], base: Settings | None = None) -> Settings:
-    update = {"redis_prefix": store.prefix, "allowed_sources": sources, "allowed_outputs": outs, "auth_disabled": True}
+    update = {
+        "redis_prefix": store.prefix,
+        "allowed_sources": sources,
+        "allowed_outputs": outs,
+        "auth_disabled": True,
+    }
     return (base or Settings()).model_copy(update=update)
 
 
@@ -95,7 +102,14 @@ def api(store: JobStore, allowed: Path, outputs: Path) -> Iterator[TestClient]:
 
 
 def _spec(scene: str, output_prefix: str, **kw: object) -> dict:
-    return {"scene": {"s2": scene}, "model": "ukis-csmask", "zoom": 11, "bbox": SMALL_BBOX, "output_prefix": output_prefix, **kw}
+    return {
+        "scene": {"s2": scene},
+        "model": "ukis-csmask",
+        "zoom": 11,
+        "bbox": SMALL_BBOX,
+        "output_prefix": output_prefix,
+        **kw,
+    }
 
 
 def _refused(r, field: str) -> str:
@@ -107,8 +121,13 @@ def _refused(r, field: str) -> str:
 
 def _item(folder: Path, hrefs: dict[str, str]) -> Path:
     """A STAC item in `folder` whose bands are at `hrefs` (band -> href)."""
-    item = json.loads((Path(__file__).resolve().parents[2] / "shared/data/s2-l2a-29RKH-20200219/stac-item.json").read_text())
-    item["assets"] = {b: {"href": h, "type": "image/tiff; application=geotiff", "eo:bands": [{"name": b}]} for b, h in hrefs.items()}
+    item = json.loads(
+        (Path(__file__).resolve().parents[2] / "shared/data/s2-l2a-29RKH-20200219/stac-item.json").read_text()
+    )
+    item["assets"] = {
+        b: {"href": h, "type": "image/tiff; application=geotiff", "eo:bands": [{"name": b}]}
+        for b, h in hrefs.items()
+    }
     path = folder / "item.json"
     path.write_text(json.dumps(item))
     return path
@@ -122,7 +141,10 @@ def test_output_key_is_the_jobs_own() -> None:
     a, b = "a" * 32, "b" * 32
     assert output_uri(spec, a) == f"s3://tilefm/shared/{a}/presto.tif"
     assert output_uri(spec, b) == f"s3://tilefm/shared/{b}/presto.tif"
-    assert output_uri(spec.model_copy(update={"output_prefix": "file:///data/out"}), a) == f"file:///data/out/{a}/presto.tif"
+    assert (
+        output_uri(spec.model_copy(update={"output_prefix": "file:///data/out"}), a)
+        == f"file:///data/out/{a}/presto.tif"
+    )
     with pytest.raises(ValueError):
         output_uri(spec, "../" + a)  # only a job id names the folder
     with pytest.raises(TileFMError) as e:
@@ -130,7 +152,9 @@ def test_output_key_is_the_jobs_own() -> None:
     assert e.value.field == "output_prefix"
 
 
-def test_prefix_naming_another_jobs_cog_is_refused(api: TestClient, inside: Path, victim: Path, outputs: Path) -> None:
+def test_prefix_naming_another_jobs_cog_is_refused(
+    api: TestClient, inside: Path, victim: Path, outputs: Path
+) -> None:
     for prefix in (str(victim), victim.as_uri(), str(victim.with_suffix(".TIFF")) + "/"):
         message = _refused(api.post("/v1/jobs", json=_spec(str(inside), prefix)), "output_prefix")
         assert "folder" in message
@@ -139,7 +163,10 @@ def test_prefix_naming_another_jobs_cog_is_refused(api: TestClient, inside: Path
     r = api.post("/v1/jobs", json=_spec(str(inside), str(victim.parent)))
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    assert output_uri(JobSpec.model_validate(r.json()["spec"]), job_id) == f"{victim.parent}/{job_id}/ukis-csmask.tif"
+    assert (
+        output_uri(JobSpec.model_validate(r.json()["spec"]), job_id)
+        == f"{victim.parent}/{job_id}/ukis-csmask.tif"
+    )
     assert victim.read_bytes() == VICTIM and not (victim.parent / job_id).exists()
 
 
@@ -171,7 +198,9 @@ def test_an_output_is_replaced_only_by_the_job_that_wrote_it(tmp_path: Path, sce
 # -- sources: what is opened is what is allowed ---------------------------------------------------
 
 
-def test_stac_href_out_of_the_allowed_folder_is_refused(api: TestClient, allowed: Path, outputs: Path, scene_dir: Path) -> None:
+def test_stac_href_out_of_the_allowed_folder_is_refused(
+    api: TestClient, allowed: Path, outputs: Path, scene_dir: Path
+) -> None:
     victim_bytes = (scene_dir / "B02.tif").read_bytes()
     absolute = _item(allowed, {b: str(scene_dir / f"{b}.tif") for b in CSMASK_BANDS})
     assert "outside" in _refused(api.post("/v1/jobs", json=_spec(str(absolute), str(outputs))), "scene.s2")
@@ -195,7 +224,9 @@ def test_symlinks_out_of_the_allowed_folder_are_refused(
 ) -> None:
     os.symlink(scene_dir, allowed / "scene")  # a whole folder
     _refused(api.post("/v1/jobs", json=_spec(str(allowed / "scene"), str(outputs))), "scene.s2")
-    _refused(api.post("/v1/jobs", json=_spec(str(allowed / "scene" / "stac-item.json"), str(outputs))), "scene.s2")
+    _refused(
+        api.post("/v1/jobs", json=_spec(str(allowed / "scene" / "stac-item.json"), str(outputs))), "scene.s2"
+    )
     bands = allowed / "bands"  # a real folder, one band of it a link out
     bands.mkdir()
     for b in CSMASK_BANDS[:-1]:
@@ -209,7 +240,9 @@ def test_symlinks_out_of_the_allowed_folder_are_refused(
     assert victim.read_bytes() == VICTIM and not any(elsewhere.iterdir())
 
 
-def test_vrt_is_not_opened_where_sources_are_restricted(api: TestClient, allowed: Path, outputs: Path, scene_dir: Path) -> None:
+def test_vrt_is_not_opened_where_sources_are_restricted(
+    api: TestClient, allowed: Path, outputs: Path, scene_dir: Path
+) -> None:
     vrt = allowed / "bands"
     vrt.mkdir()
     for b in CSMASK_BANDS:
@@ -246,13 +279,20 @@ def http_host() -> Iterator[tuple[str, list[str]]]:
     server.shutdown()
 
 
-def test_dot_segments_in_urls_are_refused_before_any_request(store: JobStore, allowed: Path, outputs: Path, http_host) -> None:
+def test_dot_segments_in_urls_are_refused_before_any_request(
+    store: JobStore, allowed: Path, outputs: Path, http_host
+) -> None:
     base, seen = http_host
     settings = _settings(store, [f"{base}/allowed/", str(allowed)], [str(outputs)])
     with TestClient(create_app(settings, store=store)) as api:
-        for source in (f"{base}/allowed/../private/B02.tif", f"{base}/allowed/%2e%2e/private/B02.tif",
-                       f"{base}/allowed/..%2fprivate/B02.tif", f"{base}/allowed/../../private/B02.tif",
-                       f"/vsicurl/{base}/private/B02.tif", f"/vsizip//vsicurl/{base}/allowed/x.zip"):
+        for source in (
+            f"{base}/allowed/../private/B02.tif",
+            f"{base}/allowed/%2e%2e/private/B02.tif",
+            f"{base}/allowed/..%2fprivate/B02.tif",
+            f"{base}/allowed/../../private/B02.tif",
+            f"/vsicurl/{base}/private/B02.tif",
+            f"/vsizip//vsicurl/{base}/allowed/x.zip",
+        ):
             _refused(api.post("/v1/jobs", json=_spec(source, str(outputs))), "scene.s2")
         # an allowed item naming a host it may not read: refused before GDAL is pointed at it
         item = _item(allowed, {b: f"{base}/private/{b}.tif" for b in CSMASK_BANDS})
@@ -274,18 +314,25 @@ def s3_scene(s3_settings: Settings, scene_dir: Path) -> Iterator[str]:
     for b in CSMASK_BANDS:
         s3.put_file(scene_dir / f"{b}.tif", f"{root}/scene/{b}.tif")
     doc = json.loads((scene_dir / "stac-item.json").read_text())
-    doc["assets"] = {b: {"href": f"{b}.tif", "type": "image/tiff", "eo:bands": [{"name": b}]} for b in CSMASK_BANDS}
+    doc["assets"] = {
+        b: {"href": f"{b}.tif", "type": "image/tiff", "eo:bands": [{"name": b}]} for b in CSMASK_BANDS
+    }
     s3.write_bytes(f"{root}/scene/item.json", json.dumps(doc).encode())
-    doc["assets"] = {b: {"href": f"{root}/private/{b}.tif", "type": "image/tiff", "eo:bands": [{"name": b}]} for b in CSMASK_BANDS}
+    doc["assets"] = {
+        b: {"href": f"{root}/private/{b}.tif", "type": "image/tiff", "eo:bands": [{"name": b}]}
+        for b in CSMASK_BANDS
+    }
     s3.write_bytes(f"{root}/scene/escape.json", json.dumps(doc).encode())
     s3.write_bytes(f"{root}/private/B02.tif", VICTIM)
     yield f"{root}/scene/item.json"
     client = s3.client
-    for o in client.list_objects_v2(Bucket="tilefm", Prefix=root[len("s3://tilefm/"):]).get("Contents", []):
+    for o in client.list_objects_v2(Bucket="tilefm", Prefix=root[len("s3://tilefm/") :]).get("Contents", []):
         client.delete_object(Bucket="tilefm", Key=o["Key"])
 
 
-def test_s3_buckets_and_keys_are_compared_after_normalising(store: JobStore, s3_settings: Settings, s3_scene: str, outputs: Path) -> None:
+def test_s3_buckets_and_keys_are_compared_after_normalising(
+    store: JobStore, s3_settings: Settings, s3_scene: str, outputs: Path
+) -> None:
     root = s3_scene.rsplit("/scene/", 1)[0]
     s3 = storage_for(s3_scene, s3_settings)
     with contextlib.suppress(ClientError):  # made by an earlier test of this session's server
@@ -298,12 +345,21 @@ def test_s3_buckets_and_keys_are_compared_after_normalising(store: JobStore, s3_
         assert r.status_code == 202, r.text
         assert r.json()["progress"]["tiles_total"] == 4
         api.post(f"/v1/jobs/{r.json()['id']}:cancel")
-        for prefix in ("s3://tilefm/../tilefm-victim/out/", f"{root}/out/../../../tilefm-victim/out/",
-                       f"{root}/out/../private/", "s3://tilefm-victim/out/", f"s3://tilefm//{root[12:]}/out/",
-                       f"{root}/out/x/../../private/"):
+        for prefix in (
+            "s3://tilefm/../tilefm-victim/out/",
+            f"{root}/out/../../../tilefm-victim/out/",
+            f"{root}/out/../private/",
+            "s3://tilefm-victim/out/",
+            f"s3://tilefm//{root[12:]}/out/",
+            f"{root}/out/x/../../private/",
+        ):
             _refused(api.post("/v1/jobs", json=_spec(s3_scene, prefix)), "output_prefix")
-        for source in (f"{root}/scene/../private/B02.tif", f"{root}/scene/escape.json", "s3://tilefm/../tilefm-victim/out/cog.tif",
-                       f"/vsis3/tilefm/{root[12:]}/scene/../private/B02.tif"):
+        for source in (
+            f"{root}/scene/../private/B02.tif",
+            f"{root}/scene/escape.json",
+            "s3://tilefm/../tilefm-victim/out/cog.tif",
+            f"/vsis3/tilefm/{root[12:]}/scene/../private/B02.tif",
+        ):
             _refused(api.post("/v1/jobs", json=_spec(source, f"{root}/out/")), "scene.s2")
     assert s3.read_bytes("s3://tilefm-victim/out/cog.tif") == VICTIM
     assert s3.read_bytes(f"{root}/private/B02.tif") == VICTIM
@@ -319,36 +375,61 @@ def test_validation_without_allowlists_creates_nothing(tmp_path: Path, scene_dir
         spec = JobSpec.model_validate(_spec(str(scene_dir), str(prefix)))
         assert service.validate(spec) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    (tmp_path / "file").write_bytes(b"")  # a prefix under a file cannot be written: refused, still nothing made
+    (tmp_path / "file").write_bytes(
+        b""
+    )  # a prefix under a file cannot be written: refused, still nothing made
     with pytest.raises(TileFMError) as e:
         service.validate(JobSpec.model_validate(_spec(str(scene_dir), str(tmp_path / "file" / "out"))))
     assert e.value.field == "output_prefix"
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
-def test_sources_as_users_have_them(store: JobStore, scene_dir: Path, outputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sources_as_users_have_them(
+    store: JobStore, scene_dir: Path, outputs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = JobService(store, _settings(store, [str(scene_dir.parent)], [str(outputs)]))
     monkeypatch.chdir(scene_dir.parent)
     job, _ = service.submit(JobSpec.model_validate(_spec(scene_dir.name, str(outputs))))
     assert job.spec.scene["s2"] == os.path.realpath(scene_dir)  # resolved once, at submission
     assert store.get(job.id).spec.scene["s2"] == os.path.realpath(scene_dir)
     assert service.validate(JobSpec.model_validate(_spec(scene_dir.as_uri(), str(outputs)))) == 4
-    assert service.validate(JobSpec.model_validate(_spec((scene_dir / "stac-item.json").as_uri(), str(outputs)))) == 4
+    assert (
+        service.validate(JobSpec.model_validate(_spec((scene_dir / "stac-item.json").as_uri(), str(outputs))))
+        == 4
+    )
     with pytest.raises(TileFMError):
         service.validate(JobSpec.model_validate(_spec("file://elsewhere" + str(scene_dir), str(outputs))))
 
 
 def test_allowlist_normal_forms() -> None:
     allowed = ["/data/scenes", "s3://bucket/scenes/", "https://host.example/cogs/"]
-    ok = ["/data/scenes/a/B02.tif", "file:///data/scenes/a", "s3://bucket/scenes/a/B02.tif", "/vsis3/bucket/scenes/B02.tif",
-          "https://HOST.example:443/cogs/./a/B02.tif", "/vsicurl/https://host.example/cogs/B02.tif"]
+    ok = [
+        "/data/scenes/a/B02.tif",
+        "file:///data/scenes/a",
+        "s3://bucket/scenes/a/B02.tif",
+        "/vsis3/bucket/scenes/B02.tif",
+        "https://HOST.example:443/cogs/./a/B02.tif",
+        "/vsicurl/https://host.example/cogs/B02.tif",
+    ]
     for location in ok:
         locations.check_allowed(location, allowed, "f")
-    bad = ["/data/scenes-other/x", "/data/scenes/../secret", "s3://bucket/scenes-other/x", "s3://bucket/scenes/../x",
-           "s3://bucket/../other/scenes/x", "s3://other/scenes/x", "https://host.example/cogs/../private/x",
-           "https://host.example/cogs/%2E%2E/private/x", "https://host.example@evil.example/cogs/x",
-           "https://host.example:8443/cogs/x", "http://host.example/cogs/x", "https://host.example/cogs\\..\\x",
-           "/vsizip//data/scenes/a.zip", "gs://bucket/scenes/x", "file://evil/data/scenes/x"]
+    bad = [
+        "/data/scenes-other/x",
+        "/data/scenes/../secret",
+        "s3://bucket/scenes-other/x",
+        "s3://bucket/scenes/../x",
+        "s3://bucket/../other/scenes/x",
+        "s3://other/scenes/x",
+        "https://host.example/cogs/../private/x",
+        "https://host.example/cogs/%2E%2E/private/x",
+        "https://host.example@evil.example/cogs/x",
+        "https://host.example:8443/cogs/x",
+        "http://host.example/cogs/x",
+        "https://host.example/cogs\\..\\x",
+        "/vsizip//data/scenes/a.zip",
+        "gs://bucket/scenes/x",
+        "file://evil/data/scenes/x",
+    ]
     for location in bad:
         with pytest.raises(TileFMError) as e:
             locations.check_allowed(location, allowed, "f")
@@ -358,13 +439,17 @@ def test_allowlist_normal_forms() -> None:
 # -- end to end: two jobs, one prefix; a key taken before a job ran -------------------------------
 
 
-def test_jobs_sharing_a_prefix_succeed_into_their_own_keys(store: JobStore, scene_dir: Path, outputs: Path, s3_settings: Settings, s3_scene: str) -> None:
+def test_jobs_sharing_a_prefix_succeed_into_their_own_keys(
+    store: JobStore, scene_dir: Path, outputs: Path, s3_settings: Settings, s3_scene: str
+) -> None:
     import ray
 
     from tilefm.jobs.scheduler import Scheduler
 
     root = s3_scene.rsplit("/scene/", 1)[0]
-    settings = _settings(store, [str(scene_dir), f"{root}/scene/"], [str(outputs)], base=s3_settings).model_copy(update={"job_lease_s": 30})
+    settings = _settings(
+        store, [str(scene_dir), f"{root}/scene/"], [str(outputs)], base=s3_settings
+    ).model_copy(update={"job_lease_s": 30})
     service = JobService(store, settings)
     spec = JobSpec.model_validate(_spec(str(scene_dir), str(outputs)))
     a, _ = service.submit(spec)
@@ -393,11 +478,16 @@ def test_jobs_sharing_a_prefix_succeed_into_their_own_keys(store: JobStore, scen
     ja, jb, jc, jd = (jobs[j.id] for j in (a, b, c, d))
     for j in (ja, jb, jd):
         assert j.state == JobState.SUCCEEDED, j.error
-        assert j.outputs == [output_uri(j.spec, j.id), output_uri(j.spec, j.id).removesuffix(".tif") + ".stac.json"]
+        assert j.outputs == [
+            output_uri(j.spec, j.id),
+            output_uri(j.spec, j.id).removesuffix(".tif") + ".stac.json",
+        ]
         with rasterio.open(j.outputs[0]) as src:
             assert src.tags()["TILEFM_JOB"] == j.id
     assert len({ja.outputs[0], jb.outputs[0], jd.outputs[0]}) == 3
-    assert jc.state == JobState.FAILED and "already exists and was not written by job" in jc.error.message, jc.error
+    assert jc.state == JobState.FAILED and "already exists and was not written by job" in jc.error.message, (
+        jc.error
+    )
     assert taken.read_bytes() == VICTIM
     # the tiler serves a job's key only while it holds that job's COG
     assert read_output(ja, settings).job_id == ja.id

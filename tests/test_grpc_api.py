@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -55,7 +55,9 @@ def service(store: JobStore, model_store: Path) -> JobService:
 
 def _serve(service: JobService) -> Iterator[pb_grpc.JobServiceStub]:
     # authentication has its own tests (test_grpc_deployed.py): these run with it switched off
-    server, port = create_server(service, "127.0.0.1:0", watch_poll_ms=100, keyring=KeyRing(Settings(auth_disabled=True)))
+    server, port = create_server(
+        service, "127.0.0.1:0", watch_poll_ms=100, keyring=KeyRing(Settings(auth_disabled=True))
+    )
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -73,7 +75,9 @@ def stub(service: JobService) -> Iterator[pb_grpc.JobServiceStub]:
 
 @pytest.fixture
 def spec(scene_dir: Path, tmp_path: Path) -> JobSpec:
-    return JobSpec(scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, output_prefix=f"file://{tmp_path}/out/")
+    return JobSpec(
+        scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, output_prefix=f"file://{tmp_path}/out/"
+    )
 
 
 def _rpc_error(call, *args, **kwargs) -> grpc.RpcError:
@@ -99,7 +103,11 @@ def test_submit_queues_a_validated_job(stub, store: JobStore, spec: JobSpec) -> 
     job = job_from_proto(res.job)
     assert job.spec == spec
     assert job == store.get(job.id)
-    assert res.job.spec.HasField("zoom") and not res.job.spec.HasField("bbox") and not res.job.spec.HasField("date")
+    assert (
+        res.job.spec.HasField("zoom")
+        and not res.job.spec.HasField("bbox")
+        and not res.job.spec.HasField("date")
+    )
 
 
 def test_submit_bad_model_is_invalid_argument(stub, spec: JobSpec) -> None:
@@ -221,7 +229,9 @@ def test_cancel(stub, spec: JobSpec, store: JobStore) -> None:
     assert cancelled.timings.HasField("finished")
     assert store.get(submitted.id).state is JobState.CANCELLED
     # cancelling again changes nothing
-    assert stub.Cancel(pb.CancelJobRequest(id=submitted.id), timeout=RPC_TIMEOUT).state == pb.JOB_STATE_CANCELLED
+    assert (
+        stub.Cancel(pb.CancelJobRequest(id=submitted.id), timeout=RPC_TIMEOUT).state == pb.JOB_STATE_CANCELLED
+    )
 
     done, _ = store.create(spec)
     _succeed(store, done.id)
@@ -245,8 +255,16 @@ def test_watch_streams_until_the_final_state(stub, store: JobStore, spec: JobSpe
             store.transition(job.id, JobState.RUNNING, owner="test-runner", lease_s=60)
             for t in ("11/1/1", "11/1/2"):
                 store.tile_done(job.id, t)
-            store.publish(JobEvent(job_id=job.id, state=JobState.RUNNING, progress=Progress(tiles_total=4, tiles_done=2),
-                                   tiles_per_second=1.5, time=datetime.now(timezone.utc), message="halfway"))
+            store.publish(
+                JobEvent(
+                    job_id=job.id,
+                    state=JobState.RUNNING,
+                    progress=Progress(tiles_total=4, tiles_done=2),
+                    tiles_per_second=1.5,
+                    time=datetime.now(UTC),
+                    message="halfway",
+                )
+            )
             time.sleep(0.3)  # the watcher is blocked in its poll: a quiet spell, then the end
             store.transition(job.id, JobState.SUCCEEDED, outputs=["file:///out/ukis-csmask.tif"])
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
@@ -269,7 +287,11 @@ def test_watch_streams_until_the_final_state(stub, store: JobStore, spec: JobSpe
     assert states == sorted(states)  # queued -> running -> succeeded, in order
     halfway = [e for e in events if e.message == "halfway"]
     assert len(halfway) == 1
-    assert (halfway[0].progress.tiles_done, halfway[0].progress.tiles_total, halfway[0].tiles_per_second) == (2, 4, 1.5)
+    assert (halfway[0].progress.tiles_done, halfway[0].progress.tiles_total, halfway[0].tiles_per_second) == (
+        2,
+        4,
+        1.5,
+    )
     assert all(e.HasField("time") and e.job_id == job.id for e in events)
 
 
@@ -297,7 +319,9 @@ class _CountingStore:
         return self._store.events(*args, **kwargs)
 
 
-def test_watch_stops_polling_when_the_caller_leaves(store: JobStore, spec: JobSpec, model_store: Path) -> None:
+def test_watch_stops_polling_when_the_caller_leaves(
+    store: JobStore, spec: JobSpec, model_store: Path
+) -> None:
     counting = _CountingStore(store)
     job, _ = store.create(spec)  # queued, and nothing will happen to it
     for stub in _serve(JobService(counting, Settings(model_store=model_store))):
@@ -321,7 +345,9 @@ def test_store_down_is_unavailable(spec: JobSpec, model_store: Path) -> None:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    client = redis.Redis(host="127.0.0.1", port=1, decode_responses=True, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(
+        host="127.0.0.1", port=1, decode_responses=True, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
     dead = JobStore(client, "x:")
     for stub in _serve(JobService(dead, Settings(model_store=model_store))):
         err = _rpc_error(stub.Get, pb.GetJobRequest(id="abc"))

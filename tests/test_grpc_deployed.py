@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-
 from conftest import CLOUDS_BBOX, drop_redis_keys, run_cli, stop_process
+
 from tilefm.api.auth import hash_key
 from tilefm.jobs.models import JobSpec
 from tilefm.jobs.proto import pb, pb_grpc, spec_to_proto
@@ -72,10 +72,12 @@ class Deployment:
 @pytest.fixture(scope="module")
 def keys_env(shared_dir: Path) -> dict[str, str]:
     return {
-        "TILEFM_API_KEYS": json.dumps([
-            _key_entry(RW_KEY, "rw", ["jobs:read", "jobs:write"]),
-            _key_entry(RO_KEY, "ro", ["jobs:read"]),
-        ]),
+        "TILEFM_API_KEYS": json.dumps(
+            [
+                _key_entry(RW_KEY, "rw", ["jobs:read", "jobs:write"]),
+                _key_entry(RO_KEY, "ro", ["jobs:read"]),
+            ]
+        ),
         "TILEFM_AUTH_DISABLED": "false",
         "TILEFM_ALLOWED_SOURCES": json.dumps([str(shared_dir / "data")]),
     }
@@ -95,8 +97,22 @@ def _start(keys_env: dict[str, str], tmp: Path) -> Deployment:
     }
     log = tmp / "serve.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tilefm", "serve", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)],
-        env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "tilefm",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+        ],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     dep = Deployment(proc, f"http://127.0.0.1:{port}", grpc_port, log, out_dir, prefix)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -134,8 +150,15 @@ def stub(deployment: Deployment) -> Iterator[pb_grpc.JobServiceStub]:
 @pytest.fixture(scope="module")
 def spec(deployment: Deployment, scene_dir: Path) -> pb.JobSpec:
     """A job the service accepts: the cloud mask of part of the sample scene."""
-    return spec_to_proto(JobSpec(scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, bbox=tuple(CLOUDS_BBOX),
-                                 output_prefix=f"file://{deployment.out_dir}/"))
+    return spec_to_proto(
+        JobSpec(
+            scene={"s2": str(scene_dir)},
+            model="ukis-csmask",
+            zoom=11,
+            bbox=tuple(CLOUDS_BBOX),
+            output_prefix=f"file://{deployment.out_dir}/",
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +172,9 @@ def _bearer(key: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {key}")]
 
 
-def _call(stub: pb_grpc.JobServiceStub, method: str, job_id: str, spec: pb.JobSpec, metadata: list[tuple[str, str]]):
+def _call(
+    stub: pb_grpc.JobServiceStub, method: str, job_id: str, spec: pb.JobSpec, metadata: list[tuple[str, str]]
+):
     """Calls `method` and returns its reply (Watch: the first event, then the stream is left)."""
     requests = {
         "List": lambda: pb.ListJobsRequest(limit=5),
@@ -181,7 +206,9 @@ BAD_CREDENTIALS = {
     "unknown-x-api-key": [("x-api-key", "not-a-key")],
     "empty-bearer": [("authorization", "Bearer ")],
     "basic-scheme": [("authorization", f"Basic {RW_KEY}")],
-    "hash-as-key": [("authorization", f"Bearer {hash_key(RW_KEY)}")],  # the configured sha256, which is not the key
+    "hash-as-key": [
+        ("authorization", f"Bearer {hash_key(RW_KEY)}")
+    ],  # the configured sha256, which is not the key
 }
 
 
@@ -194,8 +221,9 @@ def test_grpc_port_listens_after_start_up(deployment: Deployment) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("credentials", list(BAD_CREDENTIALS), ids=list(BAD_CREDENTIALS))
-def test_without_a_known_key_every_method_is_unauthenticated(stub, job_id: str, spec: pb.JobSpec, method: str,
-                                                             credentials: str) -> None:
+def test_without_a_known_key_every_method_is_unauthenticated(
+    stub, job_id: str, spec: pb.JobSpec, method: str, credentials: str
+) -> None:
     metadata = BAD_CREDENTIALS[credentials]
     assert _code(lambda: _call(stub, method, job_id, spec, metadata)) == grpc.StatusCode.UNAUTHENTICATED
 
@@ -222,11 +250,15 @@ def test_a_read_only_key_may_read(stub, job_id: str, spec: pb.JobSpec, method: s
 
 def test_the_read_write_key_submits_follows_and_cancels(stub, spec: pb.JobSpec) -> None:
     auth = [("x-api-key", RW_KEY)]
-    reply = stub.Submit(pb.SubmitRequest(spec=spec, idempotency_key=uuid.uuid4().hex), timeout=RPC_TIMEOUT, metadata=auth)
+    reply = stub.Submit(
+        pb.SubmitRequest(spec=spec, idempotency_key=uuid.uuid4().hex), timeout=RPC_TIMEOUT, metadata=auth
+    )
     assert reply.created and reply.job.state == pb.JOB_STATE_QUEUED
     assert reply.job.progress.tiles_total == 12  # planned against the real scene
     job_id = reply.job.id
-    assert stub.Get(pb.GetJobRequest(id=job_id), timeout=RPC_TIMEOUT, metadata=auth).state == pb.JOB_STATE_QUEUED
+    assert (
+        stub.Get(pb.GetJobRequest(id=job_id), timeout=RPC_TIMEOUT, metadata=auth).state == pb.JOB_STATE_QUEUED
+    )
     assert job_id in [j.id for j in stub.List(pb.ListJobsRequest(), timeout=RPC_TIMEOUT, metadata=auth).jobs]
     watch = stub.Watch(pb.WatchJobRequest(id=job_id), timeout=RPC_TIMEOUT, metadata=auth)
     assert next(watch).state == pb.JOB_STATE_QUEUED
@@ -246,7 +278,10 @@ def test_http_enforces_the_same_keys(deployment: Deployment, spec: pb.JobSpec) -
         assert http.post("/v1/jobs", json=body, headers={"X-API-Key": RO_KEY}).status_code == 403
         created = http.post("/v1/jobs", json=body, headers={"X-API-Key": RW_KEY})
         assert created.status_code == 202, created.text
-        assert http.post(f"/v1/jobs/{created.json()['id']}:cancel", headers={"X-API-Key": RW_KEY}).status_code == 200
+        assert (
+            http.post(f"/v1/jobs/{created.json()['id']}:cancel", headers={"X-API-Key": RW_KEY}).status_code
+            == 200
+        )
 
 
 def test_sigterm_stops_http_and_grpc(keys_env: dict[str, str], tmp_path: Path) -> None:

@@ -46,7 +46,11 @@ def store(prefix: str) -> JobStore:
 
 def spec(priority: int = 5, **kw) -> JobSpec:
     return JobSpec(
-        scene={"s2": "/data/scene"}, model="prithvi", output_prefix="file:///tmp/out/", priority=priority, **kw
+        scene={"s2": "/data/scene"},
+        model="prithvi",
+        output_prefix="file:///tmp/out/",
+        priority=priority,
+        **kw,
     )
 
 
@@ -250,7 +254,9 @@ def _race_worker(prefix, ids, tiles_job, tiles, owner, barrier, results):
                 claimed.append(job.id)
         else:
             try:
-                store.transition(ids[k // 2], JobState.RUNNING, expect={JobState.QUEUED}, owner=owner, lease_s=30)
+                store.transition(
+                    ids[k // 2], JobState.RUNNING, expect={JobState.QUEUED}, owner=owner, lease_s=30
+                )
                 claimed.append(ids[k // 2])
             except InvalidTransition:
                 pass
@@ -277,7 +283,9 @@ def test_two_processes_race(store: JobStore):
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     procs = [
-        ctx.Process(target=_race_worker, args=(store.prefix, ids, tiles_job, tiles, f"p{i}", barrier, results))
+        ctx.Process(
+            target=_race_worker, args=(store.prefix, ids, tiles_job, tiles, f"p{i}", barrier, results)
+        )
         for i in range(2)
     ]
     for p in procs:
@@ -446,8 +454,18 @@ def test_events_are_capped(store: JobStore, prefix: str):
         lambda s: s.set_total("nope", 3),
         lambda s: s.events("nope", block_ms=0),
     ],
-    ids=["get", "transition", "requeue", "cancel", "tile_done", "tiles_done", "tile_failed", "tiles_failed",
-         "set_total", "events"],
+    ids=[
+        "get",
+        "transition",
+        "requeue",
+        "cancel",
+        "tile_done",
+        "tiles_done",
+        "tile_failed",
+        "tiles_failed",
+        "set_total",
+        "events",
+    ],
 )
 def test_job_not_found(store: JobStore, call):
     with pytest.raises(JobNotFound) as exc:

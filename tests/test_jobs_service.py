@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 import rasterio
+from conftest import drop_redis_keys, settings_from, start_scheduler, stop_process
 from fastapi.testclient import TestClient
 from rio_cogeo import cog_validate
 
-from conftest import drop_redis_keys, settings_from, start_scheduler, stop_process
 from tilefm.api.auth import hash_key
 from tilefm.api.jobs import create_app
 from tilefm.jobs.store import JobStore
@@ -42,10 +42,12 @@ def env(s3_settings: Settings) -> Iterator[dict[str, str]]:
         "TILEFM_JOB_LEASE_S": "4",
         "TILEFM_ALLOWED_SOURCES": json.dumps([str(SHARED_DATA), "/tmp"]),
         "TILEFM_ALLOWED_OUTPUTS": json.dumps(["s3://tilefm/", "s3://no-such-bucket-tilefm/"]),
-        "TILEFM_API_KEYS": json.dumps([
-            {"name": "rw", "sha256": hash_key(KEY), "scopes": ["jobs:read", "jobs:write"]},
-            {"name": "ro", "sha256": hash_key(READ_ONLY_KEY), "scopes": ["jobs:read"]},
-        ]),
+        "TILEFM_API_KEYS": json.dumps(
+            [
+                {"name": "rw", "sha256": hash_key(KEY), "scopes": ["jobs:read", "jobs:write"]},
+                {"name": "ro", "sha256": hash_key(READ_ONLY_KEY), "scopes": ["jobs:read"]},
+            ]
+        ),
     }
     yield values
     drop_redis_keys(prefix)
@@ -55,8 +57,6 @@ def env(s3_settings: Settings) -> Iterator[dict[str, str]]:
 def api(env: dict[str, str]) -> Iterator[TestClient]:
     with TestClient(create_app(settings_from(env)), headers={"Authorization": f"Bearer {KEY}"}) as client:
         yield client
-
-
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +78,21 @@ def _wait(api: TestClient, job_id: str, states: set[str], timeout: float = 300, 
 
 
 def _spec(scene_dir: Path, model: str = "ukis-csmask", bbox=SMALL_BBOX, **kw) -> dict:
-    spec = {"scene": {"s2": str(scene_dir)}, "model": model, "zoom": 11 if model == "ukis-csmask" else 10,
-            "output_prefix": f"s3://tilefm/jobs/{uuid.uuid4().hex[:8]}/", **kw}
+    spec = {
+        "scene": {"s2": str(scene_dir)},
+        "model": model,
+        "zoom": 11 if model == "ukis-csmask" else 10,
+        "output_prefix": f"s3://tilefm/jobs/{uuid.uuid4().hex[:8]}/",
+        **kw,
+    }
     if bbox:
         spec["bbox"] = bbox
     return spec
 
 
-def test_cloud_job_over_http_succeeds_with_events(api: TestClient, scheduler, scene_dir: Path, s3_settings, tmp_path: Path) -> None:
+def test_cloud_job_over_http_succeeds_with_events(
+    api: TestClient, scheduler, scene_dir: Path, s3_settings, tmp_path: Path
+) -> None:
     r = api.post("/v1/jobs", json=_spec(scene_dir, bbox=None))  # the whole scene
     assert r.status_code == 202, r.text
     job = r.json()
@@ -99,20 +106,31 @@ def test_cloud_job_over_http_succeeds_with_events(api: TestClient, scheduler, sc
     assert events[-1]["state"] == "succeeded", events[-3:]
     assert any(e["state"] == "running" and e["progress"]["tiles_done"] > 0 for e in events)
     done = api.get(f"/v1/jobs/{job['id']}").json()
-    assert done["state"] == "succeeded" and done["progress"]["tiles_done"] == 56 and done["progress"]["tiles_failed"] == 0
+    assert (
+        done["state"] == "succeeded"
+        and done["progress"]["tiles_done"] == 56
+        and done["progress"]["tiles_failed"] == 0
+    )
     cog_uri, stac_uri = done["outputs"]
     local = tmp_path / "c.tif"
     storage_for(cog_uri, s3_settings).get_file(cog_uri, local)
     assert cog_validate(str(local), quiet=True)[0]
     with rasterio.open(local) as src:
         assert src.crs.to_epsg() == 3857 and src.tags()["TILEFM_JOB"] == job["id"]
-    assert json.loads(storage_for(stac_uri, s3_settings).read_bytes(stac_uri))["assets"]["data"]["href"] == cog_uri
+    assert (
+        json.loads(storage_for(stac_uri, s3_settings).read_bytes(stac_uri))["assets"]["data"]["href"]
+        == cog_uri
+    )
     # the parts go once the COG is published (deleted just after the job is marked succeeded:
     # the other order would lose a job whose scheduler dies between the two steps)
     parts = cog_uri.rsplit("/", 1)[0] + f"/.parts-{job['id']}/"
     client = storage_for(parts, s3_settings).client
     deadline = time.monotonic() + 30
-    while (left := client.list_objects_v2(Bucket="tilefm", Prefix=parts.split("tilefm/", 1)[1]).get("KeyCount", 0)) and time.monotonic() < deadline:
+    while (
+        left := client.list_objects_v2(Bucket="tilefm", Prefix=parts.split("tilefm/", 1)[1]).get(
+            "KeyCount", 0
+        )
+    ) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == 0, f"{left} parts left 30 s after the job succeeded"
 
@@ -136,7 +154,9 @@ def test_idempotency(api: TestClient, scene_dir: Path) -> None:
     api.post(f"/v1/jobs/{a.json()['id']}:cancel")
 
 
-def test_cancel_mid_job_removes_partial_outputs(api: TestClient, scheduler, scene_dir: Path, s3_settings) -> None:
+def test_cancel_mid_job_removes_partial_outputs(
+    api: TestClient, scheduler, scene_dir: Path, s3_settings
+) -> None:
     r = api.post("/v1/jobs", json=_spec(scene_dir, bbox=None))
     job_id = r.json()["id"]
     _wait(api, job_id, set(), until=lambda j: j["progress"]["tiles_done"] >= 3)
@@ -154,7 +174,10 @@ def test_cancel_mid_job_removes_partial_outputs(api: TestClient, scheduler, scen
 
 
 def test_list_paginates_and_filters(api: TestClient, scene_dir: Path) -> None:
-    ids = [api.post("/v1/jobs", json=_spec(scene_dir, priority=0, labels={"batch": "list"})).json()["id"] for _ in range(5)]
+    ids = [
+        api.post("/v1/jobs", json=_spec(scene_dir, priority=0, labels={"batch": "list"})).json()["id"]
+        for _ in range(5)
+    ]
     for i in ids[:2]:
         api.delete(f"/v1/jobs/{i}")
     for i in ids[:2]:  # a job the scheduler already took stops at its next step
@@ -170,7 +193,9 @@ def test_list_paginates_and_filters(api: TestClient, scene_dir: Path) -> None:
     assert len(seen) == len(set(seen)) and set(ids) <= set(seen)
     created = [j["timings"]["created"] for j in api.get("/v1/jobs", params={"limit": 100}).json()["jobs"]]
     assert created == sorted(created, reverse=True)
-    cancelled = {j["id"] for j in api.get("/v1/jobs", params={"state": "cancelled", "limit": 100}).json()["jobs"]}
+    cancelled = {
+        j["id"] for j in api.get("/v1/jobs", params={"state": "cancelled", "limit": 100}).json()["jobs"]
+    }
     assert set(ids[:2]) <= cancelled and not set(ids[2:]) & cancelled
     for i in ids[2:]:
         api.delete(f"/v1/jobs/{i}")
@@ -188,8 +213,16 @@ def test_auth(api: TestClient, env: dict[str, str], scene_dir: Path) -> None:
 
 BAD = {
     "malformed JSON": ("{not json", 400, "body"),
-    "wrong type": ({"scene": {"s2": "x"}, "model": "presto", "output_prefix": "s3://tilefm/x/", "zoom": "ten"}, 422, "zoom"),
-    "unknown field": ({"scene": {"s2": "x"}, "model": "presto", "output_prefix": "s3://tilefm/x/", "colour": 1}, 422, "colour"),
+    "wrong type": (
+        {"scene": {"s2": "x"}, "model": "presto", "output_prefix": "s3://tilefm/x/", "zoom": "ten"},
+        422,
+        "zoom",
+    ),
+    "unknown field": (
+        {"scene": {"s2": "x"}, "model": "presto", "output_prefix": "s3://tilefm/x/", "colour": 1},
+        422,
+        "colour",
+    ),
     "unknown model": ({"model": "nope"}, 422, "model"),
     "missing bands": ({"scene": {"s2": "{no_b11}"}}, 422, "scene.s2"),
     "unreadable source": ({"scene": {"s2": "/nonexistent"}}, 422, "scene.s2"),
@@ -244,8 +277,24 @@ def test_metrics_and_readiness(api: TestClient) -> None:
 
 def _start_api(env: dict[str, str], port: int) -> subprocess.Popen:
     """The API as its own process (as deployed), once it answers /healthz."""
-    cmd = [sys.executable, "-m", "uvicorn", "tilefm.api.jobs:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tilefm.api.jobs:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     for _ in range(150):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
@@ -262,7 +311,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_scheduler_and_api_restart_mid_job(env: dict[str, str], scheduler, scene_dir: Path, tmp_path: Path) -> None:
+def test_scheduler_and_api_restart_mid_job(
+    env: dict[str, str], scheduler, scene_dir: Path, tmp_path: Path
+) -> None:
     """Kill the scheduler (the worker process) and restart the API process while a job runs: the
     job is still tracked, resumes without redoing finished tiles, and finishes with every tile once."""
     port = _free_port()
@@ -291,7 +342,11 @@ def test_scheduler_and_api_restart_mid_job(env: dict[str, str], scheduler, scene
         assert "re-queued" in scheduler["log"].read_text()
         # resumed: the second run planned only the tiles not done before the crash
         store = JobStore.from_url("redis://127.0.0.1:6379/0", prefix=env["TILEFM_REDIS_PREFIX"])
-        starts = [e.message for _, e in store.events(job_id, "0", block_ms=0, count=1000) if e.message.startswith("running:")]
+        starts = [
+            e.message
+            for _, e in store.events(job_id, "0", block_ms=0, count=1000)
+            if e.message.startswith("running:")
+        ]
         assert starts[0] == "running: 20 of 20 tiles to do"
         assert starts[-1] == f"running: {20 - done_before} of 20 tiles to do", starts
         assert 0 < done_before < 20
@@ -299,14 +354,16 @@ def test_scheduler_and_api_restart_mid_job(env: dict[str, str], scheduler, scene
         stop_process(api_proc)
 
 
-def test_jobs_over_grpc_succeed_and_watch_ends_final(env: dict[str, str], scheduler, scene_dir: Path, s3_settings, tmp_path: Path) -> None:
+def test_jobs_over_grpc_succeed_and_watch_ends_final(
+    env: dict[str, str], scheduler, scene_dir: Path, s3_settings, tmp_path: Path
+) -> None:
     """Both models through the gRPC JobService, run by the scheduler; Watch streams to the end."""
+    import grpc
+
     from tilefm.grpc_api import create_server
     from tilefm.jobs.models import JobSpec
     from tilefm.jobs.proto import event_from_proto, job_from_proto, pb, pb_grpc, spec_to_proto
     from tilefm.jobs.service import JobService
-
-    import grpc
 
     settings = settings_from(env)
     service = JobService(JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix), settings)
@@ -318,10 +375,16 @@ def test_jobs_over_grpc_succeed_and_watch_ends_final(env: dict[str, str], schedu
             stub = pb_grpc.JobServiceStub(channel)
             for model, bbox in (("presto", [-11.5, 24.7, -11.4, 24.8]), ("ukis-csmask", SMALL_BBOX)):
                 spec = JobSpec.model_validate(_spec(scene_dir, model=model, bbox=bbox))
-                reply = stub.Submit(pb.SubmitRequest(spec=spec_to_proto(spec), idempotency_key=uuid.uuid4().hex), timeout=60,
-                                    metadata=auth)
+                reply = stub.Submit(
+                    pb.SubmitRequest(spec=spec_to_proto(spec), idempotency_key=uuid.uuid4().hex),
+                    timeout=60,
+                    metadata=auth,
+                )
                 assert reply.created
-                events = [event_from_proto(e) for e in stub.Watch(pb.WatchJobRequest(id=reply.job.id), timeout=300, metadata=auth)]
+                events = [
+                    event_from_proto(e)
+                    for e in stub.Watch(pb.WatchJobRequest(id=reply.job.id), timeout=300, metadata=auth)
+                ]
                 assert events[-1].state.value == "succeeded", events[-3:]
                 job = job_from_proto(stub.Get(pb.GetJobRequest(id=reply.job.id), timeout=10, metadata=auth))
                 assert job.progress.tiles_done == job.progress.tiles_total > 0
@@ -341,9 +404,27 @@ def test_cli_client_submits_and_follows(env: dict[str, str], scheduler, scene_di
     full_env = {**os.environ, **env, "TILEFM_API_URL": f"http://127.0.0.1:{port}", "TILEFM_API_KEY": KEY}
     api_proc = _start_api(env, port)
     try:
-        run = lambda *a: subprocess.run([sys.executable, "-m", "tilefm", "jobs", *a], env=full_env, capture_output=True, text=True, timeout=300)  # noqa: E731
-        r = run("submit", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11",
-                "--bbox", ",".join(map(str, SMALL_BBOX)), "--out", "s3://tilefm/cli/", "--no-watch")
+        run = lambda *a: subprocess.run(
+            [sys.executable, "-m", "tilefm", "jobs", *a],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # noqa: E731
+        r = run(
+            "submit",
+            "--scene",
+            f"s2={scene_dir}",
+            "--model",
+            "ukis-csmask",
+            "--zoom",
+            "11",
+            "--bbox",
+            ",".join(map(str, SMALL_BBOX)),
+            "--out",
+            "s3://tilefm/cli/",
+            "--no-watch",
+        )
         assert r.returncode == 0, r.stderr
         job_id = r.stdout.strip()
         assert job_id in run("list").stdout
@@ -373,11 +454,14 @@ def test_validation_cache_serves_stale_while_one_thread_remakes() -> None:
             if value < 0:
                 raise OSError("gone")
             return value
+
         return _make
 
     # concurrent misses: one make, every caller gets its value
     results: list[object] = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get("k", make(1, block=True)))) for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get("k", make(1, block=True)))) for _ in range(6)
+    ]
     for t in threads:
         t.start()
     time.sleep(0.2)

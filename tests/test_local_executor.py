@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_vit import tiny_card
+
 from tilefm import read as read_module
 from tilefm.grid import plan_tiles
 from tilefm.pipeline import batches
@@ -78,7 +78,9 @@ def test_outputs_in_plan_order_equal_one_thread(plan) -> None:
         np.testing.assert_array_equal(a.weight, b.weight)
     caller = threading.current_thread().name
     assert ex.model.threads["run"] == {"tilefm-device"}
-    assert ex.model.threads["prepare"] and all(n.startswith("tilefm-read") for n in ex.model.threads["prepare"])
+    assert ex.model.threads["prepare"] and all(
+        n.startswith("tilefm-read") for n in ex.model.threads["prepare"]
+    )
     assert caller not in ex.model.threads["run"] | ex.model.threads["prepare"]
 
 
@@ -186,7 +188,9 @@ def test_a_caller_that_stops_early_leaves_nothing_behind(plan, kind: str) -> Non
     assert first[0].tile == tiles[0]
     it.close()  # as when the stitcher fails: the device thread stops, the readers are cancelled
     deadline = time.monotonic() + 30
-    while [t for t in threading.enumerate() if t.name in ("tilefm-device",) or t.name.startswith("tilefm-read")]:
+    while [
+        t for t in threading.enumerate() if t.name in ("tilefm-device",) or t.name.startswith("tilefm-read")
+    ]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     if kind == "process":
@@ -200,12 +204,14 @@ def test_a_caller_that_stops_early_leaves_nothing_behind(plan, kind: str) -> Non
                 os.kill(pid, 0)
 
 
-def test_a_run_with_reader_processes_writes_the_same_cog(tmp_path: Path, scene_dir: Path, model_store: Path) -> None:
+def test_a_run_with_reader_processes_writes_the_same_cog(
+    tmp_path: Path, scene_dir: Path, model_store: Path
+) -> None:
     """`tilefm run --executor local` with reader processes (as on a GPU host) and with threads:
     the same classes, pixel for pixel, and no shared-memory file left behind."""
     import rasterio
-
     from conftest import run_cli
+
     from tilefm.readers import shm_dir
 
     before = {n for n in os.listdir(shm_dir()) if n.startswith("tilefm-")}
@@ -218,7 +224,10 @@ def test_a_run_with_reader_processes_writes_the_same_cog(tmp_path: Path, scene_d
             env={"TILEFM_LOCAL_READER_KIND": kind, "TILEFM_LOCAL_READERS": "2", "TILEFM_MODEL_STORE": str(model_store)},
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
-        assert f"in batches of 1 on onnxruntime (fp32), 2 reader {kind}{'es' if kind == 'process' else 's'}," in r.stderr
+        assert (
+            f"in batches of 1 on onnxruntime (fp32), 2 reader {kind}{'es' if kind == 'process' else 's'},"
+            in r.stderr
+        )
         with rasterio.open(out) as ds:
             arrays[kind] = ds.read()
     assert arrays["process"].shape == arrays["thread"].shape and (arrays["thread"] > 0).any()
@@ -284,7 +293,9 @@ def test_the_device_thread_queues_a_batch_before_finishing_the_last(plan, kind: 
         ex.close()
     assert [o.tile for o in got] == tiles
     n = len(tiles)
-    assert model.events == ["launch 0"] + [e for k in range(1, n) for e in (f"launch {k}", f"finish {k - 1}")] + [f"finish {n - 1}"]
+    assert model.events == ["launch 0"] + [
+        e for k in range(1, n) for e in (f"launch {k}", f"finish {k - 1}")
+    ] + [f"finish {n - 1}"]
     ref = model.model.encode(read_tiles(scene, model.card, tiles, 0))
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a.values, b.values, rtol=0, atol=1e-5)

@@ -37,7 +37,11 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's 
 
 def faults(scene_dir: Path, retain: bool) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(scene_dir), "1" if retain else "0"], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", SCRIPT, str(scene_dir), "1" if retain else "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 REFERENCES = ["s2_only", "s2_srtm", "s2_3steps"]
@@ -23,7 +22,9 @@ def test_list_shows_both_models_and_their_weights() -> None:
 
 @pytest.mark.parametrize("name", REFERENCES)
 def test_verify_presto_matches_the_official_outputs(name: str, shared_dir: Path) -> None:
-    r = run_cli("models", "verify", "presto", "--reference", str(shared_dir / "reference/presto" / f"{name}.npz"))
+    r = run_cli(
+        "models", "verify", "presto", "--reference", str(shared_dir / "reference/presto" / f"{name}.npz")
+    )
     assert r.returncode == 0, r.stderr
     assert ": ok" in r.stdout
     diff = float(r.stdout.split("max abs diff ")[1].split()[0])
@@ -31,7 +32,15 @@ def test_verify_presto_matches_the_official_outputs(name: str, shared_dir: Path)
 
 
 def test_verify_fails_past_the_tolerance(shared_dir: Path) -> None:
-    r = run_cli("models", "verify", "presto", "--reference", str(shared_dir / "reference/presto/s2_only.npz"), "--tolerance", "1e-12")
+    r = run_cli(
+        "models",
+        "verify",
+        "presto",
+        "--reference",
+        str(shared_dir / "reference/presto/s2_only.npz"),
+        "--tolerance",
+        "1e-12",
+    )
     assert r.returncode == 1
     assert "FAILED" in r.stdout
 
@@ -57,7 +66,16 @@ def test_pull_verifies_the_checksum(tmp_path: Path, model_store: Path, scene_dir
     assert r.returncode == 2 and "sha256" in r.stderr
     assert not (store / "ukis-csmask" / "model.onnx").exists()
     # a run with weights missing from the store says how to get them
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--out", str(tmp_path / "x.tif"), env=env)
+    r = run_cli(
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "ukis-csmask",
+        "--out",
+        str(tmp_path / "x.tif"),
+        env=env,
+    )
     assert r.returncode == 2 and "tilefm models pull ukis-csmask" in r.stderr
 
 
@@ -65,6 +83,16 @@ def test_corrupt_weights_are_refused(tmp_path: Path, scene_dir: Path) -> None:
     store = tmp_path / "store"
     (store / "ukis-csmask").mkdir(parents=True)
     (store / "ukis-csmask" / "model.onnx").write_bytes(b"\0" * 1000)
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11", "--out", str(tmp_path / "x.tif"),
-                env={"TILEFM_MODEL_STORE": str(store)})
+    r = run_cli(
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "ukis-csmask",
+        "--zoom",
+        "11",
+        "--out",
+        str(tmp_path / "x.tif"),
+        env={"TILEFM_MODEL_STORE": str(store)},
+    )
     assert r.returncode == 2 and "sha256" in r.stderr and not (tmp_path / "x.tif").exists()

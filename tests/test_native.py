@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
-from rasterio.warp import reproject
 from rasterio.enums import Resampling
+from rasterio.warp import reproject
 
 from tilefm.fidelity import ResamplingError, input_grid
 from tilefm.grid import TMS, Tile, plan_tiles
@@ -69,7 +69,14 @@ def test_lattice_covers_every_pixel_alike(window: int, stride: int) -> None:
 def test_reads_are_the_scene_s_own_pixels(scene, card, inner, scene_dir: Path) -> None:
     a, b = read_native(scene, card, inner)
     lat = WindowLattice.of(card.context)
-    assert a.data.shape[0] == 6 and a.band_names == ["s2:B02", "s2:B03", "s2:B04", "s2:B08", "s2:B11", "s2:B12"]
+    assert a.data.shape[0] == 6 and a.band_names == [
+        "s2:B02",
+        "s2:B03",
+        "s2:B04",
+        "s2:B08",
+        "s2:B11",
+        "s2:B12",
+    ]
     for inp in (a, b):
         h, w = inp.data.shape[1:]
         assert (h - lat.window) % lat.stride == 0 and (w - lat.window) % lat.stride == 0
@@ -80,7 +87,9 @@ def test_reads_are_the_scene_s_own_pixels(scene, card, inner, scene_dir: Path) -
         b02 = src.read(1, window=((r, r + h), (c, c + w))).astype(np.float32)
     np.testing.assert_array_equal(a.data[0], b02)  # 10 m bands: the very pixels
     with rasterio.open(scene_dir / "B11.tif") as src:  # 20 m bands: each pixel repeated 2 x 2
-        b11 = src.read(1, window=((r // 2, (r + h + 1) // 2 + 1), (c // 2, (c + w + 1) // 2 + 1))).astype(np.float32)
+        b11 = src.read(1, window=((r // 2, (r + h + 1) // 2 + 1), (c // 2, (c + w + 1) // 2 + 1))).astype(
+            np.float32
+        )
     rep = np.repeat(np.repeat(b11, 2, 0), 2, 1)[r % 2 : r % 2 + h, c % 2 : c % 2 + w]
     np.testing.assert_array_equal(a.data[4], rep)
     # neighbours read the pixels they share alike

@@ -23,7 +23,9 @@ PREFIX = f"tilefm-fuzz-{uuid.uuid4().hex[:8]}:"
 def _app():
     env = {
         "TILEFM_REDIS_PREFIX": PREFIX,
-        "TILEFM_API_KEYS": json.dumps([{"name": "fuzz", "sha256": hash_key(KEY), "scopes": ["jobs:read", "jobs:write"]}]),
+        "TILEFM_API_KEYS": json.dumps(
+            [{"name": "fuzz", "sha256": hash_key(KEY), "scopes": ["jobs:read", "jobs:write"]}]
+        ),
         # fuzzed scene paths and outputs stay inside an empty folder: nothing real is read or written
         "TILEFM_ALLOWED_SOURCES": json.dumps(["/tmp/tilefm-fuzz-empty"]),
         "TILEFM_ALLOWED_OUTPUTS": json.dumps(["file:///tmp/tilefm-fuzz-empty/"]),
@@ -52,11 +54,18 @@ def _cleanup():
 
 
 @schema.parametrize()
-@settings(max_examples=int(os.environ.get("TILEFM_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("TILEFM_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_api_conforms_to_its_schema(case) -> None:
     # every check but "a schema-valid request must be accepted": a job spec that is valid JSON
     # can still name a scene that does not exist, which is a documented 422, not a bug
-    case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, excluded_checks=[schemathesis.checks.positive_data_acceptance])
+    case.call_and_validate(
+        headers={"Authorization": f"Bearer {KEY}"},
+        excluded_checks=[schemathesis.checks.positive_data_acceptance],
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +77,9 @@ def _tiler_app():
     from tilefm.api.tiler import create_app as create_tiler
 
     saved = dict(os.environ)
-    os.environ.update({"TILEFM_REDIS_PREFIX": PREFIX, "TILEFM_ALLOWED_OUTPUTS": json.dumps(["/tmp/tilefm-fuzz-empty"])})
+    os.environ.update(
+        {"TILEFM_REDIS_PREFIX": PREFIX, "TILEFM_ALLOWED_OUTPUTS": json.dumps(["/tmp/tilefm-fuzz-empty"])}
+    )
     try:
         return create_tiler(Settings())
     finally:
@@ -81,7 +92,17 @@ tiler_schema = schemathesis.openapi.from_asgi("/openapi.json", _tiler_app()).inc
 
 
 @tiler_schema.parametrize()
-@settings(max_examples=int(os.environ.get("TILEFM_FUZZ_EXAMPLES", "40")) // 2, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("TILEFM_FUZZ_EXAMPLES", "40")) // 2,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_tiler_never_fails_on_bad_input(case) -> None:
     response = case.call()
-    assert response.status_code < 500, (case.method, case.formatted_path, case.query, response.status_code, response.text[:300])
+    assert response.status_code < 500, (
+        case.method,
+        case.formatted_path,
+        case.query,
+        response.status_code,
+        response.text[:300],
+    )

@@ -24,7 +24,6 @@ CASES = ("s2_only", "s2_srtm", "s2_3steps")
 TOL = 1e-4
 
 
-
 @pytest.fixture(scope="module")
 def model() -> PrestoEncoder:
     return load_presto(WEIGHTS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import types
 import typing
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from pydantic import BaseModel
 
 from tilefm.jobs import proto as conv
-from tilefm.jobs.models import Job, JobError, JobEvent, JobSpec, JobState, Progress, Timings, TileFailure
+from tilefm.jobs.models import Job, JobError, JobEvent, JobSpec, JobState, Progress, TileFailure, Timings
 from tilefm.jobs.proto import pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,12 @@ PAIRS: list[tuple[type[BaseModel], Descriptor]] = [
 OTHER_FORMS: dict[str, dict[str, str]] = {"JobSpec": {"scene_series": "scene"}}
 
 INT_TYPES = {
-    FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-    FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
 }
 FLOAT_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 
@@ -60,7 +64,9 @@ def _check_scalar(tp: typing.Any, fd: FieldDescriptor, where: str) -> None:
         assert fd.type in FLOAT_TYPES, f"{where}: float needs a double or float field"
     elif tp is datetime:
         assert fd.type == FieldDescriptor.TYPE_MESSAGE, f"{where}: datetime needs a message"
-        assert fd.message_type.full_name == "google.protobuf.Timestamp", f"{where}: datetime needs a Timestamp"
+        assert fd.message_type.full_name == "google.protobuf.Timestamp", (
+            f"{where}: datetime needs a Timestamp"
+        )
     elif isinstance(tp, type) and issubclass(tp, enum.Enum):
         assert fd.type == FieldDescriptor.TYPE_ENUM, f"{where}: {tp.__name__} needs an enum"
         prefix = "JOB_STATE_"  # the style guide's prefix: the enum's name in UPPER_SNAKE
@@ -118,7 +124,9 @@ def _check_field(model: type[BaseModel], name: str, fd: FieldDescriptor) -> None
             ofd = fd.containing_type.fields_by_name[other]
             assert _is_map(ofd), f"{where}: {other} needs to be a map"
             inner = ofd.message_type.fields_by_name["value"]
-            assert inner.type == FieldDescriptor.TYPE_MESSAGE and len(inner.message_type.fields) == 1, f"{where}: {other}'s value"
+            assert inner.type == FieldDescriptor.TYPE_MESSAGE and len(inner.message_type.fields) == 1, (
+                f"{where}: {other}'s value"
+            )
             (elem,) = inner.message_type.fields
             assert elem.is_repeated, f"{where}: {other}'s value needs a repeated field"
             _check_scalar(typing.get_args(many)[0], elem, f"{where}[]")
@@ -167,17 +175,24 @@ def test_service_shape() -> None:
 def test_every_element_is_documented() -> None:
     """Each message, field, enum value and rpc in protos/ carries a comment."""
     grpc_tools = pytest.importorskip("grpc_tools")
-    from grpc_tools import protoc
     import importlib.resources
     import tempfile
+
+    from grpc_tools import protoc
 
     files = sorted(p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.pb"
-        rc = protoc.main([
-            "protoc", f"-I{PROTO_DIR}", f"-I{importlib.resources.files(grpc_tools) / '_proto'}",
-            "--include_source_info", f"--descriptor_set_out={out}", *files,
-        ])
+        rc = protoc.main(
+            [
+                "protoc",
+                f"-I{PROTO_DIR}",
+                f"-I{importlib.resources.files(grpc_tools) / '_proto'}",
+                "--include_source_info",
+                f"--descriptor_set_out={out}",
+                *files,
+            ]
+        )
         assert rc == 0
         fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     undocumented = []
@@ -208,7 +223,7 @@ def test_every_element_is_documented() -> None:
 
 # -- round trips ---------------------------------------------------------------------------------
 
-T0 = datetime(2024, 5, 17, 8, 30, 12, 345678, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 17, 8, 30, 12, 345678, tzinfo=UTC)
 
 FULL_SPEC = JobSpec(
     scene={"s2": "/data/scene/", "s1": "s3://b/s1.tif"},
@@ -226,8 +241,11 @@ FULL_SPEC = JobSpec(
 MIN_SPEC = JobSpec(scene={"s2": "/data/scene/"}, model="m", output_prefix="file:///tmp/out/")
 
 
-@pytest.mark.parametrize("spec", [FULL_SPEC, MIN_SPEC, MIN_SPEC.model_copy(update={"bbox": (0.0, 0.0, 0.0, 0.0)})],
-                         ids=["full", "minimal", "zero-bbox"])
+@pytest.mark.parametrize(
+    "spec",
+    [FULL_SPEC, MIN_SPEC, MIN_SPEC.model_copy(update={"bbox": (0.0, 0.0, 0.0, 0.0)})],
+    ids=["full", "minimal", "zero-bbox"],
+)
 def test_spec_round_trip(spec: JobSpec) -> None:
     msg = conv.spec_to_proto(spec)
     back = conv.spec_from_proto(pb.JobSpec.FromString(msg.SerializeToString()))
@@ -241,7 +259,14 @@ def test_spec_absent_fields_take_the_model_defaults() -> None:
         assert not msg.HasField(name)
     spec = conv.spec_from_proto(msg)
     assert spec == JobSpec(scene={"s2": "/x"}, model="m", output_prefix="file:///o/")
-    assert (spec.zoom, spec.bbox, spec.dtype, spec.date, spec.priority, spec.backend) == (None, None, None, None, 5, "auto")
+    assert (spec.zoom, spec.bbox, spec.dtype, spec.date, spec.priority, spec.backend) == (
+        None,
+        None,
+        None,
+        None,
+        5,
+        "auto",
+    )
     msg = conv.spec_to_proto(spec)
     assert not any(msg.HasField(n) for n in ("zoom", "dtype", "date", "bbox"))
     msg = conv.spec_to_proto(FULL_SPEC)
@@ -255,22 +280,38 @@ def test_spec_from_proto_validates() -> None:
     with pytest.raises(ValidationError, match="zoom"):
         conv.spec_from_proto(pb.JobSpec(scene={"s2": "/x"}, model="m", output_prefix="file:///o/", zoom=23))
     with pytest.raises(ValidationError, match="backend"):
-        conv.spec_from_proto(pb.JobSpec(scene={"s2": "/x"}, model="m", output_prefix="file:///o/", backend="cuda"))
+        conv.spec_from_proto(
+            pb.JobSpec(scene={"s2": "/x"}, model="m", output_prefix="file:///o/", backend="cuda")
+        )
 
 
 def _jobs() -> list[Job]:
-    base = Job(id="0190f1a2b3c4" + "0" * 20, state=JobState.QUEUED, spec=MIN_SPEC, timings=Timings(created=T0))
+    base = Job(
+        id="0190f1a2b3c4" + "0" * 20, state=JobState.QUEUED, spec=MIN_SPEC, timings=Timings(created=T0)
+    )
     full = Job(
         id="0190f1a2b3c4" + "f" * 20,
         state=JobState.FAILED,
         spec=FULL_SPEC,
         progress=Progress(tiles_total=120, tiles_done=117, tiles_failed=3),
-        timings=Timings(created=T0, started=T0 + timedelta(seconds=1.5), finished=T0 + timedelta(minutes=3, microseconds=1)),
+        timings=Timings(
+            created=T0,
+            started=T0 + timedelta(seconds=1.5),
+            finished=T0 + timedelta(minutes=3, microseconds=1),
+        ),
         outputs=["s3://bucket/out/ukis-csmask.tif", "s3://bucket/out/ukis-csmask.json"],
-        error=JobError(message="3 tiles failed", field=None,
-                       tiles=[TileFailure(tile="11/970/850", reason="NaN output"), TileFailure(tile="11/971/850", reason="x")]),
+        error=JobError(
+            message="3 tiles failed",
+            field=None,
+            tiles=[
+                TileFailure(tile="11/970/850", reason="NaN output"),
+                TileFailure(tile="11/971/850", reason="x"),
+            ],
+        ),
     )
-    with_field = base.model_copy(update={"state": JobState.FAILED, "error": JobError(message="no such band", field="scene.s2")})
+    with_field = base.model_copy(
+        update={"state": JobState.FAILED, "error": JobError(message="no such band", field="scene.s2")}
+    )
     empty_field = base.model_copy(update={"state": JobState.FAILED, "error": JobError(message="m", field="")})
     return [base, full, with_field, empty_field] + [base.model_copy(update={"state": s}) for s in JobState]
 
@@ -288,19 +329,27 @@ def test_job_round_trip(job: Job) -> None:
 
 def test_event_round_trip() -> None:
     for state in JobState:
-        ev = JobEvent(job_id="abc", state=state, progress=Progress(tiles_total=9, tiles_done=4), tiles_per_second=2.75,
-                      time=T0, message=f"now {state.value}")
-        assert conv.event_from_proto(pb.JobEvent.FromString(conv.event_to_proto(ev).SerializeToString())) == ev
+        ev = JobEvent(
+            job_id="abc",
+            state=state,
+            progress=Progress(tiles_total=9, tiles_done=4),
+            tiles_per_second=2.75,
+            time=T0,
+            message=f"now {state.value}",
+        )
+        assert (
+            conv.event_from_proto(pb.JobEvent.FromString(conv.event_to_proto(ev).SerializeToString())) == ev
+        )
 
 
 def test_timestamps() -> None:
     # a naive datetime is taken as UTC; another zone comes back as the same instant in UTC
     naive = datetime(2024, 1, 2, 3, 4, 5, 678901)
-    assert conv.datetime_from_proto(conv.datetime_to_proto(naive)) == naive.replace(tzinfo=timezone.utc)
+    assert conv.datetime_from_proto(conv.datetime_to_proto(naive)) == naive.replace(tzinfo=UTC)
     cet = datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=1)))
     back = conv.datetime_from_proto(conv.datetime_to_proto(cet))
     assert back == cet and back.utcoffset() == timedelta(0)
-    before_epoch = datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=timezone.utc)
+    before_epoch = datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC)
     assert conv.datetime_from_proto(conv.datetime_to_proto(before_epoch)) == before_epoch
 
 

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-
 from conftest import drop_redis_keys, run_cli, settings_from, start_scheduler, stop_process
+from fastapi.testclient import TestClient
 from ray_cluster import RayCluster, RayNode, _procs, descendants
+
 from tilefm.api.jobs import create_app
 from tilefm.jobs.store import JobStore
 
@@ -46,7 +46,11 @@ def _node(cluster: RayCluster, name: str) -> RayNode:
 def encoder_actor_pids(node: RayNode) -> list[int]:
     """Encoder actor processes under the node's raylet (Ray's workers are its children)."""
     procs = _procs()
-    return [p for p in descendants(node.raylet(), procs) if procs[p][1] and procs[p][1][0].startswith("ray::EncoderActor")]
+    return [
+        p
+        for p in descendants(node.raylet(), procs)
+        if procs[p][1] and procs[p][1][0].startswith("ray::EncoderActor")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,12 @@ def _wait(api: TestClient, job_id: str, timeout: float = 240, until=None) -> dic
 
 
 def _submit(api: TestClient, scene_dir: Path, out: Path, bbox=SMALL_BBOX) -> dict:
-    spec = {"scene": {"s2": str(scene_dir)}, "model": "ukis-csmask", "zoom": 11, "output_prefix": out.as_uri() + "/"}
+    spec = {
+        "scene": {"s2": str(scene_dir)},
+        "model": "ukis-csmask",
+        "zoom": 11,
+        "output_prefix": out.as_uri() + "/",
+    }
     if bbox:
         spec["bbox"] = bbox
     r = api.post("/v1/jobs", json=spec)
@@ -104,7 +113,9 @@ def _submit(api: TestClient, scene_dir: Path, out: Path, bbox=SMALL_BBOX) -> dic
 def _recorded_once(env: dict[str, str], job: dict) -> set[str]:
     """The tiles recorded done, checking that the count the job shows is the set's size (a tile
     recorded twice would count twice)."""
-    store = JobStore.from_url(env.get("TILEFM_REDIS_URL", "redis://127.0.0.1:6379/0"), prefix=env["TILEFM_REDIS_PREFIX"])
+    store = JobStore.from_url(
+        env.get("TILEFM_REDIS_URL", "redis://127.0.0.1:6379/0"), prefix=env["TILEFM_REDIS_PREFIX"]
+    )
     done = store.tiles_done(job["id"])
     assert job["progress"]["tiles_done"] == len(done), job["progress"]
     return done
@@ -113,17 +124,33 @@ def _recorded_once(env: dict[str, str], job: dict) -> set[str]:
 # first: the scheduler below keeps its encoder actor, which holds the cluster's only `encoder`
 # resource, between jobs (a run's actor would wait for it)
 @pytest.mark.parametrize("mode", ["gcs", "client"])
-def test_tilefm_run_on_the_cluster(mode: str, cluster: RayCluster, env: dict[str, str], scene_dir: Path, tmp_path: Path) -> None:
+def test_tilefm_run_on_the_cluster(
+    mode: str, cluster: RayCluster, env: dict[str, str], scene_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "clouds.tif"
     address = cluster.address if mode == "gcs" else cluster.client_address
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", "11",
-                "--bbox", ",".join(map(str, SMALL_BBOX)), "--out", out.as_uri(),
-                env={**env, "TILEFM_RAY_ADDRESS": address}, timeout=180)
+    r = run_cli(
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "ukis-csmask",
+        "--zoom",
+        "11",
+        "--bbox",
+        ",".join(map(str, SMALL_BBOX)),
+        "--out",
+        out.as_uri(),
+        env={**env, "TILEFM_RAY_ADDRESS": address},
+        timeout=180,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert out.is_file()
 
 
-def test_job_runs_its_encoders_on_the_encoder_node(cluster: RayCluster, api: TestClient, scheduler, env, scene_dir: Path, tmp_path: Path) -> None:
+def test_job_runs_its_encoders_on_the_encoder_node(
+    cluster: RayCluster, api: TestClient, scheduler, env, scene_dir: Path, tmp_path: Path
+) -> None:
     job = _submit(api, scene_dir, tmp_path / "out")
     total = job["progress"]["tiles_total"]
     job = _wait(api, job["id"])
@@ -137,8 +164,9 @@ def test_job_runs_its_encoders_on_the_encoder_node(cluster: RayCluster, api: Tes
     assert not encoder_actor_pids(_node(cluster, "head"))
 
 
-def test_killed_encoder_node_fails_the_job_and_the_scheduler_carries_on(cluster: RayCluster, api: TestClient, scheduler, env,
-                                                                      scene_dir: Path, tmp_path: Path) -> None:
+def test_killed_encoder_node_fails_the_job_and_the_scheduler_carries_on(
+    cluster: RayCluster, api: TestClient, scheduler, env, scene_dir: Path, tmp_path: Path
+) -> None:
     job = _submit(api, scene_dir, tmp_path / "out", bbox=None)  # the whole scene, a tile per batch
     job = _wait(api, job["id"], until=lambda j: j["progress"]["tiles_done"] >= 2)
     assert job["state"] == "running", job
@@ -148,7 +176,9 @@ def test_killed_encoder_node_fails_the_job_and_the_scheduler_carries_on(cluster:
     log = scheduler["log"].read_text()[-3000:]
     assert job["state"] == "failed", f"{job}\n{log}"
     message = job["error"]["message"]
-    assert "no node of the Ray cluster can take an encoder actor" in message and "'encoder': 1.0" in message, message
+    assert (
+        "no node of the Ray cluster can take an encoder actor" in message and "'encoder': 1.0" in message
+    ), message
     assert time.monotonic() - killed < 90
     assert 2 <= len(_recorded_once(env, job)) < job["progress"]["tiles_total"]
     assert scheduler["proc"].poll() is None, log

@@ -49,7 +49,9 @@ def test_cpu_encoders_where_there_is_no_gpu_or_a_cpu_backend_was_asked() -> None
     assert (cpu.replicas, cpu.num_gpus, cpu.backend, cpu.in_flight) == (1, 0.0, "torch", 2)
     asked = place_encoders(worker("vit-base", "torch"), "torch", s, {"CPU": 16.0, "GPU": 4.0})
     assert (asked.replicas, asked.num_gpus, asked.backend) == (1, 0.0, "torch")
-    off = place_encoders(worker("vit-base", "torch"), "auto", Settings(encoder_num_gpus=0), {"CPU": 16.0, "GPU": 4.0})
+    off = place_encoders(
+        worker("vit-base", "torch"), "auto", Settings(encoder_num_gpus=0), {"CPU": 16.0, "GPU": 4.0}
+    )
     assert off.num_gpus == 0.0
     # int8 runs on ONNX Runtime's CPU kernels: an actor holding a GPU would leave it idle
     int8 = WorkerSpec(card=get_card("vit-base"), backend="onnxruntime", weights=None, precision="int8")
@@ -61,7 +63,9 @@ def test_placement_settings() -> None:
     cluster = {"CPU": 8.0, "GPU": 2.0}
     half = place_encoders(worker("vit-base", "torch"), "auto", Settings(encoder_num_gpus=0.5), cluster)
     assert (half.replicas, half.num_gpus) == (4, 0.5)
-    fixed = place_encoders(worker("vit-base", "torch"), "auto", Settings(encoder_replicas=1, encoder_in_flight=3), cluster)
+    fixed = place_encoders(
+        worker("vit-base", "torch"), "auto", Settings(encoder_replicas=1, encoder_in_flight=3), cluster
+    )
     assert (fixed.replicas, fixed.in_flight) == (1, 3)
     # GPUs asked for explicitly: placed even on a cluster with none yet (an autoscaled GPU group
     # starts a node for it; start_encoders gives up after encoder_start_timeout_s)
@@ -142,7 +146,9 @@ SCRIPT = textwrap.dedent(
 def test_encoders_on_logical_gpus_of_a_real_ray_cluster(scene_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")  # the lent GPU machine runs the GPU tests without Ray
     out = tmp_path / "got.json"
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(scene_dir), str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(scene_dir), str(out)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["placement"]["replicas"] == 2 and got["placement"]["num_gpus"] == 1.0, got
@@ -161,7 +167,9 @@ def test_encoders_on_logical_gpus_of_a_real_ray_cluster(scene_dir: Path, tmp_pat
     # every planned tile exactly once, values as the same model computes them in-process
     assert got["outputs"] == got["planned"]
     assert got["max_rel_err"] < 1e-5, got["max_rel_err"]
-    assert got["timeout"] and got["timeout"].startswith("BackendError: backend: 1 encoder actor(s) for 'vit-small' wanting 4 GPU(s) each were not running after 3 s")
+    assert got["timeout"] and got["timeout"].startswith(
+        "BackendError: backend: 1 encoder actor(s) for 'vit-small' wanting 4 GPU(s) each were not running after 3 s"
+    )
     assert "the cluster has 2 GPUs" in got["timeout"], got["timeout"]
 
 

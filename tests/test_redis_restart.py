@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from conftest import start_scheduler, stop_process
 from fastapi.testclient import TestClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import start_scheduler, stop_process
 from tilefm.api.jobs import create_app
 from tilefm.jobs.store import JobStore
 from tilefm.localstack import redis_command
@@ -57,7 +57,9 @@ class RedisServer:
 
     def start(self) -> None:
         cmd = redis_command(self.exe, self.port, self.data, fsync="always")
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 30
         while True:
@@ -84,8 +86,25 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def _start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "tilefm", "serve", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tilefm",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--grpc-port",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **env},
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     for _ in range(300):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
@@ -97,8 +116,9 @@ def _start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[by
 
 
 @pytest.mark.integration
-def test_job_survives_redis_restart(redis_server: RedisServer, s3_settings: Settings, shared_dir: Path, scene_dir: Path,
-                                    tmp_path: Path) -> None:
+def test_job_survives_redis_restart(
+    redis_server: RedisServer, s3_settings: Settings, shared_dir: Path, scene_dir: Path, tmp_path: Path
+) -> None:
     """Redis is SIGKILLed while a job runs and restarted from its AOF: the API answers 503 (never
     500) meanwhile and 200 after, the scheduler waits for Redis and carries on, and the job
     finishes with every tile recorded once and planned once."""
@@ -117,8 +137,13 @@ def test_job_survives_redis_restart(redis_server: RedisServer, s3_settings: Sett
     try:
         ready = http.get("/readyz").json()
         assert ready["status"] == "ok" and ready["redis_persistence"] == "aof (appendfsync always)", ready
-        spec = {"scene": {"s2": str(scene_dir)}, "model": "ukis-csmask", "zoom": 11, "bbox": BBOX,
-                "output_prefix": f"s3://tilefm/restart/{tmp_path.name}/"}
+        spec = {
+            "scene": {"s2": str(scene_dir)},
+            "model": "ukis-csmask",
+            "zoom": 11,
+            "bbox": BBOX,
+            "output_prefix": f"s3://tilefm/restart/{tmp_path.name}/",
+        }
         r = http.post("/v1/jobs", json=spec)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
@@ -136,7 +161,11 @@ def test_job_survives_redis_restart(redis_server: RedisServer, s3_settings: Sett
         statuses.append(http.get("/readyz").status_code)
         redis_server.start()
         assert set(statuses) <= {503} and statuses[0] == 503, statuses
-        while (job := http.get(f"/v1/jobs/{job_id}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+        while (job := http.get(f"/v1/jobs/{job_id}").json())["state"] not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
             assert time.monotonic() < deadline + 120, job
             time.sleep(0.5)
 
@@ -148,7 +177,11 @@ def test_job_survives_redis_restart(redis_server: RedisServer, s3_settings: Sett
         assert "redis unreachable" in log and "redis reachable again" in log, log[-3000:]
         # planned once (no re-queue, so no tile ran twice) and recorded once each
         store = JobStore.from_url(redis_server.url)
-        starts = [e.message for _, e in store.events(job_id, "0", block_ms=0, count=1000) if e.message.startswith("running:")]
+        starts = [
+            e.message
+            for _, e in store.events(job_id, "0", block_ms=0, count=1000)
+            if e.message.startswith("running:")
+        ]
         assert starts == [f"running: {TILES} of {TILES} tiles to do"], starts
         assert len(store.tiles_done(job_id)) == TILES
         # only the accepted job: the submission during the outage left nothing behind
@@ -156,7 +189,12 @@ def test_job_survives_redis_restart(redis_server: RedisServer, s3_settings: Sett
         cog = job["outputs"][0]
         assert storage_for(cog, s3_settings).exists(cog)
         prefix = cog.split("s3://tilefm/", 1)[1].rsplit("/", 1)[0] + "/"
-        keys = [o["Key"] for o in storage_for(cog, s3_settings).client.list_objects_v2(Bucket="tilefm", Prefix=prefix).get("Contents", [])]
+        keys = [
+            o["Key"]
+            for o in storage_for(cog, s3_settings)
+            .client.list_objects_v2(Bucket="tilefm", Prefix=prefix)
+            .get("Contents", [])
+        ]
         assert not [k for k in keys if "/.parts-" in k], keys
     finally:
         http.close()
@@ -169,7 +207,11 @@ def test_api_answers_503_while_redis_is_unreachable() -> None:
     dead = f"redis://127.0.0.1:{_free_port()}/0"
     store = JobStore.from_url(dead, retry=Retry(NoBackoff(), 0))
     client = TestClient(create_app(Settings(redis_url=dead, auth_disabled=True), store=store))
-    for method, path in (("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{'0' * 32}"), ("POST", f"/v1/jobs/{'0' * 32}:cancel")):
+    for method, path in (
+        ("GET", "/v1/jobs"),
+        ("GET", f"/v1/jobs/{'0' * 32}"),
+        ("POST", f"/v1/jobs/{'0' * 32}:cancel"),
+    ):
         r = client.request(method, path)
         assert r.status_code == 503 and r.headers["Retry-After"], (path, r.text)
         assert "job store" in r.json()["error"]["message"]

@@ -13,14 +13,13 @@ import pytest
 import rasterio
 import rasterio.warp
 from affine import Affine
-from rasterio.enums import Resampling
-from rio_cogeo import cog_validate
-from shapely.geometry import box, shape
-from shapely.geometry import mapping
-from rasterio.warp import transform_geom
-
 from conftest import run_cli
-from tilefm.grid import TMS, TILE_SIZE, resolution
+from rasterio.enums import Resampling
+from rasterio.warp import transform_geom
+from rio_cogeo import cog_validate
+from shapely.geometry import box, mapping, shape
+
+from tilefm.grid import TILE_SIZE, TMS, resolution
 from tilefm.models import get_card
 from tilefm.seams import seam_report
 from tilefm.windows import blend_weights
@@ -96,7 +95,9 @@ def test_no_seams(clouds: Path) -> None:
         assert score <= 1.2, f"stripe at period {period}: {report.as_dict()}"
 
 
-def _grid_probs(scene_dir: Path, session: ort.InferenceSession, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _grid_probs(
+    scene_dir: Path, session: ort.InferenceSession, rows: tuple[int, int], cols: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """An independent blend on the scene's own 100 m grid, read straight from the band files:
     every window of the documented lattice (starts at k * stride - (window - stride) / 2) that
     touches grid pixels rows x cols, Hann-weighted. Returns (weighted sums [3, h, w], weights [h, w])
@@ -119,14 +120,18 @@ def _grid_probs(scene_dir: Path, session: ort.InferenceSession, rows: tuple[int,
         bands.append(((full * b.scale - b.mean) / b.std, full > 0))
     norm = np.stack([x for x, _ in bands])
     ok = np.logical_and.reduce([v for _, v in bands])
-    assert r0 >= 0 and c0 >= 0 and r0 + h <= 1098 and c0 + w <= 1098, "the block must be well inside the scene"
+    assert r0 >= 0 and c0 >= 0 and r0 + h <= 1098 and c0 + w <= 1098, (
+        "the block must be well inside the scene"
+    )
     norm, ok = norm[:, r0 : r0 + h, c0 : c0 + w] * ok[r0 : r0 + h, c0 : c0 + w], ok[r0 : r0 + h, c0 : c0 + w]
     weights = blend_weights(window, ctx.overlap, ctx.blend)
     acc = np.zeros((3, h, w), np.float64)
     wsum = np.zeros((h, w), np.float64)
     for i in range(0, h - window + 1, stride):
         for j in range(0, w - window + 1, stride):
-            logits = session.run(None, {"input": norm[None, :, i : i + window, j : j + window].astype(np.float32)})[0][0]
+            logits = session.run(
+                None, {"input": norm[None, :, i : i + window, j : j + window].astype(np.float32)}
+            )[0][0]
             e = np.exp(logits - logits.max(0))
             wv = weights * ok[i : i + window, j : j + window]
             acc[:, i : i + window, j : j + window] += e / e.sum(0) * wv
@@ -138,7 +143,9 @@ def test_classes_match_an_independent_blend(clouds: Path, scene_dir: Path, model
     """Recompute a block of output pixels from the windows on the scene's own grid that cover it,
     read straight from the band files (not through tilefm), put onto the output grid by GDAL's
     warper, and compare classes."""
-    session = ort.InferenceSession(str(model_store / "ukis-csmask-6b-l2a" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_store / "ukis-csmask-6b-l2a" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     with rasterio.open(clouds) as src, rasterio.open(scene_dir / "B02.tif") as b02:
         classes = src.read(1)
         cy, cx = classes.shape[0] // 2, classes.shape[1] // 2
@@ -147,7 +154,9 @@ def test_classes_match_an_independent_blend(clouds: Path, scene_dir: Path, model
         # the grid pixels under the block, and a margin for the bilinear kernel
         left, top = dst_transform @ (0, 0)
         right, bottom = dst_transform @ (64, 64)
-        xs, ys = rasterio.warp.transform(src.crs, b02.crs, [left, right, left, right], [top, top, bottom, bottom])
+        xs, ys = rasterio.warp.transform(
+            src.crs, b02.crs, [left, right, left, right], [top, top, bottom, bottom]
+        )
         pts = [~b02.transform @ (x, y) for x, y in zip(xs, ys)]
         rows = (int(min(p[1] for p in pts)) - 3, int(max(p[1] for p in pts)) + 4)
         cols = (int(min(p[0] for p in pts)) - 3, int(max(p[0] for p in pts)) + 4)

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from rasterio.enums import Resampling
+from conftest import run_cli
 from pyproj import Transformer
+from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rio_cogeo import cog_validate
 
-from conftest import run_cli
 from tilefm.cog import stored_dtype
-from tilefm.grid import TMS, TILE_SIZE, Tile, resolution
+from tilefm.grid import TILE_SIZE, TMS, Tile, resolution
 from tilefm.models import get_card
+from tilefm.models.presto import RAW_BAND_NAMES, load_presto, normalize
 from tilefm.read import WARP_TOLERANCE, read_tile
 from tilefm.scene import open_scene
-from tilefm.models.presto import RAW_BAND_NAMES, load_presto, normalize
 from tilefm.storage import storage_for
 
 ZOOM = 10
@@ -31,8 +31,17 @@ S2_BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"
 def presto_s3(s3_settings, scene_dir: Path, tmp_path_factory) -> Path:
     uri = "s3://tilefm/tests/presto.tif"
     r = run_cli(
-        "run", "--scene", f"s2={scene_dir / 'stac-item.json'}", "--model", "presto", "--zoom", str(ZOOM),
-        "--bbox", BBOX, "--out", uri,
+        "run",
+        "--scene",
+        f"s2={scene_dir / 'stac-item.json'}",
+        "--model",
+        "presto",
+        "--zoom",
+        str(ZOOM),
+        "--bbox",
+        BBOX,
+        "--out",
+        uri,
     )
     assert r.returncode == 0, r.stderr
     store = storage_for(uri, s3_settings)
@@ -67,7 +76,9 @@ def _tile_raw(scene_dir: Path, x: int, y: int) -> np.ndarray:
     b = TMS.xy_bounds(x, y, ZOOM)
     transform = rasterio.transform.from_bounds(b.left, b.bottom, b.right, b.top, TILE_SIZE, TILE_SIZE)
     res = (b.right - b.left) / TILE_SIZE
-    xs, ys = np.meshgrid(b.left + (np.arange(TILE_SIZE) + 0.5) * res, b.top - (np.arange(TILE_SIZE) + 0.5) * res)
+    xs, ys = np.meshgrid(
+        b.left + (np.arange(TILE_SIZE) + 0.5) * res, b.top - (np.arange(TILE_SIZE) + 0.5) * res
+    )
     raw = np.zeros((TILE_SIZE, TILE_SIZE, len(RAW_BAND_NAMES)), np.float32)
     for name in S2_BANDS:
         with rasterio.open(scene_dir / f"{name}.tif") as src:
@@ -111,7 +122,9 @@ def test_pixels_match_presto_recomputed(presto_s3: Path, scene_dir: Path, model_
             ours = read_tile(scene, card, Tile(*key, ZOOM), 0)
             as_raw = np.zeros((TILE_SIZE, TILE_SIZE, len(RAW_BAND_NAMES)), np.float32)
             for name in S2_BANDS:
-                as_raw[..., RAW_BAND_NAMES.index(name.replace("B0", "B"))] = ours.data[ours.band_names.index(f"s2:{name}")]
+                as_raw[..., RAW_BAND_NAMES.index(name.replace("B0", "B"))] = ours.data[
+                    ours.band_names.index(f"s2:{name}")
+                ]
             tiles[key] = (as_raw, _tile_raw(scene_dir, *key))
         values, reference = tiles[key]
         raw.append(values[gy % TILE_SIZE, gx % TILE_SIZE])
@@ -142,8 +155,21 @@ def test_int8_output_locally(scene_dir: Path, tmp_path: Path, presto_s3: Path) -
     the float16 output within half a step."""
     out = tmp_path / "presto-int8.tif"
     r = run_cli(
-        "run", "--scene", f"s2={scene_dir}", "--model", "presto", "--zoom", str(ZOOM), "--bbox", "-11.5,24.75,-11.45,24.8",
-        "--dtype", "int8", "--executor", "local", "--out", str(out),
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "presto",
+        "--zoom",
+        str(ZOOM),
+        "--bbox",
+        "-11.5,24.75,-11.45,24.8",
+        "--dtype",
+        "int8",
+        "--executor",
+        "local",
+        "--out",
+        str(out),
     )
     assert r.returncode == 0, r.stderr
     with rasterio.open(out) as q, rasterio.open(presto_s3) as f:
@@ -166,8 +192,21 @@ def test_dem_only_scene(shared_dir: Path, tmp_path: Path) -> None:
     """A second modality on another grid and CRS: elevation (and its slope) alone feed Presto."""
     out = tmp_path / "dem.tif"
     r = run_cli(
-        "run", "--scene", f"dem={shared_dir / 'data/copernicus-dem-N00-E006/dem.tif'}", "--model", "presto",
-        "--zoom", "11", "--bbox", "6.30,0.30,6.40,0.40", "--date", "2020-02-19", "--executor", "local", "--out", str(out),
+        "run",
+        "--scene",
+        f"dem={shared_dir / 'data/copernicus-dem-N00-E006/dem.tif'}",
+        "--model",
+        "presto",
+        "--zoom",
+        "11",
+        "--bbox",
+        "6.30,0.30,6.40,0.40",
+        "--date",
+        "2020-02-19",
+        "--executor",
+        "local",
+        "--out",
+        str(out),
     )
     assert r.returncode == 0, r.stderr
     with rasterio.open(out) as src:

@@ -32,8 +32,18 @@ from tilefm.scene import Scene, open_modality, open_scene, parse_scene_arg
 S2_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B11", "B12", "B8A"]
 #: STAC asset key -> band, for the 12 single-band COG assets of the real item
 STAC_KEYS = {
-    "coastal": "B01", "blue": "B02", "green": "B03", "red": "B04", "rededge1": "B05", "rededge2": "B06",
-    "rededge3": "B07", "nir": "B08", "nir08": "B8A", "nir09": "B09", "swir16": "B11", "swir22": "B12",
+    "coastal": "B01",
+    "blue": "B02",
+    "green": "B03",
+    "red": "B04",
+    "rededge1": "B05",
+    "rededge2": "B06",
+    "rededge3": "B07",
+    "nir": "B08",
+    "nir08": "B8A",
+    "nir09": "B09",
+    "swir16": "B11",
+    "swir22": "B12",
 }
 ZOOM = 11
 #: a tile well inside the scene at zoom 11, even with the ukis-csmask halo of 96 pixels
@@ -125,9 +135,10 @@ def test_stac_item_resolves_local_files(scene_dir: Path, stac_item: dict):
     assert mod.datetime.date() == date(2020, 2, 19)
     assert mod.properties["earthsearch:boa_offset_applied"] is False
     assert mod.resolution_m == 100.0
-    iou = mod.footprint.intersection(shape(stac_item["geometry"])).area / mod.footprint.union(
-        shape(stac_item["geometry"])
-    ).area
+    iou = (
+        mod.footprint.intersection(shape(stac_item["geometry"])).area
+        / mod.footprint.union(shape(stac_item["geometry"])).area
+    )
     assert iou > 0.98
 
 
@@ -417,9 +428,18 @@ def test_read_tile_outside_modality(s2_scene: Scene, dem_path: Path, scene_dir: 
 def _warped_vrt(path: Path, tile: Tile, **kw) -> np.ndarray:
     b = TMS.xy_bounds(morecantile.Tile(tile.x, tile.y, tile.z))
     transform = Affine((b.right - b.left) / 256, 0.0, b.left, 0.0, -(b.top - b.bottom) / 256, b.top)
-    with rasterio.open(path) as src, WarpedVRT(
-        src, crs="EPSG:3857", transform=transform, width=256, height=256, resampling=Resampling.bilinear, **kw
-    ) as vrt:
+    with (
+        rasterio.open(path) as src,
+        WarpedVRT(
+            src,
+            crs="EPSG:3857",
+            transform=transform,
+            width=256,
+            height=256,
+            resampling=Resampling.bilinear,
+            **kw,
+        ) as vrt,
+    ):
         return vrt.read(1).astype(np.float64)
 
 
@@ -474,7 +494,11 @@ def test_lonlat_pixel_centres(halo: int):
     tile = INNER
     n = 256 + 2 * halo
     ti = TileInput(
-        tile=tile, halo=halo, data=np.zeros((1, n, n), np.float32), valid=np.ones((1, n, n), bool), band_names=["x"]
+        tile=tile,
+        halo=halo,
+        data=np.zeros((1, n, n), np.float32),
+        valid=np.ones((1, n, n), bool),
+        band_names=["x"],
     )
     lon, lat = ti.lonlat()
     assert lon.shape == lat.shape == (n, n)

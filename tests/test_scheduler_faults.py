@@ -27,13 +27,20 @@ def store() -> JobStore:
         s.redis.delete(*keys)
 
 
-def test_killed_encoder_actor_is_replaced_and_no_tile_is_lost(store: JobStore, scene_dir: Path, tmp_path: Path) -> None:
+def test_killed_encoder_actor_is_replaced_and_no_tile_is_lost(
+    store: JobStore, scene_dir: Path, tmp_path: Path
+) -> None:
     import ray
 
     settings = Settings(redis_prefix=store.prefix, job_lease_s=10)
     service = JobService(store, settings)
-    spec = JobSpec(scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, bbox=(-11.6, 24.6, -11.2, 24.95),
-                   output_prefix=(tmp_path / "out").as_uri() + "/")
+    spec = JobSpec(
+        scene={"s2": str(scene_dir)},
+        model="ukis-csmask",
+        zoom=11,
+        bbox=(-11.6, 24.6, -11.2, 24.95),
+        output_prefix=(tmp_path / "out").as_uri() + "/",
+    )
     job, _ = service.submit(spec)
     total = job.progress.tiles_total
     assert total >= 9
@@ -63,7 +70,9 @@ def test_killed_encoder_actor_is_replaced_and_no_tile_is_lost(store: JobStore, s
     assert not list((tmp_path / "out").rglob("*.npz")) and not list((tmp_path / "out").rglob(".parts-*"))
 
 
-def test_failed_job_leaves_no_parts(store: JobStore, scene_dir: Path, s3_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_job_leaves_no_parts(
+    store: JobStore, scene_dir: Path, s3_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Stitching fails once every tile's part is stored: the job fails and its `.parts-<id>/` goes
     (a failed job is never resumed, so nothing else would remove them)."""
     import ray
@@ -78,8 +87,13 @@ def test_failed_job_leaves_no_parts(store: JobStore, scene_dir: Path, s3_setting
     monkeypatch.setattr(scheduler_module, "publish", failing_publish)
     settings = Settings(redis_prefix=store.prefix, job_lease_s=10)
     prefix = f"failing/{uuid.uuid4().hex[:8]}/"
-    spec = JobSpec(scene={"s2": str(scene_dir)}, model="ukis-csmask", zoom=11, bbox=(-11.5, 24.7, -11.3, 24.85),
-                   output_prefix=f"s3://tilefm/{prefix}")
+    spec = JobSpec(
+        scene={"s2": str(scene_dir)},
+        model="ukis-csmask",
+        zoom=11,
+        bbox=(-11.5, 24.7, -11.3, 24.85),
+        output_prefix=f"s3://tilefm/{prefix}",
+    )
     job, _ = JobService(store, settings).submit(spec)
     stop = threading.Event()
     thread = threading.Thread(target=Scheduler(store, settings).run, args=(stop,), daemon=True)
@@ -95,5 +109,7 @@ def test_failed_job_leaves_no_parts(store: JobStore, scene_dir: Path, s3_setting
         ray.shutdown()
     assert j.state == JobState.FAILED and "no space left on device" in j.error.message, j.error
     assert j.progress.tiles_done == j.progress.tiles_total > 0  # every part was stored before the failure
-    listed = storage_for(spec.output_prefix, s3_settings).client.list_objects_v2(Bucket="tilefm", Prefix=prefix)
+    listed = storage_for(spec.output_prefix, s3_settings).client.list_objects_v2(
+        Bucket="tilefm", Prefix=prefix
+    )
     assert [o["Key"] for o in listed.get("Contents", [])] == []

@@ -97,7 +97,9 @@ def test_blend_is_the_field_and_order_free(tmp_path: Path) -> None:
 def test_every_tile_needs_all_its_neighbours(tmp_path: Path) -> None:
     plan = _plan()
     outs = _window_outputs(plan)
-    writer = MosaicWriter(plan, CLOUDS, tmp_path / "c.tif", Encoding.for_card(CLOUDS), halo=CLOUDS.context.halo)
+    writer = MosaicWriter(
+        plan, CLOUDS, tmp_path / "c.tif", Encoding.for_card(CLOUDS), halo=CLOUDS.context.halo
+    )
     for o in outs[:-1]:
         writer.add(o)
     assert writer.missing  # the last tile (and its neighbours) wait for it
@@ -139,7 +141,9 @@ def test_embedding_quantization(tmp_path: Path, dtype: str, layout: str) -> None
             assert src.scales[0] == pytest.approx(enc.scale) and src.offsets[0] == pytest.approx(enc.offset)
     else:
         assert np.isnan(got[:, :10]).all()
-        assert np.abs(got[:, 10:] - truth[t][:, 10:]).max() <= 5 * 2.0**-11 * 1.0001  # float16 rounding at |v| <= 5
+        assert (
+            np.abs(got[:, 10:] - truth[t][:, 10:]).max() <= 5 * 2.0**-11 * 1.0001
+        )  # float16 rounding at |v| <= 5
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -154,10 +158,25 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path, threads: int)
     for t in plan.tiles:
         w = np.ones((16, 16), np.float32)
         w[0, 0] = 0  # a patch without data
-        outputs.append(TileOutput(tile=t, halo=0, values=rng.normal(size=(card.output.channels, 16, 16)).astype(np.float32), weight=w))
+        outputs.append(
+            TileOutput(
+                tile=t,
+                halo=0,
+                values=rng.normal(size=(card.output.channels, 16, 16)).astype(np.float32),
+                weight=w,
+            )
+        )
     random.Random(1).shuffle(outputs)
     path = tmp_path / "m.tif"
-    writer = MosaicWriter(plan, card, tmp_path / "mosaic.tif", Encoding.for_card(card, "float32"), halo=0, out_plan=plan.coarsen(4), threads=threads)
+    writer = MosaicWriter(
+        plan,
+        card,
+        tmp_path / "mosaic.tif",
+        Encoding.for_card(card, "float32"),
+        halo=0,
+        out_plan=plan.coarsen(4),
+        threads=threads,
+    )
     for o in outputs:
         writer.add(o)
     writer.close()
@@ -178,12 +197,16 @@ def test_per_patch_outputs_fill_their_parent_tiles(tmp_path: Path, threads: int)
     assert np.isnan(data[0][~covered]).all()
 
 
-def _streamed_and_gdals(tmp_path: Path, plan, out_plan, card, enc: Encoding, outs: list[TileOutput]) -> tuple[Path, Path, np.ndarray]:
+def _streamed_and_gdals(
+    tmp_path: Path, plan, out_plan, card, enc: Encoding, outs: list[TileOutput]
+) -> tuple[Path, Path, np.ndarray]:
     """The streamed COG of `outs` (two overview levels), the COG GDAL's driver copies from the
     writer's mosaic of the same outputs (`stream=False`), and the streamed COG's base."""
     cogs = []
     for stream in (None, False):
-        writer = MosaicWriter(plan, card, tmp_path / f"mosaic-{stream}.tif", enc, halo=0, out_plan=out_plan, stream=stream)
+        writer = MosaicWriter(
+            plan, card, tmp_path / f"mosaic-{stream}.tif", enc, halo=0, out_plan=out_plan, stream=stream
+        )
         assert writer.streamed is (stream is None)
         for o in outs:
             writer.add(TileOutput(tile=o.tile, halo=o.halo, values=o.values.copy(), weight=o.weight.copy()))
@@ -193,7 +216,11 @@ def _streamed_and_gdals(tmp_path: Path, plan, out_plan, card, enc: Encoding, out
     ours, gdals = cogs
     with rasterio.open(ours) as a, rasterio.open(gdals) as b:
         assert a.overviews(1) == b.overviews(1) == [2, 4]
-        assert stored_dtype(a) == stored_dtype(b) == ("int8" if enc.dtype == "int8" else "float16" if enc.nbits == 16 else "float32")
+        assert (
+            stored_dtype(a)
+            == stored_dtype(b)
+            == ("int8" if enc.dtype == "int8" else "float16" if enc.nbits == 16 else "float32")
+        )
         full = a.read()
         np.testing.assert_array_equal(b.read(), full)  # the same base either way
     return ours, gdals, full
@@ -219,10 +246,14 @@ def test_overviews_are_made_while_stitching(tmp_path: Path, per_patch: bool) -> 
     rng = np.random.default_rng(5)
     outs = []
     for t in plan.tiles:
-        wgt = (rng.uniform(size=(n // 16, n // 16)) > 0.2).repeat(16, 0).repeat(16, 1).astype(np.float32)  # 16-px holes
+        wgt = (
+            (rng.uniform(size=(n // 16, n // 16)) > 0.2).repeat(16, 0).repeat(16, 1).astype(np.float32)
+        )  # 16-px holes
         if not per_patch:
             wgt[rng.uniform(size=wgt.shape) < 0.02] = 0  # and single pixels
-        outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-5, 5, (8, n, n)).astype(np.float32), weight=wgt))
+        outs.append(
+            TileOutput(tile=t, halo=0, values=rng.uniform(-5, 5, (8, n, n)).astype(np.float32), weight=wgt)
+        )
     random.Random(2).shuffle(outs)
     ours, gdals, full = _streamed_and_gdals(tmp_path, plan, out_plan, card, Encoding.for_card(card), outs)
     C, H, W = full.shape
@@ -231,8 +262,13 @@ def test_overviews_are_made_while_stitching(tmp_path: Path, per_patch: bool) -> 
         blocks = full.reshape(C, H // f, f, W // f, f)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-nodata blocks
-            expected = np.nanmean(blocks.astype(np.float64), axis=(2, 4)).astype(np.float16).astype(np.float32)
-        with rasterio.open(ours, OVERVIEW_LEVEL=level - 1) as o, rasterio.open(gdals, OVERVIEW_LEVEL=level - 1) as g:
+            expected = (
+                np.nanmean(blocks.astype(np.float64), axis=(2, 4)).astype(np.float16).astype(np.float32)
+            )
+        with (
+            rasterio.open(ours, OVERVIEW_LEVEL=level - 1) as o,
+            rasterio.open(gdals, OVERVIEW_LEVEL=level - 1) as g,
+        ):
             got, gdal = o.read(), g.read()
         nan = np.isnan(expected)
         assert nan.any() and not nan.all()
@@ -254,13 +290,17 @@ def test_int8_outputs_are_streamed_with_their_overviews(tmp_path: Path, per_patc
     base = get_card("vit-small" if per_patch else "presto")
     out = base.output.model_copy(update={"channels": 6, "value_range": (-6.0, 6.0)})
     card = base.model_copy(update={"output": out})
-    plan = plan_tiles(box(0.1, 24.6, 22.4, 24.8), 10) if per_patch else plan_tiles(box(0.1, 24.6, 1.4, 24.8), 10)
+    plan = (
+        plan_tiles(box(0.1, 24.6, 22.4, 24.8), 10) if per_patch else plan_tiles(box(0.1, 24.6, 1.4, 24.8), 10)
+    )
     out_plan, n = (plan.coarsen(4), 16) if per_patch else (plan, TILE_SIZE)
     rng = np.random.default_rng(9)
     outs = []
     for t in plan.tiles:
         wgt = (rng.uniform(size=(n // 16, n // 16)) > 0.2).repeat(16, 0).repeat(16, 1).astype(np.float32)
-        outs.append(TileOutput(tile=t, halo=0, values=rng.uniform(-6, 6, (6, n, n)).astype(np.float32), weight=wgt))
+        outs.append(
+            TileOutput(tile=t, halo=0, values=rng.uniform(-6, 6, (6, n, n)).astype(np.float32), weight=wgt)
+        )
     random.Random(3).shuffle(outs)
     enc = Encoding.for_card(card, "int8")
     ours, gdals, full = _streamed_and_gdals(tmp_path, plan, out_plan, card, enc, outs)
@@ -277,7 +317,10 @@ def test_int8_outputs_are_streamed_with_their_overviews(tmp_path: Path, per_patc
             mean = np.nanmean(blocks, axis=(2, 4))
         m = np.nan_to_num(mean)
         expected = np.where(np.isnan(mean), -128, np.sign(m) * np.floor(np.abs(m) + 0.5))
-        with rasterio.open(ours, OVERVIEW_LEVEL=level - 1) as o, rasterio.open(gdals, OVERVIEW_LEVEL=level - 1) as g:
+        with (
+            rasterio.open(ours, OVERVIEW_LEVEL=level - 1) as o,
+            rasterio.open(gdals, OVERVIEW_LEVEL=level - 1) as g,
+        ):
             got, gdal = o.read().astype(np.float64), g.read().astype(np.float64)
         np.testing.assert_array_equal(got, expected)
         whole = ~np.isnan(blocks).any(axis=(2, 4))

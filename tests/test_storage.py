@@ -23,10 +23,10 @@ from tilefm.storage import (
     S3Location,
     S3Storage,
     Storage,
+    _pieces,
     gdal_config,
     gdal_env,
     parse_uri,
-    _pieces,
     storage_for,
 )
 
@@ -117,7 +117,9 @@ def test_file_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "out.tif"]
 
 
-def test_writing_puts_the_object_only_when_the_block_succeeds(root: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_writing_puts_the_object_only_when_the_block_succeeds(
+    root: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """`Storage.writing`: what is written to the path it gives becomes the object on a clean
     exit; an error leaves what was there (or nothing) and no temporary file. Local files are
     written in place, beside the destination, not in the work folder."""
@@ -136,17 +138,26 @@ def test_writing_puts_the_object_only_when_the_block_succeeds(root: str, tmp_pat
         if uri.startswith("file:"):
             assert staged.path.parent == Path(uri[len("file://") :]).parent
     assert storage.read_bytes(uri) == b"a COG" * 1000
-    with pytest.raises(RuntimeError):
-        with storage.writing(uri, work_dir=work) as staged:
-            staged.path.write_bytes(b"new")
-            raise RuntimeError
+    with pytest.raises(RuntimeError), storage.writing(uri, work_dir=work) as staged:
+        staged.path.write_bytes(b"new")
+        raise RuntimeError
     assert storage.read_bytes(uri) == b"a COG" * 1000
     assert list(work.iterdir()) == []
     if uri.startswith("file:"):
         assert [p.name for p in Path(uri[len("file://") :]).parent.iterdir()] == ["out.tif"]
 
 
-@pytest.mark.parametrize("n", [0, 1, EarlyParts.MIN_PART - 1, EarlyParts.MIN_PART, 3 * EarlyParts.MIN_PART + 7, 100 * EarlyParts.MIN_PART])
+@pytest.mark.parametrize(
+    "n",
+    [
+        0,
+        1,
+        EarlyParts.MIN_PART - 1,
+        EarlyParts.MIN_PART,
+        3 * EarlyParts.MIN_PART + 7,
+        100 * EarlyParts.MIN_PART,
+    ],
+)
 def test_early_parts_split_a_range_into_parts_s3_takes(n: int) -> None:
     """The front and the rest go up in parts that cover them exactly, in order, each but the
     last at least S3's smallest part, no more than asked for."""
@@ -220,9 +231,7 @@ def test_connection_refused_names_the_endpoint() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    settings = Settings(
-        s3_endpoint_url=endpoint, s3_access_key_id="k", s3_secret_access_key="s"
-    )
+    settings = Settings(s3_endpoint_url=endpoint, s3_access_key_id="k", s3_secret_access_key="s")
     storage = storage_for("s3://tilefm/x.tif", settings)
     with pytest.raises(StorageError, match=f"cannot connect to S3 endpoint {endpoint}"):
         storage.check_writable("s3://tilefm/x.tif")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import CLOUDS_BBOX, PRESTO_BBOX, TILER_PREFIX, settings_from
 from fastapi.testclient import TestClient
 from PIL import Image
 from rasterio.windows import from_bounds
 
-from conftest import CLOUDS_BBOX, PRESTO_BBOX, TILER_PREFIX, settings_from
 from tilefm.api.tiler import create_app
 from tilefm.grid import TMS
 from tilefm.jobs.models import JobSpec
@@ -84,7 +84,9 @@ def test_tilejson_for_both_outputs(client: TestClient, outputs: dict[str, dict])
         assert tj["tiles"][0].endswith(f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png")
         w, s, e, n = tj["bounds"]  # the tile-aligned COG: the job's bbox and at most a tile more
         bb = CLOUDS_BBOX if name == "clouds" else PRESTO_BBOX
-        assert w <= bb[0] < bb[2] <= e and s <= bb[1] < bb[3] <= n and e - w < 1.0 and n - s < 1.0, tj["bounds"]
+        assert w <= bb[0] < bb[2] <= e and s <= bb[1] < bb[3] <= n and e - w < 1.0 and n - s < 1.0, tj[
+            "bounds"
+        ]
         if name == "clouds":
             assert [c["name"] for c in tj["legend"]] == ["clear", "cloud", "cloud shadow"]
             assert tj["legend"][1]["color"] == "#f5f5f5"
@@ -92,14 +94,16 @@ def test_tilejson_for_both_outputs(client: TestClient, outputs: dict[str, dict])
             assert "legend" not in tj
     # rendering parameters travel into the template; tile_format / tile_scale shape it
     presto = outputs["presto"]["job"]
-    tj = client.get(f"/v1/jobs/{presto}/tilejson.json?render=rgb&bands=4,5,6&tile_format=webp&tile_scale=2").json()
+    tj = client.get(
+        f"/v1/jobs/{presto}/tilejson.json?render=rgb&bands=4,5,6&tile_format=webp&tile_scale=2"
+    ).json()
     assert tj["tiles"][0].endswith("/{z}/{x}/{y}@2x.webp?render=rgb&bands=4,5,6")
 
 
 def test_class_tiles_equal_the_cog(client: TestClient, outputs: dict[str, dict], cogs: dict) -> None:
     info = outputs["clouds"]
     data, transform, nodata = cogs["clouds"]
-    colors = {c["value"]: tuple(int(c["color"][i:i + 2], 16) for i in (1, 3, 5)) for c in info["classes"]}
+    colors = {c["value"]: tuple(int(c["color"][i : i + 2], 16) for i in (1, 3, 5)) for c in info["classes"]}
     tiles = _tiles(info)
     assert len(tiles) == 12
     seen = set()
@@ -113,7 +117,9 @@ def test_class_tiles_equal_the_cog(client: TestClient, outputs: dict[str, dict],
         for value, rgb in colors.items():
             sel = expected == value
             seen.add(value) if sel.any() else None
-            assert (rgba[sel][:, :3] == rgb).all() and (rgba[sel][:, 3] == 255).all(), f"tile {t}: class {value} drawn wrong"
+            assert (rgba[sel][:, :3] == rgb).all() and (rgba[sel][:, 3] == 255).all(), (
+                f"tile {t}: class {value} drawn wrong"
+            )
         assert (rgba[expected == nodata][:, 3] == 0).all(), "no-data pixels must be transparent"
     assert {0, 1} <= seen, "the sample area should show clear and cloudy pixels"
 
@@ -124,7 +130,11 @@ def test_embedding_tiles_equal_the_cog(client: TestClient, outputs: dict[str, di
     tiles = _tiles(info)
     assert len(tiles) == 2
     for t in tiles:
-        raw = np.load(io.BytesIO(client.get(f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.npy").content))
+        raw = np.load(
+            io.BytesIO(
+                client.get(f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.npy").content
+            )
+        )
         expected = data[(slice(None), *_window(transform, t))]
         assert raw.shape == (128, 256, 256) and raw.dtype == np.float32
         # stored as float16 in a Float32 COG: the served values are those floats, exactly
@@ -132,15 +142,24 @@ def test_embedding_tiles_equal_the_cog(client: TestClient, outputs: dict[str, di
         assert np.isfinite(raw).mean() > 0.5
     # a GeoTIFF tile is georeferenced on the tile
     t = tiles[0]
-    with rasterio.MemoryFile(client.get(f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.tif").content) as mem, mem.open() as src:
+    with (
+        rasterio.MemoryFile(
+            client.get(f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.tif").content
+        ) as mem,
+        mem.open() as src,
+    ):
         assert src.crs.to_epsg() == 3857 and src.count == 128
         assert np.allclose(src.bounds, TMS.xy_bounds(t), atol=1e-6)
 
 
-def test_pca_render_is_one_projection_for_the_whole_job(client: TestClient, outputs: dict[str, dict], cogs: dict, tiler_env) -> None:
+def test_pca_render_is_one_projection_for_the_whole_job(
+    client: TestClient, outputs: dict[str, dict], cogs: dict, tiler_env
+) -> None:
     info = outputs["presto"]
     data, transform, _ = cogs["presto"]
-    stats = json.loads(storage_for(info["output"], settings_from(tiler_env)).read_bytes(info["output"][:-4] + ".pca.json"))
+    stats = json.loads(
+        storage_for(info["output"], settings_from(tiler_env)).read_bytes(info["output"][:-4] + ".pca.json")
+    )
     assert len(stats["components"]) == 3 and len(stats["components"][0]) == 128
     assert 0 < sum(stats["explained_variance_ratio"]) <= 1.0
     comps, mean = np.array(stats["components"], np.float32), np.array(stats["mean"], np.float32)
@@ -156,7 +175,9 @@ def test_pca_render_is_one_projection_for_the_whole_job(client: TestClient, outp
         assert (rgba[..., 3][~valid] == 0).all() and (rgba[..., 3][valid] == 255).all()
 
 
-def test_similarity_of_a_pixel_to_itself_is_one(client: TestClient, outputs: dict[str, dict], cogs: dict) -> None:
+def test_similarity_of_a_pixel_to_itself_is_one(
+    client: TestClient, outputs: dict[str, dict], cogs: dict
+) -> None:
     info = outputs["presto"]
     data, transform, _ = cogs["presto"]
     rows, cols = np.nonzero(np.isfinite(data).all(axis=0))
@@ -173,7 +194,13 @@ def test_similarity_of_a_pixel_to_itself_is_one(client: TestClient, outputs: dic
     assert finite.min() >= -1 and finite.max() <= 1 and finite.std() > 1e-3
     # the same map from the vector itself, and from an independent computation
     vector = ",".join(repr(float(v)) for v in data[:, r, c])
-    sim2 = np.load(io.BytesIO(client.get(f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.npy?render=similarity&vector={vector}").content))[0]
+    sim2 = np.load(
+        io.BytesIO(
+            client.get(
+                f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.npy?render=similarity&vector={vector}"
+            ).content
+        )
+    )[0]
     assert np.allclose(sim, sim2, equal_nan=True)
     expected = cosine_similarity(data[(slice(None), rows_t, cols_t)], data[:, r, c])
     assert np.allclose(sim, expected, atol=1e-5, equal_nan=True)
@@ -181,7 +208,9 @@ def test_similarity_of_a_pixel_to_itself_is_one(client: TestClient, outputs: dic
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
 
 
-def test_point_values_are_dequantized_cog_values(client: TestClient, outputs: dict[str, dict], cogs: dict) -> None:
+def test_point_values_are_dequantized_cog_values(
+    client: TestClient, outputs: dict[str, dict], cogs: dict
+) -> None:
     for name in ("presto", "clouds"):
         info = outputs[name]
         data, transform, nodata = cogs[name]
@@ -220,7 +249,11 @@ def test_statistics_preview_and_wmts(client: TestClient, outputs: dict[str, dict
         assert ids == list(range(info["minzoom"], info["maxzoom"] + 1))
         template = root.find(".//w:ResourceURL", ns).get("template")
         z, t = info["native_zoom"], _tiles(info)[0]
-        url = template.replace("{TileMatrix}", str(z)).replace("{TileCol}", str(t.x)).replace("{TileRow}", str(t.y))
+        url = (
+            template.replace("{TileMatrix}", str(z))
+            .replace("{TileCol}", str(t.x))
+            .replace("{TileRow}", str(t.y))
+        )
         assert client.get(url.replace("http://testserver", "")).status_code == 200
 
 
@@ -230,16 +263,25 @@ def test_input_scene_true_colour(client: TestClient, outputs: dict[str, dict], s
     w, s, e, n = tj["bounds"]
     assert -12.1 < w < -11.9 and 25.2 < n < 25.4  # the whole scene's footprint, not the job's bbox
     t = _tiles(info)[5]
-    rgba = _png(client.get(f"/v1/jobs/{info['job']}/scene/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png").content)
+    rgba = _png(
+        client.get(f"/v1/jobs/{info['job']}/scene/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png").content
+    )
     assert (rgba[..., 3] == 255).mean() > 0.99 and rgba[..., :3].std() > 5
     # red channel = B04 reflectance x 10000 over 0..3000, read independently with rio-tiler
     from rio_tiler.io import Reader
 
     with Reader(str(scene_dir / "B04.tif")) as r:
-        b04 = r.tile(t.x, t.y, t.z, resampling_method="bilinear", reproject_method="bilinear").array[0].filled(0).astype(float)
+        b04 = (
+            r.tile(t.x, t.y, t.z, resampling_method="bilinear", reproject_method="bilinear")
+            .array[0]
+            .filled(0)
+            .astype(float)
+        )
     expected = np.clip(b04 / 3000 * 255, 0, 255)
     assert np.abs(rgba[..., 0] - expected).mean() < 1.0
-    brighter = client.get(f"/v1/jobs/{info['job']}/scene/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png?rescale=0,1500")
+    brighter = client.get(
+        f"/v1/jobs/{info['job']}/scene/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png?rescale=0,1500"
+    )
     assert _png(brighter.content)[..., 0].mean() > rgba[..., 0].mean()
 
 
@@ -256,27 +298,52 @@ def _error(resp, status: int, field: str | None = None, words: str = "") -> None
         assert err["field"] == field, err
 
 
-def test_errors_are_json_with_the_right_status(client: TestClient, outputs: dict[str, dict], tiler_env, scene_dir) -> None:
+def test_errors_are_json_with_the_right_status(
+    client: TestClient, outputs: dict[str, dict], tiler_env, scene_dir
+) -> None:
     clouds, presto = outputs["clouds"]["job"], outputs["presto"]["job"]
     z = outputs["clouds"]["native_zoom"]
     t = _tiles(outputs["clouds"])[0]
     _error(client.get("/v1/jobs/0123456789abcdef0123456789abcdef/tilejson.json"), 404, "id", "no job")
-    _error(client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z + 9}/{t.x}/{t.y}.png"), 404, "z", "outside this layer's range")
+    _error(
+        client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z + 9}/{t.x}/{t.y}.png"),
+        404,
+        "z",
+        "outside this layer's range",
+    )
     _error(client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z}/0/0.png"), 404, "z", "outside the output")
-    _error(client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z}/{2**z}/0.png"), 404, "x", "does not exist")
+    _error(
+        client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z}/{2**z}/0.png"), 404, "x", "does not exist"
+    )
     _error(client.get(f"/v1/jobs/{clouds}/tiles/WorldCRS84Quad/{z}/{t.x}/{t.y}.png"), 404, "tms")
     _error(client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z}/{t.x}/{t.y}.gif"), 422, "path.fmt")
-    _error(client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z}/{t.x}/{t.y}.png?render=pca"), 422, "render", "not available")
+    _error(
+        client.get(f"/v1/jobs/{clouds}/tiles/WebMercatorQuad/{z}/{t.x}/{t.y}.png?render=pca"),
+        422,
+        "render",
+        "not available",
+    )
     _error(client.get(f"/v1/jobs/{presto}/tilejson.json?render=rgb&bands=1,2,300"), 422, "bands")
     _error(client.get(f"/v1/jobs/{presto}/tilejson.json?render=rgb&rescale=5,1"), 422, "rescale")
     _error(client.get(f"/v1/jobs/{presto}/tilejson.json?render=similarity"), 422, "lon", "needs a query")
-    _error(client.get(f"/v1/jobs/{presto}/tilejson.json?render=similarity&vector=1,2,3"), 422, "vector", "128 bands")
-    _error(client.get(f"/v1/jobs/{presto}/tilejson.json?render=similarity&lon=10&lat=10"), 404, "lon", "outside")
+    _error(
+        client.get(f"/v1/jobs/{presto}/tilejson.json?render=similarity&vector=1,2,3"),
+        422,
+        "vector",
+        "128 bands",
+    )
+    _error(
+        client.get(f"/v1/jobs/{presto}/tilejson.json?render=similarity&lon=10&lat=10"), 404, "lon", "outside"
+    )
     _error(client.get(f"/v1/jobs/{presto}/point/200,10"), 422, "path.lon")
     # a job that has not finished: 409
     settings = settings_from(tiler_env)
     store = JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
-    queued, _ = store.create(JobSpec(scene={"s2": str(scene_dir)}, model="presto", output_prefix=TILER_PREFIX), idempotency_key=None, body_hash="queued-for-tiler-test")
+    queued, _ = store.create(
+        JobSpec(scene={"s2": str(scene_dir)}, model="presto", output_prefix=TILER_PREFIX),
+        idempotency_key=None,
+        body_hash="queued-for-tiler-test",
+    )
     _error(client.get(f"/v1/jobs/{queued.id}/tiles/WebMercatorQuad/{z}/{t.x}/{t.y}.png"), 409, "id", "queued")
     store.request_cancel(queued.id)
 
@@ -315,14 +382,19 @@ def test_cors_is_configurable(tiler_env) -> None:
     with TestClient(app) as c:
         r = c.get("/healthz", headers={"Origin": "https://maps.example.org"})
         assert r.headers["access-control-allow-origin"] == "https://maps.example.org"
-        assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": "https://evil.example"}).headers
+        assert (
+            "access-control-allow-origin"
+            not in c.get("/healthz", headers={"Origin": "https://evil.example"}).headers
+        )
 
 
 def test_job_list_for_the_viewer(client: TestClient, outputs: dict[str, dict]) -> None:
     jobs = client.get("/v1/jobs").json()["jobs"]
     ids = {j["id"] for j in jobs}
     assert {o["job"] for o in outputs.values()} <= ids
-    assert all(set(j) == {"id", "model", "created", "finished"} and j["finished"] for j in jobs)  # no labels, no storage
+    assert all(
+        set(j) == {"id", "model", "created", "finished"} and j["finished"] for j in jobs
+    )  # no labels, no storage
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,7 +438,9 @@ def test_cog_endpoints_serve_outputs_under_the_prefix(client: TestClient, output
     assert np.array_equal(_png(cog.content), _png(job.content))
 
 
-def test_local_prefix_refuses_traversal_and_symlinks(tiler_env, tmp_path: Path, outputs: dict[str, dict]) -> None:
+def test_local_prefix_refuses_traversal_and_symlinks(
+    tiler_env, tmp_path: Path, outputs: dict[str, dict]
+) -> None:
     served = tmp_path / "served"
     served.mkdir()
     secret = tmp_path / "secret.tif"
@@ -375,8 +449,14 @@ def test_local_prefix_refuses_traversal_and_symlinks(tiler_env, tmp_path: Path, 
     (served / "sub").mkdir()
     app = create_app(settings_from({**tiler_env, "TILEFM_TILER_PREFIXES": json.dumps([str(served)])}))
     with TestClient(app) as c:
-        for url in (str(secret), str(served / "link.tif"), f"{served}/sub/../../secret.tif", f"file://{served}/../secret.tif",
-                    f"{served}%2F..%2Fsecret.tif", f"{served}/sub/..\\..\\secret.tif"):
+        for url in (
+            str(secret),
+            str(served / "link.tif"),
+            f"{served}/sub/../../secret.tif",
+            f"file://{served}/../secret.tif",
+            f"{served}%2F..%2Fsecret.tif",
+            f"{served}/sub/..\\..\\secret.tif",
+        ):
             r = c.get("/cog/info", params={"url": url})
             assert r.status_code == 403, (url, r.text)
         # a real file inside the prefix is served; a missing one is a 4xx, not a 500
@@ -392,6 +472,10 @@ def test_cog_endpoints_off_without_prefixes(tiler_env, outputs) -> None:
 
 
 def test_viewer_files_stay_in_their_folder(client: TestClient) -> None:
-    for path in ("/viewer/static/..%2F..%2F..%2Fpyproject.toml", "/viewer/static/%2e%2e%2fapp.py", "/viewer/vendor/..%2Fpackage.json"):
+    for path in (
+        "/viewer/static/..%2F..%2F..%2Fpyproject.toml",
+        "/viewer/static/%2e%2e%2fapp.py",
+        "/viewer/vendor/..%2Fpackage.json",
+    ):
         r = client.get(path)
         assert r.status_code == 404, (path, r.status_code)

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import drop_redis_keys
 from fastapi.testclient import TestClient
 from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 
-from conftest import drop_redis_keys
 from tilefm.api.tiler import create_app
 from tilefm.grid import TMS
 from tilefm.jobs.models import JobSpec, JobState
@@ -38,11 +38,18 @@ ZOOM = 12
 TILE_X, TILE_Y = 1918, 1756  # the top-left tile: 2 x 2 tiles at zoom 12, inside the sample scene
 BANDS = 16
 #: caps small enough to reach with these outputs: 16 bands of 256 x 256 float32 are 4 MiB
-CAPS = {"tiler_max_bands": 4, "tiler_max_tilesize": 512, "tiler_max_preview_px": 256,
-        "tiler_max_statistics_px": 256, "tiler_max_read_mb": 4}
+CAPS = {
+    "tiler_max_bands": 4,
+    "tiler_max_tilesize": 512,
+    "tiler_max_preview_px": 256,
+    "tiler_max_statistics_px": 256,
+    "tiler_max_read_mb": 4,
+}
 READ_KEY, WRITE_KEY = "read-key-for-tiler-tests", "write-only-key-for-tiler-tests"
-KEYS = [{"name": "reader", "sha256": hashlib.sha256(READ_KEY.encode()).hexdigest(), "scopes": ["jobs:read"]},
-        {"name": "writer", "sha256": hashlib.sha256(WRITE_KEY.encode()).hexdigest(), "scopes": ["jobs:write"]}]
+KEYS = [
+    {"name": "reader", "sha256": hashlib.sha256(READ_KEY.encode()).hexdigest(), "scopes": ["jobs:read"]},
+    {"name": "writer", "sha256": hashlib.sha256(WRITE_KEY.encode()).hexdigest(), "scopes": ["jobs:write"]},
+]
 WMTS_NS = {"w": "http://www.opengis.net/wmts/1.0", "ows": "http://www.opengis.net/ows/1.1"}
 
 
@@ -56,15 +63,30 @@ def write_output(path: Path, job_id: str, kind: str) -> None:
         dtype, nodata = "uint8", 255
         data[0, :8, :8] = 255
     else:
-        data = np.stack([np.sin(xx * (i + 1)) + np.cos(yy * (i + 2)) for i in range(BANDS)]).astype(np.float32)
+        data = np.stack([np.sin(xx * (i + 1)) + np.cos(yy * (i + 2)) for i in range(BANDS)]).astype(
+            np.float32
+        )
         data[:, :8, :8] = np.nan
         dtype, nodata = "float32", float("nan")
-    profile = {"driver": "GTiff", "width": 512, "height": 512, "count": data.shape[0], "dtype": dtype, "nodata": nodata,
-               "crs": "EPSG:3857", "transform": Affine(res, 0, b.left, 0, -res, b.top), "tiled": True,
-               "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    profile = {
+        "driver": "GTiff",
+        "width": 512,
+        "height": 512,
+        "count": data.shape[0],
+        "dtype": dtype,
+        "nodata": nodata,
+        "crs": "EPSG:3857",
+        "transform": Affine(res, 0, b.left, 0, -res, b.top),
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
-        dst.update_tags(TILEFM_ZOOM=str(ZOOM), TILEFM_OUTPUT_KIND=kind, TILEFM_MODEL="synthetic", TILEFM_JOB=job_id)
+        dst.update_tags(
+            TILEFM_ZOOM=str(ZOOM), TILEFM_OUTPUT_KIND=kind, TILEFM_MODEL="synthetic", TILEFM_JOB=job_id
+        )
         dst.build_overviews([2], Resampling.nearest)
 
 
@@ -94,15 +116,21 @@ class Deployment:
         self.jobs["queued"] = self.store.create(self._spec("queued"), body_hash=uuid.uuid4().hex)[0].id
 
     def _spec(self, name: str, labels: dict[str, str] | None = None) -> JobSpec:
-        return JobSpec(scene={"s2": str(self.scene)}, model=f"synthetic-{name}", output_prefix=self.root.as_uri() + "/",
-                       labels=labels or {"owner": "secret-team"})
+        return JobSpec(
+            scene={"s2": str(self.scene)},
+            model=f"synthetic-{name}",
+            output_prefix=self.root.as_uri() + "/",
+            labels=labels or {"owner": "secret-team"},
+        )
 
     def _claimed(self, name: str, labels: dict[str, str] | None = None):
         self.store.create(self._spec(name, labels), body_hash=uuid.uuid4().hex)
         return self.store.claim_next("tiler-security-test", 600)
 
     def settings(self, **overrides) -> Settings:
-        return Settings(redis_prefix=self.prefix, allowed_outputs=[str(self.root)], tiler_cache_mb=0, **overrides)
+        return Settings(
+            redis_prefix=self.prefix, allowed_outputs=[str(self.root)], tiler_cache_mb=0, **overrides
+        )
 
     def app(self, viewer_dir: Path | None = None, **overrides):
         return create_app(self.settings(**overrides), store=self.store, viewer_dir=viewer_dir)
@@ -167,7 +195,11 @@ def _cap_cases(d: Deployment) -> list[tuple[str, dict, str]]:
         (f"/v1/jobs/{emb}/preview.png", {"max_size": 257}, "max_size"),
         (f"/v1/jobs/{emb}/preview.png", {"max_size": 10**12}, "max_size"),
         (_tile(d, "embedding", "@2x.npy"), {"render": "raw"}, "scale"),
-        (_tile(d, "embedding", "@4x.png"), {"render": "similarity", "vector": ",".join(["1"] * BANDS)}, "scale"),
+        (
+            _tile(d, "embedding", "@4x.png"),
+            {"render": "similarity", "vector": ",".join(["1"] * BANDS)},
+            "scale",
+        ),
         (*_cog(d, COG_TILE, tilesize=513, bidx=1), "tilesize"),
         (*_cog(d, COG_TILE, tilesize=10**9, bidx=1), "tilesize"),
         (*_cog(d, COG_TILE, tilesize=512), "tilesize"),  # 16 bands of 512 x 512: 16 MiB, over the 4 MiB read
@@ -193,7 +225,9 @@ def test_each_cap_gives_422_naming_its_parameter(client: TestClient, deployment:
     cases = _cap_cases(deployment)
     for path, params, field in cases:
         err = _error(client.get(path, params=params), 422, field)
-        assert "TILEFM_TILER_MAX" in err["message"] or "at most" in err["message"] or "over" in err["message"], err
+        assert (
+            "TILEFM_TILER_MAX" in err["message"] or "at most" in err["message"] or "over" in err["message"]
+        ), err
 
 
 def test_the_largest_allowed_requests_are_served(client: TestClient, deployment: Deployment) -> None:
@@ -204,11 +238,11 @@ def test_the_largest_allowed_requests_are_served(client: TestClient, deployment:
         (f"/v1/jobs/{emb}/preview.png", {"max_size": 256}),
         (_tile(deployment, "embedding", ".npy"), {"render": "raw"}),
         (_tile(deployment, "classes", "@2x.png"), {}),
-        (*_cog(deployment, COG_TILE.replace(".png", ".npy"), tilesize=512, bidx=[1, 2, 3, 4]), ),
-        (*_cog(deployment, COG_TILE, expression="b1+b2+b3+b4"), ),
-        (*_cog(deployment, "/preview.png", bidx=[1, 2, 3], max_size=256), ),
-        (*_cog(deployment, "/statistics", bidx=1, max_size=256, histogram_bins=1024), ),
-        (*_cog(deployment, "/bbox/-11.40,24.70,-11.30,24.80/256x256.png", bidx=1), ),
+        (*_cog(deployment, COG_TILE.replace(".png", ".npy"), tilesize=512, bidx=[1, 2, 3, 4]),),
+        (*_cog(deployment, COG_TILE, expression="b1+b2+b3+b4"),),
+        (*_cog(deployment, "/preview.png", bidx=[1, 2, 3], max_size=256),),
+        (*_cog(deployment, "/statistics", bidx=1, max_size=256, histogram_bins=1024),),
+        (*_cog(deployment, "/bbox/-11.40,24.70,-11.30,24.80/256x256.png", bidx=1),),
     ]
     for path, params in ok:
         r = client.get(path, params=params)
@@ -228,8 +262,12 @@ def test_many_bands_without_a_size_get_the_largest_that_fits(deployment: Deploym
         assert prev.status_code == 200
         assert max(Image.open(io.BytesIO(prev.content)).size) == 128
         _error(c.get(f"/v1/jobs/{emb}/statistics", params={"max_size": 256}), 422, "max_size")
-        _error(c.get(f"/v1/jobs/{emb}/preview.png", params={"render": "pca", "max_size": 129}), 422, "max_size")
-        assert c.get(f"/v1/jobs/{emb}/preview.png", params={"render": "rgb", "max_size": 256}).status_code == 200
+        _error(
+            c.get(f"/v1/jobs/{emb}/preview.png", params={"render": "pca", "max_size": 129}), 422, "max_size"
+        )
+        assert (
+            c.get(f"/v1/jobs/{emb}/preview.png", params={"render": "rgb", "max_size": 256}).status_code == 200
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +275,9 @@ def test_many_bands_without_a_size_get_the_largest_that_fits(deployment: Deploym
 # ------------------------------------------------------------------------------------------------
 
 
-def test_job_list_shows_only_finished_jobs_and_only_what_the_viewer_needs(client: TestClient, deployment: Deployment) -> None:
+def test_job_list_shows_only_finished_jobs_and_only_what_the_viewer_needs(
+    client: TestClient, deployment: Deployment
+) -> None:
     body = client.get("/v1/jobs").json()
     listed = {j["id"] for j in body["jobs"]}
     assert listed == {deployment.jobs["embedding"], deployment.jobs["classes"]}
@@ -297,7 +337,9 @@ def test_with_auth_every_data_route_needs_a_read_key(keyed: TestClient, deployme
             assert ok.headers["cache-control"].startswith("private"), (path, ok.headers["cache-control"])
 
 
-def test_with_auth_bad_parameters_are_not_judged_before_the_key(keyed: TestClient, deployment: Deployment) -> None:
+def test_with_auth_bad_parameters_are_not_judged_before_the_key(
+    keyed: TestClient, deployment: Deployment
+) -> None:
     r = keyed.get(f"/v1/jobs/{deployment.jobs['classes']}/point/nan,nan")
     assert r.status_code == 401
 
@@ -346,7 +388,9 @@ def test_a_public_url_replaces_the_host_header(deployment: Deployment) -> None:
         assert tj.headers["cache-control"].startswith("public")
 
 
-def test_without_a_public_url_a_foreign_host_is_never_reflected(client: TestClient, deployment: Deployment) -> None:
+def test_without_a_public_url_a_foreign_host_is_never_reflected(
+    client: TestClient, deployment: Deployment
+) -> None:
     for url in _tile_urls(client, deployment, "evil.example"):
         assert url.startswith("/v1/jobs/") or url.startswith("/cog/"), url
     for host in ("evil.example:8081", "127.0.0.1.evil.example", 'localhost"><x', "localhost@evil.example"):
@@ -356,7 +400,9 @@ def test_without_a_public_url_a_foreign_host_is_never_reflected(client: TestClie
     assert tj.headers["cache-control"].startswith("private") and tj.headers["vary"] == "Host"
 
 
-def test_without_a_public_url_a_loopback_host_gets_absolute_urls(client: TestClient, deployment: Deployment) -> None:
+def test_without_a_public_url_a_loopback_host_gets_absolute_urls(
+    client: TestClient, deployment: Deployment
+) -> None:
     for host in ("127.0.0.1:8081", "localhost:8081", "[::1]:8081"):
         for url in _tile_urls(client, deployment, host):
             assert url.startswith(f"http://{host}/"), (host, url)
@@ -373,13 +419,22 @@ def test_a_bad_public_url_stops_the_tiler_at_start(deployment: Deployment) -> No
 # ------------------------------------------------------------------------------------------------
 
 
-INJECTIONS = ['"/><Layer><ows:Identifier>evil</ows:Identifier></Layer><x a="', "' onload='x", "</Contents>", "&amp;<>\"'",
-              "a\" evil=\"1", "]]><!--"]
+INJECTIONS = [
+    '"/><Layer><ows:Identifier>evil</ows:Identifier></Layer><x a="',
+    "' onload='x",
+    "</Contents>",
+    "&amp;<>\"'",
+    'a" evil="1',
+    "]]><!--",
+]
 
 
 @pytest.mark.parametrize("value", INJECTIONS)
 def test_wmts_query_values_cannot_inject(client: TestClient, deployment: Deployment, value: str) -> None:
-    r = client.get(f"/v1/jobs/{deployment.jobs['classes']}/WMTSCapabilities.xml", params={"render": "classes", "x": value})
+    r = client.get(
+        f"/v1/jobs/{deployment.jobs['classes']}/WMTSCapabilities.xml",
+        params={"render": "classes", "x": value},
+    )
     assert r.status_code == 200, r.text
     root = ET.fromstring(r.content)  # well-formed
     layers = root.findall(".//w:Layer", WMTS_NS)
@@ -392,8 +447,15 @@ def test_wmts_query_values_cannot_inject(client: TestClient, deployment: Deploym
 
 
 def test_wmts_document_escapes_every_value() -> None:
-    xml = capabilities(title='t"<b>&', layer="l'<x/>", bounds=(1, 2, 3, 4), minzoom=1, maxzoom=2,
-                       tile_url='https://h/{TileMatrix}/{TileCol}/{TileRow}.png?a="b"&c=<d>', fmt='image/png" evil="1')
+    xml = capabilities(
+        title='t"<b>&',
+        layer="l'<x/>",
+        bounds=(1, 2, 3, 4),
+        minzoom=1,
+        maxzoom=2,
+        tile_url='https://h/{TileMatrix}/{TileCol}/{TileRow}.png?a="b"&c=<d>',
+        fmt='image/png" evil="1',
+    )
     root = ET.fromstring(xml)
     assert root.find(".//ows:Title", WMTS_NS).text == 't"<b>&'
     assert root.find(".//w:Layer/ows:Identifier", WMTS_NS).text == "l'<x/>"
@@ -407,9 +469,22 @@ def test_wmts_document_escapes_every_value() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lon,lat,field", [("nan", "nan", "lon"), ("0", "nan", "lat"), ("inf", "0", "lon"), ("0", "-inf", "lat"),
-                                           ("1e999", "0", "lon"), ("200", "10", "lon"), ("10", "95", "lat"), ("-180.5", "0", "lon")])
-def test_point_positions_are_checked(client: TestClient, deployment: Deployment, lon: str, lat: str, field: str) -> None:
+@pytest.mark.parametrize(
+    "lon,lat,field",
+    [
+        ("nan", "nan", "lon"),
+        ("0", "nan", "lat"),
+        ("inf", "0", "lon"),
+        ("0", "-inf", "lat"),
+        ("1e999", "0", "lon"),
+        ("200", "10", "lon"),
+        ("10", "95", "lat"),
+        ("-180.5", "0", "lon"),
+    ],
+)
+def test_point_positions_are_checked(
+    client: TestClient, deployment: Deployment, lon: str, lat: str, field: str
+) -> None:
     _error(client.get(f"/cog/point/{lon},{lat}", params={"url": str(deployment.cogs["classes"])}), 422, field)
     _error(client.get(f"/v1/jobs/{deployment.jobs['classes']}/point/{lon},{lat}"), 422, field)
 
@@ -442,17 +517,37 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
 
     # job routes: rendering parameters
     for path in (tile_emb, tj, f"/v1/jobs/{emb}/preview.png", f"/v1/jobs/{emb}/WMTSCapabilities.xml"):
-        for v in ["17", "1,2", "0,1,2", "1,2,17", "-1,2,3", "a,b,c", "1.5,2,3", ",".join(["1"] * 50), *NON_FINITE]:
+        for v in [
+            "17",
+            "1,2",
+            "0,1,2",
+            "1,2,17",
+            "-1,2,3",
+            "a,b,c",
+            "1.5,2,3",
+            ",".join(["1"] * 50),
+            *NON_FINITE,
+        ]:
             add(path, {"render": "rgb", "bands": v}, "bands")
         for v in ["1", "5,1", "1,1", "1,2,3", "a,b", *[f"0,{x}" for x in NON_FINITE]]:
             add(path, {"render": "rgb", "rescale": v}, "rescale")
         for v in ["nope", "RGB", "pca;", "<x>"]:
             add(path, {"render": v}, "render")
         for v in ["nope", "viridis'", "../x"]:
-            add(path, {"render": "similarity", "vector": ",".join(["1"] * BANDS), "colormap_name": v}, "colormap_name")
+            add(
+                path,
+                {"render": "similarity", "vector": ",".join(["1"] * BANDS), "colormap_name": v},
+                "colormap_name",
+            )
         for v in ["1,2", ",".join(["0"] * BANDS), "a" * 10, *[",".join([x] * BANDS) for x in NON_FINITE[:3]]]:
             add(path, {"render": "similarity", "vector": v}, "vector")
-        for lon, lat, field in [("nan", "1", "lon"), ("1", "nan", "lat"), ("181", "1", "lon"), ("1", "86", "lat"), ("x", "1", "lon")]:
+        for lon, lat, field in [
+            ("nan", "1", "lon"),
+            ("1", "nan", "lat"),
+            ("181", "1", "lon"),
+            ("1", "86", "lat"),
+            ("x", "1", "lon"),
+        ]:
             add(path, {"render": "similarity", "lon": lon, "lat": lat}, field)
     add(f"/v1/jobs/{cls}/tilejson.json", {"render": "pca"}, "render")
     for v in ["0", "5", "-1", "x", "nan", "1e999"]:
@@ -466,8 +561,14 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
     for v in ["0", "17", "-1", "1,x", "1.5", "nan", ",".join(["2"] * 6)]:
         add(f"/v1/jobs/{emb}/statistics", {"bands": v}, "bands")
     base = f"/v1/jobs/{cls}/tiles/WebMercatorQuad"
-    for z, x, y, field in [(ZOOM + 9, TILE_X, TILE_Y, "z"), (ZOOM, 2**ZOOM, 0, "x"), (ZOOM, 0, 2**ZOOM, "x"), (ZOOM, 0, 0, "z"),
-                           (99999999999999999999, 0, 0, "z"), (0, 0, 0, "z")]:
+    for z, x, y, field in [
+        (ZOOM + 9, TILE_X, TILE_Y, "z"),
+        (ZOOM, 2**ZOOM, 0, "x"),
+        (ZOOM, 0, 2**ZOOM, "x"),
+        (ZOOM, 0, 0, "z"),
+        (99999999999999999999, 0, 0, "z"),
+        (0, 0, 0, "z"),
+    ]:
         add(f"{base}/{z}/{x}/{y}.png", {}, field)
     for fmt in ("gif", "PNG", "png5", "tiff"):
         add(f"{base}/{ZOOM}/{TILE_X}/{TILE_Y}.{fmt}", {}, "fmt")
@@ -476,7 +577,13 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
     add(f"/v1/jobs/{cls}/tiles/WorldCRS84Quad/{ZOOM}/{TILE_X}/{TILE_Y}.png", {}, "tms")
     add(tile_cls, {"render": "raw", "x": "nan"}, "x")
     add(tile_cls, {"anything": "inf"}, "anything")
-    for lon, lat, field in [("nan", "0", "lon"), ("0", "inf", "lat"), ("181", "0", "lon"), ("0", "-86", "lat"), ("a", "0", "lon")]:
+    for lon, lat, field in [
+        ("nan", "0", "lon"),
+        ("0", "inf", "lat"),
+        ("181", "0", "lon"),
+        ("0", "-86", "lat"),
+        ("a", "0", "lon"),
+    ]:
         add(f"/v1/jobs/{cls}/point/{lon},{lat}", {}, field)
     for v in ["0", "101", "x", "-1"]:
         add("/v1/jobs", {"limit": v}, "limit")
@@ -486,7 +593,18 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
     for path in (cog_tile, cog_prev, cog_stats, "/cog/point/-11.34,24.77"):
         for v in ["0", "17", "-1", "x", "nan", "1.5"]:
             add(path, {"url": url, "bidx": v}, "bidx")
-        for v in ["b0", "b17", "b1+", "import os", "b1/;", "x" * 2000, "b1+nan", "b1*inf", "__import__('os')", "b1;" * 5]:
+        for v in [
+            "b0",
+            "b17",
+            "b1+",
+            "import os",
+            "b1/;",
+            "x" * 2000,
+            "b1+nan",
+            "b1*inf",
+            "__import__('os')",
+            "b1;" * 5,
+        ]:
             add(path, {"url": url, "expression": v}, "expression")
         for v in [*NON_FINITE[:4]]:
             add(path, {"url": url, "bidx": 1, "nodata": "x" + v}, "nodata")
@@ -495,7 +613,15 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
             add(path, {"url": url, "bidx": 1, "rescale": v}, "rescale")
         for v in ["nope", "VIRIDIS ", "<x>"]:
             add(path, {"url": url, "bidx": 1, "colormap_name": v}, "colormap_name")
-        for v in ["{", "[1,2]", '{"a": "red"}', '{"1": "notacolor"}', "3", '[[[1,2],[1,2,3,4]],[[0]]]', '{"99999999": "red"}']:
+        for v in [
+            "{",
+            "[1,2]",
+            '{"a": "red"}',
+            '{"1": "notacolor"}',
+            "3",
+            "[[[1,2],[1,2,3,4]],[[0]]]",
+            '{"99999999": "red"}',
+        ]:
             add(path, {"url": url, "bidx": 1, "colormap": v}, "colormap")
         for v in ["gamma", "sigmoidal rgb x", "saturation nan", "gamma r inf"]:
             add(path, {"url": url, "bidx": 1, "color_formula": v}, "color_formula")
@@ -512,8 +638,17 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
         add(cog_tile, {"url": url, "bidx": 1, "buffer": v}, "buffer")
     for v in ["-1", "x", "nan", "300"]:
         add(cog_tile, {"url": url, "bidx": 1, "padding": v}, "padding")
-    for z, x, y, field in [(31, 0, 0, "z"), (99999999999999999999, 0, 0, "z"), (ZOOM, 2**ZOOM, 0, "x"), (ZOOM, 0, 2**ZOOM, "y"),
-                           (-1, 0, 0, "z"), (ZOOM, -1, 0, "x"), (ZOOM, 0, 0, "z"), ("nan", 0, 0, "z"), (ZOOM, "x", 0, "x")]:
+    for z, x, y, field in [
+        (31, 0, 0, "z"),
+        (99999999999999999999, 0, 0, "z"),
+        (ZOOM, 2**ZOOM, 0, "x"),
+        (ZOOM, 0, 2**ZOOM, "y"),
+        (-1, 0, 0, "z"),
+        (ZOOM, -1, 0, "x"),
+        (ZOOM, 0, 0, "z"),
+        ("nan", 0, 0, "z"),
+        (ZOOM, "x", 0, "x"),
+    ]:
         add(f"/cog/tiles/WebMercatorQuad/{z}/{x}/{y}.png", {"url": url, "bidx": 1}, field)
     for fmt in ("gif", "PNG", "exe"):
         add(f"/cog/tiles/WebMercatorQuad/{ZOOM}/{TILE_X}/{TILE_Y}.{fmt}", {"url": url, "bidx": 1}, "format")
@@ -522,8 +657,13 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
         for v in ["0", "-1", "x", "nan", "inf", "257", "99999999999999999999"]:
             add(cog_prev, {"url": url, "bidx": 1, name: v}, name)
             add(cog_stats, {"url": url, "bidx": 1, name: v}, name)
-    for w, h, field in [("0", "10", "width"), ("10", "0", "height"), ("257", "10", "width"), ("x", "10", "width"),
-                        ("10", "99999999999", "height")]:
+    for w, h, field in [
+        ("0", "10", "width"),
+        ("10", "0", "height"),
+        ("257", "10", "width"),
+        ("x", "10", "width"),
+        ("10", "99999999999", "height"),
+    ]:
         add(f"/cog/preview/{w}x{h}.png", {"url": url, "bidx": 1}, field)
         add(f"/cog/bbox/-11.40,24.70,-11.30,24.80/{w}x{h}.png", {"url": url, "bidx": 1}, field)
     for v in ["0", "-5", "x", "nan", "100000", ",".join(map(str, range(2000)))]:
@@ -534,11 +674,24 @@ def _matrix(d: Deployment) -> list[tuple[str, str, dict, str]]:
         add(cog_stats, {"url": url, "bidx": 1, "c": v}, "c")
     for v in ["x", "2"]:
         add(cog_stats, {"url": url, "bidx": 1, "categorical": v}, "categorical")
-    for box, field in [("nan,0,1,1", "minx"), ("0,0,-1,1", "minx"), ("0,1,1,0", "miny"), ("0,0,0,1", "minx"), ("-200,0,1,1", "minx"),
-                       ("0,0,1,inf", "maxy"), ("a,0,1,1", "minx")]:
+    for box, field in [
+        ("nan,0,1,1", "minx"),
+        ("0,0,-1,1", "minx"),
+        ("0,1,1,0", "miny"),
+        ("0,0,0,1", "minx"),
+        ("-200,0,1,1", "minx"),
+        ("0,0,1,inf", "maxy"),
+        ("a,0,1,1", "minx"),
+    ]:
         add(f"/cog/bbox/{box}.png", {"url": url, "bidx": 1}, field)
-    for lon, lat, field in [("nan", "0", "lon"), ("0", "nan", "lat"), ("181", "0", "lon"), ("0", "91", "lat"), ("1e999", "0", "lon"),
-                            ("x", "0", "lon")]:
+    for lon, lat, field in [
+        ("nan", "0", "lon"),
+        ("0", "nan", "lat"),
+        ("181", "0", "lon"),
+        ("0", "91", "lat"),
+        ("1e999", "0", "lon"),
+        ("x", "0", "lon"),
+    ]:
         add(f"/cog/point/{lon},{lat}", {"url": url}, field)
     for v in ["epsg:0", "nope"]:
         add("/cog/point/-11.34,24.77", {"url": url, "coord_crs": v}, "coord_crs")

@@ -24,11 +24,11 @@ import pytest
 import rasterio
 import redis
 import torch
+from conftest import drop_redis_keys, run_cli, settings_from
 from fastapi.testclient import TestClient
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
-from conftest import drop_redis_keys, run_cli, settings_from
 from tilefm.bands import bind_card
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile, resolution
@@ -99,7 +99,9 @@ def pixels(ref: dict[str, np.ndarray]) -> tuple[list[Tile], np.ndarray, np.ndarr
     with rasterio.open(SCENE / "B02.tif") as src:
         t, crs = src.transform, src.crs
     rc = ref["scene_row_col"]
-    x, y = Transformer.from_crs(crs, "EPSG:3857", always_xy=True).transform(t.c + (rc[:, 1] + 0.5) * t.a, t.f + (rc[:, 0] + 0.5) * t.e)
+    x, y = Transformer.from_crs(crs, "EPSG:3857", always_xy=True).transform(
+        t.c + (rc[:, 1] + 0.5) * t.a, t.f + (rc[:, 0] + 0.5) * t.e
+    )
     origin = TMS.xy_bounds(0, 0, ZOOM)
     gx = np.floor((np.asarray(x) - origin.left) / resolution(ZOOM)).astype(int)
     gy = np.floor((origin.top - np.asarray(y)) / resolution(ZOOM)).astype(int)
@@ -119,12 +121,24 @@ def dem(ref: dict[str, np.ndarray], pixels, tmp_path_factory) -> Path:
     x0, y0 = int(gx.min()) - half, int(gy.min()) - half
     sources = []
     for i, (tile, col, row) in enumerate(zip(tiles, gx, gy)):
-        cell = res * np.cos(np.radians(tile_latitudes(tile, TILE_SIZE, 0)[row % TILE_SIZE]))  # as presto_tiles takes it
+        cell = res * np.cos(
+            np.radians(tile_latitudes(tile, TILE_SIZE, 0)[row % TILE_SIZE])
+        )  # as presto_tiles takes it
         grade = np.tan(np.radians(np.float64(ref["raw"][i, 0, 15])))
         plane = np.float64(ref["raw"][i, 0, 14]) + grade * cell * (np.arange(size) - half)
         with rasterio.open(
-            root / f"p{i}.tif", "w", driver="GTiff", width=size, height=size, count=1, dtype="float32", crs="EPSG:3857", nodata=-9999,
-            transform=from_origin(origin.left + (col - half) * res, origin.top - (row - half) * res, res, res),
+            root / f"p{i}.tif",
+            "w",
+            driver="GTiff",
+            width=size,
+            height=size,
+            count=1,
+            dtype="float32",
+            crs="EPSG:3857",
+            nodata=-9999,
+            transform=from_origin(
+                origin.left + (col - half) * res, origin.top - (row - half) * res, res, res
+            ),
         ) as dst:
             dst.write(np.repeat(plane[None], size, 0).astype(np.float32), 1)
         sources.append(
@@ -133,7 +147,9 @@ def dem(ref: dict[str, np.ndarray], pixels, tmp_path_factory) -> Path:
             f'<DstRect xOff="{col - half - x0}" yOff="{row - half - y0}" xSize="{size}" ySize="{size}"/></SimpleSource>'
         )
     width, height = int(gx.max()) + half + 1 - x0, int(gy.max()) + half + 1 - y0
-    transform = ", ".join(repr(float(v)) for v in (origin.left + x0 * res, res, 0, origin.top - y0 * res, 0, -res))
+    transform = ", ".join(
+        repr(float(v)) for v in (origin.left + x0 * res, res, 0, origin.top - y0 * res, 0, -res)
+    )
     vrt = root / "dem.vrt"
     vrt.write_text(
         f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>EPSG:3857</SRS><GeoTransform>{transform}</GeoTransform>'
@@ -146,7 +162,9 @@ def dem(ref: dict[str, np.ndarray], pixels, tmp_path_factory) -> Path:
 def card() -> ModelCard:
     """Presto's card read by nearest neighbour: a tile pixel then holds the scene pixel it lies in."""
     presto = get_card("presto")
-    return presto.model_copy(update={"inputs": [i.model_copy(update={"resampling": "nearest"}) for i in presto.inputs]})
+    return presto.model_copy(
+        update={"inputs": [i.model_copy(update={"resampling": "nearest"}) for i in presto.inputs]}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +208,9 @@ def test_reference_pixels_through_the_series_scene(ref, series: Path, dem: Path,
     # the values read are the reference's, timestep by timestep, and so are the masks
     ref_present = ref["mask"][..., :16] == 0
     np.testing.assert_array_equal(present, ref_present)
-    np.testing.assert_array_equal(raw[..., :14][present[..., :14]], ref["raw"][..., :14][ref_present[..., :14]])
+    np.testing.assert_array_equal(
+        raw[..., :14][present[..., :14]], ref["raw"][..., :14][ref_present[..., :14]]
+    )
     assert np.abs(raw[..., 15] - ref["raw"][..., 15]).max() < 1e-3  # slope, degrees (float32 elevations)
     assert np.abs(latlons - ref["latlons"]).max() < 1e-4  # tile pixel centres within ~6 m of the scene's
     seen = []
@@ -207,7 +227,9 @@ def test_reference_pixels_through_the_series_scene(ref, series: Path, dem: Path,
     assert diff < TOL, diff
 
 
-def test_months_are_each_timesteps_own(ref, series: Path, dem: Path, pixels, card, model, tmp_path: Path) -> None:
+def test_months_are_each_timesteps_own(
+    ref, series: Path, dem: Path, pixels, card, model, tmp_path: Path
+) -> None:
     """Dates months apart and across a year: the encoder gets each timestep's month, not a run
     of consecutive ones from the first, and embeds as the official encoder does with that table."""
     days = ["20190305", "20190720", "20200110"]  # months 2, 6, 0
@@ -217,7 +239,9 @@ def test_months_are_each_timesteps_own(ref, series: Path, dem: Path, pixels, car
         for f in folder.iterdir():
             os.symlink(f.resolve(), root / f"S2A_29RKH_{day}" / f.name)
     which = list(range(0, 64, 8))
-    raw, present, latlons, month = _series_pixels(open_scene({"s2": str(root), "dem": str(dem)}), card, pixels, which)
+    raw, present, latlons, month = _series_pixels(
+        open_scene({"s2": str(root), "dem": str(dem)}), card, pixels, which
+    )
     assert month.tolist() == [[2, 6, 0]]
     seen = []
     forward = model.net.forward
@@ -229,12 +253,16 @@ def test_months_are_each_timesteps_own(ref, series: Path, dem: Path, pixels, car
     assert np.asarray(seen[0]).tolist() == [[2, 6, 0]]
     table = np.tile(np.array([[2, 6, 0]]), (len(which), 1))
     with torch.inference_mode():
-        official = load_presto(WEIGHTS)(ref["x"][which], ref["mask"][which], ref["dynamic_world"][which], ref["latlons"][which], table).numpy()
+        official = load_presto(WEIGHTS)(
+            ref["x"][which], ref["mask"][which], ref["dynamic_world"][which], ref["latlons"][which], table
+        ).numpy()
     assert np.abs(emb - official).max() < TOL
     assert np.abs(emb - ref["embedding"][which]).max() > 10 * TOL  # the months matter
 
 
-def test_a_gap_masks_its_timestep_only(ref, series: Path, dem: Path, pixels, card, model, tmp_path: Path) -> None:
+def test_a_gap_masks_its_timestep_only(
+    ref, series: Path, dem: Path, pixels, card, model, tmp_path: Path
+) -> None:
     """A pixel without data at one date: its values there are masked, those of the other dates
     are not, and the embedding is the official encoder's with that timestep's bands masked."""
     which = list(range(8))
@@ -246,14 +274,18 @@ def test_a_gap_masks_its_timestep_only(ref, series: Path, dem: Path, pixels, car
             _band_folder(root / f"S2A_29RKH_{day}", step, zero_at=holes)
         else:
             (root / f"S2A_29RKH_{day}").symlink_to(sorted(series.iterdir())[step])
-    raw, present, latlons, month = _series_pixels(open_scene({"s2": str(root), "dem": str(dem)}), card, pixels, which)
+    raw, present, latlons, month = _series_pixels(
+        open_scene({"s2": str(root), "dem": str(dem)}), card, pixels, which
+    )
     s2 = slice(2, 12)
     assert not present[:4, 1, s2].any() and present[:4, 0, s2].all() and present[:4, 2, s2].all()
     assert present[4:, :, s2].all()
     mask = ref["mask"][which].copy()
     mask[:4, 1, 2:12] = mask[:4, 1, 16] = 1  # Sentinel-2 and NDVI at timestep 1
     with torch.inference_mode():
-        official = load_presto(WEIGHTS)(ref["x"][which], mask, ref["dynamic_world"][which], ref["latlons"][which], 11).numpy()
+        official = load_presto(WEIGHTS)(
+            ref["x"][which], mask, ref["dynamic_world"][which], ref["latlons"][which], 11
+        ).numpy()
     emb = model.embed(raw, present, latlons, month)
     assert np.abs(emb - official).max() < TOL
     assert np.abs(emb[:4] - ref["embedding"][:4]).max() > 10 * TOL
@@ -277,7 +309,10 @@ def test_encoder_month_forms(ref) -> None:
     assert np.abs(start - ref["embedding"]).max() < TOL
     assert np.abs(table - start).max() < 1e-5 and np.abs(one_row - start).max() < 1e-5
     assert np.abs(chunked - whole).max() < 1e-5
-    assert np.abs(chunked[1::2] - start[1::2]).max() < 1e-5 and np.abs(chunked[::2] - start[::2]).max() > 10 * TOL
+    assert (
+        np.abs(chunked[1::2] - start[1::2]).max() < 1e-5
+        and np.abs(chunked[::2] - start[::2]).max() > 10 * TOL
+    )
 
 
 def test_card_limit_is_the_encoders() -> None:
@@ -302,18 +337,28 @@ def test_sources_items_and_collections(series: Path, tmp_path: Path) -> None:
     expected = [date(2019, 12, 22), date(2020, 1, 20), date(2020, 2, 19)]
     # a list of sources, in any order: sorted by date
     listed = open_scene({"s2": [str(folders[2]), str(folders[0]), str(folders[1])]})
-    assert listed.timesteps == expected and [m.source for m in listed.series["s2"]] == [str(f) for f in folders]
+    assert listed.timesteps == expected and [m.source for m in listed.series["s2"]] == [
+        str(f) for f in folders
+    ]
     assert listed.modalities["s2"] is listed.series["s2"][0] and listed.date == expected[0]
     # a STAC ItemCollection (a search result), its items' own datetimes
-    items = [_item(tmp_path, f"i{k}", f"{d.isoformat()}T11:00:00Z", f) for k, (d, f) in enumerate(zip(expected, folders))]
+    items = [
+        _item(tmp_path, f"i{k}", f"{d.isoformat()}T11:00:00Z", f)
+        for k, (d, f) in enumerate(zip(expected, folders))
+    ]
     collection = tmp_path / "search.json"
     collection.write_text(json.dumps({"type": "FeatureCollection", "features": items[::-1]}))
     scene = open_scene({"s2": str(collection)})
     assert scene.timesteps == expected
     assert [m.source for m in scene.series["s2"]] == [f"{collection}#i{k}" for k in range(3)]
-    assert sorted(scene.series["s2"][0].bands) == sorted(PRESTO_S2)  # the item's other assets have no file here
+    assert sorted(scene.series["s2"][0].bands) == sorted(
+        PRESTO_S2
+    )  # the item's other assets have no file here
     # repeated --scene arguments
-    assert parse_scene_args([f"s2={folders[0]}", "dem=/d", f"s2={folders[1]}"]) == {"s2": [str(folders[0]), str(folders[1])], "dem": "/d"}
+    assert parse_scene_args([f"s2={folders[0]}", "dem=/d", f"s2={folders[1]}"]) == {
+        "s2": [str(folders[0]), str(folders[1])],
+        "dem": "/d",
+    }
     assert parse_scene_args(["s2=/a"]) == {"s2": "/a"}
     # one acquisition is a scene of one date, as before
     single = open_scene({"s2": [str(folders[2])]})
@@ -395,7 +440,10 @@ def test_cli_dry_run_and_small_run(tmp_path: Path) -> None:
     item = json.loads((tmp_path / "emb.stac.json").read_text())
     props = item["properties"]
     assert props["tilefm:timesteps"] == ["2020-01-05", "2020-02-19"]
-    assert (props["start_datetime"], props["end_datetime"]) == ("2020-01-05T00:00:00Z", "2020-02-19T00:00:00Z")
+    assert (props["start_datetime"], props["end_datetime"]) == (
+        "2020-01-05T00:00:00Z",
+        "2020-02-19T00:00:00Z",
+    )
     assert [t["source"] for t in props["tilefm:scene"]["s2"]["timesteps"]] == [str(a), str(b)]
 
 
@@ -408,12 +456,48 @@ def test_cli_bad_series(tmp_path: Path) -> None:
     bad.write_text(json.dumps(_item(tmp_path, "x", "2020-02-31T00:00:00Z", folders[0])))
     out = ["--out", str(tmp_path / "x.tif"), "--dry-run"]
     cases = {
-        "more dates than the model takes": (["--model", "presto", *(a for f in folders for a in ("--scene", f"s2={f}"))], ["scene.s2", "25 dates", "(24)"]),
-        "a model of one date": (["--model", "ukis-csmask", "--scene", f"s2={folders[0]}", "--scene", f"s2={folders[1]}"], ["scene.s2", "takes one date"]),
-        "an item's datetime is not a date": (["--model", "presto", "--scene", f"s2={bad}", "--scene", f"s2={folders[1]}"], ["scene.s2", "not a date", "2020-02-31"]),
-        "--date on a series": (["--model", "presto", "--scene", f"s2={folders[0]}", "--scene", f"s2={folders[1]}", "--date", "2020-02-19"], ["date:", "own"]),
-        "--date not a date": (["--model", "presto", "--scene", f"s2={folders[0]}", "--scene", f"s2={folders[1]}", "--date", "2020-02-30"], ["date:", "YYYY-MM-DD"]),
-        "an empty ItemCollection": (["--model", "presto", "--scene", f"s2={empty}"], ["scene.s2", "no items"]),
+        "more dates than the model takes": (
+            ["--model", "presto", *(a for f in folders for a in ("--scene", f"s2={f}"))],
+            ["scene.s2", "25 dates", "(24)"],
+        ),
+        "a model of one date": (
+            ["--model", "ukis-csmask", "--scene", f"s2={folders[0]}", "--scene", f"s2={folders[1]}"],
+            ["scene.s2", "takes one date"],
+        ),
+        "an item's datetime is not a date": (
+            ["--model", "presto", "--scene", f"s2={bad}", "--scene", f"s2={folders[1]}"],
+            ["scene.s2", "not a date", "2020-02-31"],
+        ),
+        "--date on a series": (
+            [
+                "--model",
+                "presto",
+                "--scene",
+                f"s2={folders[0]}",
+                "--scene",
+                f"s2={folders[1]}",
+                "--date",
+                "2020-02-19",
+            ],
+            ["date:", "own"],
+        ),
+        "--date not a date": (
+            [
+                "--model",
+                "presto",
+                "--scene",
+                f"s2={folders[0]}",
+                "--scene",
+                f"s2={folders[1]}",
+                "--date",
+                "2020-02-30",
+            ],
+            ["date:", "YYYY-MM-DD"],
+        ),
+        "an empty ItemCollection": (
+            ["--model", "presto", "--scene", f"s2={empty}"],
+            ["scene.s2", "no items"],
+        ),
     }
     for name, (args, words) in cases.items():
         r = run_cli("run", *args, *out)
@@ -431,7 +515,12 @@ def api_env(tmp_path_factory) -> Iterator[tuple[dict[str, str], Path, list[str]]
     """A job service's settings (sources under a folder of its own, outputs to a file:// prefix),
     and 25 dated band folders there."""
     root = tmp_path_factory.mktemp("api")
-    folders = [str(f) for f in _dated(root / "many", [f"2019{m:02d}{d:02d}" for m in range(1, 13) for d in (5, 20)] + ["20200105"])]
+    folders = [
+        str(f)
+        for f in _dated(
+            root / "many", [f"2019{m:02d}{d:02d}" for m in range(1, 13) for d in (5, 20)] + ["20200105"]
+        )
+    ]
     prefix = f"tilefm-test-{uuid.uuid4().hex[:8]}:"
     env = {
         **{k: v for k, v in os.environ.items() if k.startswith("TILEFM_")},
@@ -452,7 +541,12 @@ def test_http_series(api_env) -> None:
     empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
     bad = root / "bad.json"
     bad.write_text(json.dumps(_item(root, "x", "yesterday", Path(folders[0]))))
-    base = {"model": "presto", "zoom": 10, "bbox": [-11.45, 24.75, -11.40, 24.80], "output_prefix": f"file://{root}/out/"}
+    base = {
+        "model": "presto",
+        "zoom": 10,
+        "bbox": [-11.45, 24.75, -11.40, 24.80],
+        "output_prefix": f"file://{root}/out/",
+    }
     with TestClient(create_app(settings_from(env))) as api:
         r = api.post("/v1/jobs", json={**base, "scene": {"s2": folders[:3]}})
         assert r.status_code == 202, r.text
@@ -461,12 +555,28 @@ def test_http_series(api_env) -> None:
         assert api.get(f"/v1/jobs/{job['id']}").json()["spec"]["scene"]["s2"] == folders[:3]
         bad_cases = {
             "more dates than the model takes": ({"scene": {"s2": folders}}, "scene.s2", "(24)"),
-            "a model of one date": ({"scene": {"s2": folders[:2]}, "model": "ukis-csmask", "zoom": 11}, "scene.s2", "takes one date"),
-            "an item's datetime is not a date": ({"scene": {"s2": [str(bad), folders[0]]}}, "scene.s2", "not a date"),
+            "a model of one date": (
+                {"scene": {"s2": folders[:2]}, "model": "ukis-csmask", "zoom": 11},
+                "scene.s2",
+                "takes one date",
+            ),
+            "an item's datetime is not a date": (
+                {"scene": {"s2": [str(bad), folders[0]]}},
+                "scene.s2",
+                "not a date",
+            ),
             "date on a series": ({"scene": {"s2": folders[:2]}, "date": "2020-02-19"}, "date", "own"),
-            "date not a date": ({"scene": {"s2": folders[:2]}, "date": "2020-02-30"}, "date", "calendar date"),
+            "date not a date": (
+                {"scene": {"s2": folders[:2]}, "date": "2020-02-30"},
+                "date",
+                "calendar date",
+            ),
             "an empty ItemCollection": ({"scene": {"s2": str(empty)}}, "scene.s2", "no items"),
-            "a list too long": ({"scene": {"s2": [folders[0]] * (MAX_SOURCES + 1)}}, "scene.s2", f"limit of {MAX_SOURCES}"),
+            "a list too long": (
+                {"scene": {"s2": [folders[0]] * (MAX_SOURCES + 1)}},
+                "scene.s2",
+                f"limit of {MAX_SOURCES}",
+            ),
             "an empty list": ({"scene": {"s2": []}}, "scene.s2", "at least one"),
             "not sources": ({"scene": {"s2": [1, 2]}}, "scene.s2", "list of sources"),
             "a source not allowed": ({"scene": {"s2": [folders[0], "/etc"]}}, "scene.s2", "/etc"),
@@ -502,13 +612,27 @@ def test_proto_series_round_trip_and_grpc(api_env, model_store: Path) -> None:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         stub = pb_grpc.JobServiceStub(channel)
-        base = dict(model="presto", zoom=10, output_prefix=f"file://{root}/out/",
-                    bbox=pb.BBox(min_lon=-11.45, min_lat=24.75, max_lon=-11.40, max_lat=24.80))
-        got = stub.Submit(pb.SubmitRequest(spec=pb.JobSpec(scene_series={"s2": pb.SourceList(sources=folders[:2])}, **base)), timeout=60)
+        base = dict(
+            model="presto",
+            zoom=10,
+            output_prefix=f"file://{root}/out/",
+            bbox=pb.BBox(min_lon=-11.45, min_lat=24.75, max_lon=-11.40, max_lat=24.80),
+        )
+        got = stub.Submit(
+            pb.SubmitRequest(
+                spec=pb.JobSpec(scene_series={"s2": pb.SourceList(sources=folders[:2])}, **base)
+            ),
+            timeout=60,
+        )
         assert list(got.job.spec.scene_series["s2"].sources) == folders[:2] and not got.job.spec.scene
         for spec_msg, words in [
             (pb.JobSpec(scene_series={"s2": pb.SourceList(sources=folders)}, **base), "(24)"),
-            (pb.JobSpec(scene={"s2": folders[0]}, scene_series={"s2": pb.SourceList(sources=folders[:2])}, **base), "both"),
+            (
+                pb.JobSpec(
+                    scene={"s2": folders[0]}, scene_series={"s2": pb.SourceList(sources=folders[:2])}, **base
+                ),
+                "both",
+            ),
         ]:
             with pytest.raises(grpc.RpcError) as info:
                 stub.Submit(pb.SubmitRequest(spec=spec_msg), timeout=60)

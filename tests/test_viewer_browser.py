@@ -41,8 +41,12 @@ import pytest
 CHROMIUM = os.environ.get("TILEFM_CHROMIUM", "/usr/bin/chromium")
 #: software WebGL for MapLibre in headless Chromium on machines without a GPU; `tiles.test`, a
 #: host name that is not a loopback one, for the tiler on 127.0.0.1
-CHROMIUM_ARGS = ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                 "--host-resolver-rules=MAP tiles.test 127.0.0.1"]
+CHROMIUM_ARGS = [
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--host-resolver-rules=MAP tiles.test 127.0.0.1",
+]
 VIEWPORT = {"width": 1280, "height": 800}
 #: the viewer's map background (viewer.js BACKGROUND): a blank map is all this colour
 BACKGROUND = (0x1D, 0x21, 0x26)
@@ -54,8 +58,10 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the Python package playwright is missing: pip install 'playwright==1.65.2' "
-                    "(the browser is Debian's chromium, no `playwright install` needed)")
+        pytest.fail(
+            "the Python package playwright is missing: pip install 'playwright==1.65.2' "
+            "(the browser is Debian's chromium, no `playwright install` needed)"
+        )
     if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set TILEFM_CHROMIUM)")
     with sync_playwright() as p:
@@ -78,8 +84,13 @@ class Page:
         self.in_flight: dict[object, str] = {}
         self.page.on("request", lambda r: self.in_flight.__setitem__(r, r.url))
         self.page.on("requestfinished", lambda r: self.in_flight.pop(r, None))
-        self.page.on("response", lambda r: self.tiles.append((r.status, r.url)) if "/tiles/" in r.url else None)
-        self.page.on("requestfailed", lambda r: (self.in_flight.pop(r, None), self.failed.append((r.failure or "", r.url))))
+        self.page.on(
+            "response", lambda r: self.tiles.append((r.status, r.url)) if "/tiles/" in r.url else None
+        )
+        self.page.on(
+            "requestfailed",
+            lambda r: (self.in_flight.pop(r, None), self.failed.append((r.failure or "", r.url))),
+        )
         self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
 
     def open(self, path: str) -> str:
@@ -90,7 +101,9 @@ class Page:
         try:
             self.page.wait_for_function("window.tilefmViewer && window.tilefmViewer.state !== 'loading'")
         except PlaywrightTimeout:
-            pytest.fail(f"{path} did not load in {TIMEOUT_MS} ms; requests in flight: {list(self.in_flight.values())[:10]}")
+            pytest.fail(
+                f"{path} did not load in {TIMEOUT_MS} ms; requests in flight: {list(self.in_flight.values())[:10]}"
+            )
         return self.hook("state")
 
     def settle(self, what: str = "whenIdle()") -> None:
@@ -98,7 +111,8 @@ class Page:
         TIMEOUT_MS; on a timeout, fails with the requests still in flight."""
         done = self.page.evaluate(
             f"""() => Promise.race([window.tilefmViewer.{what}.then(() => true),
-                                   new Promise(r => setTimeout(() => r(false), {TIMEOUT_MS}))])""")
+                                   new Promise(r => setTimeout(() => r(false), {TIMEOUT_MS}))])"""
+        )
         if not done:
             state = self.page.evaluate("""() => new Promise(res => { const m = window.tilefmViewer.map;
                 const s = {loaded: m.loaded(), tiles: m.areTilesLoaded(), moving: m.isMoving(), frame: !!m._frameRequest,
@@ -106,8 +120,10 @@ class Page:
                 let done = false;
                 requestAnimationFrame(() => { if (!done) { done = true; res({...s, raf: true}); } });
                 setTimeout(() => { if (!done) { done = true; res({...s, raf: false}); } }, 3000); })""")
-            pytest.fail(f"the map did not settle ({what}) in {TIMEOUT_MS} ms: {state}; "
-                        f"requests in flight: {list(self.in_flight.values())[:10]}")
+            pytest.fail(
+                f"the map did not settle ({what}) in {TIMEOUT_MS} ms: {state}; "
+                f"requests in flight: {list(self.in_flight.values())[:10]}"
+            )
 
     def hook(self, expr: str):
         return self.page.evaluate(f"() => window.tilefmViewer.{expr}")
@@ -135,7 +151,11 @@ class Page:
         """Every tile whose URL contains `match` was 200 (`bounds`: the layer's, for the message)."""
         got = [(s, u) for s, u in self.tiles[since:] if match in u]
         assert got, f"no tile requests matching {match!r}"
-        bad = [(s, u, "touches the bounds only" if touches_only(u, bounds) else "inside the bounds") for s, u in got if s != 200]
+        bad = [
+            (s, u, "touches the bounds only" if touches_only(u, bounds) else "inside the bounds")
+            for s, u in got
+            if s != 200
+        ]
         assert not bad, f"{len(bad)} of {len(got)} tiles were not 200: {bad[:5]}"
         assert any(s == 200 for s, _ in got), f"no tile matching {match!r} was served: {got[:5]}"
         failed = [(f, u) for f, u in self.failed if "/tiles/" in u and match in u and "ERR_ABORTED" not in f]
@@ -199,7 +219,9 @@ def test_job_view(viewer: Page, tiler_server, output_dir: Path, name: str) -> No
     info = viewer.hook("info")
     assert info["id"] == job_id
     bounds = info["bounds"]
-    scene_bounds = viewer.page.request.get(f"{viewer.base_url}/v1/jobs/{job_id}/scene/tilejson.json").json()["bounds"]
+    scene_bounds = viewer.page.request.get(f"{viewer.base_url}/v1/jobs/{job_id}/scene/tilejson.json").json()[
+        "bounds"
+    ]
     scene = viewer.assert_tiles_ok(f"/{job_id}/scene/tiles/", scene_bounds)
     output = viewer.assert_tiles_ok(f"/{job_id}/tiles/", bounds)
     assert all(f"render={info['default_render']}" in u for u in output), output[:3]
@@ -242,7 +264,12 @@ def test_job_view(viewer: Page, tiler_server, output_dir: Path, name: str) -> No
         # its opacity slider drives the layer
         slider = viewer.page.locator("#layers li[data-layer=similarity] input[type=range]")
         slider.fill("40")
-        assert viewer.page.evaluate("() => window.tilefmViewer.map.getPaintProperty('similarity', 'raster-opacity')") == 0.4
+        assert (
+            viewer.page.evaluate(
+                "() => window.tilefmViewer.map.getPaintProperty('similarity', 'raster-opacity')"
+            )
+            == 0.4
+        )
     assert viewer.hook("tileErrors") == []
     assert viewer.hook("errors") == []
     viewer.screenshot(shots / f"{name}-point.png")
@@ -254,7 +281,8 @@ def test_job_view(viewer: Page, tiler_server, output_dir: Path, name: str) -> No
         viewer.page.select_option("#render", "rgb")
         viewer.page.select_option("#band-g", "5")
         viewer.page.wait_for_function(
-            "() => { const s = window.tilefmViewer.map.getSource('output'); return s && s.url.includes('bands=1,5,3'); }")
+            "() => { const s = window.tilefmViewer.map.getSource('output'); return s && s.url.includes('bands=1,5,3'); }"
+        )
         viewer.settle()
         rgb = viewer.assert_tiles_ok("bands=1,5,3", bounds, since)
         assert all("render=rgb" in u for u in rgb)
@@ -321,7 +349,9 @@ def keyed_server(tmp_path_factory, scene_dir: Path) -> Iterator[tuple[str, dict[
     from test_tiler_security import KEYS, Deployment
 
     d = Deployment(tmp_path_factory.mktemp("viewer-keys"), scene_dir)
-    server, port = _serve(d.app(viewer_dir=REPO / "services" / "tiler" / "viewer", tiler_auth=True, api_keys=KEYS))
+    server, port = _serve(
+        d.app(viewer_dir=REPO / "services" / "tiler" / "viewer", tiler_auth=True, api_keys=KEYS)
+    )
     yield f"http://tiles.test:{port}", d.jobs
     server.should_exit = True
     drop_redis_keys(d.prefix)

@@ -10,18 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from tilefm.backends.onnx_export import export_onnx
 from tilefm.backends.onnxruntime import OrtRunner
 from tilefm.errors import WeightsError
-from tilefm.grid import plan_tiles
+from tilefm.grid import plan_tiles, resolution
 from tilefm.models import get_card
 from tilefm.models.base import normalize
 from tilefm.models.card import ModelCard
 from tilefm.models.store import pull, weights_path
 from tilefm.models.vit import ViTEncoder, card_wavelengths, dofa_state, load_vit, save_vit, state_sha256
-from tilefm.grid import resolution
 from tilefm.models.vit_tiles import ViTTileModel
 from tilefm.read import read_tile
 from tilefm.scene import open_scene
@@ -69,8 +68,17 @@ def test_key_layout_follows_dofa_v1() -> None:
         assert k in keys, k
     assert "pos_embed" not in keys  # fixed sin/cos, rebuilt for the grid
     # a DOFA classification checkpoint: `module.` prefix, fc_norm, a head and a 14x14 pos_embed
-    state = {f"module.{k}": v for k, v in ViTEncoder(tiny_card().vit).state_dict().items() if not k.startswith("norm.")}
-    state |= {"module.fc_norm.weight": torch.ones(64), "module.fc_norm.bias": torch.zeros(64), "module.head.weight": torch.zeros(45, 64), "module.pos_embed": torch.zeros(1, 197, 64)}
+    state = {
+        f"module.{k}": v
+        for k, v in ViTEncoder(tiny_card().vit).state_dict().items()
+        if not k.startswith("norm.")
+    }
+    state |= {
+        "module.fc_norm.weight": torch.ones(64),
+        "module.fc_norm.bias": torch.zeros(64),
+        "module.head.weight": torch.zeros(45, 64),
+        "module.pos_embed": torch.zeros(1, 197, 64),
+    }
     assert set(dofa_state(state)) == keys
 
 
@@ -80,7 +88,9 @@ def test_safetensors_checkpoint_round_trip(tmp_path: Path) -> None:
     assert state_sha256(net) == state_sha256(load_vit(seeded, None))  # the seed fixes the weights
     path = tmp_path / "vit.safetensors"
     save_vit(net, path)
-    card = tiny_card(file="vit.safetensors", sha256=hashlib.sha256(path.read_bytes()).hexdigest(), url=path.as_uri())
+    card = tiny_card(
+        file="vit.safetensors", sha256=hashlib.sha256(path.read_bytes()).hexdigest(), url=path.as_uri()
+    )
     loaded = load_vit(card, path)
     x = torch.randn(1, 3, 256, 256)
     bands = card_wavelengths(card)[:3]
@@ -153,10 +163,14 @@ def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
     seen = valid.reshape(16, 16, 16, 16).mean(axis=(1, 3)) >= 0.5
     np.testing.assert_array_equal(outs[0].weight > 0, seen)
     # upsampled to pixels: bilinear keeps each patch's mean roughly where the patch is
-    up = ViTTileModel(card.model_copy(update={"vit": card.vit.model_copy(update={"upsample": "bilinear"})}), "torch", None)
+    up = ViTTileModel(
+        card.model_copy(update={"vit": card.vit.model_copy(update={"upsample": "bilinear"})}), "torch", None
+    )
     outs = up.encode(tiles)
     assert outs[0].values.shape == (384, 256, 256) and outs[0].weight.shape == (256, 256)
-    np.testing.assert_allclose(outs[0].values[:, 112:128, 112:128].mean(axis=(1, 2)), ref[0, :, 7, 7], atol=0.5)
+    np.testing.assert_allclose(
+        outs[0].values[:, 112:128, 112:128].mean(axis=(1, 2)), ref[0, :, 7, 7], atol=0.5
+    )
 
 
 def test_cli_run_end_to_end(scene_dir: Path, tmp_path: Path) -> None:
@@ -170,7 +184,11 @@ def test_cli_run_end_to_end(scene_dir: Path, tmp_path: Path) -> None:
         assert ds.count == 384 and ds.tags()["TILEFM_BACKEND"] == "torch"
         # per-patch outputs: the mosaic is the z10 tiles' z6 parent, one pixel per 16 x 16 patch
         tags = ds.tags()
-        assert (tags["TILEFM_ZOOM"], tags["TILEFM_TILE_ZOOM"], tags["TILEFM_OUTPUT_STRIDE"]) == ("6", "10", "16")
+        assert (tags["TILEFM_ZOOM"], tags["TILEFM_TILE_ZOOM"], tags["TILEFM_OUTPUT_STRIDE"]) == (
+            "6",
+            "10",
+            "16",
+        )
         assert abs(ds.res[0] - resolution(6)) < 1e-6 and (ds.width, ds.height) == (256, 256)
         a = ds.read(1, masked=True)
         assert 0 < a.count() < 256 * 256  # the planned tiles' patches hold values, the rest is nodata
@@ -183,7 +201,17 @@ def test_cli_run_in_int8_keeps_the_embeddings(scene_dir: Path, tmp_path: Path) -
 
     from tilefm.backends.compare import agreement
 
-    args = ["--scene", f"s2={scene_dir}", "--model", "vit-small", "--zoom", "11", "--bbox=-11.5,24.7,-11.4,24.8", "--executor", "local"]
+    args = [
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "vit-small",
+        "--zoom",
+        "11",
+        "--bbox=-11.5,24.7,-11.4,24.8",
+        "--executor",
+        "local",
+    ]
     pixels = {}
     for precision in ("fp32", "int8"):
         out = tmp_path / f"{precision}.tif"
@@ -221,10 +249,22 @@ def test_float16_outputs_make_the_same_cog(scene_dir: Path, tmp_path: Path) -> N
 
     card = tiny_card()
     assert half_outputs(card, "torch-cuda") and half_outputs(card, "tensorrt")
-    assert not half_outputs(card, "torch") and not half_outputs(card, "torch-cuda", "float32") and not half_outputs(card, "torch-cuda", "int8")
+    assert (
+        not half_outputs(card, "torch")
+        and not half_outputs(card, "torch-cuda", "float32")
+        and not half_outputs(card, "torch-cuda", "int8")
+    )
     upsampled = card.model_copy(update={"vit": card.vit.model_copy(update={"upsample": "bilinear"})})
     assert not half_outputs(upsampled, "torch-cuda")  # the host would average them: float32
-    spec = RunSpec(scene={"s2": str(scene_dir)}, model="vit-small", zoom=12, out=str(tmp_path / "unused.tif"), bbox=(-12.0, 24.9, -11.9, 24.98), executor="local", date=None)
+    spec = RunSpec(
+        scene={"s2": str(scene_dir)},
+        model="vit-small",
+        zoom=12,
+        out=str(tmp_path / "unused.tif"),
+        bbox=(-12.0, 24.9, -11.9, 24.98),
+        executor="local",
+        date=None,
+    )
     prep = dataclasses.replace(prepare(spec), card=card, backend="torch", weights=None)
     worker = WorkerSpec(card=card, backend="torch", weights=None)
     arrays, weights = {}, []
@@ -243,7 +283,9 @@ def test_float16_outputs_make_the_same_cog(scene_dir: Path, tmp_path: Path) -> N
         publish(prep, Encoding.for_card(card), outputs, str(dst), get_settings())
         with rasterio.open(dst) as ds:
             arrays[out_dtype] = ds.read(out_dtype="float32")
-    assert any(w == 1 for w in weights) and any(0 < w < 1 for w in weights), weights  # both of the stitcher's paths
+    assert any(w == 1 for w in weights) and any(0 < w < 1 for w in weights), (
+        weights
+    )  # both of the stitcher's paths
     a, b = arrays["float32"], arrays["float16"]
     assert 0 < np.isfinite(a).mean() < 1
     np.testing.assert_array_equal(a, b)  # NaN where nothing came, in both

@@ -40,7 +40,12 @@ def _compare(auto: list, gdal: list) -> tuple[float, float, float]:
 
 @pytest.mark.parametrize(
     ("model", "zoom", "first", "count"),
-    [("vit-small", 13, 0, 60), ("vit-small", 13, 330, 26), ("ukis-csmask", 11, 0, 20), ("presto", 12, 40, 40)],
+    [
+        ("vit-small", 13, 0, 60),
+        ("vit-small", 13, 330, 26),
+        ("ukis-csmask", 11, 0, 20),
+        ("presto", 12, 40, 40),
+    ],
     ids=["vit-z13-edge", "vit-z13-inner", "csmask-z11-halo96", "presto-z12"],
 )
 def test_reads_match_gdal(s2: Scene, model: str, zoom: int, first: int, count: int):
@@ -137,7 +142,9 @@ def test_downsampling_is_left_to_gdal(s2: Scene):
     with rasterio.open(b02.path) as ds:
         sampler = GridSampler(SourceGrid.of(ds), Strip.of_row(tile.x, tile.y, 9, 1, 0))
     assert sampler.footprint() > 2 and not sampler.supports("bilinear")
-    np.testing.assert_array_equal(read_tile(s2, card, tile, 0, "auto").data, read_tile(s2, card, tile, 0, "gdal").data)
+    np.testing.assert_array_equal(
+        read_tile(s2, card, tile, 0, "auto").data, read_tile(s2, card, tile, 0, "gdal").data
+    )
 
 
 def test_nodata_holes_follow_gdal(scene_dir: Path, tmp_path: Path):
@@ -170,16 +177,16 @@ def test_nodata_holes_follow_gdal(scene_dir: Path, tmp_path: Path):
 
 
 def test_nearest_matches_gdal(s2: Scene):
+    from affine import Affine
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
-    from affine import Affine
 
     tile = plan_tiles(s2.footprint, 13).tiles[331]
     ox, oy, span = tile_span(13)
     path = s2.modalities["s2"].bands["B11"].path
     with rasterio.open(path) as ds:
         sampler = GridSampler(SourceGrid.of(ds), Strip.of_row(tile.x, tile.y, 13, 1, 0), WARP_TOLERANCE)
-        (values, valid), = sampler.sample([(ds, 1)], "nearest", [slice(None)])
+        ((values, valid),) = sampler.sample([(ds, 1)], "nearest", [slice(None)])
         transform = Affine(span / TILE_SIZE, 0, ox + tile.x * span, 0, -span / TILE_SIZE, oy - tile.y * span)
         with WarpedVRT(ds, crs="EPSG:3857", transform=transform, width=TILE_SIZE, height=TILE_SIZE,
                        resampling=Resampling.nearest, tolerance=WARP_TOLERANCE) as vrt:  # fmt: skip
@@ -192,8 +199,8 @@ def test_nearest_matches_gdal(s2: Scene):
 def test_lattice_refines_where_the_projection_bends():
     """Polar stereographic over a zoom-4 strip is far from affine over 16 pixels: the lattice
     step halves until interpolated centres are within the tolerance of exact ones."""
-    from rasterio.crs import CRS
     from affine import Affine
+    from rasterio.crs import CRS
 
     grid = SourceGrid(CRS.from_epsg(3413), Affine(10.0, 0, -3_000_000, 0, -10.0, 3_000_000), 600_000, 600_000)
     strip = Strip.of_row(4, 2, 4, 2, 8)
@@ -202,8 +209,12 @@ def test_lattice_refines_where_the_projection_bends():
     cols, rows_ = sampler.coords()
     ox, oy, span = tile_span(4)
     res = span / TILE_SIZE
-    gc, gr = np.meshgrid(np.arange(strip.col0, strip.col0 + strip.width), np.arange(strip.row0, strip.row0 + strip.height))
-    e, n = Transformer.from_crs("EPSG:3857", "EPSG:3413", always_xy=True).transform(ox + (gc + 0.5) * res, oy - (gr + 0.5) * res)
+    gc, gr = np.meshgrid(
+        np.arange(strip.col0, strip.col0 + strip.width), np.arange(strip.row0, strip.row0 + strip.height)
+    )
+    e, n = Transformer.from_crs("EPSG:3857", "EPSG:3413", always_xy=True).transform(
+        ox + (gc + 0.5) * res, oy - (gr + 0.5) * res
+    )
     exact_c, exact_r = (np.asarray(e) + 3_000_000) / 10, (3_000_000 - np.asarray(n)) / 10
     assert np.abs(cols - exact_c).max() < 2e-3 and np.abs(rows_ - exact_r).max() < 2e-3
 

@@ -12,6 +12,8 @@ except PackageNotFoundError:  # running from a source tree without an install
 # tilefm's own code wraps them as torch tensors only to read them. torch warns once per process
 # that writing to such a tensor is undefined, which a run never does: silenced where tilefm's
 # modules trigger it (code elsewhere that triggers it first still sees it).
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning, module=r"tilefm\.")
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning, module=r"tilefm\."
+)
 
 __all__ = ["__version__"]

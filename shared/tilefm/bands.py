@@ -108,7 +108,19 @@ class Sensor:
 
 
 #: Landsat 8/9 OLI/TIRS band numbers -> band id (OLI band 5 is the narrow NIR, like MSI's 8A)
-OLI = {"B01": "B01", "B02": "B02", "B03": "B03", "B04": "B04", "B05": "B8A", "B06": "B11", "B07": "B12", "B08": "pan", "B09": "B10", "B10": "lwir11", "B11": "lwir12"}
+OLI = {
+    "B01": "B01",
+    "B02": "B02",
+    "B03": "B03",
+    "B04": "B04",
+    "B05": "B8A",
+    "B06": "B11",
+    "B07": "B12",
+    "B08": "pan",
+    "B09": "B10",
+    "B10": "lwir11",
+    "B11": "lwir12",
+}
 #: Collection 2 Level-2 surface reflectance: reflectance = DN * 2.75e-5 - 0.2
 LANDSAT_L2_SR = (2.75e-5 * REFLECTANCE_UNITS, -0.2 * REFLECTANCE_UNITS)
 
@@ -126,7 +138,9 @@ HLS_L30 = Sensor(
     # brightness temperature in 0.01 degrees Celsius
     {"lwir11": (0.01, 273.15), "lwir12": (0.01, 273.15)},
 )  # fmt: skip
-SENTINEL1 = Sensor("sentinel-1", "Sentinel-1 GRD (backscatter in dB)", {k: k for k in ("vv", "vh", "hh", "hv")})
+SENTINEL1 = Sensor(
+    "sentinel-1", "Sentinel-1 GRD (backscatter in dB)", {k: k for k in ("vv", "vh", "hh", "hv")}
+)
 
 SENSORS: dict[str, Sensor] = {s.name: s for s in (SENTINEL2, HLS_S30, LANDSAT_L2, HLS_L30, SENTINEL1)}
 
@@ -168,7 +182,9 @@ def sensor_of_item(item: dict[str, Any]) -> Sensor | None:
     if platform.startswith("sentinel-1") or constellation == "sentinel-1" or "c-sar" in instruments:
         return SENTINEL1
     landsat = re.fullmatch(r"landsat-?0?[89]", platform) or any(i.startswith("oli") for i in instruments)
-    level2 = re.search(r"L2", f"{ident} {props.get('landsat:correction', '')} {props.get('processing:level', '')}")
+    level2 = re.search(
+        r"L2", f"{ident} {props.get('landsat:correction', '')} {props.get('processing:level', '')}"
+    )
     if landsat and (level2 or any(str(k).upper().startswith("SR_") for k in item.get("assets") or {})):
         return LANDSAT_L2
     return None
@@ -184,7 +200,9 @@ class StacBand:
     nodata: float | None = None
 
 
-def stac_band(key: str, asset: dict[str, Any], sensor: Sensor | None, field_name: str, *, use_offset: bool = True) -> StacBand | None:
+def stac_band(
+    key: str, asset: dict[str, Any], sensor: Sensor | None, field_name: str, *, use_offset: bool = True
+) -> StacBand | None:
     """The band a single-band asset holds, or None where it is not a model input (previews,
     masks, multi-band assets, assets without band metadata whose key names no band).
 
@@ -212,7 +230,9 @@ def stac_band(key: str, asset: dict[str, Any], sensor: Sensor | None, field_name
 
     common, centre = get("common_name"), get("center_wavelength")
     own = [n for n in (desc.get("name"), key) if isinstance(n, str) and n]
-    band = next((b for n in own if (b := sensor.resolve(n)) is not None), None) if sensor is not None else None
+    band = (
+        next((b for n in own if (b := sensor.resolve(n)) is not None), None) if sensor is not None else None
+    )
     if band is None and common:
         band = COMMON_NAMES.get(str(common).lower())
     if band is None and (sensor is None or sensor is SENTINEL2):
@@ -235,24 +255,40 @@ def stac_band(key: str, asset: dict[str, Any], sensor: Sensor | None, field_name
     return StacBand(band, _tidy(card[0]), _tidy(card[1]), nodata)
 
 
-def _raster_fields(asset: dict[str, Any], desc: dict[str, Any], where: str, field_name: str) -> tuple[float | None, float | None, float | None]:
+def _raster_fields(
+    asset: dict[str, Any], desc: dict[str, Any], where: str, field_name: str
+) -> tuple[float | None, float | None, float | None]:
     """(scale, offset, nodata) a band declares, validated: STAC 1.0 raster:bands, else 1.1."""
     raster = asset.get("raster:bands")
     if raster is not None:
         if not isinstance(raster, list) or not all(isinstance(r, dict) for r in raster):
             raise SceneError(f"{where}.raster:bands must be a list of objects", field=field_name)
         r = raster[0] if len(raster) == 1 else {}
-        names = {"scale": ("scale", "raster:bands[0].scale"), "offset": ("offset", "raster:bands[0].offset"), "nodata": ("nodata", "raster:bands[0].nodata")}
+        names = {
+            "scale": ("scale", "raster:bands[0].scale"),
+            "offset": ("offset", "raster:bands[0].offset"),
+            "nodata": ("nodata", "raster:bands[0].nodata"),
+        }
         sources = [r]
     else:
-        names = {"scale": ("raster:scale", "raster:scale"), "offset": ("raster:offset", "raster:offset"), "nodata": ("nodata", "nodata")}
+        names = {
+            "scale": ("raster:scale", "raster:scale"),
+            "offset": ("raster:offset", "raster:offset"),
+            "nodata": ("nodata", "nodata"),
+        }
         sources = [desc, asset]
     out: dict[str, float | None] = {}
     for what, (key, label) in names.items():
         value = next((s[key] for s in sources if s.get(key) is not None), None)
-        out[what] = None if value is None else _number(value, f"{where}.{label}", field_name, special=what == "nodata")
+        out[what] = (
+            None
+            if value is None
+            else _number(value, f"{where}.{label}", field_name, special=what == "nodata")
+        )
     if out["scale"] is not None and (out["scale"] == 0 or not math.isfinite(out["scale"])):
-        raise SceneError(f"{where}: scale must be a non-zero finite number, got {out['scale']!r}", field=field_name)
+        raise SceneError(
+            f"{where}: scale must be a non-zero finite number, got {out['scale']!r}", field=field_name
+        )
     return out["scale"], out["offset"], out["nodata"]
 
 
@@ -260,7 +296,11 @@ def _number(value: Any, label: str, field_name: str, *, special: bool = False) -
     """A JSON number (for nodata also "nan", "inf", "-inf", as STAC allows), else a SceneError."""
     if special and isinstance(value, str) and value.lower() in ("nan", "inf", "-inf"):
         return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (special or math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (special or math.isfinite(value))
+    ):
         raise SceneError(f"{label} must be a number, got {value!r}", field=field_name)
     return float(value)
 
@@ -277,9 +317,18 @@ def bind_card(scene: Scene, card: ModelCard) -> Scene:
     the band and the sensor; optional inputs' missing bands stay missing (masked when read).
     Each acquisition of a time series is bound as a scene of its own."""
     if scene.series:
-        series = {name: [bind_card(replace(scene, modalities={name: a}, series={}), card).modalities[name] for a in acqs]
-                  for name, acqs in scene.series.items()}
-        scene = replace(scene, modalities={**scene.modalities, **{name: acqs[0] for name, acqs in series.items()}}, series=series)
+        series = {
+            name: [
+                bind_card(replace(scene, modalities={name: a}, series={}), card).modalities[name]
+                for a in acqs
+            ]
+            for name, acqs in scene.series.items()
+        }
+        scene = replace(
+            scene,
+            modalities={**scene.modalities, **{name: acqs[0] for name, acqs in series.items()}},
+            series=series,
+        )
     mods = dict(scene.modalities)
     changed = False
     for inp in card.inputs:
@@ -296,9 +345,18 @@ def bind_card(scene: Scene, card: ModelCard) -> Scene:
         if sensor is not None and inp.required:
             # bands the sensor does not measure at all (one it measures but the source lacks, a
             # file missing from a folder, is `read.check_scene`'s to report)
-            unmeasured = [b.name for b in inp.bands if b.name not in mod.bands and b.name not in extra and b.name not in sensor.ids]
+            unmeasured = [
+                b.name
+                for b in inp.bands
+                if b.name not in mod.bands and b.name not in extra and b.name not in sensor.ids
+            ]
             if unmeasured:
-                what = ", ".join(f"{m} ({BANDS[m].common_name}, {BANDS[m].wavelength_um} um)" if m in BANDS and BANDS[m].wavelength_um else m for m in unmeasured)
+                what = ", ".join(
+                    f"{m} ({BANDS[m].common_name}, {BANDS[m].wavelength_um} um)"
+                    if m in BANDS and BANDS[m].wavelength_um
+                    else m
+                    for m in unmeasured
+                )
                 raise MissingBandError(
                     f"model {card.name!r} needs band{'s' if len(unmeasured) > 1 else ''} {what}, which {sensor.title} "
                     f"does not measure ({mod.source!r} has {', '.join(sorted(mod.bands))})",

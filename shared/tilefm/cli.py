@@ -9,7 +9,7 @@ import json
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -42,7 +42,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     pass
 
@@ -65,21 +67,73 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     )
 )
 def run(
-    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE (band folder, raster, STAC item, STAC ItemCollection, or a folder of dated band folders or items); repeatable. A modality given more than once, or with several acquisitions, is a time series (models that take one, e.g. presto).")],
+    scene: Annotated[
+        list[str],
+        typer.Option(
+            "--scene",
+            help="MODALITY=SOURCE (band folder, raster, STAC item, STAC ItemCollection, or a folder of dated band folders or items); repeatable. A modality given more than once, or with several acquisitions, is a time series (models that take one, e.g. presto).",
+        ),
+    ],
     model: Annotated[str, typer.Option(help="Model name (see `tilefm models list`).")],
-    out: Annotated[str, typer.Option(help="Output COG URI: file:///path.tif, s3://bucket/key.tif or a local path.")],
-    zoom: Annotated[Optional[int], typer.Option(help="Web-mercator zoom; default matches the scene's native resolution.")] = None,
-    bbox: Annotated[Optional[str], typer.Option(help="minlon,minlat,maxlon,maxlat (WGS84) to process only part of the scene.")] = None,
-    backend: Annotated[str, typer.Option(help="auto (the fastest available), torch, torch-cuda, onnxruntime or tensorrt.")] = "auto",
-    precision: Annotated[Optional[str], typer.Option(help="Model arithmetic: auto (bf16/fp16 on a GPU, else fp32), fp32, fp16, bf16 or int8 (onnxruntime on CPUs; tensorrt from `tilefm models calibrate`); default TILEFM_PRECISION.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Embedding storage: float16 (default), float32 or int8 (scale/offset recorded).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, max=256, help="Tiles per batch sent to an encoder (default: what a GPU encoder's memory allows, else 4).")] = None,
-    executor: Annotated[str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")] = "ray",
-    asset: Annotated[list[str], typer.Option(help="STAC asset KEY=PATH, to read an item's assets from local files; repeatable.")] = [],  # noqa: B006
-    band: Annotated[list[str], typer.Option("--band", help="[MODALITY:]NAME=FILE[:SCALE:OFFSET]: a band (B08, nir08, vv, ...) added to the scene or in place of its own; SCALE and OFFSET take the file's values to the model card's units (reflectance x 10000: 0.275:-2000 for Landsat Collection 2 Level-2); repeatable.")] = [],  # noqa: B006
-    scene_date: Annotated[Optional[str], typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none (a scene of one date).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the tile plan; read and write nothing.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse (exit 2) a run whose inputs would be resampled further from the model's training pixels than its card allows, instead of warning.")] = False,
+    out: Annotated[
+        str, typer.Option(help="Output COG URI: file:///path.tif, s3://bucket/key.tif or a local path.")
+    ],
+    zoom: Annotated[
+        int | None, typer.Option(help="Web-mercator zoom; default matches the scene's native resolution.")
+    ] = None,
+    bbox: Annotated[
+        str | None,
+        typer.Option(help="minlon,minlat,maxlon,maxlat (WGS84) to process only part of the scene."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto (the fastest available), torch, torch-cuda, onnxruntime or tensorrt.")
+    ] = "auto",
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Model arithmetic: auto (bf16/fp16 on a GPU, else fp32), fp32, fp16, bf16 or int8 (onnxruntime on CPUs; tensorrt from `tilefm models calibrate`); default TILEFM_PRECISION."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Embedding storage: float16 (default), float32 or int8 (scale/offset recorded)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Tiles per batch sent to an encoder (default: what a GPU encoder's memory allows, else 4).",
+        ),
+    ] = None,
+    executor: Annotated[
+        str, typer.Option(help="ray (local cluster or TILEFM_RAY_ADDRESS) or local (in-process).")
+    ] = "ray",
+    asset: Annotated[
+        list[str],
+        typer.Option(help="STAC asset KEY=PATH, to read an item's assets from local files; repeatable."),
+    ] = [],  # noqa: B006
+    band: Annotated[
+        list[str],
+        typer.Option(
+            "--band",
+            help="[MODALITY:]NAME=FILE[:SCALE:OFFSET]: a band (B08, nir08, vv, ...) added to the scene or in place of its own; SCALE and OFFSET take the file's values to the model card's units (reflectance x 10000: 0.275:-2000 for Landsat Collection 2 Level-2); repeatable.",
+        ),
+    ] = [],  # noqa: B006
+    scene_date: Annotated[
+        str | None,
+        typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none (a scene of one date)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and print the tile plan; read and write nothing.")
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Refuse (exit 2) a run whose inputs would be resampled further from the model's training pixels than its card allows, instead of warning.",
+        ),
+    ] = False,
 ) -> None:
     """Run MODEL over a scene and write a Cloud-Optimized GeoTIFF (+ a STAC item beside it)."""
     from tilefm.grid import parse_bbox
@@ -97,9 +151,20 @@ def run(
         except ValueError:
             raise TileFMError(f"expected YYYY-MM-DD, got {scene_date!r}", field="date") from None
         spec = RunSpec(
-            scene=scenes, model=model, out=out, zoom=zoom, bbox=parse_bbox(bbox) if bbox else None,
-            backend=backend, precision=precision, dtype=dtype, batch_size=batch_size, executor=executor,
-            asset_map=_pairs(asset, "asset"), date=d, bands=list(band), strict=strict,
+            scene=scenes,
+            model=model,
+            out=out,
+            zoom=zoom,
+            bbox=parse_bbox(bbox) if bbox else None,
+            backend=backend,
+            precision=precision,
+            dtype=dtype,
+            batch_size=batch_size,
+            executor=executor,
+            asset_map=_pairs(asset, "asset"),
+            date=d,
+            bands=list(band),
+            strict=strict,
         )
         prep = prepare(spec)
     except TileFMError as e:
@@ -115,9 +180,22 @@ def run(
     )
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("tiles"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("tiles", total=summary["tiles"])
         try:
@@ -131,7 +209,9 @@ def run(
 
 
 @models_app.command("list")
-def models_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
     """List the models tilefm knows and whether their weights are in the store."""
     from tilefm.models import list_cards
     from tilefm.models.store import weights_path
@@ -143,11 +223,17 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-re
             have = "yes" if weights_path(card, get_settings().model_store, verify=False) else "seeded"
         except TileFMError:
             have = "no"
-        rows.append({
-            "name": card.name, "architecture": card.architecture, "output": f"{card.output.kind}[{card.output.channels}]",
-            "inputs": ",".join(i.modality for i in card.inputs), "backends": ",".join(card.backends), "weights": have,
-            "title": card.title,
-        })
+        rows.append(
+            {
+                "name": card.name,
+                "architecture": card.architecture,
+                "output": f"{card.output.kind}[{card.output.channels}]",
+                "inputs": ",".join(i.modality for i in card.inputs),
+                "backends": ",".join(card.backends),
+                "weights": have,
+                "title": card.title,
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -172,7 +258,9 @@ def models_info(name: str) -> None:
 @models_app.command("pull")
 def models_pull(
     name: str,
-    url: Annotated[Optional[str], typer.Option(help="Fetch from here instead of the card's official source.")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Fetch from here instead of the card's official source.")
+    ] = None,
 ) -> None:
     """Fetch a model's weights into the store and verify their sha256."""
     from tilefm.models import get_card
@@ -189,10 +277,17 @@ def models_pull(
 @models_app.command("calibrate")
 def models_calibrate(
     name: str,
-    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE of a representative scene; repeatable.")],
-    zoom: Annotated[Optional[int], typer.Option(help="Web-mercator zoom of the tiles (default: the scene's native resolution).")] = None,
+    scene: Annotated[
+        list[str], typer.Option("--scene", help="MODALITY=SOURCE of a representative scene; repeatable.")
+    ],
+    zoom: Annotated[
+        int | None,
+        typer.Option(help="Web-mercator zoom of the tiles (default: the scene's native resolution)."),
+    ] = None,
     tiles: Annotated[int, typer.Option(min=1, max=512, help="Tiles in the set, spread over the scene.")] = 32,
-    scene_date: Annotated[Optional[str], typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none.")] = None,
+    scene_date: Annotated[
+        str | None, typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none.")
+    ] = None,
 ) -> None:
     """Make the calibration set an int8 TensorRT engine takes its scales from (real tiles of a
     scene, as the model sees them) and put it in the model store beside the weights."""
@@ -214,7 +309,7 @@ def models_calibrate(
 def models_verify(
     name: str,
     reference: Annotated[Path, typer.Option(help="Reference .npz (layout of shared/reference/presto).")],
-    tolerance: Annotated[Optional[float], typer.Option(help="Override the card's tolerance.")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Override the card's tolerance.")] = None,
 ) -> None:
     """Evaluate a model on a reference file; exit 1 when the max abs difference exceeds the tolerance."""
     from tilefm.models.verify import verify
@@ -235,7 +330,7 @@ def models_verify(
 jobs_app = typer.Typer(help="Submit and follow jobs on a tilefm job service.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 ApiUrl = Annotated[str, typer.Option("--api", envvar="TILEFM_API_URL", help="Job API base URL.")]
-ApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="TILEFM_API_KEY", help="API key.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TILEFM_API_KEY", help="API key.")]
 
 
 def _client(api: str, api_key: str | None):
@@ -249,13 +344,24 @@ def _follow(client, job_id: str) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     state = None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} tiles/s"),
-                  TimeElapsedColumn(), disable=not sys.stderr.isatty()) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} tiles/s"),
+        TimeElapsedColumn(),
+        disable=not sys.stderr.isatty(),
+    ) as bar:
         task = bar.add_task(job_id[:8], total=None, rate="-")
         for ev in client.events(job_id):
             state = ev.state.value
-            bar.update(task, total=ev.progress.tiles_total or None, completed=ev.progress.tiles_done,
-                       description=f"{job_id[:8]} {state}", rate=f"{ev.tiles_per_second:.2f}")
+            bar.update(
+                task,
+                total=ev.progress.tiles_total or None,
+                completed=ev.progress.tiles_done,
+                description=f"{job_id[:8]} {state}",
+                rate=f"{ev.tiles_per_second:.2f}",
+            )
     job = client.get(job_id)
     typer.echo(job.model_dump_json(indent=2))
     return 0 if job.state.value == "succeeded" else 1
@@ -263,15 +369,20 @@ def _follow(client, job_id: str) -> int:
 
 @jobs_app.command("submit")
 def jobs_submit(
-    scene: Annotated[list[str], typer.Option("--scene", help="MODALITY=SOURCE; repeatable (a modality given more than once is a time series).")],
+    scene: Annotated[
+        list[str],
+        typer.Option(
+            "--scene", help="MODALITY=SOURCE; repeatable (a modality given more than once is a time series)."
+        ),
+    ],
     model: Annotated[str, typer.Option(help="Model name.")],
     out: Annotated[str, typer.Option(help="Output prefix (s3://bucket/prefix/ or file:///dir/).")],
     api: ApiUrl = "http://127.0.0.1:8080",
     api_key: ApiKey = None,
-    zoom: Annotated[Optional[int], typer.Option()] = None,
-    bbox: Annotated[Optional[str], typer.Option()] = None,
+    zoom: Annotated[int | None, typer.Option()] = None,
+    bbox: Annotated[str | None, typer.Option()] = None,
     priority: Annotated[int, typer.Option(min=0, max=9)] = 5,
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
     watch: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow the job to the end.")] = True,
 ) -> None:
     """Submit a job; with --watch, follow it with a progress bar."""
@@ -280,8 +391,14 @@ def jobs_submit(
     from tilefm.scene import parse_scene_args
 
     try:
-        spec = JobSpec(scene=parse_scene_args(scene), model=model, output_prefix=out, zoom=zoom,
-                       bbox=parse_bbox(bbox) if bbox else None, priority=priority)
+        spec = JobSpec(
+            scene=parse_scene_args(scene),
+            model=model,
+            output_prefix=out,
+            zoom=zoom,
+            bbox=parse_bbox(bbox) if bbox else None,
+            priority=priority,
+        )
         client = _client(api, api_key)
         job = client.submit(spec, idempotency_key)
         typer.echo(job.id)
@@ -301,8 +418,12 @@ def jobs_watch(job_id: str, api: ApiUrl = "http://127.0.0.1:8080", api_key: ApiK
 
 
 @jobs_app.command("list")
-def jobs_list(api: ApiUrl = "http://127.0.0.1:8080", api_key: ApiKey = None,
-              state: Annotated[Optional[str], typer.Option()] = None, limit: int = 20) -> None:
+def jobs_list(
+    api: ApiUrl = "http://127.0.0.1:8080",
+    api_key: ApiKey = None,
+    state: Annotated[str | None, typer.Option()] = None,
+    limit: int = 20,
+) -> None:
     """Newest jobs first."""
     try:
         jobs, _ = _client(api, api_key).list(state=state, limit=limit)
@@ -310,7 +431,9 @@ def jobs_list(api: ApiUrl = "http://127.0.0.1:8080", api_key: ApiKey = None,
         fail(e)
     for j in jobs:
         p = j.progress
-        typer.echo(f"{j.id}  {j.state.value:<9}  {p.tiles_done}/{p.tiles_total}  {j.spec.model}  {j.timings.created:%Y-%m-%d %H:%M:%S}")
+        typer.echo(
+            f"{j.id}  {j.state.value:<9}  {p.tiles_done}/{p.tiles_total}  {j.spec.model}  {j.timings.created:%Y-%m-%d %H:%M:%S}"
+        )
 
 
 @jobs_app.command("cancel")
@@ -325,9 +448,13 @@ def jobs_cancel(job_id: str, api: ApiUrl = "http://127.0.0.1:8080", api_key: Api
 
 @app.command()
 def scheduler(
-    max_jobs: Annotated[Optional[int], typer.Option(help="Jobs run at once (TILEFM_SCHEDULER_MAX_JOBS).")] = None,
+    max_jobs: Annotated[
+        int | None, typer.Option(help="Jobs run at once (TILEFM_SCHEDULER_MAX_JOBS).")
+    ] = None,
     metrics_port: Annotated[int, typer.Option(help="Prometheus port (0: none).")] = 9464,
-    metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds (0.0.0.0 in a pod).")] = "127.0.0.1",
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics endpoint binds (0.0.0.0 in a pod).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run queued jobs on Ray until interrupted."""
     import logging
@@ -372,7 +499,14 @@ def serve(
     # action the process would end right there, before the gRPC server is stopped below
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
-        uvicorn.run("tilefm.api.jobs:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+        uvicorn.run(
+            "tilefm.api.jobs:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="info",
+        )
     finally:
         if grpc_server is not None:
             stop_server(grpc_server)
@@ -390,7 +524,9 @@ def up(
     from tilefm.settings import get_settings
 
     s = get_settings()
-    raise typer.Exit(run_up(port, grpc_port, tiler_port=tiler_port, redis_url=s.redis_url, models=s.model_store))
+    raise typer.Exit(
+        run_up(port, grpc_port, tiler_port=tiler_port, redis_url=s.redis_url, models=s.model_store)
+    )
 
 
 @app.command("keys")

@@ -35,13 +35,23 @@ class JobsClient:
 
     def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> Job:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return Job.model_validate(self._check(self.http.post("/v1/jobs", json=spec.model_dump(mode="json", exclude_none=True), headers=headers)))
+        return Job.model_validate(
+            self._check(
+                self.http.post(
+                    "/v1/jobs", json=spec.model_dump(mode="json", exclude_none=True), headers=headers
+                )
+            )
+        )
 
     def get(self, job_id: str) -> Job:
         return Job.model_validate(self._check(self.http.get(f"/v1/jobs/{job_id}")))
 
-    def list(self, state: str | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
-        params = {k: v for k, v in {"state": state, "limit": limit, "cursor": cursor}.items() if v is not None}
+    def list(
+        self, state: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        params = {
+            k: v for k, v in {"state": state, "limit": limit, "cursor": cursor}.items() if v is not None
+        }
         body = self._check(self.http.get("/v1/jobs", params=params))
         return [Job.model_validate(j) for j in body["jobs"]], body.get("next_cursor")
 

@@ -58,7 +58,7 @@ class TiffField:
     data: bytes  # the values, little-endian
 
     @classmethod
-    def of(cls, type_: int, values: list[int]) -> "TiffField":
+    def of(cls, type_: int, values: list[int]) -> TiffField:
         fmt = {SHORT: "H", LONG: "I", LONG8: "Q"}[type_]
         return cls(type_, len(values), struct.pack(f"<{len(values)}{fmt}", *values))
 
@@ -73,7 +73,9 @@ def read_fields(path: Path) -> dict[int, TiffField]:
         f.seek(struct.unpack_from("<Q", head, 8)[0] if big else struct.unpack_from("<I", head, 4)[0])
         count_fmt, entry_fmt, inline = ("<Q", "<HHQ", 8) if big else ("<H", "<HHI", 4)
         n = struct.unpack(count_fmt, f.read(struct.calcsize(count_fmt)))[0]
-        entries = [struct.unpack(entry_fmt, f.read(struct.calcsize(entry_fmt))) + (f.read(inline),) for _ in range(n)]
+        entries = [
+            struct.unpack(entry_fmt, f.read(struct.calcsize(entry_fmt))) + (f.read(inline),) for _ in range(n)
+        ]
         fields = {}
         for tag, type_, count, value in entries:
             size = _TYPE_SIZE[type_] * count
@@ -94,13 +96,27 @@ def stored_dtype(ds: rasterio.io.DatasetReader) -> str:
     return ds.dtypes[0]
 
 
-def template_fields(profile: dict[str, Any], tags: dict[str, str], descriptions: list[str], scale_offset: tuple[float, float] | None = None) -> dict[int, TiffField]:
+def template_fields(
+    profile: dict[str, Any],
+    tags: dict[str, str],
+    descriptions: list[str],
+    scale_offset: tuple[float, float] | None = None,
+) -> dict[int, TiffField]:
     """GDAL's georeferencing and metadata fields for a raster of this profile (and the scale and
     offset of every band, for quantized values): written by GDAL into a one-block GeoTIFF and
     read back."""
     with tempfile.TemporaryDirectory(prefix="tilefm-cog-") as tmp:
         path = Path(tmp) / "template.tif"
-        small = {**profile, "driver": "GTiff", "width": BLOCK, "height": BLOCK, "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "sparse_ok": True}
+        small = {
+            **profile,
+            "driver": "GTiff",
+            "width": BLOCK,
+            "height": BLOCK,
+            "tiled": True,
+            "blockxsize": BLOCK,
+            "blockysize": BLOCK,
+            "sparse_ok": True,
+        }
         with rasterio.open(path, "w", **small) as ds:
             ds.update_tags(**tags)
             for i, name in enumerate(descriptions, start=1):
@@ -123,7 +139,11 @@ class _Scratch(threading.local):
     def get(self, shape: tuple[int, ...], words: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         _, nbytes, n = shape
         if self.arrays is None or self.arrays[0].shape != shape or self.arrays[2].dtype != words:
-            self.arrays = (np.empty(shape, np.uint8), np.empty((SHIFT_ROWS, nbytes, n), np.uint8), np.empty((SHIFT_ROWS, n), words))
+            self.arrays = (
+                np.empty(shape, np.uint8),
+                np.empty((SHIFT_ROWS, nbytes, n), np.uint8),
+                np.empty((SHIFT_ROWS, n), words),
+            )
         return self.arrays
 
 
@@ -174,7 +194,9 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
         planes = torch.from_numpy(split[:m]).view(m, -1)
         diff = torch.from_numpy(out[r : r + m]).view(m, -1)
         diff[:, :bands] = planes[:, :bands]
-        torch.sub(planes[:, bands:], planes[:, :-bands], out=diff[:, bands:])  # uint8: wraps, as the predictor does
+        torch.sub(
+            planes[:, bands:], planes[:, :-bands], out=diff[:, bands:]
+        )  # uint8: wraps, as the predictor does
     return isal_zlib.compress(memoryview(out), DEFLATE_LEVEL)
 
 
@@ -342,7 +364,9 @@ class COGBuilder:
         self.front = front
         return self.base
 
-    def _layout(self, big: bool, placed: list[dict[tuple[int, int], int]] | None = None, row_major: bool = True) -> tuple[bytes, bytes]:
+    def _layout(
+        self, big: bool, placed: list[dict[tuple[int, int], int]] | None = None, row_major: bool = True
+    ) -> tuple[bytes, bytes]:
         order = "BLOCK_ORDER=ROW_MAJOR\n" if row_major else ""
         ghost = (
             f"LAYOUT=IFDS_BEFORE_DATA\n{order}BLOCK_LEADER=SIZE_AS_UINT4\n"
@@ -462,7 +486,13 @@ def _copy_piece(src: int, dst: int, offset: int, to: int, n: int) -> None:
                     raise OSError(f"the source ends before byte {offset + n}")
                 done += step
         except OSError as e:
-            if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+            if done or e.errno not in (
+                errno.EXDEV,
+                errno.ENOSYS,
+                errno.EOPNOTSUPP,
+                errno.EINVAL,
+                errno.EPERM,
+            ):
                 raise
     while done < n:
         piece = os.pread(src, n - done, offset + done)
@@ -478,7 +508,9 @@ def _ifd(fields: dict[int, TiffField], big: bool, at: int, last: bool) -> bytes:
     inline = 8 if big else 4
     entry_fmt, count_fmt, ptr_fmt = ("<HHQ", "<Q", "<Q") if big else ("<HHI", "<H", "<I")
     n = len(fields)
-    table_size = struct.calcsize(count_fmt) + n * (struct.calcsize(entry_fmt) + inline) + struct.calcsize(ptr_fmt)
+    table_size = (
+        struct.calcsize(count_fmt) + n * (struct.calcsize(entry_fmt) + inline) + struct.calcsize(ptr_fmt)
+    )
     values = b""
     table = struct.pack(count_fmt, n)
     for tag in sorted(fields):

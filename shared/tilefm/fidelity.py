@@ -88,5 +88,7 @@ def input_grid(scene: Scene, card: ModelCard, zoom: int | None, *, strict: bool 
             warnings.append(f"model {card.name!r} was trained on {card.gsd_m:g} m pixels and sees {pixel_m:.0f} m ones here "
                             f"({ratio:.1f}x apart, more than the {limit:g}x its card allows): expect answers it was not trained to give")  # fmt: skip
     if strict and warnings:
-        raise ResamplingError(warnings[0] + " (refused: --strict)", field="zoom" if kind == "tile" else "scene")
+        raise ResamplingError(
+            warnings[0] + " (refused: --strict)", field="zoom" if kind == "tile" else "scene"
+        )
     return InputGrid(kind, description, pixel_m, zoom, reason, warnings)

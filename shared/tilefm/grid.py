@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import morecantile
-from affine import Affine
 import numpy as np
 import shapely
+from affine import Affine
 from pyproj import Transformer
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
@@ -93,14 +93,16 @@ class TilePlan:
         """Pixel (row, col) of a tile's top-left corner in the mosaic."""
         return (tile.y - self.y_range[0]) * TILE_SIZE, (tile.x - self.x_range[0]) * TILE_SIZE
 
-    def coarsen(self, k: int) -> "TilePlan":
+    def coarsen(self, k: int) -> TilePlan:
         """The parents `k` zooms up of the planned tiles: the mosaic of an output whose pixels
         are 2^k of the tiles' pixels (per-patch outputs: 16-pixel patches, k = 4)."""
         if k == 0:
             return self
         if k > self.zoom:
             raise PlanError(f"zoom {self.zoom} has no parents {k} levels up", field="zoom")
-        tiles = sorted({Tile(t.x >> k, t.y >> k, self.zoom - k) for t in self.tiles}, key=lambda t: (t.y, t.x))
+        tiles = sorted(
+            {Tile(t.x >> k, t.y >> k, self.zoom - k) for t in self.tiles}, key=lambda t: (t.y, t.x)
+        )
         return _plan(tiles, self.zoom - k, self.footprint)
 
     def summary(self) -> dict:
@@ -142,7 +144,9 @@ def check_bbox(
     # NaN compares false with everything and infinities are out of range: both fail here
     inside = -180 <= w <= e <= 180 and -90 <= s <= n <= 90
     if not inside or (not allow_empty and (w == e or s == n)):
-        raise BBoxError(f"{name} is not a valid lon/lat box (need finite -180<=minlon<maxlon<=180, -90<=minlat<maxlat<=90)")
+        raise BBoxError(
+            f"{name} is not a valid lon/lat box (need finite -180<=minlon<maxlon<=180, -90<=minlat<maxlat<=90)"
+        )
     return w, s, e, n
 
 
@@ -177,7 +181,10 @@ def plan_tiles(
     xs, ys = _tile_range(area_3857.bounds, zoom)
     n_candidates = len(xs) * len(ys)
     if max_tiles is not None and n_candidates > 4 * max_tiles:
-        raise PlanError(f"the area needs about {n_candidates} tiles at zoom {zoom}, over the limit of {max_tiles}", field="zoom")
+        raise PlanError(
+            f"the area needs about {n_candidates} tiles at zoom {zoom}, over the limit of {max_tiles}",
+            field="zoom",
+        )
     tiles = [Tile(int(x), int(y), zoom) for x, y in _covering(xs, ys, zoom, area_3857)]
     if not tiles:
         raise PlanError(f"no tile at zoom {zoom} intersects the scene")

@@ -184,7 +184,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
             except ValueError as e:
                 raise TileFMError(str(e), field="state") from None
             jobs, cursor = self.service.list(
-                state=state, limit=request.limit or DEFAULT_LIST_LIMIT, cursor=_bounded(request.cursor, "cursor") or None
+                state=state,
+                limit=request.limit or DEFAULT_LIST_LIMIT,
+                cursor=_bounded(request.cursor, "cursor") or None,
             )
             return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_cursor=cursor or "")
         except Exception as exc:  # noqa: BLE001
@@ -201,7 +203,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
         # one poll even while its job is quiet
         stop = lambda: not context.is_active()  # noqa: E731
         try:
-            for event in self.service.watch(_required(request.id, "id"), poll_ms=self.watch_poll_ms, stop=stop):
+            for event in self.service.watch(
+                _required(request.id, "id"), poll_ms=self.watch_poll_ms, stop=stop
+            ):
                 if stop():
                     return
                 yield event_to_proto(event)
@@ -239,8 +243,13 @@ class _MalformedRequests(grpc.ServerInterceptor):
 
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             if isinstance(request, _Malformed):
-                _abort(context, _RequestError(f"request: not a valid {handler_call_details.method} message ({request.error})",
-                                              "request"))
+                _abort(
+                    context,
+                    _RequestError(
+                        f"request: not a valid {handler_call_details.method} message ({request.error})",
+                        "request",
+                    ),
+                )
             return behavior(request, context)
 
         return method_handler_like(handler, guarded, request_deserializer=lenient)
@@ -279,8 +288,11 @@ def create_server(
     defaults = {"grpc.so_reuseport": 0, "grpc.max_receive_message_length": limit}
     merged = {**defaults, **dict(options or [])}
     interceptors = [AuthInterceptor(keyring or KeyRing(service.settings)), _MalformedRequests()]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
-                         options=list(merged.items()))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=interceptors,
+        options=list(merged.items()),
+    )
     pb_grpc.add_JobServiceServicer_to_server(JobServicer(service, watch_poll_ms=watch_poll_ms), server)
     try:
         port = server.add_insecure_port(address)

@@ -131,9 +131,7 @@ class S3Server:
                     "identities": [
                         {
                             "name": "tilefm-tests",
-                            "credentials": [
-                                {"accessKey": self.access_key, "secretKey": self.secret_key}
-                            ],
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                         }
                     ]
@@ -162,9 +160,7 @@ class S3Server:
             "-master.telemetry=false",
             "-volume.preStopSeconds=0",
         ]
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
         env["TMPDIR"] = str(self.tmp / "tmp")
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
         try:
@@ -314,10 +310,31 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with S3Server(bucket="tilefm") as server:
-        env = {**os.environ, **server.tilefm_env(), "TILEFM_MODEL_STORE": str(models), "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {
+            **os.environ,
+            **server.tilefm_env(),
+            "TILEFM_MODEL_STORE": str(models),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
         jobs = [
-            ["--scene", f"s2={scene}", "--model", "presto", "--zoom", "10", "--out", "s3://tilefm/demo/presto.tif"],
-            ["--scene", f"s2={scene / 'stac-item.json'}", "--model", "ukis-csmask", "--out", (out_dir / "clouds.tif").as_uri()],
+            [
+                "--scene",
+                f"s2={scene}",
+                "--model",
+                "presto",
+                "--zoom",
+                "10",
+                "--out",
+                "s3://tilefm/demo/presto.tif",
+            ],
+            [
+                "--scene",
+                f"s2={scene / 'stac-item.json'}",
+                "--model",
+                "ukis-csmask",
+                "--out",
+                (out_dir / "clouds.tif").as_uri(),
+            ],
         ]
         for args in jobs:
             print("$ tilefm run " + " ".join(args), flush=True)
@@ -328,7 +345,9 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
         client = server.client()
         for key in ("demo/presto.tif", "demo/presto.stac.json"):
             client.download_file("tilefm", key, str(out_dir / Path(key).name))
-        print(f"outputs: {out_dir}/presto.tif (from s3://tilefm/demo/), {out_dir}/clouds.tif, with STAC items beside them")
+        print(
+            f"outputs: {out_dir}/presto.tif (from s3://tilefm/demo/), {out_dir}/clouds.tif, with STAC items beside them"
+        )
     return 0
 
 
@@ -339,12 +358,30 @@ TILER_APP_DIR = Path(__file__).resolve().parents[2] / "services" / "tiler"
 def redis_command(exe: str, port: int, data_dir: Path, *, fsync: str = "everysec") -> list[str]:
     """redis-server as the job store needs it: every write in the append-only file (fsynced each
     second by default: a crash of the machine loses at most the last second), on 127.0.0.1."""
-    return [exe, "--bind", "127.0.0.1", "--port", str(port), "--appendonly", "yes", "--appendfsync", fsync,
-            "--dir", str(data_dir)]
+    return [
+        exe,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        fsync,
+        "--dir",
+        str(data_dir),
+    ]
 
 
-def up(port: int = 8080, grpc_port: int = 50051, *, tiler_port: int = 8081, redis_url: str = "redis://127.0.0.1:6379/0",
-       models: Path | None = None, redis_dir: Path | None = None) -> int:
+def up(
+    port: int = 8080,
+    grpc_port: int = 50051,
+    *,
+    tiler_port: int = 8081,
+    redis_url: str = "redis://127.0.0.1:6379/0",
+    models: Path | None = None,
+    redis_dir: Path | None = None,
+) -> int:
     """The whole local stack in one command: Redis (the machine's redis-server when none answers,
     with its AOF in `redis_dir`), a SeaweedFS S3 server, the scheduler (local Ray), the job API
     and the tile server with its viewer; Ctrl-C stops what it started.
@@ -365,12 +402,19 @@ def up(port: int = 8080, grpc_port: int = 50051, *, tiler_port: int = 8081, redi
         except redis_lib.RedisError:
             exe = shutil.which("redis-server")
             if not exe:
-                print(f"redis: nothing answers at {redis_url} and redis-server is not installed", file=sys.stderr)
+                print(
+                    f"redis: nothing answers at {redis_url} and redis-server is not installed",
+                    file=sys.stderr,
+                )
                 return 2
             data = redis_dir or tmp / "redis"
             data.mkdir(mode=0o700, parents=True, exist_ok=True)
             redis_port = urlsplit(redis_url).port or 6379
-            procs.append(subprocess.Popen(redis_command(exe, redis_port, data), stdout=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    redis_command(exe, redis_port, data), stdout=subprocess.DEVNULL, start_new_session=True
+                )
+            )
             deadline = time.monotonic() + START_TIMEOUT_S  # a long AOF takes a while to replay
             while True:
                 try:
@@ -378,26 +422,71 @@ def up(port: int = 8080, grpc_port: int = 50051, *, tiler_port: int = 8081, redi
                     break
                 except redis_lib.RedisError:
                     if procs[-1].poll() is not None or time.monotonic() > deadline:
-                        print(f"redis: redis-server did not start on port {redis_port} (data in {data})", file=sys.stderr)
+                        print(
+                            f"redis: redis-server did not start on port {redis_port} (data in {data})",
+                            file=sys.stderr,
+                        )
                         return 2
                     time.sleep(0.2)
             print(f"redis: started redis-server on port {redis_port} (AOF in {data})")
         with S3Server(bucket="tilefm") as s3:
-            env = {**os.environ, **s3.tilefm_env(), "TILEFM_REDIS_URL": redis_url, "RAY_USAGE_STATS_ENABLED": "0"}
+            env = {
+                **os.environ,
+                **s3.tilefm_env(),
+                "TILEFM_REDIS_URL": redis_url,
+                "RAY_USAGE_STATS_ENABLED": "0",
+            }
             if models:
                 env["TILEFM_MODEL_STORE"] = str(models)
             if "TILEFM_API_KEYS" not in env:
                 env["TILEFM_AUTH_DISABLED"] = "true"
-            procs.append(subprocess.Popen([sys.executable, "-m", "tilefm", "scheduler"], env=env, start_new_session=True))
-            procs.append(subprocess.Popen([sys.executable, "-m", "tilefm", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
-                                          env=env, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tilefm", "scheduler"], env=env, start_new_session=True
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tilefm",
+                        "serve",
+                        "--port",
+                        str(port),
+                        "--grpc-port",
+                        str(grpc_port),
+                    ],
+                    env=env,
+                    start_new_session=True,
+                )
+            )
             env.setdefault("TILEFM_ALLOWED_OUTPUTS", json.dumps(["s3://tilefm/"]))
-            procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(TILER_APP_DIR),
-                                           "--host", "127.0.0.1", "--port", str(tiler_port), "--log-level", "warning"],
-                                          env=env, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "uvicorn",
+                        "app:app",
+                        "--app-dir",
+                        str(TILER_APP_DIR),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(tiler_port),
+                        "--log-level",
+                        "warning",
+                    ],
+                    env=env,
+                    start_new_session=True,
+                )
+            )
             for k, v in s3.tilefm_env().items():
                 print(f"export {k}={v}")
-            print(f"job API: http://127.0.0.1:{port}/docs  gRPC: 127.0.0.1:{grpc_port}  S3: {s3.endpoint_url} (bucket tilefm)")
+            print(
+                f"job API: http://127.0.0.1:{port}/docs  gRPC: 127.0.0.1:{grpc_port}  S3: {s3.endpoint_url} (bucket tilefm)"
+            )
             print(f"tiles: http://127.0.0.1:{tiler_port}/docs  viewer: http://127.0.0.1:{tiler_port}/viewer")
             print("Ctrl-C to stop", flush=True)
             stop = {"now": False}

@@ -16,16 +16,26 @@ STAGES = ("read", "encode", "stitch", "upload")
 tiles_processed = Counter("tilefm_tiles_processed_total", "Tiles encoded and stored", ["model", "backend"])
 tiles_failed = Counter("tilefm_tiles_failed_total", "Tiles that failed for good", ["model", "backend"])
 stage_seconds = Histogram(
-    "tilefm_stage_seconds", "Time per stage of a batch or job", ["stage"],
+    "tilefm_stage_seconds",
+    "Time per stage of a batch or job",
+    ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 ray_actors = Gauge("tilefm_ray_actors", "Encoder actors this scheduler holds", multiprocess_mode="max")
 http_requests = Counter("tilefm_http_requests_total", "HTTP requests", ["route", "method", "status"])
-http_seconds = Histogram("tilefm_http_request_seconds", "HTTP request latency", ["route", "method"],
-                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+http_seconds = Histogram(
+    "tilefm_http_request_seconds",
+    "HTTP request latency",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 
-tile_seconds = Histogram("tilefm_tile_request_seconds", "Tiler request latency", ["route", "format"],
-                         buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5))
+tile_seconds = Histogram(
+    "tilefm_tile_request_seconds",
+    "Tiler request latency",
+    ["route", "format"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
+)
 tile_cache = Counter("tilefm_tile_cache_requests_total", "Rendered-tile cache lookups", ["result"])
 
 

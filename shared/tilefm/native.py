@@ -107,7 +107,9 @@ class InferenceGrid:
     def pixel_span(self, tile: Tile, margin: int) -> tuple[int, int, int, int]:
         """Rows and columns [r0, r1) x [c0, c1) of this grid that cover the tile, plus `margin`."""
         b = TMS.xy_bounds(tile.x, tile.y, tile.z)
-        left, bottom, right, top = transform_bounds("EPSG:3857", self.crs, b.left, b.bottom, b.right, b.top, densify_pts=21)
+        left, bottom, right, top = transform_bounds(
+            "EPSG:3857", self.crs, b.left, b.bottom, b.right, b.top, densify_pts=21
+        )
         inv = ~self.affine
         cols, rows = zip(*(inv @ (x, y) for x in (left, right) for y in (bottom, top)))
         r0, r1 = math.floor(min(rows)) - margin, math.ceil(max(rows)) + margin
@@ -138,7 +140,9 @@ class WindowLattice:
 
     def covering(self, p0: int, p1: int) -> range:
         """Indices of the windows that touch pixels [p0, p1) along one axis."""
-        first = -((self.window - 1 - p0 - self.anchor) // self.stride)  # ceil((p0 + anchor - window + 1) / stride)
+        first = -(
+            (self.window - 1 - p0 - self.anchor) // self.stride
+        )  # ceil((p0 + anchor - window + 1) / stride)
         last = (p1 - 1 + self.anchor) // self.stride
         return range(first, last + 1)
 
@@ -215,7 +219,11 @@ def read_native(scene: Scene, card: ModelCard, tiles: list[Tile]) -> list[Native
                 if band is not None:
                     _read_onto(band, grid, transform, data[k], valid[k])
                 k += 1
-        out.append(NativeInput(tile, grid, first, count, data, valid, names, lattice, scene.date, tile_over_grid=ratio))
+        out.append(
+            NativeInput(
+                tile, grid, first, count, data, valid, names, lattice, scene.date, tile_over_grid=ratio
+            )
+        )
     share = (time.perf_counter() - t0) / max(len(tiles), 1)
     for o in out:
         o.read_s = share
@@ -261,7 +269,9 @@ def _band_grid(mod: Modality, path: str) -> tuple[str, tuple[float, ...], float,
     crs_wkt, transform, width, height = recorded if recorded is not None else _open_grid(path)
     crs = _crs(crs_wkt)
     res = abs(transform[0])
-    metres = None if crs.is_geographic else res * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
+    metres = (
+        None if crs.is_geographic else res * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
+    )
     return crs_wkt, transform, res, width, height, metres
 
 
@@ -276,7 +286,9 @@ def _crs(wkt: str) -> CRS:
     return CRS.from_wkt(wkt)
 
 
-def _read_onto(band: BandFile, grid: InferenceGrid, transform: Affine, values: np.ndarray, valid: np.ndarray) -> None:
+def _read_onto(
+    band: BandFile, grid: InferenceGrid, transform: Affine, values: np.ndarray, valid: np.ndarray
+) -> None:
     """One band onto a region of the grid, in place: coarser files repeated by nearest
     neighbour, finer ones area-averaged (never interpolated); outside the file stays invalid."""
     src = _cache.get(band.path).dataset

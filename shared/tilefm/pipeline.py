@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from tilefm import stac
-from tilefm.bands import bind_card
 from tilefm.backends import GPU_BACKENDS, check_precision, resolve_precision, select_backend
+from tilefm.bands import bind_card
 from tilefm.errors import SceneError, StorageError
 from tilefm.fidelity import InputGrid, input_grid
-from tilefm.native import NATIVE_BATCH
 from tilefm.grid import Tile, TilePlan, plan_tiles
 from tilefm.models import get_card
 from tilefm.models.base import TileOutput
 from tilefm.models.card import ModelCard
 from tilefm.models.store import weights_path
+from tilefm.native import NATIVE_BATCH
 from tilefm.read import check_scene
 from tilefm.runtime import LocalExecutor, WorkerSpec, local_threads, make_executor
 from tilefm.scene import Scene, open_scene, with_bands
@@ -148,7 +148,9 @@ def prepare(
     scene = bind_card(scene, card)  # a card band the sensor lacks: its close equivalent, if any
     check_scene(scene, card)
     if card.architecture == "presto" and scene.date is None:
-        raise SceneError("the scene has no date (Presto needs the month): pass --date YYYY-MM-DD", field="date")
+        raise SceneError(
+            "the scene has no date (Presto needs the month): pass --date YYYY-MM-DD", field="date"
+        )
     grid = input_grid(scene, card, spec.zoom, strict=spec.strict)
     plan = plan_tiles(scene.footprint, grid.zoom, bbox=spec.bbox, max_tiles=settings.max_tiles)
     remote = spec.executor == "ray" and bool(settings.ray_address)
@@ -159,7 +161,16 @@ def prepare(
         precision = resolve_precision(card, backend, precision)
     weights = weights_fn(card, settings.model_store)
     (check_writable_fn or storage_for(spec.out, settings).check_writable)(spec.out)
-    return Prepared(spec=spec, scene=scene, card=card, plan=plan, backend=backend, weights=weights, precision=precision, grid=grid)
+    return Prepared(
+        spec=spec,
+        scene=scene,
+        card=card,
+        plan=plan,
+        backend=backend,
+        weights=weights,
+        precision=precision,
+        grid=grid,
+    )
 
 
 def check_unclaimed(out: str, job_id: str, settings: Settings) -> None:
@@ -171,7 +182,10 @@ def check_unclaimed(out: str, job_id: str, settings: Settings) -> None:
     else:
         taken = stac_uri_for(out) if store.exists(stac_uri_for(out)) else None
     if taken:
-        raise StorageError(f"{taken} already exists and was not written by job {job_id}: refusing to replace it", field="output_prefix")
+        raise StorageError(
+            f"{taken} already exists and was not written by job {job_id}: refusing to replace it",
+            field="output_prefix",
+        )
 
 
 def _written_by(cog: str, settings: Settings) -> str | None:
@@ -179,7 +193,10 @@ def _written_by(cog: str, settings: Settings) -> str | None:
     import rasterio
 
     try:
-        with rasterio.Env(**gdal_env(settings)), rasterio.open(storage_for(cog, settings).rasterio_path(cog)) as src:
+        with (
+            rasterio.Env(**gdal_env(settings)),
+            rasterio.open(storage_for(cog, settings).rasterio_path(cog)) as src,
+        ):
             return src.tags().get("TILEFM_JOB")
     except rasterio.errors.RasterioIOError:
         return None
@@ -218,7 +235,14 @@ def publish(
         mosaic = Path(tmp) / "mosaic.tif"
         stride = card.output_stride
         out_plan = plan.coarsen(stride.bit_length() - 1)
-        extra = {"backend": prep.backend, "precision": prep.precision, **({"inference_grid": prep.grid.description} if prep.grid else {}), **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}), **({"timesteps": timesteps(prep.scene)} if prep.scene.series else {}), **(extra_tags or {})}
+        extra = {
+            "backend": prep.backend,
+            "precision": prep.precision,
+            **({"inference_grid": prep.grid.description} if prep.grid else {}),
+            **({"tile_zoom": str(plan.zoom), "output_stride": str(stride)} if stride > 1 else {}),
+            **({"timesteps": timesteps(prep.scene)} if prep.scene.series else {}),
+            **(extra_tags or {}),
+        }
         tags = output_tags(card, out_plan, prep.scene.describe(), encoding, extra)
         store = storage_for(out, settings)
         try:
@@ -237,7 +261,9 @@ def publish(
                 finally:
                     writer.close()
                 if writer.missing:
-                    raise RuntimeError(f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}")
+                    raise RuntimeError(
+                        f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}"
+                    )
                 timings["tiles_s"] = time.perf_counter() - t0
                 writer.finish(cog)
                 staged.front = writer.front
@@ -268,7 +294,9 @@ def execute(
     settings = settings or get_settings()
     spec, card, plan = prep.spec, prep.card, prep.plan
     t0 = time.perf_counter()
-    worker = WorkerSpec(card=card, backend=prep.backend, weights=prep.weights, precision=prep.precision, out_dtype=spec.dtype)
+    worker = WorkerSpec(
+        card=card, backend=prep.backend, weights=prep.weights, precision=prep.precision, out_dtype=spec.dtype
+    )
     executor = make_executor(spec.executor, worker, settings, requested=spec.backend)
     try:
         executor.warm(prep.scene.modalities)
@@ -276,7 +304,10 @@ def execute(
         executor.close()
         raise
     load_s = time.perf_counter() - t0
-    if (executor.backend, executor.precision) != (prep.backend, prep.precision):  # GPU encoders picked their own (the output says which)
+    if (executor.backend, executor.precision) != (
+        prep.backend,
+        prep.precision,
+    ):  # GPU encoders picked their own (the output says which)
         prep = replace(prep, backend=executor.backend, precision=executor.precision)
     batch_size = spec.batch_size or executor.batch_size or default_batch(prep.card)
 
@@ -292,12 +323,35 @@ def execute(
             executor.close()
 
     timings: dict[str, float] = {"load_s": load_s}
-    on_gpu = isinstance(executor, LocalExecutor) and executor.on_gpu  # its readers and the stitcher share this host
+    on_gpu = (
+        isinstance(executor, LocalExecutor) and executor.on_gpu
+    )  # its readers and the stitcher share this host
     threads = settings.cog_threads or local_threads(on_gpu)[1]
-    stac_uri = publish(prep, Encoding.for_card(card, spec.dtype), outputs(), spec.out, settings, timings=timings, threads=threads)
+    stac_uri = publish(
+        prep,
+        Encoding.for_card(card, spec.dtype),
+        outputs(),
+        spec.out,
+        settings,
+        timings=timings,
+        threads=threads,
+    )
     timings["total_s"] = time.perf_counter() - t0
-    return RunResult(out=spec.out, stac_item=stac_uri or "", tiles=len(plan.tiles), seconds=timings["total_s"], plan=plan.summary(), timings=timings, backend=prep.backend, batch_size=batch_size, precision=prep.precision, readers=executor.readers_desc)
+    return RunResult(
+        out=spec.out,
+        stac_item=stac_uri or "",
+        tiles=len(plan.tiles),
+        seconds=timings["total_s"],
+        plan=plan.summary(),
+        timings=timings,
+        backend=prep.backend,
+        batch_size=batch_size,
+        precision=prep.precision,
+        readers=executor.readers_desc,
+    )
 
 
-def run(spec: RunSpec, settings: Settings | None = None, progress: Callable[[int, int], None] | None = None) -> RunResult:
+def run(
+    spec: RunSpec, settings: Settings | None = None, progress: Callable[[int, int], None] | None = None
+) -> RunResult:
     return execute(prepare(spec, settings), settings, progress)

@@ -37,7 +37,10 @@ WARP_TOLERANCE = 0.001
 #: per-read GDAL options. Not GDAL_CACHEMAX: rasterio.Env takes a number there as bytes and sets
 #: the process-wide block cache (a `256` meant as MiB was a 256-byte cache, which made every
 #: multi-band read re-decompress its blocks); the cache is the process's (env var, or 5% of RAM)
-GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.jp2,.vrt"}
+GDAL_ENV = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.jp2,.vrt",
+}
 
 
 @dataclass
@@ -180,19 +183,32 @@ class ReaderCache(threading.local):
 _cache = ReaderCache()
 
 
-def read_band(band: BandFile, tile: Tile, halo: int, resampling: str, count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def read_band(
+    band: BandFile, tile: Tile, halo: int, resampling: str, count: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """One band on the grid of `count` tiles in a row starting at `tile`, plus a halo:
     (values float32 [H, W], valid bool [H, W])."""
     h, w = TILE_SIZE + 2 * halo, count * TILE_SIZE + 2 * halo
     first = TMS.xy_bounds(tile.x, tile.y, tile.z)
     last = TMS.xy_bounds(tile.x + count - 1, tile.y, tile.z)
     res = (first.right - first.left) / TILE_SIZE
-    bbox = (first.left - halo * res, first.bottom - halo * res, last.right + halo * res, first.top + halo * res)
+    bbox = (
+        first.left - halo * res,
+        first.bottom - halo * res,
+        last.right + halo * res,
+        first.top + halo * res,
+    )
     try:
         with rasterio.Env(**GDAL_ENV):
             img = _cache.get(band.path).part(
-                bbox, dst_crs="EPSG:3857", bounds_crs="EPSG:3857", height=h, width=w,
-                indexes=band.index, reproject_method=resampling, vrt_options={"tolerance": WARP_TOLERANCE},
+                bbox,
+                dst_crs="EPSG:3857",
+                bounds_crs="EPSG:3857",
+                height=h,
+                width=w,
+                indexes=band.index,
+                reproject_method=resampling,
+                vrt_options={"tolerance": WARP_TOLERANCE},
             )
     except TileOutsideBounds:
         return np.zeros((h, w), np.float32), np.zeros((h, w), bool)
@@ -207,7 +223,9 @@ def read_tile(scene: Scene, card: ModelCard, tile: Tile, halo: int, warp: str | 
     return read_row(scene, card, [tile], halo, warp)[0]
 
 
-def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None = None) -> list[TileInput]:
+def read_row(
+    scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None = None
+) -> list[TileInput]:
     """Tiles that follow each other in one row, read as one strip per source grid: each source
     pixel is decoded once for the row, and with a halo the neighbours' overlapping halos too.
     `warp`: "auto" or "gdal" (default: the settings'), see `tilefm.warp`."""
@@ -249,12 +267,23 @@ def read_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: 
             d[~written], v[~written] = 0.0, False
     share = (time.perf_counter() - t0) / len(tiles)
     return [
-        TileInput(tile=t, halo=halo, data=data[k], valid=valid[k], band_names=names, date=scene.date, extra=extras[k], read_s=share)
+        TileInput(
+            tile=t,
+            halo=halo,
+            data=data[k],
+            valid=valid[k],
+            band_names=names,
+            date=scene.date,
+            extra=extras[k],
+            read_s=share,
+        )
         for k, t in enumerate(tiles)
     ]
 
 
-def _read_series_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None) -> list[TileInput]:
+def _read_series_row(
+    scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None
+) -> list[TileInput]:
     """`read_row` of a time series: each timestep's acquisitions read as a scene of one date,
     the static modalities (given once) read once and put at every timestep. A band a timestep
     lacks (its modality not acquired that day, or no data there) is invalid at that timestep only."""
@@ -262,7 +291,9 @@ def _read_series_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int
     days = scene.timesteps
     steps = [read_row(scene.timestep(d), card, tiles, halo, warp) for d in days]
     static_scene = scene.static()
-    static_rows = np.array([name.split(":", 1)[0] in static_scene.modalities for name in card_band_names(card)])
+    static_rows = np.array(
+        [name.split(":", 1)[0] in static_scene.modalities for name in card_band_names(card)]
+    )
     static = read_row(static_scene, card, tiles, halo, warp) if static_rows.any() else None
     share = (time.perf_counter() - t0) / len(tiles)
     out = []
@@ -274,13 +305,29 @@ def _read_series_row(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int
             data[:, static_rows] = static[k].data[static_rows]
             valid[:, static_rows] = static[k].valid[static_rows]
             extra.update(static[k].extra)
-        out.append(TileInput(tile=t, halo=halo, data=data, valid=valid, band_names=steps[0][k].band_names, date=days[0],
-                             extra=extra, read_s=share, dates=list(days)))
+        out.append(
+            TileInput(
+                tile=t,
+                halo=halo,
+                data=data,
+                valid=valid,
+                band_names=steps[0][k].band_names,
+                date=days[0],
+                extra=extra,
+                read_s=share,
+                dates=list(days),
+            )
+        )
     return out
 
 
 def _read_bands(
-    bands: list[BandFile], tiles: list[Tile], halo: int, resampling: str, warp: str, into: list[list[tuple[np.ndarray, np.ndarray]]]
+    bands: list[BandFile],
+    tiles: list[Tile],
+    halo: int,
+    resampling: str,
+    warp: str,
+    into: list[list[tuple[np.ndarray, np.ndarray]]],
 ) -> None:
     """Each band on each tile of the row plus the halo, written into `into[band][tile]`: (values
     float32, valid bool), [H, W] each. Bands on one source grid are sampled together where
@@ -328,7 +375,9 @@ def rows(tiles: list[Tile]) -> list[list[Tile]]:
     return runs
 
 
-def read_tiles(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None = None) -> list[TileInput]:
+def read_tiles(
+    scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str | None = None
+) -> list[TileInput]:
     """A batch of tiles, each row of neighbours read as one strip (a pixel's value does not
     depend on its batch, except within GDAL's ~1 DN where GDAL reads a strip with a halo)."""
     return [ti for run in rows(tiles) for ti in read_row(scene, card, run, halo, warp)]

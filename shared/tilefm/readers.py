@@ -124,7 +124,9 @@ class ProcessReaders:
         self.held: dict[Future[Any], Slot] = {}
         self.maps: dict[int, tuple[str, mmap.mmap]] = {}
         self.warned = False
-        self.pool = ProcessPoolExecutor(max_workers=readers, mp_context=get_context("spawn"), initializer=_init_reader)
+        self.pool = ProcessPoolExecutor(
+            max_workers=readers, mp_context=get_context("spawn"), initializer=_init_reader
+        )
         # spawned now (imports take seconds) while the model warms up: each submit
         # starts one, and none is started later
         with _main_not_rerun():
@@ -137,7 +139,9 @@ class ProcessReaders:
 
     def submit(self, scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str) -> Future[Any]:
         slot = self.free.pop()
-        fut = self.pool.submit(_read_into, scene, card, tiles, halo, warp, slot, f"{self.prefix}-{slot.index}")
+        fut = self.pool.submit(
+            _read_into, scene, card, tiles, halo, warp, slot, f"{self.prefix}-{slot.index}"
+        )
         self.held[fut] = slot
         return fut
 
@@ -158,7 +162,8 @@ class ProcessReaders:
                 log.warning(
                     "no room for a %.0f MB batch in %s: reader processes send batches through a pipe "
                     "(slower; give the host or container more shared memory, e.g. docker's --shm-size)",
-                    res.nbytes / 1e6, os.path.dirname(self.prefix),
+                    res.nbytes / 1e6,
+                    os.path.dirname(self.prefix),
                 )
             yield res.batch
             return
@@ -263,7 +268,9 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _read_into(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str, slot: Slot, stem: str) -> InSlot | Inline:
+def _read_into(
+    scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str, slot: Slot, stem: str
+) -> InSlot | Inline:
     """Read and prepare a batch, then write its arrays into `slot` (replaced by a larger file
     under `stem` when it is too small)."""
     from tilefm.models.base import input_preparer

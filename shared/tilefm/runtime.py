@@ -52,7 +52,14 @@ class WorkerSpec:
     out_dtype: str | None = None
 
     def load(self) -> TileModel:
-        return load_tile_model(self.card, self.backend, self.weights, threads=self.threads, precision=self.precision, out_dtype=self.out_dtype)
+        return load_tile_model(
+            self.card,
+            self.backend,
+            self.weights,
+            threads=self.threads,
+            precision=self.precision,
+            out_dtype=self.out_dtype,
+        )
 
 
 @dataclass
@@ -138,7 +145,15 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, worker: WorkerSpec, *, readers: int = 0, prefetch: int = 2, kind: str = "auto", model: TileModel | None = None):
+    def __init__(
+        self,
+        worker: WorkerSpec,
+        *,
+        readers: int = 0,
+        prefetch: int = 2,
+        kind: str = "auto",
+        model: TileModel | None = None,
+    ):
         """`readers`: 0 for `local_threads`'s count (it depends on whether the model is on a GPU)."""
         self.model = model or worker.load()
         self.readers = readers if readers > 0 else local_threads(self.on_gpu)[0]
@@ -149,7 +164,9 @@ class LocalExecutor:
             raise ValueError(f"unknown reader kind {kind!r} (auto, thread or process)")
         # every batch read ahead, plus the one the device thread runs
         self.reads: ThreadReaders | ProcessReaders = (
-            ProcessReaders(self.readers, self.readers + self.prefetch + 1) if kind == "process" else ThreadReaders(self.readers, self.model.prepare)
+            ProcessReaders(self.readers, self.readers + self.prefetch + 1)
+            if kind == "process"
+            else ThreadReaders(self.readers, self.model.prepare)
         )
 
     @property
@@ -162,7 +179,11 @@ class LocalExecutor:
 
     @property
     def readers_desc(self) -> str:
-        kind = self.reads.kind if self.readers == 1 else {"thread": "threads", "process": "processes"}[self.reads.kind]
+        kind = (
+            self.reads.kind
+            if self.readers == 1
+            else {"thread": "threads", "process": "processes"}[self.reads.kind]
+        )
         return f"{self.readers} reader {kind}"
 
     @property
@@ -255,7 +276,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs: dict[str, Any] = dict(
-            logging_level=logging.WARNING, log_to_driver=True, configure_logging=True,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            configure_logging=True,
         )
         if address:
             ray.init(address=address, **kwargs)
@@ -300,7 +323,9 @@ class Placement:
     in_flight: int
 
 
-def place_encoders(worker: WorkerSpec, requested: str, settings: Settings, cluster: dict[str, float]) -> Placement:
+def place_encoders(
+    worker: WorkerSpec, requested: str, settings: Settings, cluster: dict[str, float]
+) -> Placement:
     """One actor per GPU where the cluster has GPUs and the model can use one (`requested` is
     `auto` or a GPU backend); otherwise CPU actors running the driver's backend. With
     `encoder_num_gpus` set, actors ask for GPUs even if the cluster has none yet (an autoscaler
@@ -349,10 +374,14 @@ class EncoderPool:
             return ",".join(sorted({i.precision for i in self.infos}))
         if self.placement.backend == "auto":
             return worker.precision or "auto"
-        return resolve_precision(worker.card, self.placement.backend, worker.precision or get_settings().precision)
+        return resolve_precision(
+            worker.card, self.placement.backend, worker.precision or get_settings().precision
+        )
 
 
-def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requested: str | None = None, wait: bool = True) -> EncoderPool:
+def start_encoders(
+    ray: Any, worker: WorkerSpec, settings: Settings, *, requested: str | None = None, wait: bool = True
+) -> EncoderPool:
     """Encoder actors for one model, restarted by Ray if they die (their tasks retried), placed
     by `place_encoders`. With `wait` (always on GPUs, where the actors pick their backend and
     batch), returns once every replica has loaded its model; without, the first reads overlap
@@ -362,13 +391,19 @@ def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requeste
     placement = place_encoders(worker, requested or worker.backend, settings, ray.cluster_resources())
     extra = {"resources": dict(settings.encoder_resources)} if settings.encoder_resources else {}
     actor_cls = ray.remote(
-        num_cpus=settings.encoder_num_cpus, num_gpus=placement.num_gpus, max_restarts=3, max_task_retries=3, **extra
+        num_cpus=settings.encoder_num_cpus,
+        num_gpus=placement.num_gpus,
+        max_restarts=3,
+        max_task_retries=3,
+        **extra,
     )(EncoderActor)
     spec = replace(worker, backend=placement.backend)
     pool = EncoderPool([actor_cls.remote(spec) for _ in range(placement.replicas)], placement)
     if wait or placement.num_gpus:
         try:
-            pool.infos = ray.get([a.info.remote() for a in pool.actors], timeout=settings.encoder_start_timeout_s)
+            pool.infos = ray.get(
+                [a.info.remote() for a in pool.actors], timeout=settings.encoder_start_timeout_s
+            )
         except GetTimeoutError:
             for a in pool.actors:
                 ray.kill(a)
@@ -382,14 +417,19 @@ def start_encoders(ray: Any, worker: WorkerSpec, settings: Settings, *, requeste
             ) from None
         except (RayActorError, RayTaskError) as e:  # the model did not load there (after Ray's restarts)
             last = [line for line in str(e).splitlines() if line.strip()][-1]
-            raise BackendError(f"encoder actors for {worker.card.name!r} on {placement.backend!r} failed to start: {last}", field="backend") from None
+            raise BackendError(
+                f"encoder actors for {worker.card.name!r} on {placement.backend!r} failed to start: {last}",
+                field="backend",
+            ) from None
         log.info("encoders for %s: %s", worker.card.name, "; ".join(map(str, pool.infos)))
         idle = [i for i in pool.infos if i.gpu_ids and not i.on_gpu]
         if idle:
             log.warning(
                 "%d encoder actor(s) for %s hold a GPU but run %s on the CPU (the GPU stays idle): "
                 "install what that backend needs on the GPU workers, or set TILEFM_ENCODER_NUM_GPUS=0",
-                len(idle), worker.card.name, idle[0].backend,
+                len(idle),
+                worker.card.name,
+                idle[0].backend,
             )
     return pool
 
@@ -459,7 +499,9 @@ class RayExecutor:
             self.ray.get(refs)
         except (RayActorError, RayTaskError) as e:
             last = [line for line in str(e).splitlines() if line.strip()][-1]
-            raise BackendError(f"encoder actors for {self.card.name!r} could not build their model: {last}", field="backend") from None
+            raise BackendError(
+                f"encoder actors for {self.card.name!r} could not build their model: {last}", field="backend"
+            ) from None
 
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
         ray = self.ray
@@ -523,7 +565,9 @@ class EncoderActor:
 
     def __init__(self, worker: WorkerSpec):
         if worker.backend == "auto":
-            worker = replace(worker, backend=select_backend(worker.card, "auto", precision=worker.precision or "auto"))
+            worker = replace(
+                worker, backend=select_backend(worker.card, "auto", precision=worker.precision or "auto")
+            )
         self.worker = worker
         self.model = worker.load()
         self.encoded = 0
@@ -534,9 +578,15 @@ class EncoderActor:
         import ray
 
         return EncoderInfo(
-            backend=self.model.backend, precision=self.model.precision, gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
-            host=socket.gethostname(), pid=os.getpid(), batch_size=self.model.batch_size(), read_halo=self.model.read_halo,
-            on_gpu=self.model.on_gpu, encoded=self.encoded,
+            backend=self.model.backend,
+            precision=self.model.precision,
+            gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            batch_size=self.model.batch_size(),
+            read_halo=self.model.read_halo,
+            on_gpu=self.model.on_gpu,
+            encoded=self.encoded,
         )
 
     def warm(self, modalities: list[str]) -> None:
@@ -551,7 +601,9 @@ class EncoderActor:
         return outputs
 
 
-def make_executor(kind: str, worker: WorkerSpec, settings: Settings, *, requested: str | None = None) -> LocalExecutor | RayExecutor:
+def make_executor(
+    kind: str, worker: WorkerSpec, settings: Settings, *, requested: str | None = None
+) -> LocalExecutor | RayExecutor:
     """`requested`: the backend the user asked for (`auto`, say), which GPU encoder actors resolve on their own host."""
     if kind == "local":
         return LocalExecutor(worker, readers=settings.local_readers, kind=settings.local_reader_kind)

@@ -31,7 +31,15 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from tilefm.bands import COMMON_NAMES, Sensor, StacBand, band_id, canonical_band, sensor_of_file, sensor_of_item, stac_band  # noqa: F401 - COMMON_NAMES, canonical_band re-exported
+from tilefm.bands import (
+    Sensor,
+    StacBand,
+    band_id,
+    canonical_band,
+    sensor_of_file,
+    sensor_of_item,
+    stac_band,
+)  # noqa: F401 - COMMON_NAMES, canonical_band re-exported
 from tilefm.errors import NotGeoreferencedError, SceneError, TileFMError
 from tilefm.settings import Settings, get_settings
 from tilefm.storage import gdal_env, storage_for
@@ -45,6 +53,7 @@ SourceCheck = Callable[[str, str], None]
 #: of them can name another file or URL, as a VRT can whatever its file is called (GDAL knows a
 #: format by its content, unless told which to use)
 CHECKED_DRIVERS = {".tif": "GTiff", ".tiff": "GTiff", ".jp2": "JP2OpenJPEG", ".img": "HFA"}
+
 
 @dataclass(frozen=True)
 class BandFile:
@@ -137,25 +146,38 @@ class Scene:
     def timesteps(self) -> list[date]:
         """The dates of a time series, in order (every acquisition of `series` has one); empty
         for a scene of one date."""
-        return sorted({a.datetime.date() for acqs in self.series.values() for a in acqs if a.datetime is not None})
+        return sorted(
+            {a.datetime.date() for acqs in self.series.values() for a in acqs if a.datetime is not None}
+        )
 
     def timestep(self, day: date) -> Scene:
         """The acquisitions of a time series on `day`, as a scene of that date (a modality with
         none that day is absent from it)."""
-        mods = {name: a for name, acqs in self.series.items() for a in acqs if a.datetime is not None and a.datetime.date() == day}
+        mods = {
+            name: a
+            for name, acqs in self.series.items()
+            for a in acqs
+            if a.datetime is not None and a.datetime.date() == day
+        }
         return Scene(modalities=mods, date_override=day)
 
     def static(self) -> Scene:
         """The modalities given once, as a scene of their own: a time series reads them once
         and uses them at every timestep."""
-        return Scene(modalities={k: m for k, m in self.modalities.items() if k not in self.series}, date_override=self.date)
+        return Scene(
+            modalities={k: m for k, m in self.modalities.items() if k not in self.series},
+            date_override=self.date,
+        )
 
     @property
     def resolution_m(self) -> float:
         return min(m.resolution_m for m in self.acquisitions() if m.resolution_m)
 
     def describe(self) -> dict[str, Any]:
-        return {k: {"timesteps": [a.describe() for a in self.series[k]]} if k in self.series else m.describe() for k, m in self.modalities.items()}
+        return {
+            k: {"timesteps": [a.describe() for a in self.series[k]]} if k in self.series else m.describe()
+            for k, m in self.modalities.items()
+        }
 
 
 def parse_scene_arg(arg: str) -> tuple[str, str]:
@@ -180,7 +202,9 @@ def parse_scene_args(args: list[str]) -> dict[str, str | list[str]]:
 
 
 #: `--band [MODALITY:]NAME=FILE[:SCALE:OFFSET]`
-BAND_ARG = re.compile(r"(?:(?P<modality>[A-Za-z][A-Za-z0-9_-]*):)?(?P<name>[A-Za-z0-9_]+)=(?P<rest>.+)", re.DOTALL)
+BAND_ARG = re.compile(
+    r"(?:(?P<modality>[A-Za-z][A-Za-z0-9_-]*):)?(?P<name>[A-Za-z0-9_]+)=(?P<rest>.+)", re.DOTALL
+)
 #: a band's file and its optional `:SCALE:OFFSET` (neither holds a `/`, as any part of a path may)
 BAND_FILE = re.compile(r"(?P<path>.+?)(?::(?P<scale>[^:/]*):(?P<offset>[^:/]*))?", re.DOTALL)
 
@@ -199,7 +223,9 @@ def parse_band_arg(arg: str) -> BandArg:
     (reflectance x 10000 for optical bands: `0.275:-2000` for Landsat Collection 2 Level-2)."""
     m = BAND_ARG.fullmatch(arg.strip())
     if m is None:
-        raise SceneError(f"expected [MODALITY:]NAME=FILE[:SCALE:OFFSET] (e.g. s2:B08=./nir.tif), got {arg!r}", field="band")
+        raise SceneError(
+            f"expected [MODALITY:]NAME=FILE[:SCALE:OFFSET] (e.g. s2:B08=./nir.tif), got {arg!r}", field="band"
+        )
     name = band_id(m["name"]) or canonical_band(m["name"])
     f = BAND_FILE.fullmatch(m["rest"].strip())
     assert f is not None  # the path alone always matches
@@ -208,9 +234,14 @@ def parse_band_arg(arg: str) -> BandArg:
         try:
             scale, offset = float(f["scale"]), float(f["offset"])
         except ValueError:
-            raise SceneError(f"SCALE and OFFSET must be numbers, got {f['scale']!r} and {f['offset']!r} in {arg!r}", field="band") from None
+            raise SceneError(
+                f"SCALE and OFFSET must be numbers, got {f['scale']!r} and {f['offset']!r} in {arg!r}",
+                field="band",
+            ) from None
         if scale == 0 or not (math.isfinite(scale) and math.isfinite(offset)):
-            raise SceneError(f"SCALE must be a non-zero finite number and OFFSET finite, got {arg!r}", field="band")
+            raise SceneError(
+                f"SCALE must be a non-zero finite number and OFFSET finite, got {arg!r}", field="band"
+            )
     if any(ord(c) < 32 for c in path):
         raise SceneError("control characters are not allowed in a band's file", field="band")
     if path.startswith("file://"):
@@ -218,13 +249,15 @@ def parse_band_arg(arg: str) -> BandArg:
     if path.startswith(("http://", "https://")):
         path = "/vsicurl/" + path
     elif path.startswith("s3://"):
-        path = "/vsis3/" + path[len("s3://"):]
+        path = "/vsis3/" + path[len("s3://") :]
     elif not path.startswith("/vsi"):
         local = Path(path).expanduser()
         if not local.exists():
             raise SceneError(f"band file {path!r} does not exist (in {arg!r})", field="band")
         path = str(local)
-    return BandArg(m["modality"].lower() if m["modality"] else None, BandFile(name, path, offset=offset, scale=scale))
+    return BandArg(
+        m["modality"].lower() if m["modality"] else None, BandFile(name, path, offset=offset, scale=scale)
+    )
 
 
 def with_bands(scene: Scene, args: list[str]) -> Scene:
@@ -245,7 +278,8 @@ def with_bands(scene: Scene, args: list[str]) -> Scene:
         if modality in scene.series:  # which of its dates would the file be?
             raise SceneError(
                 f"{modality} is a time series of {len(scene.series[modality])} acquisitions: give each one's bands in its own source, "
-                f"not with --band", field="band",
+                f"not with --band",
+                field="band",
             )
         mod = mods.get(modality) or Modality(name=modality, source=arg.band.path, bands={})
         mods[modality] = replace(mod, bands={**mod.bands, arg.band.name: arg.band})
@@ -285,9 +319,14 @@ def open_scene(
                 raise SceneError("no source given", field=f"scene.{name}")
             acquisitions: list[Modality] = []
             for source in listed:
-                acquisitions += open_acquisitions(name, source, asset_map=asset_map, check=check, settings=settings)
+                acquisitions += open_acquisitions(
+                    name, source, asset_map=asset_map, check=check, settings=settings
+                )
                 if len(acquisitions) > MAX_ACQUISITIONS:
-                    raise SceneError(f"more than {MAX_ACQUISITIONS} acquisitions: no model takes that many dates", field=f"scene.{name}")
+                    raise SceneError(
+                        f"more than {MAX_ACQUISITIONS} acquisitions: no model takes that many dates",
+                        field=f"scene.{name}",
+                    )
             if len(acquisitions) > 1:
                 acquisitions = _by_date(name, acquisitions)
                 series[name] = acquisitions
@@ -295,7 +334,8 @@ def open_scene(
     if series and date_override is not None:
         raise SceneError(
             f"a date sets the date of a scene of one date; each acquisition of a time series ({', '.join(f'scene.{n}' for n in series)}) "
-            "has its own", field="date",
+            "has its own",
+            field="date",
         )
     return Scene(modalities=mods, date_override=date_override, series=series)
 
@@ -326,7 +366,11 @@ def _by_date(name: str, acquisitions: list[Modality]) -> list[Modality]:
 
 
 def open_acquisitions(
-    name: str, source: str, *, asset_map: dict[str, str] | None = None, check: SourceCheck | None = None,
+    name: str,
+    source: str,
+    *,
+    asset_map: dict[str, str] | None = None,
+    check: SourceCheck | None = None,
     settings: Settings | None = None,
 ) -> list[Modality]:
     """The acquisitions one source holds, in its order: one for a band folder, a raster or a
@@ -343,33 +387,55 @@ def open_acquisitions(
     if where.endswith(".json") or (is_url and parsed.path.endswith(".json")):
         doc = _load_json(where, field_name, settings)
         if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-            return _from_item_collection(name, where, doc, asset_map=asset_map, check=check, settings=settings)
+            return _from_item_collection(
+                name, where, doc, asset_map=asset_map, check=check, settings=settings
+            )
         return [open_modality(name, source, asset_map=asset_map, check=check, settings=settings, item=doc)]
     if not is_url:
         folder = Path(where).expanduser()
         if folder.is_dir() and not any(f.suffix.lower() in RASTER_SUFFIXES for f in folder.iterdir()):
             members = [
-                f for f in sorted(folder.iterdir())
-                if not f.name.startswith(".") and ((f.is_dir() and any(g.suffix.lower() in RASTER_SUFFIXES for g in f.iterdir())) or f.suffix == ".json")
+                f
+                for f in sorted(folder.iterdir())
+                if not f.name.startswith(".")
+                and (
+                    (f.is_dir() and any(g.suffix.lower() in RASTER_SUFFIXES for g in f.iterdir()))
+                    or f.suffix == ".json"
+                )
             ]
             if members:
-                return [open_modality(name, str(f), asset_map=asset_map, check=check, settings=settings) for f in members]
+                return [
+                    open_modality(name, str(f), asset_map=asset_map, check=check, settings=settings)
+                    for f in members
+                ]
     return [open_modality(name, source, asset_map=asset_map, check=check, settings=settings)]
 
 
 def _from_item_collection(
-    name: str, source: str, doc: dict[str, Any], *, asset_map: dict[str, str] | None, check: SourceCheck | None,
+    name: str,
+    source: str,
+    doc: dict[str, Any],
+    *,
+    asset_map: dict[str, str] | None,
+    check: SourceCheck | None,
     settings: Settings | None,
 ) -> list[Modality]:
     """Each item of a STAC ItemCollection as an acquisition, named `SOURCE#ITEM_ID`."""
     field_name = f"scene.{name}"
     features = doc.get("features")
     if not isinstance(features, list):
-        raise SceneError(f"{source!r}: a FeatureCollection's features must be a list of STAC items", field=field_name)
+        raise SceneError(
+            f"{source!r}: a FeatureCollection's features must be a list of STAC items", field=field_name
+        )
     if not features:
-        raise SceneError(f"{source!r} is a STAC ItemCollection with no items: nothing to read", field=field_name)
+        raise SceneError(
+            f"{source!r} is a STAC ItemCollection with no items: nothing to read", field=field_name
+        )
     if len(features) > MAX_ACQUISITIONS:
-        raise SceneError(f"{source!r} holds {len(features)} items, more than {MAX_ACQUISITIONS}: no model takes that many dates", field=field_name)
+        raise SceneError(
+            f"{source!r} holds {len(features)} items, more than {MAX_ACQUISITIONS}: no model takes that many dates",
+            field=field_name,
+        )
     out = []
     for i, item in enumerate(features):
         if not isinstance(item, dict):
@@ -391,12 +457,19 @@ def s3_env(settings: Settings | None = None, **options: Any) -> contextlib.Abstr
 
 def on_s3(scene: Scene) -> bool:
     """Whether any band of `scene` is read from S3."""
-    return any(b.path.startswith(("s3://", "/vsis3/")) for m in scene.acquisitions() for b in m.bands.values())
+    return any(
+        b.path.startswith(("s3://", "/vsis3/")) for m in scene.acquisitions() for b in m.bands.values()
+    )
 
 
 def open_modality(
-    name: str, source: str, *, asset_map: dict[str, str] | None = None, check: SourceCheck | None = None,
-    settings: Settings | None = None, item: dict[str, Any] | None = None,
+    name: str,
+    source: str,
+    *,
+    asset_map: dict[str, str] | None = None,
+    check: SourceCheck | None = None,
+    settings: Settings | None = None,
+    item: dict[str, Any] | None = None,
 ) -> Modality:
     """One acquisition: a band folder, a raster or a STAC item (`item`: the item's JSON, where
     the caller has read it already)."""
@@ -438,7 +511,12 @@ def _finish_modality(mod: Modality, field_name: str, check: SourceCheck | None) 
 def _file_path(uri: str, field_name: str) -> str:
     """`file:///abs/path` (percent-encoded) -> `/abs/path`."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query or parts.fragment:
+    if (
+        parts.netloc not in ("", "localhost")
+        or not parts.path.startswith("/")
+        or parts.query
+        or parts.fragment
+    ):
         raise SceneError(f"{uri!r} is not a local file URI (file:///absolute/path)", field=field_name)
     return urllib.parse.unquote(parts.path)
 
@@ -468,8 +546,12 @@ def _from_band_dir(name: str, path: Path, check: SourceCheck | None = None) -> M
             bands[band] = BandFile(band, str(f), offset=offset, scale=scale)
             sensors.add(sensor.name)
     if not bands:
-        raise SceneError(f"folder {str(path)!r} holds no rasters ({', '.join(RASTER_SUFFIXES)})", field=f"scene.{name}")
-    mod = Modality(name=name, source=str(path), bands=bands, sensor=next(iter(sensors)) if len(sensors) == 1 else None)
+        raise SceneError(
+            f"folder {str(path)!r} holds no rasters ({', '.join(RASTER_SUFFIXES)})", field=f"scene.{name}"
+        )
+    mod = Modality(
+        name=name, source=str(path), bands=bands, sensor=next(iter(sensors)) if len(sensors) == 1 else None
+    )
     if item is not None:
         _apply_stac_properties(mod, item.get("properties", {}))
     else:
@@ -494,7 +576,15 @@ def _from_raster(name: str, path: str, checked: bool = False) -> Modality:
     if named is not None:  # LC09_L2SP_..._SR_B4.TIF, HLS.S30....B04.tif
         sensor, band = named
         scale, offset = sensor.scale_offset(band)
-        return _with_date(Modality(name=name, source=path, bands={band: BandFile(band, path, offset=offset, scale=scale)}, sensor=sensor.name), tags)
+        return _with_date(
+            Modality(
+                name=name,
+                source=path,
+                bands={band: BandFile(band, path, offset=offset, scale=scale)},
+                sensor=sensor.name,
+            ),
+            tags,
+        )
     if count == 1 and not descriptions[0]:
         names = [_single_band_name(name)]
     else:
@@ -517,7 +607,11 @@ def _single_band_name(modality: str) -> str:
 
 
 def _from_stac_item(
-    name: str, source: str, asset_map: dict[str, str], settings: Settings | None = None, item: dict[str, Any] | None = None
+    name: str,
+    source: str,
+    asset_map: dict[str, str],
+    settings: Settings | None = None,
+    item: dict[str, Any] | None = None,
 ) -> Modality:
     field_name = f"scene.{name}"
     item = _load_json(source, field_name, settings) if item is None else item
@@ -535,7 +629,9 @@ def _from_stac_item(
         # where the item states Sentinel-2's processing baseline, the baseline says the offset
         # (below): Earth Search stamps raster:bands offset -0.1 on baseline >= 04.00 items
         # whether or not their COGs were shifted back
-        found = _stac_band_name(key, asset, sensor, field_name, use_offset="s2:processing_baseline" not in props)
+        found = _stac_band_name(
+            key, asset, sensor, field_name, use_offset="s2:processing_baseline" not in props
+        )
         if found is None:
             continue  # multi-band previews (visual), masks and auxiliary layers
         href = asset.get("href")
@@ -545,7 +641,9 @@ def _from_stac_item(
         href = _resolve_href(key, href, asset_map, base_dir)
         if href is None:
             continue
-        bands[found.id] = BandFile(found.id, href, offset=found.offset, scale=found.scale, nodata=found.nodata)
+        bands[found.id] = BandFile(
+            found.id, href, offset=found.offset, scale=found.scale, nodata=found.nodata
+        )
     if not bands:
         raise SceneError(
             f"STAC item {source!r} has no usable band assets (single-band GeoTIFFs whose eo:bands, bands or key "
@@ -557,7 +655,9 @@ def _from_stac_item(
     return mod
 
 
-def _stac_band_name(key: str, asset: dict[str, Any], sensor: Sensor | None, field_name: str, *, use_offset: bool = True) -> StacBand | None:
+def _stac_band_name(
+    key: str, asset: dict[str, Any], sensor: Sensor | None, field_name: str, *, use_offset: bool = True
+) -> StacBand | None:
     """The band an asset holds and its raw -> card units: `tilefm.bands.stac_band` (the eo
     common name, the sensor's band names, a Sentinel-2 id, the centre wavelength, ...)."""
     return stac_band(key, asset, sensor, field_name, use_offset=use_offset)
@@ -588,7 +688,7 @@ def _remote_href(item: str, href: str) -> str:
         return href
     if not item.startswith("s3://"):
         return urllib.parse.urljoin(item, href)
-    bucket, _, key = item[len("s3://"):].partition("/")
+    bucket, _, key = item[len("s3://") :].partition("/")
     joined = href.lstrip("/") if href.startswith("/") else posixpath.join(posixpath.dirname(key), href)
     return f"s3://{bucket}/{posixpath.normpath(joined)}"
 
@@ -598,7 +698,10 @@ def _apply_stac_properties(mod: Modality, props: dict[str, Any]) -> None:
     if props.get("datetime"):
         mod.datetime = _parse_datetime(props["datetime"]) if isinstance(props["datetime"], str) else None
         if mod.datetime is None:
-            raise SceneError(f"{mod.source!r}: datetime {props['datetime']!r} is not a date and time (RFC 3339)", field=f"scene.{mod.name}")
+            raise SceneError(
+                f"{mod.source!r}: datetime {props['datetime']!r} is not a date and time (RFC 3339)",
+                field=f"scene.{mod.name}",
+            )
     # Sentinel-2 L2A from processing baseline 04.00 on carries a +1000 offset (unless already removed)
     baseline = props.get("s2:processing_baseline")
     if baseline and float(baseline) >= 4.0 and not props.get("earthsearch:boa_offset_applied", False):
@@ -639,7 +742,10 @@ def _apply_declared_nodata(mod: Modality, field_name: str, checked: bool = False
             continue
         try:
             with _open(band.path, checked) as src:
-                all_valid = src.nodatavals[band.index - 1] is None and MaskFlags.all_valid in src.mask_flag_enums[band.index - 1]
+                all_valid = (
+                    src.nodatavals[band.index - 1] is None
+                    and MaskFlags.all_valid in src.mask_flag_enums[band.index - 1]
+                )
         except RasterioIOError as e:
             raise SceneError(f"cannot read {band.path!r}: {_short(e)}", field=field_name) from None
         if not all_valid:
@@ -684,7 +790,9 @@ def _load_json(source: str, field_name: str, settings: Settings | None = None) -
             try:
                 return json.loads(storage_for(source, settings).read_bytes(source))
             except TileFMError as e:
-                raise SceneError(f"cannot read STAC item {source!r}: {Exception.__str__(e)}", field=field_name) from None
+                raise SceneError(
+                    f"cannot read STAC item {source!r}: {Exception.__str__(e)}", field=field_name
+                ) from None
         return json.loads(Path(source).read_text())
     except FileNotFoundError:
         raise SceneError(f"{source!r} does not exist", field=field_name) from None
@@ -695,7 +803,11 @@ def _load_json(source: str, field_name: str, settings: Settings | None = None) -
 def _parse_datetime(value: str) -> datetime | None:
     for fmt in (None, "%Y:%m:%d %H:%M:%S"):
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")) if fmt is None else datetime.strptime(value, fmt)
+            return (
+                datetime.fromisoformat(value.replace("Z", "+00:00"))
+                if fmt is None
+                else datetime.strptime(value, fmt)
+            )
         except ValueError:
             continue
     return None

@@ -28,8 +28,12 @@ class SeamReport:
     stripe: dict[int, float]
 
     def as_dict(self) -> dict:
-        return {"edge_ratio": round(self.edge_ratio, 3), "edge_rate": self.edge_rate, "interior_rate": self.interior_rate,
-                "stripe": {k: round(v, 3) for k, v in self.stripe.items()}}
+        return {
+            "edge_ratio": round(self.edge_ratio, 3),
+            "edge_rate": self.edge_rate,
+            "interior_rate": self.interior_rate,
+            "stripe": {k: round(v, 3) for k, v in self.stripe.items()},
+        }
 
 
 def _boundary_counts(a: np.ndarray, nodata: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +54,12 @@ def _phase_score(change: np.ndarray, pairs: np.ndarray, period: int) -> float:
     return float(rate.max() / rate.mean()) if rate.mean() > 0 else 1.0
 
 
-def seam_report(classes: np.ndarray, nodata: int = 255, periods: tuple[int, ...] = (32, 64, 128, 256), tile: int = TILE_SIZE) -> SeamReport:
+def seam_report(
+    classes: np.ndarray,
+    nodata: int = 255,
+    periods: tuple[int, ...] = (32, 64, 128, 256),
+    tile: int = TILE_SIZE,
+) -> SeamReport:
     """`classes` is a class map whose pixel (0, 0) is a tile corner (as tilefm's outputs are)."""
     counts = [_boundary_counts(classes, nodata), _boundary_counts(classes.T, nodata)]
     change = np.concatenate([c for c, _ in counts])
@@ -64,4 +73,9 @@ def seam_report(classes: np.ndarray, nodata: int = 255, periods: tuple[int, ...]
         scores = [np.mean([_phase_score(c, pr, q) for c, pr in counts]) for q in control_periods(p)]
         score = np.mean([_phase_score(c, pr, p) for c, pr in counts])
         stripe[p] = float(score / np.median(scores))
-    return SeamReport(float(edge_rate), float(interior_rate), float(edge_rate / interior_rate) if interior_rate else float("inf"), stripe)
+    return SeamReport(
+        float(edge_rate),
+        float(interior_rate),
+        float(edge_rate / interior_rate) if interior_rate else float("inf"),
+        stripe,
+    )

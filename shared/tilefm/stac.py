@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
 import rasterio
-from shapely.geometry import box, mapping
 from rasterio.warp import transform_geom
+from shapely.geometry import box, mapping
 
 from tilefm import __version__
 from tilefm.grid import TilePlan
@@ -24,7 +24,9 @@ EXTENSIONS = [
 ]
 
 
-def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: str, encoding: Encoding) -> dict[str, Any]:
+def output_item(
+    cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: str, encoding: Encoding
+) -> dict[str, Any]:
     with rasterio.open(cog) as src:
         bounds = src.bounds
         shape = [src.height, src.width]
@@ -33,11 +35,14 @@ def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: 
         inference_grid = src.tags().get("TILEFM_INFERENCE_GRID")
     footprint = plan.footprint
     d = scene.date
-    dt = datetime.combine(d, time(0), tzinfo=timezone.utc) if d else datetime.now(timezone.utc)
+    dt = datetime.combine(d, time(0), tzinfo=UTC) if d else datetime.now(UTC)
     ll_bounds = transform_geom("EPSG:3857", "EPSG:4326", mapping(box(*bounds)))["coordinates"][0]
     lons = [p[0] for p in ll_bounds]
     lats = [p[1] for p in ll_bounds]
-    band = {"data_type": encoding.dtype, "nodata": "nan" if encoding.nodata != encoding.nodata else encoding.nodata}
+    band = {
+        "data_type": encoding.dtype,
+        "nodata": "nan" if encoding.nodata != encoding.nodata else encoding.nodata,
+    }
     if encoding.dtype == "int8":
         band.update(scale=encoding.scale, offset=encoding.offset)
     if encoding.nbits:
@@ -51,16 +56,30 @@ def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: 
     }
     if card.output.kind == "classes":
         asset["classification:classes"] = [
-            {"value": c.value, "name": c.name.replace(" ", "_"), "description": c.name, "color_hint": c.color.lstrip("#").upper()}
+            {
+                "value": c.value,
+                "name": c.name.replace(" ", "_"),
+                "description": c.name,
+                "color_hint": c.color.lstrip("#").upper(),
+            }
             for c in card.output.classes
         ]
     links = []
-    for source in dict.fromkeys(m.source.split("#", 1)[0] for m in scene.acquisitions()):  # an ItemCollection's items: SOURCE#ID
+    for source in dict.fromkeys(
+        m.source.split("#", 1)[0] for m in scene.acquisitions()
+    ):  # an ItemCollection's items: SOURCE#ID
         if source.endswith(".json"):
             links.append({"rel": "derived_from", "href": source, "type": "application/geo+json"})
     # a time series: the date of every timestep, and the range they span (STAC common metadata)
-    series = {"start_datetime": _stamp(scene.timesteps[0]), "end_datetime": _stamp(scene.timesteps[-1]),
-              "tilefm:timesteps": [d.isoformat() for d in scene.timesteps]} if scene.series else {}
+    series = (
+        {
+            "start_datetime": _stamp(scene.timesteps[0]),
+            "end_datetime": _stamp(scene.timesteps[-1]),
+            "tilefm:timesteps": [d.isoformat() for d in scene.timesteps],
+        }
+        if scene.series
+        else {}
+    )
     return {
         "type": "Feature",
         "stac_version": "1.0.0",
@@ -91,7 +110,7 @@ def output_item(cog: Path, card: ModelCard, plan: TilePlan, scene: Scene, href: 
 
 
 def _stamp(d: date) -> str:
-    return datetime.combine(d, time(0), tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.combine(d, time(0), tzinfo=UTC).isoformat().replace("+00:00", "Z")
 
 
 def dumps(item: dict[str, Any]) -> bytes:

@@ -16,14 +16,14 @@ import threading
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
-from rasterio.windows import Window
 from rasterio.shutil import copy as rio_copy
+from rasterio.windows import Window
 from rio_cogeo import cog_validate
 
 from tilefm import __version__
@@ -58,7 +58,7 @@ class Encoding:
     resampling: str = "nearest"  # for overviews
 
     @classmethod
-    def for_card(cls, card: ModelCard, dtype: str | None = None) -> "Encoding":
+    def for_card(cls, card: ModelCard, dtype: str | None = None) -> Encoding:
         out = card.output
         dtype = dtype or out.dtype
         if out.kind == "classes":
@@ -78,7 +78,9 @@ class Encoding:
         """Largest rounding error of a stored value (per unit of value, for float16 relative)."""
         return self.scale / 2 if self.dtype == "int8" else 0.0
 
-    def encode_into(self, values: np.ndarray, weight: np.ndarray, out: np.ndarray, half: np.ndarray | None = None) -> None:
+    def encode_into(
+        self, values: np.ndarray, weight: np.ndarray, out: np.ndarray, half: np.ndarray | None = None
+    ) -> None:
         """Store blended values (weighted sums / weights) in `out` (a block of a tile, in the
         file's dtype); nodata where nothing contributed. Float16 is rounded here (ties to even),
         so that GDAL's 16-bit store, which truncates, keeps the value exactly; torch converts
@@ -210,7 +212,9 @@ class MosaicWriter:
         self.out_plan = self.out_plan or self.plan
         self.k = self.plan.zoom - self.out_plan.zoom
         if not 0 <= self.k <= 8 or (self.k and self.halo):
-            raise ValueError(f"an output {self.k} zooms above the tiles must be 0..8 zooms up, without a halo")
+            raise ValueError(
+                f"an output {self.k} zooms above the tiles must be 0..8 zooms up, without a halo"
+            )
         self.planned = set(self.out_plan.tiles)
         self.written: set[Tile] = set()
         if self.k:
@@ -231,7 +235,11 @@ class MosaicWriter:
         levels = self.out_plan.overview_levels
         # embeddings (float or int8): every level made here from each tile as it is final, and
         # the COG streamed (cog.py); each tile's output must cover a pixel of the coarsest level
-        self.streamed = self.stream is not False and self.encoding.dtype in ("float32", "int8") and levels <= (TILE_SIZE >> self.k).bit_length() - 1
+        self.streamed = (
+            self.stream is not False
+            and self.encoding.dtype in ("float32", "int8")
+            and levels <= (TILE_SIZE >> self.k).bit_length() - 1
+        )
         #: finished blocks of the streamed COG are float16 where it stores 16 bits (what the
         #: block encoder takes as it is; half the bytes of float32 through every step)
         self._block_dtype = "float16" if self.streamed and self.encoding.nbits == 16 else self.encoding.dtype
@@ -239,10 +247,18 @@ class MosaicWriter:
         self._parents_lock = threading.Lock()
         if self.streamed:
             int8 = self.encoding.dtype == "int8"
-            fields = template_fields(self._profile(), self.tags, self.band_descriptions(), (self.encoding.scale, self.encoding.offset) if int8 else None)
+            fields = template_fields(
+                self._profile(),
+                self.tags,
+                self.band_descriptions(),
+                (self.encoding.scale, self.encoding.offset) if int8 else None,
+            )
             bits = 8 if int8 else self.encoding.nbits or 32
             self._level_blocks: list[dict[tuple[int, int], _Block]] = [{} for _ in range(levels + 1)]
-            self._level_expected = [Counter(self._block_of(self._origin(t), i) for t in self.plan.tiles) for i in range(levels + 1)]
+            self._level_expected = [
+                Counter(self._block_of(self._origin(t), i) for t in self.plan.tiles)
+                for i in range(levels + 1)
+            ]
             self.cog = COGBuilder(
                 Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, bits, fields,
                 base=self.cog_path, expected=set(self._level_expected[0]), early=self.early,
@@ -266,10 +282,22 @@ class MosaicWriter:
     def _profile(self) -> dict[str, Any]:
         enc = self.encoding
         profile = dict(
-            driver="GTiff", width=self.out_plan.width, height=self.out_plan.height, count=self.channels,
-            dtype=enc.dtype, nodata=enc.nodata, crs="EPSG:3857", transform=self.out_plan.transform,
-            tiled=True, blockxsize=TILE_SIZE, blockysize=TILE_SIZE, compress="ZSTD", zstd_level=1,
-            interleave="pixel", sparse_ok=True, bigtiff="IF_SAFER",
+            driver="GTiff",
+            width=self.out_plan.width,
+            height=self.out_plan.height,
+            count=self.channels,
+            dtype=enc.dtype,
+            nodata=enc.nodata,
+            crs="EPSG:3857",
+            transform=self.out_plan.transform,
+            tiled=True,
+            blockxsize=TILE_SIZE,
+            blockysize=TILE_SIZE,
+            compress="ZSTD",
+            zstd_level=1,
+            interleave="pixel",
+            sparse_ok=True,
+            bigtiff="IF_SAFER",
         )
         if enc.nbits:
             profile["nbits"] = enc.nbits
@@ -326,7 +354,9 @@ class MosaicWriter:
         acc = self.pending.get(tile)
         if acc is None:
             acc = self.pending[tile] = _Acc(
-                np.zeros((channels, TILE_SIZE, TILE_SIZE), np.float32), np.zeros((TILE_SIZE, TILE_SIZE), np.float32), self.expected[tile]
+                np.zeros((channels, TILE_SIZE, TILE_SIZE), np.float32),
+                np.zeros((TILE_SIZE, TILE_SIZE), np.float32),
+                self.expected[tile],
             )
         return acc
 
@@ -409,7 +439,9 @@ class MosaicWriter:
             row, col = self.out_plan.offset(t)
             self._compress_now(0, (col // TILE_SIZE, row // TILE_SIZE), parent.complete(self.encoding.nodata))
 
-    def _reduce_children(self, whole: list[tuple[Tile, _Block, np.ndarray, TileOutput]]) -> list[tuple[int, tuple[int, int], np.ndarray]]:
+    def _reduce_children(
+        self, whole: list[tuple[Tile, _Block, np.ndarray, TileOutput]]
+    ) -> list[tuple[int, tuple[int, int], np.ndarray]]:
         """Children without nodata, encoded into their pieces of the parents together, and
         their share of each overview level; returns the level blocks completed."""
         import torch
@@ -487,7 +519,9 @@ class MosaicWriter:
         for level, key, block in done:
             self._compress_now(level, key, block)
 
-    def _reduce(self, block: np.ndarray, origin: tuple[int, int], valid: np.ndarray) -> list[tuple[int, tuple[int, int], np.ndarray]]:
+    def _reduce(
+        self, block: np.ndarray, origin: tuple[int, int], valid: np.ndarray
+    ) -> list[tuple[int, tuple[int, int], np.ndarray]]:
         """A final tile's (or child's) share of each overview level: the mean of the stored
         values below each pixel, nodata (pixels no tile covered: `valid` false) left out,
         rounded as the base is (int8: to the nearest quantized value, halves away from zero).
@@ -506,7 +540,9 @@ class MosaicWriter:
         mask = torch.from_numpy(np.ascontiguousarray(valid))[:, :, None]
         return self._place_levels(torch.where(mask, t, 0.0)[None], mask.to(torch.float32)[None], [origin])
 
-    def _place_levels(self, total: Any, count: Any, origins: list[tuple[int, int]]) -> list[tuple[int, tuple[int, int], np.ndarray]]:
+    def _place_levels(
+        self, total: Any, count: Any, origins: list[tuple[int, int]]
+    ) -> list[tuple[int, tuple[int, int], np.ndarray]]:
         """Each overview level's means of [m, H, W, C] stored pixels (`count`: how many of the
         pixels below had data, [m, H, W, 1]; None: all of them), put where the m pieces at
         `origins` (their rows and columns in the mosaic) go; returns the level blocks completed."""
@@ -523,7 +559,9 @@ class MosaicWriter:
                 mean = total / count  # 0 / 0: NaN, the nodata value
             if self.encoding.nbits == 16:
                 mean = mean.to(torch.float16)
-            elif out == torch.int8:  # quantized values: their mean rounded half away from zero, as GDAL's AVERAGE
+            elif (
+                out == torch.int8
+            ):  # quantized values: their mean rounded half away from zero, as GDAL's AVERAGE
                 mean = torch.nan_to_num(torch.sign(mean) * torch.floor(mean.abs() + 0.5), nan=INT8_NODATA)
             means = mean.to(out).numpy()
             n = means.shape[1]
@@ -532,8 +570,12 @@ class MosaicWriter:
                     key = self._block_of((row, col), level)
                     block = self._level_blocks[level].get(key)
                     if block is None:
-                        block = self._level_blocks[level][key] = self._block(self._block_dtype, self._level_expected[level][key], n)
-                    block.piece((row >> level) % TILE_SIZE, (col >> level) % TILE_SIZE, n).transpose(1, 2, 0)[...] = piece
+                        block = self._level_blocks[level][key] = self._block(
+                            self._block_dtype, self._level_expected[level][key], n
+                        )
+                    block.piece((row >> level) % TILE_SIZE, (col >> level) % TILE_SIZE, n).transpose(1, 2, 0)[
+                        ...
+                    ] = piece
                     if block.remaining == 0:
                         done.append((level, key, self._level_blocks[level].pop(key)))
         return [(level, key, b.complete(self.encoding.nodata)) for level, key, b in done]
@@ -555,7 +597,9 @@ class MosaicWriter:
         """Run `fn` on the writer's threads; at most WRITES_AHEAD per thread wait, which bounds
         the memory."""
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilefm-mosaic", initializer=_serial_torch)
+            self._writer = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="tilefm-mosaic", initializer=_serial_torch
+            )
         if len(self._writes) >= WRITES_AHEAD * workers:
             # whichever finishes first: the oldest may be the last child of a parent tile, whose
             # compression (a 768-band parent: ~0.3 s) the stitching thread waited for while the
@@ -667,8 +711,13 @@ def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> No
     (and mosaics too large for the stitcher's overviews); embeddings are streamed (`MosaicWriter.finish`)."""
     predictor = {1: "NO", 2: "STANDARD", 3: "FLOATING_POINT"}[encoding.predictor]
     options: dict[str, Any] = dict(
-        COMPRESS="DEFLATE", PREDICTOR=predictor, BLOCKSIZE=TILE_SIZE, BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
-        OVERVIEW_RESAMPLING=encoding.resampling.upper(), INTERLEAVE="PIXEL",
+        COMPRESS="DEFLATE",
+        PREDICTOR=predictor,
+        BLOCKSIZE=TILE_SIZE,
+        BIGTIFF="IF_SAFER",
+        NUM_THREADS="ALL_CPUS",
+        OVERVIEW_RESAMPLING=encoding.resampling.upper(),
+        INTERLEAVE="PIXEL",
     )
     if plan.overview_levels:
         options["OVERVIEW_COUNT"] = plan.overview_levels
@@ -681,7 +730,13 @@ def write_cog(mosaic: Path, dst: Path, plan: TilePlan, encoding: Encoding) -> No
     validate_cog(dst)
 
 
-def output_tags(card: ModelCard, plan: TilePlan, scene: dict[str, Any], encoding: Encoding, extra: dict[str, Any] | None = None) -> dict[str, str]:
+def output_tags(
+    card: ModelCard,
+    plan: TilePlan,
+    scene: dict[str, Any],
+    encoding: Encoding,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, str]:
     tags = {
         "TILEFM_VERSION": __version__,
         "TILEFM_MODEL": card.name,
@@ -691,7 +746,7 @@ def output_tags(card: ModelCard, plan: TilePlan, scene: dict[str, Any], encoding
         "TILEFM_SCENE": json.dumps(scene, sort_keys=True),
         "TILEFM_ZOOM": str(plan.zoom),
         "TILEFM_OUTPUT_KIND": card.output.kind,
-        "TILEFM_CREATED": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "TILEFM_CREATED": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if encoding.dtype == "int8":
         tags["TILEFM_SCALE"] = repr(encoding.scale)

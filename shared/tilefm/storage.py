@@ -137,8 +137,7 @@ def parse_uri(uri: PathLike) -> Location:
     if scheme == "s3":
         return _parse_s3_uri(uri, rest[2:])
     raise StorageError(
-        f"unsupported URI scheme {scheme!r} in {uri!r}: use s3://bucket/key, "
-        "file:///path or a local path"
+        f"unsupported URI scheme {scheme!r} in {uri!r}: use s3://bucket/key, file:///path or a local path"
     )
 
 
@@ -255,14 +254,18 @@ class EarlyParts:
     def _create(self) -> str:
         loc = self.loc
         with self.storage._errors("cannot upload to", loc):
-            return str(self.storage.client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"])
+            return str(
+                self.storage.client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"]
+            )
 
     def _upload(self, number: int, data: bytes) -> str:
         assert self._created is not None
         upload_id = self._created.result()
         loc = self.loc
         with self.storage._errors("cannot upload to", loc):
-            r = self.storage.client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id, PartNumber=number, Body=data)
+            r = self.storage.client.upload_part(
+                Bucket=loc.bucket, Key=loc.key, UploadId=upload_id, PartNumber=number, Body=data
+            )
         return str(r["ETag"])
 
     def quiesce(self) -> None:
@@ -281,7 +284,10 @@ class EarlyParts:
         uploads = dict(self._parts)
         last = self.FRONT_PARTS + len(self._parts)
         pieces = [(n + 1, at, m) for n, (at, m) in enumerate(_pieces(0, front, self.FRONT_PARTS))]
-        pieces += [(last + n + 1, at, m) for n, (at, m) in enumerate(_pieces(front + self._sent, size - front - self._sent, 64))]
+        pieces += [
+            (last + n + 1, at, m)
+            for n, (at, m) in enumerate(_pieces(front + self._sent, size - front - self._sent, 64))
+        ]
         for number, at, m in pieces:
             read: Future[None] = Future()
             uploads[number] = self._pool.submit(self._read_and_upload, number, read, path, at, m)
@@ -289,7 +295,12 @@ class EarlyParts:
         assert self._created is not None
         loc = self.loc
         with self.storage._errors("cannot upload to", loc):
-            self.storage.client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._created.result(), MultipartUpload={"Parts": etags})
+            self.storage.client.complete_multipart_upload(
+                Bucket=loc.bucket,
+                Key=loc.key,
+                UploadId=self._created.result(),
+                MultipartUpload={"Parts": etags},
+            )
         self._created = None
         self._pool.shutdown()
 
@@ -299,7 +310,9 @@ class EarlyParts:
         if self._created is not None:
             loc = self.loc
             with contextlib.suppress(Exception):
-                self.storage.client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=self._created.result())
+                self.storage.client.abort_multipart_upload(
+                    Bucket=loc.bucket, Key=loc.key, UploadId=self._created.result()
+                )
             self._created = None
 
 
@@ -478,11 +491,10 @@ class FileStorage(Storage):
 
     def write_bytes(self, uri: PathLike, data: bytes) -> None:
         path = self._path(uri)
-        with _atomic_dest(path, uri) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with _atomic_dest(path, uri) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
     def exists(self, uri: PathLike) -> bool:
         return self._path(uri).is_file()
@@ -570,9 +582,7 @@ def make_s3_client(settings: Settings) -> BaseClient:
 
 def _keys(settings: Settings) -> tuple[str | None, str | None]:
     key_id = settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None
-    secret = (
-        settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-    )
+    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
     return key_id or None, secret or None
 
 
@@ -628,9 +638,7 @@ class S3Storage(Storage):
         if not src.is_file():
             raise StorageError(f"cannot upload {src} to {loc}: no such file")
         with self._errors("cannot upload to", loc):
-            self.client.upload_file(
-                os.fspath(src), loc.bucket, loc.key, Config=self._transfer_config()
-            )
+            self.client.upload_file(os.fspath(src), loc.bucket, loc.key, Config=self._transfer_config())
 
     @contextmanager
     def writing(self, uri: PathLike, work_dir: PathLike | None = None) -> Iterator[Staged]:
@@ -649,7 +657,9 @@ class S3Storage(Storage):
                 if not early.started:
                     self.put_file(staged.path, uri)
                 elif staged.front is None:
-                    raise StorageError(f"cannot upload to {loc}: parts were sent but the file's front was never given")
+                    raise StorageError(
+                        f"cannot upload to {loc}: parts were sent but the file's front was never given"
+                    )
                 else:
                     early.complete(staged.path, staged.front)
             finally:
@@ -659,9 +669,7 @@ class S3Storage(Storage):
         loc = self._loc(uri)
         dest = Path(os.path.abspath(os.path.expanduser(os.fspath(local_path))))
         with _atomic_dest(dest, dest) as tmp, self._errors("cannot download", loc):
-            self.client.download_file(
-                loc.bucket, loc.key, os.fspath(tmp), Config=self._transfer_config()
-            )
+            self.client.download_file(loc.bucket, loc.key, os.fspath(tmp), Config=self._transfer_config())
         return dest
 
     def read_bytes(self, uri: PathLike) -> bytes:
@@ -705,8 +713,7 @@ class S3Storage(Storage):
             except ClientError as e:
                 if _error_code(e) in ("404", "NoSuchBucket", "NotFound"):
                     raise StorageError(
-                        f"cannot write {loc}: bucket {loc.bucket!r} does not exist "
-                        f"at {self.endpoint}"
+                        f"cannot write {loc}: bucket {loc.bucket!r} does not exist at {self.endpoint}"
                     ) from e
                 raise
             folder = loc.key.rpartition("/")[0]
@@ -758,8 +765,7 @@ def _s3_error(e: Exception, what: str, loc: S3Location, endpoint: str) -> Storag
             return StorageError(f"{head}: no such object")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return StorageError(
-                f"{head}: access denied by {endpoint} (check the credentials and the bucket "
-                "policy)"
+                f"{head}: access denied by {endpoint} (check the credentials and the bucket policy)"
             )
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             return StorageError(

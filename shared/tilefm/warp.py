@@ -120,7 +120,13 @@ class Strip:
 
     @classmethod
     def of_row(cls, x: int, y: int, zoom: int, count: int, halo: int) -> Strip:
-        return cls(zoom, x * TILE_SIZE - halo, y * TILE_SIZE - halo, count * TILE_SIZE + 2 * halo, TILE_SIZE + 2 * halo)
+        return cls(
+            zoom,
+            x * TILE_SIZE - halo,
+            y * TILE_SIZE - halo,
+            count * TILE_SIZE + 2 * halo,
+            TILE_SIZE + 2 * halo,
+        )
 
 
 class GridSampler:
@@ -143,7 +149,11 @@ class GridSampler:
         return cols + oc, rows + orow
 
     def sample(
-        self, bands: list[tuple[DatasetReader, int]], method: str, chunks: list[slice], into: list[Sequence[np.ndarray]] | None = None
+        self,
+        bands: list[tuple[DatasetReader, int]],
+        method: str,
+        chunks: list[slice],
+        into: list[Sequence[np.ndarray]] | None = None,
     ) -> Iterator[tuple[Sequence[np.ndarray], np.ndarray]]:
         """`bands` (dataset, 1-based index) on this grid, resampled onto each chunk of the
         strip's columns (a tile and its halo): (values float32 [bands, H, chunk width], valid
@@ -273,7 +283,9 @@ class _Lattice:
         return cols, rows, (oc, orow)
 
 
-def _lattice_error(exact: Callable, gc: np.ndarray, gr: np.ndarray, c: np.ndarray, r: np.ndarray, step: int) -> float:
+def _lattice_error(
+    exact: Callable, gc: np.ndarray, gr: np.ndarray, c: np.ndarray, r: np.ndarray, step: int
+) -> float:
     """The largest distance, in source pixels, between exact and interpolated positions at the
     lattice's edge midpoints and cell centres. Both are needed: for a conformal map (web-mercator
     to UTM or to a polar stereographic grid) the curvatures along x and y cancel at a centre."""
@@ -379,7 +391,9 @@ def _nearest(
     return np.where(ok, src[:, r, c], 0).astype(np.float32), ok
 
 
-def _under(shape: tuple[int, ...], cols: np.ndarray, rows: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _under(
+    shape: tuple[int, ...], cols: np.ndarray, rows: np.ndarray, origin: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Row and column, in the window, of the source pixel under each centre."""
     hs, ws = shape
     c = np.clip(np.floor(cols).astype(np.intp) + origin[0], 0, ws - 1)

@@ -33,9 +33,14 @@ def hash_key(key: str) -> str:
 class KeyRing:
     def __init__(self, settings: Settings):
         self.disabled = settings.auth_disabled
-        self.keys = [(k["sha256"].lower(), set(k.get("scopes", [READ, WRITE])), k.get("name", "")) for k in settings.api_keys]
+        self.keys = [
+            (k["sha256"].lower(), set(k.get("scopes", [READ, WRITE])), k.get("name", ""))
+            for k in settings.api_keys
+        ]
         if self.disabled:
-            log.warning("AUTHENTICATION IS DISABLED (TILEFM_AUTH_DISABLED=true): anyone who can reach this port can submit jobs")
+            log.warning(
+                "AUTHENTICATION IS DISABLED (TILEFM_AUTH_DISABLED=true): anyone who can reach this port can submit jobs"
+            )
         elif not self.keys:
             log.warning("no API keys configured (TILEFM_API_KEYS): every request will be refused with 401")
 

@@ -19,8 +19,13 @@ from tilefm.tiler.errors import JobNotFinished, OutputUnreadable, PathNotAllowed
 log = logging.getLogger(__name__)
 
 STATUS = {
-    JobNotFound: 404, IdempotencyConflict: 409, InvalidTransition: 409,
-    JobNotFinished: 409, OutputUnreadable: 404, TileNotAvailable: 404, PathNotAllowed: 403,
+    JobNotFound: 404,
+    IdempotencyConflict: 409,
+    InvalidTransition: 409,
+    JobNotFinished: 409,
+    OutputUnreadable: 404,
+    TileNotAvailable: 404,
+    PathNotAllowed: 403,
 }
 
 
@@ -97,9 +102,16 @@ def install(app: FastAPI) -> None:
         # an error about the body as a whole (missing, not an object) is about "body"
         field = ".".join(loc) or ".".join(str(p) for p in first.get("loc", [])) or None
         if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(400, f"malformed JSON: {first.get('msg')}", "body"), status_code=400)
-        details = [{"field": _text(".".join(str(p) for p in e.get("loc", []) if p != "body")), "message": _text(e.get("msg"))}
-                   for e in errors]
+            return JSONResponse(
+                error_body(400, f"malformed JSON: {first.get('msg')}", "body"), status_code=400
+            )
+        details = [
+            {
+                "field": _text(".".join(str(p) for p in e.get("loc", []) if p != "body")),
+                "message": _text(e.get("msg")),
+            }
+            for e in errors
+        ]
         body = error_body(422, f"{field}: {first.get('msg')}" if field else str(first.get("msg")), field)
         body["error"]["details"] = details
         return JSONResponse(body, status_code=422)
@@ -112,13 +124,19 @@ def install(app: FastAPI) -> None:
         # FastAPI's 400 for a body its parser gave up on (e.g. JSON nested past the recursion
         # limit) chains the parser's error
         field = "body" if exc.status_code == 400 and exc.__cause__ is not None else None
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), field), status_code=exc.status_code,
-                            headers=headers or None)
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail), field),
+            status_code=exc.status_code,
+            headers=headers or None,
+        )
 
     async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("job store unreachable: %s: %s", type(exc).__name__, exc)
-        return JSONResponse(error_body(503, "the job store is unreachable for now; retry shortly"), status_code=503,
-                            headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+        return JSONResponse(
+            error_body(503, "the job store is unreachable for now; retry shortly"),
+            status_code=503,
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
+        )
 
     for cls in REDIS_UNAVAILABLE:  # a restarting Redis is not a bug: the client retries, the process stays up
         app.add_exception_handler(cls, _redis_unavailable)

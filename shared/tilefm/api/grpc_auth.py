@@ -59,10 +59,14 @@ def method_handler_like(
     """
     kind = (handler.request_streaming, handler.response_streaming) if handler is not None else (False, False)
     serializer = handler.response_serializer if handler is not None else None
-    return _HANDLER_KINDS[kind](behavior, request_deserializer=request_deserializer, response_serializer=serializer)
+    return _HANDLER_KINDS[kind](
+        behavior, request_deserializer=request_deserializer, response_serializer=serializer
+    )
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str
+) -> grpc.RpcMethodHandler:
     def refuse(_request: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, details)
 
@@ -83,7 +87,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         scope = self.scopes.get(handler_call_details.method, WRITE)
-        metadata = {k.lower(): v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
+        metadata = {
+            k.lower(): v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)
+        }
         try:
             self.keyring.authorize(key_from(metadata.get("authorization"), metadata.get("x-api-key")), scope)
         except Unauthenticated as e:

@@ -30,6 +30,7 @@ from tilefm.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+
 class JobIdConvertor(Convertor):
     """Job ids in paths: only 32 hex characters match, so `/jobs/{id}:cancel` is its own route."""
 
@@ -44,7 +45,11 @@ class JobIdConvertor(Convertor):
 
 register_url_convertor("jobid", JobIdConvertor())
 
-JOB_ID = Path(description="Job id (32 hex characters)", pattern=r"^[0-9a-f]{32}$", examples=["0193a4c2f1e7aa0c4e1b2d3f4a5b6c7d"])
+JOB_ID = Path(
+    description="Job id (32 hex characters)",
+    pattern=r"^[0-9a-f]{32}$",
+    examples=["0193a4c2f1e7aa0c4e1b2d3f4a5b6c7d"],
+)
 
 SPEC_EXAMPLES = {
     "cloud mask": {
@@ -71,7 +76,12 @@ SPEC_EXAMPLES = {
     "presto time series": {
         "summary": "Presto embeddings of a time series: several acquisitions of a modality, each with its own date",
         "value": {
-            "scene": {"s2": ["/data/s2/S2A_29RKH_20200105/stac-item.json", "/data/s2/S2A_29RKH_20200219/stac-item.json"]},
+            "scene": {
+                "s2": [
+                    "/data/s2/S2A_29RKH_20200105/stac-item.json",
+                    "/data/s2/S2A_29RKH_20200219/stac-item.json",
+                ]
+            },
             "model": "presto",
             "zoom": 10,
             "bbox": [-11.6, 24.62, -11.2, 24.98],
@@ -104,18 +114,31 @@ def create_router() -> APIRouter:
     r = APIRouter(prefix="/v1", responses={**errors.RESPONSES, **too_large})
     not_found = {404: errors._doc("No job with this id")}
 
-    @r.post("/jobs", status_code=202, response_model=Job, dependencies=[require(WRITE)],
-            responses={200: {"description": "The job an identical earlier request with this Idempotency-Key created", "model": Job},
-                       409: errors._doc("Idempotency-Key reused with a different body")})
+    @r.post(
+        "/jobs",
+        status_code=202,
+        response_model=Job,
+        dependencies=[require(WRITE)],
+        responses={
+            200: {
+                "description": "The job an identical earlier request with this Idempotency-Key created",
+                "model": Job,
+            },
+            409: errors._doc("Idempotency-Key reused with a different body"),
+        },
+    )
     async def submit(
         request: Request,
         response: Response,
         spec: Annotated[JobSpec, Body(openapi_examples=SPEC_EXAMPLES)],
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200, examples=["3f1c-upload-42"])] = None,
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", max_length=200, examples=["3f1c-upload-42"])
+        ] = None,
     ) -> Job:
         """Validate a job against real files and settings, record it, and queue it."""
         job, created = await get_service(request).submit_async(
-            spec, idempotency_key=idempotency_key, aredis=getattr(request.app.state, "aredis", None))
+            spec, idempotency_key=idempotency_key, aredis=getattr(request.app.state, "aredis", None)
+        )
         if not created:
             response.status_code = 200
         response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -139,21 +162,39 @@ def create_router() -> APIRouter:
     def _cancel(request: Request, job_id: str) -> Job:
         return get_service(request).cancel(job_id)
 
-    @r.post("/jobs/{job_id:jobid}:cancel", response_model=Job, dependencies=[require(WRITE)],
-            responses={**not_found, 409: errors._doc("The job already succeeded or failed")})
+    @r.post(
+        "/jobs/{job_id:jobid}:cancel",
+        response_model=Job,
+        dependencies=[require(WRITE)],
+        responses={**not_found, 409: errors._doc("The job already succeeded or failed")},
+    )
     def cancel(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
         """Queued jobs are cancelled at once; running ones stop within seconds and their partial
         outputs are removed."""
         return _cancel(request, job_id)
 
-    @r.delete("/jobs/{job_id:jobid}", response_model=Job, dependencies=[require(WRITE)],
-              responses={**not_found, 409: errors._doc("The job already succeeded or failed")})
+    @r.delete(
+        "/jobs/{job_id:jobid}",
+        response_model=Job,
+        dependencies=[require(WRITE)],
+        responses={**not_found, 409: errors._doc("The job already succeeded or failed")},
+    )
     def delete(request: Request, job_id: Annotated[str, JOB_ID]) -> Job:
         """Same as `:cancel`."""
         return _cancel(request, job_id)
 
-    @r.get("/jobs/{job_id:jobid}/events", dependencies=[require(READ)], response_class=StreamingResponse,
-           responses={**not_found, 200: {"content": {"text/event-stream": {}}, "description": "JobEvent JSON per event until a final state"}})
+    @r.get(
+        "/jobs/{job_id:jobid}/events",
+        dependencies=[require(READ)],
+        response_class=StreamingResponse,
+        responses={
+            **not_found,
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "JobEvent JSON per event until a final state",
+            },
+        },
+    )
     async def events(request: Request, job_id: Annotated[str, JOB_ID]) -> StreamingResponse:
         service = get_service(request)
         service.get(job_id)  # 404 before the stream starts
@@ -178,13 +219,21 @@ def create_router() -> APIRouter:
             finally:
                 stopped.set()  # the client left, or the job ended: the producer stops at its next poll
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @r.get("/models", response_model=list[ModelInfo])
     def models() -> list[ModelInfo]:
         return [
-            ModelInfo(name=c.name, title=c.title, architecture=c.architecture, output=f"{c.output.kind}[{c.output.channels}]",
-                      inputs=[i.modality for i in c.inputs], backends=list(c.backends))
+            ModelInfo(
+                name=c.name,
+                title=c.title,
+                architecture=c.architecture,
+                output=f"{c.output.kind}[{c.output.channels}]",
+                inputs=[i.modality for i in c.inputs],
+                backends=list(c.backends),
+            )
             for c in list_cards()
         ]
 
@@ -204,7 +253,9 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         settle_heap()
         # submissions are recorded from the event loop through an asyncio client of the store's
         # Redis (made here: its connections belong to this loop); an injected store keeps threads
-        app.state.aredis = AsyncRedis.from_url(settings.redis_url, decode_responses=True) if own_store else None
+        app.state.aredis = (
+            AsyncRedis.from_url(settings.redis_url, decode_responses=True) if own_store else None
+        )
         try:
             yield
         finally:
@@ -224,7 +275,9 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     errors.install(app)
     app.add_middleware(GZipMiddleware, minimum_size=1000)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
     app.include_router(create_router())
     collector = metrics.JobStoreCollector(store)
 
@@ -249,7 +302,12 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
                 checks["redis"] = failure
             warnings += [warning] if warning else []
         ok = all(v == "ok" for v in checks.values())
-        body = {"status": "ok" if ok else "unavailable", "checks": checks, "redis_persistence": persistence, "warnings": warnings}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "checks": checks,
+            "redis_persistence": persistence,
+            "warnings": warnings,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
@@ -270,11 +328,21 @@ def _redis_durability(settings: Settings, store: JobStore) -> tuple[str, str | N
     if p.durable:
         return p.detail, None, None
     if p.durable is None:
-        return p.detail, None, "Redis does not say whether it persists: accepted jobs may be lost if it restarts"
+        return (
+            p.detail,
+            None,
+            "Redis does not say whether it persists: accepted jobs may be lost if it restarts",
+        )
     if settings.require_durable_redis:
         return p.detail, f"not durable: {p.detail} (require_durable_redis is set)", None
-    return p.detail, None, (f"Redis keeps no append-only file ({p.detail}): accepted jobs are lost if it restarts; "
-                            "TILEFM_REQUIRE_DURABLE_REDIS=true makes this fail readiness")
+    return (
+        p.detail,
+        None,
+        (
+            f"Redis keeps no append-only file ({p.detail}): accepted jobs are lost if it restarts; "
+            "TILEFM_REQUIRE_DURABLE_REDIS=true makes this fail readiness"
+        ),
+    )
 
 
 def _readiness(settings: Settings, store: JobStore) -> dict[str, str]:
@@ -304,5 +372,3 @@ def _readiness(settings: Settings, store: JobStore) -> dict[str, str]:
     else:
         checks["ray"] = "ok"  # the scheduler starts a local cluster
     return checks
-
-

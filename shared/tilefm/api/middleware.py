@@ -85,9 +85,17 @@ class BodyLimit:
 async def _refuse(send, status: int, message: str) -> None:
     """An error response in the services' format (`tilefm.api.errors.error_body`), about the body."""
     body = json.dumps({"error": {"status": status, "field": "body", "message": message}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

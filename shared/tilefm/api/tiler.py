@@ -34,8 +34,8 @@ from rio_tiler import errors as rio_errors
 from tilefm import __version__, metrics
 from tilefm.api import errors
 from tilefm.api.auth import READ, KeyRing, presented_key
-from tilefm.api.middleware import BodyLimit, HTTPMetrics, settle_heap
 from tilefm.api.jobs import JOB_ID, _readiness  # importing api.jobs registers the `jobid` path convertor
+from tilefm.api.middleware import BodyLimit, HTTPMetrics, settle_heap
 from tilefm.jobs.models import JobState
 from tilefm.jobs.store import JobStore
 from tilefm.memory import release_large_arrays
@@ -109,16 +109,36 @@ def job_output(request: Request, job_id: Annotated[str, JOB_ID]) -> JobOutput:
 def render_params(
     request: Request,
     out: Annotated[JobOutput, Depends(job_output)],
-    render_name: Annotated[RenderName | None, Query(alias="render", description="classes (class maps); pca, rgb or similarity (embeddings); raw. Default: classes or pca")] = None,
-    bands: Annotated[str | None, Query(description="rgb: one or three 1-based band numbers", examples=["1,2,3"])] = None,
-    rescale: Annotated[str | None, Query(description="min,max mapped to 0..255 (rgb, pca, similarity)", examples=["0,1"])] = None,
-    colormap_name: Annotated[str | None, Query(description="similarity: a rio-tiler colormap name", examples=["viridis"])] = None,
-    lon: Annotated[float | None, Query(ge=-180, le=180, description="similarity: the query pixel's longitude")] = None,
-    lat: Annotated[float | None, Query(ge=-85.06, le=85.06, description="similarity: the query pixel's latitude")] = None,
-    vector: Annotated[str | None, Query(max_length=20000, description="similarity: the query embedding, comma-separated")] = None,
+    render_name: Annotated[
+        RenderName | None,
+        Query(
+            alias="render",
+            description="classes (class maps); pca, rgb or similarity (embeddings); raw. Default: classes or pca",
+        ),
+    ] = None,
+    bands: Annotated[
+        str | None, Query(description="rgb: one or three 1-based band numbers", examples=["1,2,3"])
+    ] = None,
+    rescale: Annotated[
+        str | None, Query(description="min,max mapped to 0..255 (rgb, pca, similarity)", examples=["0,1"])
+    ] = None,
+    colormap_name: Annotated[
+        str | None, Query(description="similarity: a rio-tiler colormap name", examples=["viridis"])
+    ] = None,
+    lon: Annotated[
+        float | None, Query(ge=-180, le=180, description="similarity: the query pixel's longitude")
+    ] = None,
+    lat: Annotated[
+        float | None, Query(ge=-85.06, le=85.06, description="similarity: the query pixel's latitude")
+    ] = None,
+    vector: Annotated[
+        str | None, Query(max_length=20000, description="similarity: the query embedding, comma-separated")
+    ] = None,
 ) -> RenderParams:
     tiles: OutputTiles = request.app.state.output_tiles
-    return tiles.params(out, render_name.value if render_name else None, bands, rescale, colormap_name, lon, lat, vector)
+    return tiles.params(
+        out, render_name.value if render_name else None, bands, rescale, colormap_name, lon, lat, vector
+    )
 
 
 def _etag(*parts: Any) -> str:
@@ -185,14 +205,19 @@ def tiler_auth(settings: Settings) -> Any:
     if not settings.tiler_auth:
         return None
     if settings.auth_disabled:
-        log.warning("TILEFM_AUTH_DISABLED does not switch off the tiler's keys: TILEFM_TILER_AUTH=true asks for them")
+        log.warning(
+            "TILEFM_AUTH_DISABLED does not switch off the tiler's keys: TILEFM_TILER_AUTH=true asks for them"
+        )
     ring = KeyRing(settings.model_copy(update={"auth_disabled": False}))
 
     async def dependency(request: Request) -> None:  # async: a hash and a compare need no thread
         key = presented_key(request) or request.query_params.get(API_KEY_PARAM) or None
         if key is None:
-            raise HTTPException(401, "missing API key: send X-API-Key: KEY, Authorization: Bearer KEY or ?api_key=KEY",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing API key: send X-API-Key: KEY, Authorization: Bearer KEY or ?api_key=KEY",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         scopes = ring.scopes_for(key)
         if scopes is None:
             raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
@@ -215,8 +240,14 @@ def data_dependencies(settings: Settings) -> list[Any]:
 
 def create_output_router() -> APIRouter:
     """Job outputs: `/v1/jobs/{id}/...`."""
-    r = APIRouter(prefix="/v1/jobs/{job_id:jobid}", responses={**errors.RESPONSES, 404: errors._doc("Unknown job, or a tile outside the output"),
-                                                               409: errors._doc("The job has not succeeded (yet)")})
+    r = APIRouter(
+        prefix="/v1/jobs/{job_id:jobid}",
+        responses={
+            **errors.RESPONSES,
+            404: errors._doc("Unknown job, or a tile outside the output"),
+            409: errors._doc("The job has not succeeded (yet)"),
+        },
+    )
 
     @r.get("/info")
     def info(out: Annotated[JobOutput, Depends(job_output)]) -> dict:
@@ -224,116 +255,254 @@ def create_output_router() -> APIRouter:
         return out.describe()
 
     @r.get("/tilejson.json")
-    def tilejson(request: Request, job_id: Annotated[str, JOB_ID], out: Annotated[JobOutput, Depends(job_output)],
-                 p: Annotated[RenderParams, Depends(render_params)],
-                 tile_format: Annotated[TileFormat, Query(description="format of the tiles the template points at")] = TileFormat.png,
-                 tile_scale: Annotated[int, Query(ge=1, le=4)] = 1) -> JSONResponse:
+    def tilejson(
+        request: Request,
+        job_id: Annotated[str, JOB_ID],
+        out: Annotated[JobOutput, Depends(job_output)],
+        p: Annotated[RenderParams, Depends(render_params)],
+        tile_format: Annotated[
+            TileFormat, Query(description="format of the tiles the template points at")
+        ] = TileFormat.png,
+        tile_scale: Annotated[int, Query(ge=1, le=4)] = 1,
+    ) -> JSONResponse:
         """TileJSON 3.0 for the output with these rendering parameters (and a legend for class maps)."""
         scale = f"@{tile_scale}x" if tile_scale > 1 else ""
         query = _query(request, drop=("tile_format", "tile_scale"))
         w, s, e, n = out.bounds
         body: dict[str, Any] = {
-            "tilejson": "3.0.0", "name": f"{out.model} ({p.render})", "version": __version__,
-            "scheme": "xyz", "attribution": f"tilefm job {job_id}",
-            "tiles": [f"{_base(request)}/v1/jobs/{job_id}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}{scale}.{tile_format.value}{query}"],
-            "minzoom": out.minzoom, "maxzoom": out.maxzoom, "bounds": [w, s, e, n],
+            "tilejson": "3.0.0",
+            "name": f"{out.model} ({p.render})",
+            "version": __version__,
+            "scheme": "xyz",
+            "attribution": f"tilefm job {job_id}",
+            "tiles": [
+                f"{_base(request)}/v1/jobs/{job_id}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}{scale}.{tile_format.value}{query}"
+            ],
+            "minzoom": out.minzoom,
+            "maxzoom": out.maxzoom,
+            "bounds": [w, s, e, n],
             "center": [(w + e) / 2, (s + n) / 2, min(out.maxzoom, max(out.minzoom, out.native_zoom - 1))],
         }
         if out.is_classes:
             body["legend"] = out.legend()
         return JSONResponse(body, headers=_document_headers(request))
 
-    def _tile(request: Request, job_id: str, tms: str, z: int, x: int, y: int, scale: int, fmt: TileFormat,
-              out: JobOutput, p: RenderParams) -> Response:
+    def _tile(
+        request: Request,
+        job_id: str,
+        tms: str,
+        z: int,
+        x: int,
+        y: int,
+        scale: int,
+        fmt: TileFormat,
+        out: JobOutput,
+        p: RenderParams,
+    ) -> Response:
         key = f"{job_id}|{out.version}|{tms}/{z}/{x}/{y}@{scale}.{fmt.value}|{p.key()}"
         tiles: OutputTiles = request.app.state.output_tiles
-        return _tile_response(request, key, MEDIA_TYPES[fmt.value],
-                              lambda: tiles.tile(out, tms, z, x, y, scale, fmt.value, p), "output", fmt.value)
+        return _tile_response(
+            request,
+            key,
+            MEDIA_TYPES[fmt.value],
+            lambda: tiles.tile(out, tms, z, x, y, scale, fmt.value, p),
+            "output",
+            fmt.value,
+        )
 
-    tile_doc = {"responses": {200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}, "application/x-binary": {}, "image/tiff": {}},
-                                    "description": "The rendered tile (png/webp/jpg) or its raw values (npy/tif)"}},
-                "response_class": Response}
+    tile_doc = {
+        "responses": {
+            200: {
+                "content": {
+                    "image/png": {},
+                    "image/webp": {},
+                    "image/jpeg": {},
+                    "application/x-binary": {},
+                    "image/tiff": {},
+                },
+                "description": "The rendered tile (png/webp/jpg) or its raw values (npy/tif)",
+            }
+        },
+        "response_class": Response,
+    }
 
     @r.get("/tiles/{tms}/{z:int}/{x:int}/{y:int}.{fmt}", **tile_doc)
-    def tile(request: Request, job_id: Annotated[str, JOB_ID], tms: str, z: int, x: int, y: int, fmt: TileFormat,
-             out: Annotated[JobOutput, Depends(job_output)], p: Annotated[RenderParams, Depends(render_params)]) -> Response:
+    def tile(
+        request: Request,
+        job_id: Annotated[str, JOB_ID],
+        tms: str,
+        z: int,
+        x: int,
+        y: int,
+        fmt: TileFormat,
+        out: Annotated[JobOutput, Depends(job_output)],
+        p: Annotated[RenderParams, Depends(render_params)],
+    ) -> Response:
         """One XYZ tile. Raw formats carry the de-quantized values (float32, NaN = no data; class
         numbers as uint8, 255 = no data), or the similarity for `render=similarity`."""
         return _tile(request, job_id, tms, z, x, y, 1, fmt, out, p)
 
     @r.get("/tiles/{tms}/{z:int}/{x:int}/{y:int}@{scale:int}x.{fmt}", **tile_doc)
-    def tile_scaled(request: Request, job_id: Annotated[str, JOB_ID], tms: str, z: int, x: int, y: int, scale: int, fmt: TileFormat,
-                    out: Annotated[JobOutput, Depends(job_output)], p: Annotated[RenderParams, Depends(render_params)]) -> Response:
+    def tile_scaled(
+        request: Request,
+        job_id: Annotated[str, JOB_ID],
+        tms: str,
+        z: int,
+        x: int,
+        y: int,
+        scale: int,
+        fmt: TileFormat,
+        out: Annotated[JobOutput, Depends(job_output)],
+        p: Annotated[RenderParams, Depends(render_params)],
+    ) -> Response:
         """A tile of 256 x scale pixels (for high-DPI screens)."""
         return _tile(request, job_id, tms, z, x, y, scale, fmt, out, p)
 
     @r.get("/point/{lon},{lat}")
-    def point(request: Request, out: Annotated[JobOutput, Depends(job_output)],
-              lon: Annotated[float, Path(ge=-180, le=180)], lat: Annotated[float, Path(ge=-85.06, le=85.06)]) -> JSONResponse:
+    def point(
+        request: Request,
+        out: Annotated[JobOutput, Depends(job_output)],
+        lon: Annotated[float, Path(ge=-180, le=180)],
+        lat: Annotated[float, Path(ge=-85.06, le=85.06)],
+    ) -> JSONResponse:
         """The output's values at a position, de-quantized (null = no data), with the class name for class maps."""
         body = request.app.state.output_tiles.point(out, lon, lat)
         return JSONResponse(body, headers={"Cache-Control": _cache_control(request, IMMUTABLE)})
 
     @r.get("/statistics")
-    def statistics(request: Request, out: Annotated[JobOutput, Depends(job_output)],
-                   bands: Annotated[str | None, Query(description="1-based band numbers, comma-separated (default all)", examples=["1,2,3"])] = None,
-                   max_size: Annotated[int | None, Query(ge=64, description="longest side read, px (default 1024, at most TILEFM_TILER_MAX_STATISTICS_PX)")] = None) -> dict:
+    def statistics(
+        request: Request,
+        out: Annotated[JobOutput, Depends(job_output)],
+        bands: Annotated[
+            str | None,
+            Query(description="1-based band numbers, comma-separated (default all)", examples=["1,2,3"]),
+        ] = None,
+        max_size: Annotated[
+            int | None,
+            Query(
+                ge=64,
+                description="longest side read, px (default 1024, at most TILEFM_TILER_MAX_STATISTICS_PX)",
+            ),
+        ] = None,
+    ) -> dict:
         """Per band: min/max/mean/std/percentiles of the de-quantized values, or class counts and fractions."""
         try:
             idx = [int(b) for b in bands.split(",")] if bands else None
         except ValueError:
-            raise BadRenderParameter(f"bands must be comma-separated numbers, not {bands!r}", field="bands") from None
+            raise BadRenderParameter(
+                f"bands must be comma-separated numbers, not {bands!r}", field="bands"
+            ) from None
         return request.app.state.output_tiles.statistics(out, idx, max_size)
 
     @r.get("/preview.{fmt}", response_class=Response)
-    def preview(request: Request, fmt: ImageFormat, out: Annotated[JobOutput, Depends(job_output)],
-                p: Annotated[RenderParams, Depends(render_params)],
-                max_size: Annotated[int | None, Query(ge=64, description="longest side, px (default 1024, at most TILEFM_TILER_MAX_PREVIEW_PX)")] = None) -> Response:
+    def preview(
+        request: Request,
+        fmt: ImageFormat,
+        out: Annotated[JobOutput, Depends(job_output)],
+        p: Annotated[RenderParams, Depends(render_params)],
+        max_size: Annotated[
+            int | None,
+            Query(ge=64, description="longest side, px (default 1024, at most TILEFM_TILER_MAX_PREVIEW_PX)"),
+        ] = None,
+    ) -> Response:
         """The whole output as one image."""
         max_size = request.app.state.output_tiles.preview_size(out, p, max_size)
         key = f"{out.job_id}|{out.version}|preview{max_size}.{fmt.value}|{p.key()}"
-        return _tile_response(request, key, MEDIA_TYPES[fmt.value],
-                              lambda: request.app.state.output_tiles.preview(out, fmt.value, p, max_size), "preview", fmt.value)
+        return _tile_response(
+            request,
+            key,
+            MEDIA_TYPES[fmt.value],
+            lambda: request.app.state.output_tiles.preview(out, fmt.value, p, max_size),
+            "preview",
+            fmt.value,
+        )
 
-    @r.get("/WMTSCapabilities.xml", response_class=Response, responses={200: {"content": {"application/xml": {}}}})
-    def wmts(request: Request, job_id: Annotated[str, JOB_ID], out: Annotated[JobOutput, Depends(job_output)],
-             p: Annotated[RenderParams, Depends(render_params)], tile_format: ImageFormat = ImageFormat.png) -> Response:
+    @r.get(
+        "/WMTSCapabilities.xml",
+        response_class=Response,
+        responses={200: {"content": {"application/xml": {}}}},
+    )
+    def wmts(
+        request: Request,
+        job_id: Annotated[str, JOB_ID],
+        out: Annotated[JobOutput, Depends(job_output)],
+        p: Annotated[RenderParams, Depends(render_params)],
+        tile_format: ImageFormat = ImageFormat.png,
+    ) -> Response:
         """WMTS capabilities of the output with these rendering parameters (QGIS: Layer > Add WMS/WMTS)."""
         query = _query(request, drop=("tile_format",))
         url = f"{_base(request)}/v1/jobs/{job_id}/tiles/WebMercatorQuad/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{tile_format.value}{query}"
-        xml = capabilities(title=f"tilefm {out.model} {p.render} ({job_id})", layer=f"{job_id}-{p.render}", bounds=out.bounds,
-                           minzoom=out.minzoom, maxzoom=out.maxzoom, tile_url=url, fmt=MEDIA_TYPES[tile_format.value])
+        xml = capabilities(
+            title=f"tilefm {out.model} {p.render} ({job_id})",
+            layer=f"{job_id}-{p.render}",
+            bounds=out.bounds,
+            minzoom=out.minzoom,
+            maxzoom=out.maxzoom,
+            tile_url=url,
+            fmt=MEDIA_TYPES[tile_format.value],
+        )
         return Response(xml, media_type="application/xml", headers=_document_headers(request))
 
     # --- the input scene, drawn the same way --------------------------------------------------
 
     @r.get("/scene/tilejson.json")
-    def scene_tilejson(request: Request, job_id: Annotated[str, JOB_ID], out: Annotated[JobOutput, Depends(job_output)],
-                       rescale: Annotated[str | None, Query(examples=["0,3000"], description="reflectance x 10000 mapped to 0..255")] = None,
-                       tile_format: ImageFormat = ImageFormat.png) -> JSONResponse:
+    def scene_tilejson(
+        request: Request,
+        job_id: Annotated[str, JOB_ID],
+        out: Annotated[JobOutput, Depends(job_output)],
+        rescale: Annotated[
+            str | None, Query(examples=["0,3000"], description="reflectance x 10000 mapped to 0..255")
+        ] = None,
+        tile_format: ImageFormat = ImageFormat.png,
+    ) -> JSONResponse:
         """TileJSON of the job's input scene in true colour (Sentinel-2 B04, B03, B02)."""
         render.parse_rescale(rescale)
         scene = request.app.state.scene_tiles.scene(out, _scene_sources(request, out))
         request.app.state.scene_tiles.bands(scene)  # 404 now if the scene has no true colour
         w, s, e, n = scene.footprint.bounds
         q = "?" + urlencode({"rescale": rescale}, safe=",") if rescale else ""
-        return JSONResponse({
-            "tilejson": "3.0.0", "name": "input scene (true colour)", "scheme": "xyz",
-            "tiles": [f"{_base(request)}/v1/jobs/{job_id}/scene/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.{tile_format.value}{q}"],
-            "minzoom": out.minzoom, "maxzoom": out.maxzoom, "bounds": [w, s, e, n],
-            "center": [(w + e) / 2, (s + n) / 2, out.native_zoom - 1],
-        }, headers=_document_headers(request))
+        return JSONResponse(
+            {
+                "tilejson": "3.0.0",
+                "name": "input scene (true colour)",
+                "scheme": "xyz",
+                "tiles": [
+                    f"{_base(request)}/v1/jobs/{job_id}/scene/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.{tile_format.value}{q}"
+                ],
+                "minzoom": out.minzoom,
+                "maxzoom": out.maxzoom,
+                "bounds": [w, s, e, n],
+                "center": [(w + e) / 2, (s + n) / 2, out.native_zoom - 1],
+            },
+            headers=_document_headers(request),
+        )
 
     @r.get("/scene/tiles/{tms}/{z:int}/{x:int}/{y:int}.{fmt}", response_class=Response)
-    def scene_tile(request: Request, job_id: Annotated[str, JOB_ID], tms: str, z: int, x: int, y: int, fmt: ImageFormat,
-                   out: Annotated[JobOutput, Depends(job_output)], rescale: Annotated[str | None, Query(examples=["0,3000"])] = None) -> Response:
+    def scene_tile(
+        request: Request,
+        job_id: Annotated[str, JOB_ID],
+        tms: str,
+        z: int,
+        x: int,
+        y: int,
+        fmt: ImageFormat,
+        out: Annotated[JobOutput, Depends(job_output)],
+        rescale: Annotated[str | None, Query(examples=["0,3000"])] = None,
+    ) -> Response:
         """A true-colour tile of the input scene."""
         resc = render.parse_rescale(rescale)
         st: SceneTiles = request.app.state.scene_tiles
         key = f"{job_id}|{out.version}|scene|{tms}/{z}/{x}/{y}.{fmt.value}|{resc}"
-        return _tile_response(request, key, MEDIA_TYPES[fmt.value],
-                              lambda: st.tile(out, st.scene(out, _scene_sources(request, out)), tms, z, x, y, 1, fmt.value, resc),
-                              "scene", fmt.value)
+        return _tile_response(
+            request,
+            key,
+            MEDIA_TYPES[fmt.value],
+            lambda: st.tile(
+                out, st.scene(out, _scene_sources(request, out)), tms, z, x, y, 1, fmt.value, resc
+            ),
+            "scene",
+            fmt.value,
+        )
 
     return r
 
@@ -347,19 +516,32 @@ def create_jobs_router() -> APIRouter:
     r = APIRouter(prefix="/v1", responses=errors.RESPONSES)
 
     @r.get("/jobs", response_model=JobSummaries)
-    def list_jobs(request: Request,
-                  state: Annotated[Literal["succeeded"], Query(description="only finished jobs are listed")] = "succeeded",
-                  limit: Annotated[int, Query(ge=1, le=100)] = 50,
-                  cursor: Annotated[str | None, Query(max_length=200)] = None) -> JobSummaries:
+    def list_jobs(
+        request: Request,
+        state: Annotated[
+            Literal["succeeded"], Query(description="only finished jobs are listed")
+        ] = "succeeded",
+        limit: Annotated[int, Query(ge=1, le=100)] = 50,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> JobSummaries:
         """Succeeded jobs (newest first) for the viewer to pick from: id, model and times only.
         Off (404) when `TILEFM_TILER_LIST_JOBS` is false."""
         if not request.app.state.settings.tiler_list_jobs:
             raise HTTPException(404, "listing jobs is switched off on this tiler (TILEFM_TILER_LIST_JOBS)")
         jobs, nxt = request.app.state.store.list(state=JobState.SUCCEEDED, limit=limit, cursor=cursor)
-        return JobSummaries(jobs=[JobSummary(
-            id=j.id, model=j.spec.model, created=j.timings.created.isoformat(),
-            finished=j.timings.finished.isoformat() if j.timings.finished else None,
-        ) for j in jobs if j.state == JobState.SUCCEEDED], next_cursor=nxt)
+        return JobSummaries(
+            jobs=[
+                JobSummary(
+                    id=j.id,
+                    model=j.spec.model,
+                    created=j.timings.created.isoformat(),
+                    finished=j.timings.finished.isoformat() if j.timings.finished else None,
+                )
+                for j in jobs
+                if j.state == JobState.SUCCEEDED
+            ],
+            next_cursor=nxt,
+        )
 
     return r
 
@@ -378,7 +560,10 @@ def create_viewer_router(viewer_dir: FilePath) -> APIRouter:
 
     def _page() -> FileResponse:
         if not vendor.is_dir():
-            raise HTTPException(503, "the viewer's MapLibre files are missing: run `make viewer` (npm ci in services/tiler/viewer)")
+            raise HTTPException(
+                503,
+                "the viewer's MapLibre files are missing: run `make viewer` (npm ci in services/tiler/viewer)",
+            )
         return _file(static, "index.html")
 
     @r.get("/viewer")
@@ -411,7 +596,11 @@ def mount_cog_endpoints(app: FastAPI, settings: Settings, dependencies: list[Any
     prefixes = settings.tiler_prefixes or settings.allowed_outputs
     limits = Limits.from_settings(settings)
 
-    def cog_path(url: Annotated[str, Query(description="s3://bucket/key.tif or a path, under the tiler's storage prefixes")]) -> str:
+    def cog_path(
+        url: Annotated[
+            str, Query(description="s3://bucket/key.tif or a path, under the tiler's storage prefixes")
+        ],
+    ) -> str:
         return allowed_path(url, prefixes, settings)
 
     def cog_limits(request: Request) -> None:
@@ -420,13 +609,27 @@ def mount_cog_endpoints(app: FastAPI, settings: Settings, dependencies: list[Any
     class Factory(TilerFactory):
         def url_for(self, request: Request, name: str, **path_params: Any) -> str:
             """URLs (TileJSON's tiles) on the tiler's public base, never the request's Host."""
-            return public_base(request, request.app.state.public_url) + self.router_prefix + str(self.router.url_path_for(name, **path_params))
+            return (
+                public_base(request, request.app.state.public_url)
+                + self.router_prefix
+                + str(self.router.url_path_for(name, **path_params))
+            )
 
     env = gdal_env(settings)
-    factory = Factory(router_prefix="/cog", reader=limited_reader(limits), path_dependency=cog_path,
-                      environment_dependency=lambda: env, process_dependency=lambda: None, add_viewer=False)
-    app.include_router(factory.router, prefix="/cog", tags=["Cloud Optimized GeoTIFF (restricted)"],
-                       dependencies=[*dependencies, Depends(cog_limits)])
+    factory = Factory(
+        router_prefix="/cog",
+        reader=limited_reader(limits),
+        path_dependency=cog_path,
+        environment_dependency=lambda: env,
+        process_dependency=lambda: None,
+        add_viewer=False,
+    )
+    app.include_router(
+        factory.router,
+        prefix="/cog",
+        tags=["Cloud Optimized GeoTIFF (restricted)"],
+        dependencies=[*dependencies, Depends(cog_limits)],
+    )
 
 
 #: rio-tiler's and TiTiler's errors on /cog: what the request asked for, so a 4xx naming the
@@ -451,14 +654,23 @@ def install_cog_errors(app: FastAPI) -> None:
 
     def handler(status: int, field: str | None):
         async def handle(_: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse(errors.error_body(status, str(exc) or type(exc).__name__, field), status_code=status)
+            return JSONResponse(
+                errors.error_body(status, str(exc) or type(exc).__name__, field), status_code=status
+            )
+
         return handle
 
-    for cls, status, field in [*RIO_TILER_ERRORS, (BadRequestError, 400, None), (TileNotFoundError, 404, "z")]:
+    for cls, status, field in [
+        *RIO_TILER_ERRORS,
+        (BadRequestError, 400, None),
+        (TileNotFoundError, 404, "z"),
+    ]:
         app.add_exception_handler(cls, handler(status, field))
 
 
-def create_app(settings: Settings | None = None, *, store: JobStore | None = None, viewer_dir: FilePath | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, store: JobStore | None = None, viewer_dir: FilePath | None = None
+) -> FastAPI:
     settings = settings or get_settings()
     public_url = check_public_url(settings.tiler_public_url) if settings.tiler_public_url else None
     store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
@@ -474,8 +686,12 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         settle_heap()
         yield
 
-    app = FastAPI(title="tilefm tiles", version=__version__, lifespan=lifespan,
-                  description="Finished jobs' outputs and input scenes as web-map tiles (XYZ, TileJSON, WMTS), values at points, and a viewer.")
+    app = FastAPI(
+        title="tilefm tiles",
+        version=__version__,
+        lifespan=lifespan,
+        description="Finished jobs' outputs and input scenes as web-map tiles (XYZ, TileJSON, WMTS), values at points, and a viewer.",
+    )
     app.state.settings = settings
     app.state.public_url = public_url
     app.state.store = store
@@ -489,13 +705,33 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     @app.exception_handler(RasterioIOError)
     async def _unreadable(_: Request, exc: RasterioIOError) -> JSONResponse:
         # a dataset under the allowed prefixes that is missing or unreadable: the user's URL, not a bug
-        return JSONResponse(errors.error_body(404, f"the dataset cannot be opened: {exc}", "url"), status_code=404)
-    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)  # the POST routes of /cog take GeoJSON
-    app.add_middleware(GZipMiddleware, minimum_size=1000, exclude_content_types=(
-        "text/event-stream", "image/png", "image/jpeg", "image/webp", "image/tiff", "application/x-binary"))
+        return JSONResponse(
+            errors.error_body(404, f"the dataset cannot be opened: {exc}", "url"), status_code=404
+        )
+
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.api_max_body_bytes
+    )  # the POST routes of /cog take GeoJSON
+    app.add_middleware(
+        GZipMiddleware,
+        minimum_size=1000,
+        exclude_content_types=(
+            "text/event-stream",
+            "image/png",
+            "image/jpeg",
+            "image/webp",
+            "image/tiff",
+            "application/x-binary",
+        ),
+    )
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"], allow_headers=["*"],
-                           expose_headers=["ETag"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET"],
+            allow_headers=["*"],
+            expose_headers=["ETag"],
+        )
     guarded = data_dependencies(settings)
     app.include_router(create_jobs_router(), dependencies=guarded)
     app.include_router(create_output_router(), dependencies=guarded)
@@ -516,7 +752,9 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         checks = _readiness(settings, store)
         checks.pop("ray", None)
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+        )
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:

@@ -68,7 +68,9 @@ def unavailable_reason(name: str) -> str | None:
     if not is_installed(name):
         return f"backend {name!r} is not installed: {INSTALL_HINTS[name]}"
     if name in ("torch-cuda", "tensorrt") and not cuda_available():
-        return f"backend {name!r} needs a CUDA GPU and none is visible to PyTorch; install {INSTALL_HINTS[name]}"
+        return (
+            f"backend {name!r} needs a CUDA GPU and none is visible to PyTorch; install {INSTALL_HINTS[name]}"
+        )
     return None
 
 
@@ -91,7 +93,9 @@ def _auto_order(card: ModelCard, precision: str = "auto") -> list[str]:
     return [n for n in gpu + cpu if runs_precision(n, precision)]
 
 
-def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = False, precision: str = "auto") -> str:
+def select_backend(
+    card: ModelCard, requested: str = "auto", *, remote: bool = False, precision: str = "auto"
+) -> str:
     """The backend to run `card` with, or a BackendError that says what to do instead.
     `remote`: the model runs on a Ray cluster elsewhere, whose GPU workers may have what this
     host lacks; a GPU backend the card allows is then left for those workers to check.
@@ -109,11 +113,15 @@ def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = F
                 f"({'it needs ' + ' or '.join(can) if can else 'none of its backends does'})",
                 field="precision",
             )
-        raise BackendError(f"no backend for model {card.name!r} is installed (it runs on: {', '.join(card.backends)})")
+        raise BackendError(
+            f"no backend for model {card.name!r} is installed (it runs on: {', '.join(card.backends)})"
+        )
     if requested not in KNOWN:
         raise BackendError(f"unknown backend {requested!r} (choose auto, {', '.join(KNOWN)})")
     if requested not in card.backends:
-        raise BackendError(f"model {card.name!r} cannot run on {requested!r}; it runs on: {', '.join(card.backends)}")
+        raise BackendError(
+            f"model {card.name!r} cannot run on {requested!r}; it runs on: {', '.join(card.backends)}"
+        )
     reason = unavailable_reason(requested)
     if reason and not (remote and requested in GPU_BACKENDS):
         raise BackendError(reason)
@@ -123,7 +131,10 @@ def select_backend(card: ModelCard, requested: str = "auto", *, remote: bool = F
 def check_precision(card: ModelCard, precision: str) -> None:
     """`auto`, or a precision the card allows (whatever the backend)."""
     if precision != "auto" and precision not in card.precisions:
-        raise BackendError(f"model {card.name!r} may run in {', '.join(card.precisions)}, not {precision!r}", field="precision")
+        raise BackendError(
+            f"model {card.name!r} may run in {', '.join(card.precisions)}, not {precision!r}",
+            field="precision",
+        )
 
 
 def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") -> str:
@@ -143,11 +154,20 @@ def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") ->
     if requested == "int8":
         if backend in ("onnxruntime", "tensorrt"):
             return requested
-        raise BackendError(f"int8 runs on onnxruntime (CPU, dynamic quantization) or tensorrt (calibrated), not on {backend!r}", field="precision")
+        raise BackendError(
+            f"int8 runs on onnxruntime (CPU, dynamic quantization) or tensorrt (calibrated), not on {backend!r}",
+            field="precision",
+        )
     if backend == "onnxruntime":
-        raise BackendError(f"onnxruntime runs the exported fp32 graph or its int8 quantization, not {requested!r}; use torch-cuda or tensorrt for fp16/bf16", field="precision")
+        raise BackendError(
+            f"onnxruntime runs the exported fp32 graph or its int8 quantization, not {requested!r}; use torch-cuda or tensorrt for fp16/bf16",
+            field="precision",
+        )
     if backend not in GPU_BACKENDS:
-        raise BackendError(f"precision {requested!r} needs a GPU backend (torch-cuda or tensorrt); {backend!r} runs fp32 or int8", field="precision")
+        raise BackendError(
+            f"precision {requested!r} needs a GPU backend (torch-cuda or tensorrt); {backend!r} runs fp32 or int8",
+            field="precision",
+        )
     return requested
 
 
@@ -233,7 +253,15 @@ def fill(host: np.ndarray, x: np.ndarray | Sequence[np.ndarray]) -> None:
             host[j] = sample
 
 
-def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str, calibration: np.ndarray | None = None) -> Runner:
+def make_runner(
+    module: nn.Module,
+    backend: str,
+    sample_shape: tuple[int, ...],
+    options: BackendOptions,
+    *,
+    model_sha256: str,
+    calibration: np.ndarray | None = None,
+) -> Runner:
     """Build `backend`'s runner for a fp32 CPU module taking [N, *sample_shape]. `calibration`:
     real inputs [N, *sample_shape] for a TensorRT int8 engine's scales (backends/calibration.py)."""
     if options.out_dtype not in OUT_DTYPES:
@@ -253,9 +281,16 @@ def make_runner(module: nn.Module, backend: str, sample_shape: tuple[int, ...], 
         from tilefm.backends.onnx_export import export_onnx
         from tilefm.backends.onnxruntime import OrtRunner
 
-        return _rounded(OrtRunner(export_onnx(module, sample_shape), threads=options.threads, precision=options.precision), options.out_dtype)
+        return _rounded(
+            OrtRunner(
+                export_onnx(module, sample_shape), threads=options.threads, precision=options.precision
+            ),
+            options.out_dtype,
+        )
     if backend == "tensorrt":
         from tilefm.backends.tensorrt import tensorrt_runner
 
-        return tensorrt_runner(module, sample_shape, options, model_sha256=model_sha256, calibration=calibration)
+        return tensorrt_runner(
+            module, sample_shape, options, model_sha256=model_sha256, calibration=calibration
+        )
     raise BackendError(f"unknown backend {backend!r} (choose auto, {', '.join(KNOWN)})")

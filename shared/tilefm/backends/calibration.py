@@ -56,13 +56,26 @@ class Calibration:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, x=self.x, present=np.array(self.present), bands=np.array(self.bands), weights=self.weights, source=self.source)
+        np.savez(
+            tmp,
+            x=self.x,
+            present=np.array(self.present),
+            bands=np.array(self.bands),
+            weights=self.weights,
+            source=self.source,
+        )
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "Calibration":
+    def load(cls, path: Path) -> Calibration:
         with np.load(path) as z:
-            return cls(z["x"], tuple(int(b) for b in z["present"]), tuple(str(b) for b in z["bands"]), str(z["weights"]), str(z["source"]))
+            return cls(
+                z["x"],
+                tuple(int(b) for b in z["present"]),
+                tuple(str(b) for b in z["bands"]),
+                str(z["weights"]),
+                str(z["source"]),
+            )
 
 
 def weights_id(card: ModelCard) -> str:
@@ -86,12 +99,16 @@ def make_calibration(card: ModelCard, scene: Any, plan: Any, tiles: int = DEFAUL
     from tilefm.read import read_tiles
 
     if card.architecture != "vit" or "int8" not in card.precisions:
-        raise BackendError(f"calibration sets are for int8 ViT engines; {card.name!r} does not run in int8", field="model")
+        raise BackendError(
+            f"calibration sets are for int8 ViT engines; {card.name!r} does not run in int8", field="model"
+        )
     if tiles < 1:
         raise BackendError(f"a calibration set needs at least 1 tile, not {tiles}", field="tiles")
     prep = input_preparer(card)
     want = tuple(i for i, name in enumerate(card_bands(card)) if name.split(":")[0] in scene.modalities)
-    picks = np.unique(np.linspace(0, len(plan.tiles) - 1, min(len(plan.tiles), 4 * tiles)).round().astype(int))
+    picks = np.unique(
+        np.linspace(0, len(plan.tiles) - 1, min(len(plan.tiles), 4 * tiles)).round().astype(int)
+    )
     kept: list[np.ndarray] = []
     for start in range(0, len(picks), 4 * BATCH):
         batch = [plan.tiles[i] for i in picks[start : start + 4 * BATCH]]
@@ -100,14 +117,27 @@ def make_calibration(card: ModelCard, scene: Any, plan: Any, tiles: int = DEFAUL
             if bands == want and valid.mean() > 0.99:
                 kept.append(x.astype(np.float16))
     if not kept:
-        raise BackendError(f"no tile of the scene has data in all {len(want)} bands of its modalities: nothing to calibrate on", field="scene")
+        raise BackendError(
+            f"no tile of the scene has data in all {len(want)} bands of its modalities: nothing to calibrate on",
+            field="scene",
+        )
     # evenly over what was kept, so that the set spans the scene
-    chosen = [kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, min(tiles, len(kept))).round().astype(int))]
+    chosen = [
+        kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, min(tiles, len(kept))).round().astype(int))
+    ]
     source = json.dumps({"scene": scene.describe(), "zoom": plan.zoom, "tiles": len(chosen)}, sort_keys=True)
     return Calibration(np.stack(chosen), want, card_bands(card), weights_id(card), source)
 
 
-def calibrate(model: str, sources: dict[str, str | list[str]], *, zoom: int | None = None, tiles: int = DEFAULT_TILES, store: Path | None = None, date: Any = None) -> Path:
+def calibrate(
+    model: str,
+    sources: dict[str, str | list[str]],
+    *,
+    zoom: int | None = None,
+    tiles: int = DEFAULT_TILES,
+    store: Path | None = None,
+    date: Any = None,
+) -> Path:
     """Make `model`'s calibration set from a scene and put it in the model store."""
     from tilefm.grid import default_zoom, plan_tiles
     from tilefm.models import get_card
@@ -152,13 +182,24 @@ def quantize_qdq(onnx_bytes: bytes, samples: np.ndarray) -> bytes:
     """The fp32 graph with static int8 QuantizeLinear/DequantizeLinear pairs on the trunk's matrix
     products: activation ranges from `samples` (min/max), symmetric int8 (zero points 0, as
     TensorRT's explicit quantization takes them), weights per output channel."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from tilefm.backends.onnx_export import INPUT_NAME, INT8_OPS, quiet_ort_advice
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._it = iter([{INPUT_NAME: samples[i : i + BATCH].astype(np.float32)} for i in range(0, len(samples), BATCH)])
+            self._it = iter(
+                [
+                    {INPUT_NAME: samples[i : i + BATCH].astype(np.float32)}
+                    for i in range(0, len(samples), BATCH)
+                ]
+            )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)

@@ -92,7 +92,9 @@ def engine_uri(prefix: str, key: EngineKey) -> str:
     return f"{str(prefix).rstrip('/')}/{key.filename}"
 
 
-def load_or_build(prefix: str, key: EngineKey, build: Callable[[], bytes], *, storage: Storage | None = None) -> tuple[bytes, bool]:
+def load_or_build(
+    prefix: str, key: EngineKey, build: Callable[[], bytes], *, storage: Storage | None = None
+) -> tuple[bytes, bool]:
     """The serialized engine for `key`: from the cache, or built and put there. Returns (engine,
     built)."""
     uri = engine_uri(prefix, key)

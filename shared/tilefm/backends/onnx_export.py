@@ -70,7 +70,9 @@ def quantize_int8(onnx_bytes: bytes) -> bytes:
         root = logging.getLogger()
         root.addFilter(quiet_ort_advice)  # it logs "Please consider to run pre-processing" on the root logger
         try:
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(INT8_OPS))
+            quantize_dynamic(
+                src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(INT8_OPS)
+            )
         finally:
             root.removeFilter(quiet_ort_advice)
         return dst.read_bytes()

@@ -37,7 +37,14 @@ class OrtRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, model: Path | bytes, *, threads: int | None = None, device: str = "auto", precision: str = "fp32"):
+    def __init__(
+        self,
+        model: Path | bytes,
+        *,
+        threads: int | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+    ):
         """`model`: the fp32 graph; with `precision="int8"` it is quantized here and run on the
         CPU provider (the dynamic-quantization kernels are CPU ones)."""
         if precision not in ("fp32", "int8"):

@@ -39,7 +39,14 @@ def require_tensorrt() -> ModuleType:
     return trt
 
 
-def build_engine(onnx: bytes, *, precision: str, input_name: str, sample_shape: tuple[int, ...], batch_sizes: tuple[int, int, int]) -> bytes:
+def build_engine(
+    onnx: bytes,
+    *,
+    precision: str,
+    input_name: str,
+    sample_shape: tuple[int, ...],
+    batch_sizes: tuple[int, int, int],
+) -> bytes:
     """A serialized engine for an ONNX graph with a dynamic batch axis."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -89,7 +96,9 @@ class TensorRTRunner:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine)
         if self.engine is None:
-            raise BackendError("the cached TensorRT engine cannot be loaded (built by another TensorRT or GPU?)")
+            raise BackendError(
+                "the cached TensorRT engine cannot be loaded (built by another TensorRT or GPU?)"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -128,18 +137,29 @@ class TensorRTRunner:
         return host_out.numpy().copy()
 
 
-def tensorrt_runner(module: nn.Module, sample_shape: tuple[int, ...], options: BackendOptions, *, model_sha256: str, calibration: np.ndarray | None = None) -> TensorRTRunner:
+def tensorrt_runner(
+    module: nn.Module,
+    sample_shape: tuple[int, ...],
+    options: BackendOptions,
+    *,
+    model_sha256: str,
+    calibration: np.ndarray | None = None,
+) -> TensorRTRunner:
     """Load this model's engine from the cache, or export, build and cache it first. int8 needs
     `calibration` (real inputs [N, *sample_shape]); its digest goes into the cache key."""
     if options.precision == "int8" and (calibration is None or len(calibration) == 0):
-        raise BackendError("int8 on tensorrt needs a calibration set (tilefm models calibrate)", field="precision")
+        raise BackendError(
+            "int8 on tensorrt needs a calibration set (tilefm models calibrate)", field="precision"
+        )
     trt = require_tensorrt()
     import torch
 
     from tilefm.backends.onnx_export import INPUT_NAME, export_onnx
 
     if not torch.cuda.is_available():
-        raise BackendError(f"backend 'tensorrt' needs a CUDA GPU and none is visible to PyTorch; install {INSTALL_HINTS['tensorrt']}")
+        raise BackendError(
+            f"backend 'tensorrt' needs a CUDA GPU and none is visible to PyTorch; install {INSTALL_HINTS['tensorrt']}"
+        )
     if not options.engine_cache:
         raise BackendError("set TILEFM_ENGINE_CACHE (a folder or s3:// prefix) for TensorRT engines")
     key = engine_key(
@@ -158,7 +178,15 @@ def tensorrt_runner(module: nn.Module, sample_shape: tuple[int, ...], options: B
             from tilefm.backends.calibration import quantize_qdq
 
             onnx = quantize_qdq(onnx, calibration)
-        return build_engine(onnx, precision=options.precision, input_name=INPUT_NAME, sample_shape=sample_shape, batch_sizes=key.batch_sizes)
+        return build_engine(
+            onnx,
+            precision=options.precision,
+            input_name=INPUT_NAME,
+            sample_shape=sample_shape,
+            batch_sizes=key.batch_sizes,
+        )
 
     engine, _ = load_or_build(options.engine_cache, key, build)
-    return TensorRTRunner(engine, precision=options.precision, max_batch=options.max_batch, out_dtype=options.out_dtype)
+    return TensorRTRunner(
+        engine, precision=options.precision, max_batch=options.max_batch, out_dtype=options.out_dtype
+    )

@@ -154,7 +154,9 @@ class _Queued:
         return self.outputs
 
 
-def batch_for_memory(free_bytes: int, per_sample_bytes: int, fixed_bytes: int = 0, *, fraction: float = 0.5, cap: int = 64) -> int:
+def batch_for_memory(
+    free_bytes: int, per_sample_bytes: int, fixed_bytes: int = 0, *, fraction: float = 0.5, cap: int = 64
+) -> int:
     """The largest power-of-two batch (1..`cap`) whose activations, `per_sample_bytes` each plus
     `fixed_bytes` of workspace, fit in `fraction` of the free device memory. A power of two, so
     that a CUDA graph or TensorRT profile sized by it also suits the other replicas' GPUs."""
@@ -166,7 +168,9 @@ def batch_for_memory(free_bytes: int, per_sample_bytes: int, fixed_bytes: int = 
 
 
 @torch.no_grad()
-def probe_batch(module: nn.Module, sample_shape: tuple[int, ...], *, precision: str, cap: int = 64, device: str = "cuda") -> int:
+def probe_batch(
+    module: nn.Module, sample_shape: tuple[int, ...], *, precision: str, cap: int = 64, device: str = "cuda"
+) -> int:
     """The batch `module` can run on this GPU at `precision`: the peak memory of batches of 1
     and 2 gives the per-sample and fixed parts, then `batch_for_memory` on the free memory."""
     dev = torch.device(device)

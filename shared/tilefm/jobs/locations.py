@@ -62,12 +62,15 @@ def place(location: str, field: str) -> Place:
         raise TileFMError("control characters are not allowed in a path or URI", field=field)
     uri = location  # messages name the location as given
     if location.startswith("/vsicurl/"):
-        uri = location[len("/vsicurl/"):]
+        uri = location[len("/vsicurl/") :]
     elif location.startswith("/vsis3/"):
-        uri = "s3://" + location[len("/vsis3/"):]
+        uri = "s3://" + location[len("/vsis3/") :]
     elif location.lower().startswith("/vsi"):
-        raise TileFMError(f"GDAL virtual file systems are not allowed here ({location!r}): give a path, "
-                          "file://, s3:// or https:// URI", field=field)
+        raise TileFMError(
+            f"GDAL virtual file systems are not allowed here ({location!r}): give a path, "
+            "file://, s3:// or https:// URI",
+            field=field,
+        )
     m = _SCHEME.match(uri)
     if m is None:
         return Place("", _local(os.path.expanduser(uri)))
@@ -75,11 +78,14 @@ def place(location: str, field: str) -> Place:
     if scheme == "file":
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-            raise TileFMError(f"file URI {location!r} must be file:///absolute/path (no host, query or fragment)", field=field)
+            raise TileFMError(
+                f"file URI {location!r} must be file:///absolute/path (no host, query or fragment)",
+                field=field,
+            )
         return Place("", _local(unquote(parts.path) or "/"))
     if scheme == "s3":
         # not split as a URL: S3 URIs are not percent-encoded, and '?' or '#' belong to the key
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")
         if not _BUCKET.fullmatch(bucket) or ".." in bucket:
             raise TileFMError(f"{location!r} has no valid bucket name (s3://bucket/key)", field=field)
         if key.startswith("/"):  # S3 keeps the slash: "//x" is not the key "x"
@@ -94,7 +100,10 @@ def place(location: str, field: str) -> Place:
         if not parts.hostname:
             raise TileFMError(f"{location!r} names no host", field=field)
         return Place(f"{scheme}://{parts.hostname}:{port}", _resolved(parts.path, location, field))
-    raise TileFMError(f"unsupported URI scheme {scheme!r} in {location!r}: use a path, file://, s3:// or https://", field=field)
+    raise TileFMError(
+        f"unsupported URI scheme {scheme!r} in {location!r}: use a path, file://, s3:// or https://",
+        field=field,
+    )
 
 
 def _local(path: str) -> str:
@@ -121,7 +130,9 @@ def check_allowed(location: str, allowed: list[str], field: str) -> None:
         return
     here = place(location, field)
     if not any(here.within(place(prefix, "settings")) for prefix in allowed):
-        raise TileFMError(f"{location!r} is outside the locations this service may use ({', '.join(allowed)})", field=field)
+        raise TileFMError(
+            f"{location!r} is outside the locations this service may use ({', '.join(allowed)})", field=field
+        )
 
 
 def source_check(allowed: list[str]) -> SourceCheck | None:
@@ -133,8 +144,11 @@ def source_check(allowed: list[str]) -> SourceCheck | None:
     def check(location: str, field: str) -> None:
         check_allowed(location, allowed, field)
         if location.lower().endswith(REFERENCING_SUFFIXES):
-            raise TileFMError(f"{location!r}: VRT files can name any file or URL, so this service does not open them; "
-                              "give the rasters themselves", field=field)
+            raise TileFMError(
+                f"{location!r}: VRT files can name any file or URL, so this service does not open them; "
+                "give the rasters themselves",
+                field=field,
+            )
 
     return check
 
@@ -151,8 +165,11 @@ def check_output_prefix(prefix: str) -> None:
     """An output prefix is a folder: each job writes into its own `<job id>/` under it, so a
     prefix naming a file (`.tif`) could only mean an object key the job would not write."""
     if prefix.rstrip("/").lower().endswith(OUTPUT_SUFFIXES):
-        raise TileFMError(f"{prefix!r} names a file: output_prefix is a folder, and each job writes "
-                          "<output_prefix>/<job id>/<model>.tif (and its .stac.json) under it", field="output_prefix")
+        raise TileFMError(
+            f"{prefix!r} names a file: output_prefix is a folder, and each job writes "
+            "<output_prefix>/<job id>/<model>.tif (and its .stac.json) under it",
+            field="output_prefix",
+        )
 
 
 def output_uri(prefix: str, model: str, job_id: str) -> str:

@@ -107,7 +107,9 @@ def check_sources(value: str | list[str]) -> str | list[str]:
     return value
 
 
-def _check_mapping(values: dict[str, Any], *, key_chars: int, value_check: Callable[[Any], object]) -> dict[str, Any]:
+def _check_mapping(
+    values: dict[str, Any], *, key_chars: int, value_check: Callable[[Any], object]
+) -> dict[str, Any]:
     """Every key 1 to `key_chars` characters, every value passing `value_check`; the error names the key."""
     for key, value in values.items():
         try:
@@ -139,17 +141,42 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scene: Annotated[dict[str, Sources], Field(min_length=1, max_length=MAX_MODALITIES,
-                                               description="modality -> source (band folder, raster, STAC item or ItemCollection), "
-                                                           "or a list of sources: a time series, one acquisition date each")]
+    scene: Annotated[
+        dict[str, Sources],
+        Field(
+            min_length=1,
+            max_length=MAX_MODALITIES,
+            description="modality -> source (band folder, raster, STAC item or ItemCollection), "
+            "or a list of sources: a time series, one acquisition date each",
+        ),
+    ]
     model: Annotated[str, Field(min_length=1, max_length=100)]
-    output_prefix: Annotated[str, Field(min_length=1, max_length=MAX_PATH_BYTES, description="s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its STAC item beside it")]
+    output_prefix: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_PATH_BYTES,
+            description="s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its STAC item beside it",
+        ),
+    ]
     zoom: Annotated[int | None, Field(ge=0, le=22, strict=True)] = None
-    bbox: Annotated[tuple[float, float, float, float] | None, Field(description="minlon, minlat, maxlon, maxlat in WGS84 degrees: finite, -180..180 and -90..90, min <= max")] = None
+    bbox: Annotated[
+        tuple[float, float, float, float] | None,
+        Field(
+            description="minlon, minlat, maxlon, maxlat in WGS84 degrees: finite, -180..180 and -90..90, min <= max"
+        ),
+    ] = None
     backend: str = "auto"
-    precision: Annotated[str | None, Field(description="model arithmetic: auto, fp32, fp16, bf16 (GPU backends) or int8 (onnxruntime on CPUs); absent: the workers' TILEFM_PRECISION")] = None
+    precision: Annotated[
+        str | None,
+        Field(
+            description="model arithmetic: auto, fp32, fp16, bf16 (GPU backends) or int8 (onnxruntime on CPUs); absent: the workers' TILEFM_PRECISION"
+        ),
+    ] = None
     dtype: Annotated[str | None, Field(max_length=16)] = None
-    date: Annotated[str | None, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", description="YYYY-MM-DD")] = None
+    date: Annotated[str | None, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", description="YYYY-MM-DD")] = (
+        None
+    )
     assets: Annotated[dict[str, str], Field(max_length=MAX_ASSETS)] = Field(default_factory=dict)
     priority: Annotated[int, Field(ge=0, le=9, strict=True)] = 5
     labels: Annotated[dict[str, str], Field(max_length=MAX_LABELS)] = Field(default_factory=dict)
@@ -172,13 +199,17 @@ class JobSpec(BaseModel):
     @classmethod
     def _bbox_numbers(cls, v: Any) -> Any:
         # JSON numbers only: pydantic would otherwise take true as 1.0 and "1" as 1.0
-        if isinstance(v, list | tuple) and any(isinstance(x, bool) or not isinstance(x, int | float) for x in v):
+        if isinstance(v, list | tuple) and any(
+            isinstance(x, bool) or not isinstance(x, int | float) for x in v
+        ):
             raise ValueError("must be four numbers minlon, minlat, maxlon, maxlat")
         return v
 
     @field_validator("bbox")
     @classmethod
-    def _bbox_range(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+    def _bbox_range(
+        cls, v: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
         from tilefm.errors import BBoxError
         from tilefm.grid import check_bbox  # the CLI's own check (grid imports the geo stack: lazily)
 
@@ -220,7 +251,11 @@ class JobSpec(BaseModel):
     def sources(self) -> list[tuple[str, str]]:
         """(field, source) for every source of the scene: `scene.MODALITY` for each of a
         modality's sources."""
-        return [(f"scene.{m}", s) for m, given in self.scene.items() for s in ([given] if isinstance(given, str) else given)]
+        return [
+            (f"scene.{m}", s)
+            for m, given in self.scene.items()
+            for s in ([given] if isinstance(given, str) else given)
+        ]
 
     @field_validator("output_prefix")
     @classmethod

@@ -21,7 +21,7 @@ INVALID_ARGUMENT).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 try:
@@ -39,7 +39,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tilefm.errors import TileFMError
-from tilefm.jobs.models import Job, JobError, JobEvent, JobSpec, JobState, Progress, Timings, TileFailure
+from tilefm.jobs.models import Job, JobError, JobEvent, JobSpec, JobState, Progress, TileFailure, Timings
 
 __all__ = [
     "pb",
@@ -90,13 +90,13 @@ def _required_state(value: int) -> JobState:
 def datetime_to_proto(dt: datetime) -> Timestamp:
     """A datetime as a Timestamp (a naive datetime is taken as UTC)."""
     ts = Timestamp()
-    ts.FromDatetime(dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc))
+    ts.FromDatetime(dt if dt.tzinfo else dt.replace(tzinfo=UTC))
     return ts
 
 
 def datetime_from_proto(ts: Timestamp) -> datetime:
     """A Timestamp as an aware UTC datetime."""
-    return ts.ToDatetime(tzinfo=timezone.utc)
+    return ts.ToDatetime(tzinfo=UTC)
 
 
 # -- JobSpec -------------------------------------------------------------------------------------
@@ -133,7 +133,10 @@ def spec_to_dict(msg: pb.JobSpec) -> dict[str, Any]:
     (`scene_series`) is a list in `scene`; a modality in both is refused (a TileFMError naming it)."""
     both = sorted(set(msg.scene) & set(msg.scene_series))
     if both:
-        raise TileFMError(f"{both[0]!r} is in both scene and scene_series: give its sources in one of them", field=f"scene.{both[0]}")
+        raise TileFMError(
+            f"{both[0]!r} is in both scene and scene_series: give its sources in one of them",
+            field=f"scene.{both[0]}",
+        )
     data: dict[str, Any] = {
         "scene": {**dict(msg.scene), **{k: list(v.sources) for k, v in msg.scene_series.items()}},
         "model": msg.model,
@@ -186,7 +189,9 @@ def _timings_from_proto(m: pb.Timings) -> Timings:
 
 
 def _error_to_proto(e: JobError) -> pb.JobError:
-    msg = pb.JobError(message=e.message, tiles=[pb.TileFailure(tile=t.tile, reason=t.reason) for t in e.tiles])
+    msg = pb.JobError(
+        message=e.message, tiles=[pb.TileFailure(tile=t.tile, reason=t.reason) for t in e.tiles]
+    )
     if e.field is not None:
         msg.field = e.field
     return msg

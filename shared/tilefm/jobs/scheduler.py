@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import numpy as np
@@ -76,7 +76,9 @@ def encode_part(out: TileOutput, dtype: np.dtype) -> bytes:
 
 def decode_part(data: bytes, tile: Tile) -> TileOutput:
     with np.load(io.BytesIO(data)) as z:
-        return TileOutput(tile=tile, halo=int(z["halo"]), values=z["values"].astype(np.float32), weight=z["weight"])
+        return TileOutput(
+            tile=tile, halo=int(z["halo"]), values=z["values"].astype(np.float32), weight=z["weight"]
+        )
 
 
 @dataclass
@@ -106,7 +108,11 @@ class _Active:
 
     @property
     def part_dtype(self) -> np.dtype:
-        return np.dtype(np.float16) if self.encoding.nbits == 16 or self.encoding.dtype == "int8" else np.dtype(np.float32)
+        return (
+            np.dtype(np.float16)
+            if self.encoding.nbits == 16 or self.encoding.dtype == "int8"
+            else np.dtype(np.float32)
+        )
 
 
 class Scheduler:
@@ -156,7 +162,12 @@ class Scheduler:
                     busy = self.step()
                 except REDIS_UNAVAILABLE as e:  # a step stops at its first Redis call and is safe to redo
                     delay = _backoff(delay)
-                    log.warning("redis unreachable (%s); %d jobs held, retrying in %.1f s", _reason(e), len(self.active), delay)
+                    log.warning(
+                        "redis unreachable (%s); %d jobs held, retrying in %.1f s",
+                        _reason(e),
+                        len(self.active),
+                        delay,
+                    )
                     stop.wait(delay)
                     continue
                 if delay:
@@ -215,9 +226,17 @@ class Scheduler:
             self._fail(job, JobError(message=str(e), field=e.field))
             return
         a = _Active(
-            job=job, prep=prep, encoding=Encoding.for_card(prep.card, job.spec.dtype),
-            pending=deque(_Batch(job.id, b) for b in batches(todo, self.batch_size or pool.batch_size or default_batch(prep.card))),
-            done_at_start=len(done), done=len(done), backend=pool.backend, precision=pool.precision(self._worker(prep)),
+            job=job,
+            prep=prep,
+            encoding=Encoding.for_card(prep.card, job.spec.dtype),
+            pending=deque(
+                _Batch(job.id, b)
+                for b in batches(todo, self.batch_size or pool.batch_size or default_batch(prep.card))
+            ),
+            done_at_start=len(done),
+            done=len(done),
+            backend=pool.backend,
+            precision=pool.precision(self._worker(prep)),
         )
         self.active[job.id] = a
         self._rr.append(job.id)
@@ -225,7 +244,13 @@ class Scheduler:
 
     @staticmethod
     def _worker(prep: Prepared) -> WorkerSpec:
-        return WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights, precision=prep.precision, out_dtype=prep.spec.dtype)
+        return WorkerSpec(
+            card=prep.card,
+            backend=prep.backend,
+            weights=prep.weights,
+            precision=prep.precision,
+            out_dtype=prep.spec.dtype,
+        )
 
     @staticmethod
     def _pool_key(prep: Prepared) -> tuple[str, str, str, str]:
@@ -240,7 +265,9 @@ class Scheduler:
             for idle in [k for k in self.pools if k not in in_use]:  # free the node for this model
                 for actor in self.pools.pop(idle).actors:
                     self.ray.kill(actor)
-            self.pools[key] = start_encoders(self.ray, self._worker(prep), self.settings, requested=prep.spec.backend)
+            self.pools[key] = start_encoders(
+                self.ray, self._worker(prep), self.settings, requested=prep.spec.backend
+            )
             metrics.ray_actors.set(sum(len(p.actors) for p in self.pools.values()))
         return self.pools[key]
 
@@ -255,18 +282,28 @@ class Scheduler:
         self._last_placement_check = now
         busy = {act for _, act in self.refs.values()}
         for key, pool in list(self.pools.items()):
-            why = unplaceable(self.ray, self.settings, pool.placement) if any(act in busy for act in pool.actors) else None
+            why = (
+                unplaceable(self.ray, self.settings, pool.placement)
+                if any(act in busy for act in pool.actors)
+                else None
+            )
             if why is None:
                 self._unplaceable.pop(key, None)
                 continue
             since = self._unplaceable.setdefault(key, now)
             if now - since < self.settings.encoder_start_timeout_s:
                 if since == now:
-                    log.warning("encoders for %s: %s; their jobs fail in %g s unless one joins", key[0], why,
-                                self.settings.encoder_start_timeout_s)
+                    log.warning(
+                        "encoders for %s: %s; their jobs fail in %g s unless one joins",
+                        key[0],
+                        why,
+                        self.settings.encoder_start_timeout_s,
+                    )
                 continue
             message = f"encoder actors for {key[0]!r} lost their node: {why} (for {now - since:.0f} s; see TILEFM_ENCODER_RESOURCES)"
-            for a in [a for a in self.active.values() if self._pool_key(a.prep) == key and a.finishing is None]:
+            for a in [
+                a for a in self.active.values() if self._pool_key(a.prep) == key and a.finishing is None
+            ]:
                 self._fail(a.job, JobError(message=message, field="backend"), a)
                 self._forget(a.job.id)
             for actor in self.pools.pop(key).actors:
@@ -319,7 +356,9 @@ class Scheduler:
                     log.warning("job %s: batch %s failed (%s); retrying", a.job.id, batch.tiles, e)
                     a.pending.appendleft(batch)
                 else:
-                    a.failed.update((str(t), _reason(e)) for t in batch.tiles)  # before Redis, which may be away
+                    a.failed.update(
+                        (str(t), _reason(e)) for t in batch.tiles
+                    )  # before Redis, which may be away
                     for t in batch.tiles:
                         metrics.tiles_failed.labels(a.prep.card.name, a.prep.backend).inc()
                         self.store.tile_failed(a.job.id, str(t), _reason(e))
@@ -366,7 +405,13 @@ class Scheduler:
             return
         if a.failed:
             tiles = [TileFailure(tile=t, reason=r) for t, r in sorted(a.failed.items())]
-            self._fail(a.job, JobError(message=f"{len(tiles)} tiles failed after {self.max_attempts} attempts", tiles=tiles), a)
+            self._fail(
+                a.job,
+                JobError(
+                    message=f"{len(tiles)} tiles failed after {self.max_attempts} attempts", tiles=tiles
+                ),
+                a,
+            )
             self._forget(a.job.id)
             return
         a.finishing = self.io.submit(self._finish, a)
@@ -382,10 +427,14 @@ class Scheduler:
         out = output_uri(job.spec, job.id)
         store = storage_for(out, self.settings)  # the output and its parts
         done = self._until_redis(self.store.tiles_done, job.id)
-        if unrecorded := [t for t in prep.plan.tiles if str(t) not in done and store.exists(part_uri(job, t))]:
+        if unrecorded := [
+            t for t in prep.plan.tiles if str(t) not in done and store.exists(part_uri(job, t))
+        ]:
             # stored, but the record was among the last writes of a Redis that restarted without
             # them (appendfsync everysec): the part is what counts
-            log.warning("job %s: %d stored tiles were not recorded in Redis; recording them", job.id, len(unrecorded))
+            log.warning(
+                "job %s: %d stored tiles were not recorded in Redis; recording them", job.id, len(unrecorded)
+            )
             for t in unrecorded:
                 self._until_redis(self.store.tile_done, job.id, str(t))
             done |= {str(t) for t in unrecorded}
@@ -394,9 +443,20 @@ class Scheduler:
             raise RuntimeError(f"{len(missing)} tiles not recorded as done: {', '.join(missing[:5])}")
         parts = (decode_part(store.read_bytes(part_uri(job, t)), t) for t in prep.plan.tiles)
         timings: dict[str, float] = {}
-        ran = replace(prep, backend=a.backend, precision=a.precision)  # what the encoders ran, as a run's output says
-        stac_uri = publish(ran, a.encoding, parts, out, self.settings, extra_tags={"job": job.id}, owner=job.id,
-                           proceed=lambda: not self._until_redis(self.store.cancel_requested, job.id), timings=timings)
+        ran = replace(
+            prep, backend=a.backend, precision=a.precision
+        )  # what the encoders ran, as a run's output says
+        stac_uri = publish(
+            ran,
+            a.encoding,
+            parts,
+            out,
+            self.settings,
+            extra_tags={"job": job.id},
+            owner=job.id,
+            proceed=lambda: not self._until_redis(self.store.cancel_requested, job.id),
+            timings=timings,
+        )
         metrics.stage_seconds.labels("stitch").observe(timings["tiles_s"] + timings["cog_s"])
         if stac_uri is None:
             return False  # cancelled while stitching: the cancel path cleans up
@@ -443,7 +503,9 @@ class Scheduler:
                     with contextlib.suppress(OSError):
                         folder.path.rmdir()
             elif isinstance(parts, S3Storage):
-                pages = parts.client.get_paginator("list_objects_v2").paginate(Bucket=folder.bucket, Prefix=folder.key + "/")
+                pages = parts.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=folder.bucket, Prefix=folder.key + "/"
+                )
                 for page in pages:
                     for obj in page.get("Contents", []):
                         parts.delete(f"s3://{folder.bucket}/{obj['Key']}")
@@ -484,7 +546,12 @@ class Scheduler:
                 if self._stop.is_set():
                     raise
                 delay = _backoff(delay)
-                log.warning("redis unreachable (%s); retrying %s in %.1f s", _reason(e), getattr(call, "__name__", "a call"), delay)
+                log.warning(
+                    "redis unreachable (%s); retrying %s in %.1f s",
+                    _reason(e),
+                    getattr(call, "__name__", "a call"),
+                    delay,
+                )
                 self._stop.wait(delay)
 
     def _event(self, a: _Active, message: str = "") -> None:
@@ -494,8 +561,16 @@ class Scheduler:
         rate = (a.done - a.done_at_start) / elapsed
         try:
             job = self.store.get(a.job.id)
-            self.store.publish(JobEvent(job_id=a.job.id, state=job.state, progress=job.progress, tiles_per_second=round(rate, 3),
-                                        time=_now(), message=message))
+            self.store.publish(
+                JobEvent(
+                    job_id=a.job.id,
+                    state=job.state,
+                    progress=job.progress,
+                    tiles_per_second=round(rate, 3),
+                    time=_now(),
+                    message=message,
+                )
+            )
         except REDIS_UNAVAILABLE as e:  # progress only: the next event carries it
             log.info("job %s: progress event not sent (%s)", a.job.id, _reason(e))
 
@@ -507,7 +582,9 @@ class Scheduler:
             if not self.store.renew_lease(job_id, self.owner, self.lease_s):
                 log.warning("job %s: lease lost; dropping it here", job_id)
                 self._forget(job_id)
-        self._last_renew = now  # only once every lease is renewed: after a Redis error, the next step tries again
+        self._last_renew = (
+            now  # only once every lease is renewed: after a Redis error, the next step tries again
+        )
 
 
 def _reason(e: BaseException) -> str:
@@ -516,4 +593,4 @@ def _reason(e: BaseException) -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

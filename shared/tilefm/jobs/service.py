@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import date
+from datetime import UTC, date
 from typing import TYPE_CHECKING
 
 import anyio
@@ -24,8 +24,8 @@ from tilefm.jobs.store import JobStore
 from tilefm.models.store import weights_path
 from tilefm.pipeline import Prepared, RunSpec, check_unclaimed, prepare
 from tilefm.scene import Scene, open_scene
-from tilefm.storage import storage_for
 from tilefm.settings import Settings
+from tilefm.storage import storage_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -54,16 +54,26 @@ def run_spec(spec: JobSpec, *, out: str | None = None) -> RunSpec:
         raise TileFMError(f"expected YYYY-MM-DD, got {spec.date!r}", field="date") from None
     probe = spec.output_prefix.rstrip("/") + f"/{spec.model}.tif"
     return RunSpec(
-        scene=dict(spec.scene), model=spec.model, out=out or probe, zoom=spec.zoom,
-        bbox=tuple(spec.bbox) if spec.bbox else None, backend=spec.backend, precision=spec.precision, dtype=spec.dtype,
-        asset_map=dict(spec.assets), date=d,
+        scene=dict(spec.scene),
+        model=spec.model,
+        out=out or probe,
+        zoom=spec.zoom,
+        bbox=tuple(spec.bbox) if spec.bbox else None,
+        backend=spec.backend,
+        precision=spec.precision,
+        dtype=spec.dtype,
+        asset_map=dict(spec.assets),
+        date=d,
     )
 
 
 def resolve_paths(spec: JobSpec) -> JobSpec:
     """`spec` with its relative local paths made absolute, once, at submission: the record then
     names the same files for every process that opens them, whatever its working folder."""
-    scene = {k: locations.absolute(v) if isinstance(v, str) else [locations.absolute(s) for s in v] for k, v in spec.scene.items()}
+    scene = {
+        k: locations.absolute(v) if isinstance(v, str) else [locations.absolute(s) for s in v]
+        for k, v in spec.scene.items()
+    }
     assets = {k: locations.absolute(v) for k, v in spec.assets.items()}
     prefix = locations.absolute(spec.output_prefix)
     if (scene, assets, prefix) == (spec.scene, spec.assets, spec.output_prefix):
@@ -84,7 +94,9 @@ def check_locations(spec: JobSpec, settings: Settings) -> None:
 def open_scene_for(settings: Settings) -> Callable[..., Scene]:
     """`open_scene` as the service opens scenes: every file or URL checked against the source
     allowlist before GDAL sees it, and S3 read with the service's endpoint and keys."""
-    return functools.partial(open_scene, check=locations.source_check(settings.allowed_sources), settings=settings)
+    return functools.partial(
+        open_scene, check=locations.source_check(settings.allowed_sources), settings=settings
+    )
 
 
 def prepare_job(job: Job, settings: Settings) -> Prepared:
@@ -98,7 +110,12 @@ def prepare_job(job: Job, settings: Settings) -> Prepared:
         storage_for(uri, settings).check_writable(uri)
         check_unclaimed(uri, job.id, settings)
 
-    return prepare(run_spec(job.spec, out=out), settings, open_scene_fn=open_scene_for(settings), check_writable_fn=check_writable)
+    return prepare(
+        run_spec(job.spec, out=out),
+        settings,
+        open_scene_fn=open_scene_for(settings),
+        check_writable_fn=check_writable,
+    )
 
 
 class JobService:
@@ -131,7 +148,9 @@ class JobService:
     def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
         spec = resolve_paths(spec)
         tiles = self.validate(spec)
-        return self.store.create(spec, idempotency_key=idempotency_key, body_hash=body_hash(spec), total=tiles)
+        return self.store.create(
+            spec, idempotency_key=idempotency_key, body_hash=body_hash(spec), total=tiles
+        )
 
     async def submit_async(
         self, spec: JobSpec, *, idempotency_key: str | None = None, aredis: AsyncRedis | None = None
@@ -152,14 +171,21 @@ class JobService:
     def get(self, job_id: str) -> Job:
         return self.store.get(job_id)
 
-    def list(self, *, state: JobState | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
+    def list(
+        self, *, state: JobState | None = None, limit: int = 20, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
         return self.store.list(state=state, limit=limit, cursor=cursor)
 
     def cancel(self, job_id: str) -> Job:
         return self.store.request_cancel(job_id)
 
     def watch(
-        self, job_id: str, *, poll_ms: int = 1000, timeout_s: float | None = None, stop: Callable[[], bool] | None = None
+        self,
+        job_id: str,
+        *,
+        poll_ms: int = 1000,
+        timeout_s: float | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Iterator[JobEvent]:
         """The job's current state, then its events, until a final state (or `stop()` / timeout).
 
@@ -183,9 +209,9 @@ class JobService:
 
 
 def _event(job: Job) -> JobEvent:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return JobEvent(job_id=job.id, state=job.state, progress=job.progress, time=datetime.now(timezone.utc))
+    return JobEvent(job_id=job.id, state=job.state, progress=job.progress, time=datetime.now(UTC))
 
 
 class CacheMiss(Exception):
@@ -271,17 +297,31 @@ def _prepare_cached(spec: JobSpec, settings: Settings, *, block: bool = True):
     def open_cached(sources, *, asset_map=None, date_override=None):
         # the allowlist and the S3 endpoint are part of the key: a scene one service may open
         # is not thereby open to another with other settings in the same process
-        key = json.dumps([sources, asset_map, str(date_override), settings.allowed_sources, settings.s3_endpoint_url], sort_keys=True)
-        return _scenes.get(key, lambda: open_checked(sources, asset_map=asset_map, date_override=date_override), block=block)
+        key = json.dumps(
+            [sources, asset_map, str(date_override), settings.allowed_sources, settings.s3_endpoint_url],
+            sort_keys=True,
+        )
+        return _scenes.get(
+            key, lambda: open_checked(sources, asset_map=asset_map, date_override=date_override), block=block
+        )
 
     def writable_cached(uri: str) -> None:
         # creating nothing: a submission that is refused, or never run, leaves no folder behind
         prefix = uri.rsplit("/", 1)[0]
-        _writable.get(f"{prefix}|{settings.s3_endpoint_url}", lambda: storage_for(uri, settings).check_creatable(uri), block=block)
+        _writable.get(
+            f"{prefix}|{settings.s3_endpoint_url}",
+            lambda: storage_for(uri, settings).check_creatable(uri),
+            block=block,
+        )
 
     try:
-        return prepare(run_spec(spec), settings, open_scene_fn=open_cached, check_writable_fn=writable_cached,
-                       weights_fn=functools.partial(_cached_weights, block=block))
+        return prepare(
+            run_spec(spec),
+            settings,
+            open_scene_fn=open_cached,
+            check_writable_fn=writable_cached,
+            weights_fn=functools.partial(_cached_weights, block=block),
+        )
     except StorageError as e:
         e.field = "output_prefix"
         raise

@@ -124,6 +124,7 @@ class Persistence(NamedTuple):
     durable: bool | None
     detail: str
 
+
 #: how long an Idempotency-Key is remembered
 IDEMPOTENCY_TTL_S = 24 * 3600
 #: approximate cap of each job's event stream
@@ -452,14 +453,24 @@ class JobStore:
     # -- create / read ---------------------------------------------------------------------------
 
     def create(
-        self, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None, total: int = 0
+        self,
+        spec: JobSpec,
+        *,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
+        total: int = 0,
     ) -> tuple[Job, bool]:
         """One round trip: the job, its tile count (known at validation) and the queue entry together."""
         args = self._create_args(spec, idempotency_key, body_hash, total)
         return self._created(self._create(args=args), idempotency_key)
 
     async def create_async(
-        self, client: AsyncRedis, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None,
+        self,
+        client: AsyncRedis,
+        spec: JobSpec,
+        *,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
         total: int = 0,
     ) -> tuple[Job, bool]:
         """`create` over an asyncio client of the same Redis (the API's event loop records jobs
@@ -471,7 +482,9 @@ class JobStore:
             res = await client.eval(self._create.script, 0, *args)
         return self._created(res, idempotency_key)
 
-    def _create_args(self, spec: JobSpec, idempotency_key: str | None, body_hash: str | None, total: int) -> list[Any]:
+    def _create_args(
+        self, spec: JobSpec, idempotency_key: str | None, body_hash: str | None, total: int
+    ) -> list[Any]:
         if total < 0:
             raise ValueError("total must be >= 0")
         now, ms = _now()
@@ -537,7 +550,9 @@ class JobStore:
         rest = self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit + 1, withscores=True)
         candidates += [(_str(m), int(s)) for m, s in rest]
         page, more = candidates[:limit], len(candidates) > limit
-        jobs = [j for j in self._get_many([m for m, _ in page]) if j is not None and (st is None or j.state == st)]
+        jobs = [
+            j for j in self._get_many([m for m, _ in page]) if j is not None and (st is None or j.state == st)
+        ]
         next_cursor = _encode_cursor(page[-1][1], page[-1][0]) if more and page else None
         return jobs, next_cursor
 
@@ -579,14 +594,30 @@ class JobStore:
         now, _ = _now()
         message = updates.get("message") or to.value
         res = self._transition(
-            args=[self.prefix, job_id, to.value, expect_csv, now.isoformat(), message, owner, lease_ms, *fields]
+            args=[
+                self.prefix,
+                job_id,
+                to.value,
+                expect_csv,
+                now.isoformat(),
+                message,
+                owner,
+                lease_ms,
+                *fields,
+            ]
         )
         return self._result(job_id, res, to.value)
 
     def claim_next(self, owner: str, lease_s: float) -> Job | None:
         now, _ = _now()
         res = self._claim(
-            args=[self.prefix, owner, max(1, int(lease_s * 1000)), now.isoformat(), f"running (claimed by {owner})"]
+            args=[
+                self.prefix,
+                owner,
+                max(1, int(lease_s * 1000)),
+                now.isoformat(),
+                f"running (claimed by {owner})",
+            ]
         )
         if _str(res[0]) == "empty":
             return None

@@ -50,7 +50,9 @@ class TileModel(ABC):
         """Whether the model computes on a GPU (an actor holding one while it does not wastes it)."""
         from tilefm.backends import GPU_BACKENDS, ort_cuda_available
 
-        return self.backend in GPU_BACKENDS or (self.backend == "onnxruntime" and self.precision != "int8" and ort_cuda_available())
+        return self.backend in GPU_BACKENDS or (
+            self.backend == "onnxruntime" and self.precision != "int8" and ort_cuda_available()
+        )
 
     def batch_size(self) -> int | None:
         """Tiles per batch this model's device takes at once (a GPU's from its memory), or None
@@ -128,7 +130,13 @@ def normalize_coefficients(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_tile_model(
-    card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None
+    card: ModelCard,
+    backend: str,
+    weights: Path | None,
+    *,
+    threads: int | None = None,
+    precision: str | None = None,
+    out_dtype: str | None = None,
 ) -> TileModel:
     """Build the runner for a card's architecture on the chosen backend (`weights` is None only
     for cards without a checkpoint, which only `vit` allows). `precision`: None or `auto` for
@@ -150,7 +158,9 @@ def load_tile_model(
         from tilefm.models.presto_tiles import PrestoTileModel
 
         assert weights is not None
-        return PrestoTileModel(card, backend, weights, threads=threads, precision=precision, out_dtype=out_dtype)
+        return PrestoTileModel(
+            card, backend, weights, threads=threads, precision=precision, out_dtype=out_dtype
+        )
     if card.architecture == "vit":
         from tilefm.models.vit_tiles import ViTTileModel
 

@@ -65,7 +65,7 @@ class Output(BaseModel):
     description: str = ""
 
     @model_validator(mode="after")
-    def _check(self) -> "Output":
+    def _check(self) -> Output:
         if self.kind == "classes" and not self.classes:
             raise ValueError("a class output needs its classes")
         return self
@@ -87,7 +87,7 @@ class Context(BaseModel):
     grid: Literal["tile", "native"] = "tile"
 
     @model_validator(mode="after")
-    def _check(self) -> "Context":
+    def _check(self) -> Context:
         stride = self.window - self.overlap
         if stride <= 0 or self.overlap % 2:
             raise ValueError("overlap must be even and smaller than window")
@@ -128,7 +128,7 @@ class Weights(BaseModel):
     seed: int | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "Weights":
+    def _check(self) -> Weights:
         if self.file is None and self.seed is None:
             raise ValueError("weights need a file (with sha256 and url) or, for no checkpoint, a seed")
         if self.file is not None and not (self.sha256 and self.url):
@@ -165,7 +165,7 @@ class ViTSpec(BaseModel):
     wavelengths: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "ViTSpec":
+    def _check(self) -> ViTSpec:
         if 256 % self.patch or self.dim % self.heads or self.dim % 4:
             raise ValueError("patch must divide 256, heads must divide dim, dim a multiple of 4")
         return self
@@ -202,19 +202,21 @@ class ModelCard(BaseModel):
     references: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelCard":
+    def _check(self) -> ModelCard:
         if self.architecture == "vit" and self.vit is None:
             raise ValueError("a vit card needs its `vit` section")
         if self.architecture == "vit" and self.output.channels != self.vit.dim:
             raise ValueError(f"output.channels ({self.output.channels}) must be vit.dim ({self.vit.dim})")
         if self.max_timesteps > 1 and self.architecture != "presto":
-            raise ValueError(f"architecture {self.architecture!r} reads one date (max_timesteps 1); only presto reads a time series")
+            raise ValueError(
+                f"architecture {self.architecture!r} reads one date (max_timesteps 1); only presto reads a time series"
+            )
         if not self.weights.checkpoint and self.architecture != "vit":
             raise ValueError(f"architecture {self.architecture!r} needs a weights file")
         return self
 
     @classmethod
-    def from_yaml(cls, path: Path) -> "ModelCard":
+    def from_yaml(cls, path: Path) -> ModelCard:
         return cls.model_validate(yaml.safe_load(path.read_text()))
 
     def input_for(self, modality: str) -> Input | None:

@@ -105,7 +105,9 @@ class OnnxWindowModel(TileModel):
             outs.append(TileOutput(tile=t.tile, halo=t.halo, values=acc, weight=wsum))
         return outs
 
-    def _native_windows(self, inputs: list[NativeInput]) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[tuple, list[int]], list[tuple]]:
+    def _native_windows(
+        self, inputs: list[NativeInput]
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[tuple, list[int]], list[tuple]]:
         """Per input its normalised data and validity; per lattice window of the batch the inputs
         that hold it; and the windows to run (those with a valid pixel: the others would add
         nothing, their weight being zero everywhere)."""
@@ -127,7 +129,13 @@ class OnnxWindowModel(TileModel):
                 todo.append(key)
         return prepared, holders, todo
 
-    def _stack(self, inputs: list[NativeInput], prepared: list[tuple[np.ndarray, np.ndarray]], holders: dict[tuple, list[int]], keys: list[tuple]) -> np.ndarray:
+    def _stack(
+        self,
+        inputs: list[NativeInput],
+        prepared: list[tuple[np.ndarray, np.ndarray]],
+        holders: dict[tuple, list[int]],
+        keys: list[tuple],
+    ) -> np.ndarray:
         W = self.window
         x = np.empty((len(keys), prepared[0][0].shape[0], W, W), np.float32)
         for n, key in enumerate(keys):

@@ -178,7 +178,9 @@ def _month_table(dim: int = MONTH_DIM) -> torch.Tensor:
     """Closed form of ``month_embed``: angle 2 pi m / 12, sines then cosines."""
     angle = 2 * math.pi * torch.arange(12, dtype=torch.float64) / 12
     half = dim // 2
-    return torch.cat([angle.sin()[:, None].expand(12, half), angle.cos()[:, None].expand(12, half)], 1).float()
+    return torch.cat(
+        [angle.sin()[:, None].expand(12, half), angle.cos()[:, None].expand(12, half)], 1
+    ).float()
 
 
 class Attention(nn.Module):
@@ -358,9 +360,7 @@ class PrestoEncoder(nn.Module):
             add_group(gi)
         # SRTM: one token from timestep 0, code = [0 | channel | 0]
         idx = self._ch_SRTM
-        srtm_code = torch.cat(
-            [ch.new_zeros(MONTH_DIM), ch[SRTM_GROUP], ch.new_zeros(POS_DIM)]
-        )
+        srtm_code = torch.cat([ch.new_zeros(MONTH_DIM), ch[SRTM_GROUP], ch.new_zeros(POS_DIM)])
         tokens.append((self.eo_patch_embed["SRTM"](x[:, 0, idx]) + srtm_code)[:, None])
         keeps.append(~mask_b[:, 0, idx].any(-1)[:, None])
         names.append("SRTM")
@@ -482,7 +482,7 @@ def load_presto(weights_path: str | Path) -> PrestoEncoder:
     if not isinstance(state, dict):
         raise WeightsError(f"{path} is not a PyTorch state_dict")
     prefix = "encoder."
-    enc = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+    enc = {k[len(prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
     if not enc:
         raise WeightsError(f"{path} has no '{prefix}' keys: not a Presto encoder-decoder state_dict")
     model = PrestoEncoder()

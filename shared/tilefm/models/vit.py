@@ -73,7 +73,9 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 def sincos_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
     """[gh*gw, dim] fixed position embedding of a patch grid, as MAE/DOFA build it."""
-    gy, gx = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    gy, gx = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
+    )
     # MAE's meshgrid(grid_w, grid_h) puts the column index first
     return torch.cat([sincos_1d(dim // 2, gx.reshape(-1)), sincos_1d(dim // 2, gy.reshape(-1))], dim=1)
 
@@ -81,9 +83,18 @@ def sincos_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
 class TransformerWeightGenerator(nn.Module):
     """Wavelength encodings -> per-band kernel slices and one bias (DOFA's hypernetwork)."""
 
-    def __init__(self, input_dim: int, output_dim: int, embed_dim: int, num_heads: int = 4, wt_num: int = 128):
+    def __init__(
+        self, input_dim: int, output_dim: int, embed_dim: int, num_heads: int = 4, wt_num: int = 128
+    ):
         super().__init__()
-        layer = nn.TransformerEncoderLayer(d_model=input_dim, nhead=num_heads, activation="gelu", norm_first=False, batch_first=False, dropout=0.0)
+        layer = nn.TransformerEncoderLayer(
+            d_model=input_dim,
+            nhead=num_heads,
+            activation="gelu",
+            norm_first=False,
+            batch_first=False,
+            dropout=0.0,
+        )
         self.transformer_encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
         self.fc_weight = nn.Linear(input_dim, output_dim)
         self.fc_bias = nn.Linear(input_dim, embed_dim)
@@ -113,7 +124,9 @@ class WavelengthPatchEmbed(nn.Module):
     def __init__(self, spec: ViTSpec):
         super().__init__()
         self.spec = spec
-        self.weight_generator = TransformerWeightGenerator(spec.wv_planes, spec.patch * spec.patch * spec.dim, spec.dim)
+        self.weight_generator = TransformerWeightGenerator(
+            spec.wv_planes, spec.patch * spec.patch * spec.dim, spec.dim
+        )
         self.fclayer = FCResLayer(spec.wv_planes)
 
     def kernel(self, wavelengths_um: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,12 +191,16 @@ class ViTEncoder(nn.Module):
         # fixed, not learned (DOFA keeps requires_grad=False): rebuilt for the tile's grid
         self.register_buffer("pos_embed", sincos_2d(spec.dim, self.grid, self.grid)[None], persistent=False)
 
-    def init_weights(self, seed: int) -> "ViTEncoder":
+    def init_weights(self, seed: int) -> ViTEncoder:
         """DOFA/timm's initialisation from `seed` (for throughput work when there is no checkpoint)."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             with torch.no_grad():
-                if name.startswith("patch_embed.") and p.ndim == 2 and not name.endswith(("weight_tokens", "bias_token")):
+                if (
+                    name.startswith("patch_embed.")
+                    and p.ndim == 2
+                    and not name.endswith(("weight_tokens", "bias_token"))
+                ):
                     bound = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))  # xavier uniform
                     p.uniform_(-bound, bound, generator=g)
                 elif name.endswith(("weight_tokens", "bias_token", "cls_token")) or p.ndim == 2:
@@ -196,7 +213,7 @@ class ViTEncoder(nn.Module):
                     p.zero_()
         return self
 
-    def bind(self, wavelengths_um: list[float]) -> "BoundViT":
+    def bind(self, wavelengths_um: list[float]) -> BoundViT:
         with torch.no_grad():
             weight, bias = self.patch_embed.kernel(wavelengths_um)
         return BoundViT(self, weight, bias)

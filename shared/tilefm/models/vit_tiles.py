@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tilefm.backends import GPU_BACKENDS, BackendOptions, Done, Pending, Runner, make_runner, resolve_precision
+from tilefm.backends import (
+    GPU_BACKENDS,
+    BackendOptions,
+    Done,
+    Pending,
+    Runner,
+    make_runner,
+    resolve_precision,
+)
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile
 from tilefm.models.base import InputPreparer, TileModel, TileOutput, normalize_coefficients
@@ -37,10 +45,18 @@ def half_outputs(card: ModelCard, backend: str, out_dtype: str | None = None) ->
     (`out_dtype`, the job's; None: the card's) and the outputs stay at patch stride, so the
     stitcher stores them as they come (an upsample would round twice). Rounded on the device,
     they are the same values the stitcher would have stored, at half the copies."""
-    return backend in GPU_BACKENDS and card.output_stride > 1 and (out_dtype or card.output.dtype) == "float16"
+    return (
+        backend in GPU_BACKENDS and card.output_stride > 1 and (out_dtype or card.output.dtype) == "float16"
+    )
 
 
-def options_from_settings(card: ModelCard, backend: str, threads: int | None = None, precision: str | None = None, out_dtype: str | None = None) -> BackendOptions:
+def options_from_settings(
+    card: ModelCard,
+    backend: str,
+    threads: int | None = None,
+    precision: str | None = None,
+    out_dtype: str | None = None,
+) -> BackendOptions:
     """`precision`: the run's (None: TILEFM_PRECISION); `out_dtype`: the dtype the run stores
     (None: the card's)."""
     from tilefm.settings import get_settings
@@ -139,7 +155,12 @@ class ViTTileModel(TileModel):
         from tilefm.settings import get_settings
 
         bound = self.net.bind(self.wavelengths)
-        n = probe_batch(bound, (len(self.wavelengths), TILE_SIZE, TILE_SIZE), precision=self.precision, cap=get_settings().batch_cap)
+        n = probe_batch(
+            bound,
+            (len(self.wavelengths), TILE_SIZE, TILE_SIZE),
+            precision=self.precision,
+            cap=get_settings().batch_cap,
+        )
         log.info("%s: batch %d from free GPU memory", self.card.name, n)
         return n
 
@@ -157,8 +178,22 @@ class ViTTileModel(TileModel):
                 from tilefm.settings import get_settings
 
                 calibration = require_calibration(self.card, get_settings().model_store, bands)
-            self._runners[bands] = make_runner(bound, self.backend, (len(bands), TILE_SIZE, TILE_SIZE), self.options, model_sha256=state_sha256(bound), calibration=calibration)
-            log.info("%s on %s (%s) for %d bands ready in %.1f s", self.card.name, self.backend, self.options.precision, len(bands), time.perf_counter() - t0)
+            self._runners[bands] = make_runner(
+                bound,
+                self.backend,
+                (len(bands), TILE_SIZE, TILE_SIZE),
+                self.options,
+                model_sha256=state_sha256(bound),
+                calibration=calibration,
+            )
+            log.info(
+                "%s on %s (%s) for %d bands ready in %.1f s",
+                self.card.name,
+                self.backend,
+                self.options.precision,
+                len(bands),
+                time.perf_counter() - t0,
+            )
         return self._runners[bands]
 
     def warm(self, modalities: Iterable[str]) -> None:
@@ -215,11 +250,20 @@ class ViTTileModel(TileModel):
             outs: list[TileOutput | None] = [None] * len(tiles)
             dtype = np.dtype(self.options.out_dtype)  # as the runner's: the stitcher groups by it
             for k in empty:
-                outs[k] = TileOutput(tile=tiles[k], halo=0, values=np.zeros((C, n, n), dtype), weight=np.zeros((n, n), np.float32))
+                outs[k] = TileOutput(
+                    tile=tiles[k],
+                    halo=0,
+                    values=np.zeros((C, n, n), dtype),
+                    weight=np.zeros((n, n), np.float32),
+                )
             for idx, pending, weights in queued:
                 emb = pending.result()
                 for j, k in enumerate(idx):
-                    values = emb[j] if stride > 1 else upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
+                    values = (
+                        emb[j]
+                        if stride > 1
+                        else upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]
+                    )  # type: ignore[union-attr]
                     outs[k] = TileOutput(tile=tiles[k], halo=0, values=values, weight=weights[j])
             if any(o is None for o in outs):
                 raise SceneError("internal: a tile got no output")

@@ -53,14 +53,21 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(max_bands=settings.tiler_max_bands, max_tilesize=settings.tiler_max_tilesize,
-                   max_preview_px=settings.tiler_max_preview_px, max_statistics_px=settings.tiler_max_statistics_px,
-                   max_read_bytes=settings.tiler_max_read_mb * 1024 * 1024)
+        return cls(
+            max_bands=settings.tiler_max_bands,
+            max_tilesize=settings.tiler_max_tilesize,
+            max_preview_px=settings.tiler_max_preview_px,
+            max_statistics_px=settings.tiler_max_statistics_px,
+            max_read_bytes=settings.tiler_max_read_mb * 1024 * 1024,
+        )
 
     def check_bands(self, count: int, field: str) -> None:
         if count > self.max_bands:
-            raise LimitExceeded(f"{count} bands asked for; this tiler reads at most {self.max_bands} named bands per request "
-                                "(TILEFM_TILER_MAX_BANDS)", field=field)
+            raise LimitExceeded(
+                f"{count} bands asked for; this tiler reads at most {self.max_bands} named bands per request "
+                "(TILEFM_TILER_MAX_BANDS)",
+                field=field,
+            )
 
     def check_size(self, value: int, cap: int, field: str, setting: str) -> None:
         if value > cap:
@@ -79,11 +86,16 @@ class Limits:
         need = bands * height * width * FLOAT32
         if need > self.max_read_bytes:
             mib = 1024 * 1024
-            raise LimitExceeded(f"{bands} bands of {width} x {height} px are {need / mib:.0f} MiB, over the "
-                                f"{self.max_read_bytes // mib} MiB this tiler reads for one request (TILEFM_TILER_MAX_READ_MB): "
-                                "ask for fewer bands or fewer pixels", field=field)
+            raise LimitExceeded(
+                f"{bands} bands of {width} x {height} px are {need / mib:.0f} MiB, over the "
+                f"{self.max_read_bytes // mib} MiB this tiler reads for one request (TILEFM_TILER_MAX_READ_MB): "
+                "ask for fewer bands or fewer pixels",
+                field=field,
+            )
 
-    def image_size(self, requested: int | None, *, statistics: bool, bands: int, height: int, width: int) -> int:
+    def image_size(
+        self, requested: int | None, *, statistics: bool, bands: int, height: int, width: int
+    ) -> int:
         """The `max_size` of a preview or statistics of `bands` bands of a `height` x `width`
         raster: the one asked for, if it is within the caps (else a 422 naming max_size); none
         asked for, the default (1024) or the largest below it whose read fits the budget, so
@@ -200,10 +212,17 @@ def cog_guard(limits: Limits, request: Request) -> None:
     for name in ("buffer", "padding"):
         extra = _float(request, name)
         if extra is not None and extra > 0 and base + 2 * math.ceil(extra) > limits.max_tilesize:
-            raise LimitExceeded(f"a {base} px tile with {name}={extra:g} is over this tiler's {limits.max_tilesize} px "
-                                "(TILEFM_TILER_MAX_TILESIZE)", field=name)
+            raise LimitExceeded(
+                f"a {base} px tile with {name}={extra:g} is over this tiler's {limits.max_tilesize} px "
+                "(TILEFM_TILER_MAX_TILESIZE)",
+                field=name,
+            )
     # images: preview, bbox, feature; statistics have their own cap
-    check = limits.check_statistics if request.url.path.rstrip("/").endswith("/statistics") else limits.check_preview
+    check = (
+        limits.check_statistics
+        if request.url.path.rstrip("/").endswith("/statistics")
+        else limits.check_preview
+    )
     for name in ("max_size", "width", "height"):
         for value in (_int(request, name), _int(request, name, path)):
             if value is not None and value < 1:  # TiTiler would take 0 for "not given"
@@ -224,22 +243,26 @@ def _check_colormap(request: Request) -> None:
     raw = request.query_params.get("colormap")
     if raw is None:
         return
-    from titiler.core.dependencies import ColorMapParams
     from rio_tiler.colormap import parse_color
+    from titiler.core.dependencies import ColorMapParams
 
     try:
         cmap = ColorMapParams(colormap_name=None, colormap=raw)
         if isinstance(cmap, dict):
             ok = all(isinstance(k, int) and 0 <= k < 2**16 for k in cmap)
         elif isinstance(cmap, list):
-            ok = all(len(rng) == 2 and all(math.isfinite(float(b)) for b in rng) and len(parse_color(color)) == 4
-                     for rng, color in cmap)
+            ok = all(
+                len(rng) == 2 and all(math.isfinite(float(b)) for b in rng) and len(parse_color(color)) == 4
+                for rng, color in cmap
+            )
         else:
             ok = cmap is None
     except Exception:  # TiTiler's HTTPException, or what its parser raises on odd JSON
         ok = False
     if not ok:
-        raise BadRenderParameter("colormap must be JSON: {\"value\": color, ...} or [[[min, max], color], ...]", field="colormap")
+        raise BadRenderParameter(
+            'colormap must be JSON: {"value": color, ...} or [[[min, max], color], ...]', field="colormap"
+        )
 
 
 def _check_statistics_options(request: Request) -> None:
@@ -249,7 +272,9 @@ def _check_statistics_options(request: Request) -> None:
         pieces = bins.split(",")
         count = len(pieces) if len(pieces) > 1 else _int(request, "histogram_bins")
         if count is not None and count > MAX_HISTOGRAM_BINS:
-            raise LimitExceeded(f"histogram_bins asks for {count} bins; at most {MAX_HISTOGRAM_BINS}", field="histogram_bins")
+            raise LimitExceeded(
+                f"histogram_bins asks for {count} bins; at most {MAX_HISTOGRAM_BINS}", field="histogram_bins"
+            )
         if count is not None and count < 1:
             raise BadRenderParameter("histogram_bins must be at least 1", field="histogram_bins")
     percentiles = q.getlist("p")
@@ -263,7 +288,9 @@ def _check_statistics_options(request: Request) -> None:
         if not ok:
             raise BadRenderParameter(f"percentiles are between 0 and 100, not {p}", field="p")
     if len(q.getlist("c")) > MAX_CATEGORIES:
-        raise LimitExceeded(f"{len(q.getlist('c'))} categories asked for; at most {MAX_CATEGORIES}", field="c")
+        raise LimitExceeded(
+            f"{len(q.getlist('c'))} categories asked for; at most {MAX_CATEGORIES}", field="c"
+        )
 
 
 def _check_positions(request: Request) -> None:
@@ -290,8 +317,10 @@ def _check_positions(request: Request) -> None:
             raise BadRenderParameter(f"minx ({minx:g}) must be less than maxx ({maxx:g})", field="minx")
         if not miny < maxy:
             raise BadRenderParameter(f"miny ({miny:g}) must be less than maxy ({maxy:g})", field="miny")
-        if geographic and not (-180 <= minx and maxx <= 180 and -90 <= miny and maxy <= 90):
-            raise BadRenderParameter("the bbox must be within -180..180, -90..90 (or give coord_crs)", field="minx")
+        if geographic and not (minx >= -180 and maxx <= 180 and miny >= -90 and maxy <= 90):
+            raise BadRenderParameter(
+                "the bbox must be within -180..180, -90..90 (or give coord_crs)", field="minx"
+            )
 
 
 class LimitedReader(Reader):
@@ -318,7 +347,9 @@ class LimitedReader(Reader):
         if expression:
             read = parse_expression(expression)
             if not all(1 <= b <= count for b in read):
-                raise BadRenderParameter(f"expression names bands outside 1..{count} (b1..b{count})", field="expression")
+                raise BadRenderParameter(
+                    f"expression names bands outside 1..{count} (b1..b{count})", field="expression"
+                )
             return max(len(read), len(get_expression_blocks(expression))), "expression"
         if indexes:
             idx = list(indexes) if isinstance(indexes, (list, tuple)) else [indexes]
@@ -331,15 +362,36 @@ class LimitedReader(Reader):
         self._bands(indexes, expression)
         return super().point(lon, lat, coord_crs=coord_crs, indexes=indexes, expression=expression, **kwargs)
 
-    def tile(self, tile_x, tile_y, tile_z, tilesize=None, indexes=None, expression=None, buffer=None, **kwargs):
+    def tile(
+        self, tile_x, tile_y, tile_z, tilesize=None, indexes=None, expression=None, buffer=None, **kwargs
+    ):
         side = (tilesize or 256) + 2 * math.ceil(buffer or 0) + 2 * int(kwargs.get("padding") or 0)
         bands, band_field = self._bands(indexes, expression)
         self.limits.check_read(bands, side, side, "tilesize" if tilesize else band_field)
-        return super().tile(tile_x, tile_y, tile_z, tilesize=tilesize, indexes=indexes, expression=expression,
-                            buffer=buffer, **kwargs)
+        return super().tile(
+            tile_x,
+            tile_y,
+            tile_z,
+            tilesize=tilesize,
+            indexes=indexes,
+            expression=expression,
+            buffer=buffer,
+            **kwargs,
+        )
 
-    def part(self, bbox, dst_crs=None, bounds_crs=WGS84_CRS, indexes=None, expression=None, max_size=None,
-             height=None, width=None, buffer=None, **kwargs):
+    def part(
+        self,
+        bbox,
+        dst_crs=None,
+        bounds_crs=WGS84_CRS,
+        indexes=None,
+        expression=None,
+        max_size=None,
+        height=None,
+        width=None,
+        buffer=None,
+        **kwargs,
+    ):
         if not (max_size or height or width):
             max_size = self.limits.max_preview_px
         if height and width:
@@ -354,13 +406,27 @@ class LimitedReader(Reader):
             self.limits.check_preview(max(h, w), field)
         grow = 2 * math.ceil(buffer or 0) + 2 * int(kwargs.get("padding") or 0)
         bands, band_field = self._bands(indexes, expression)
-        self.limits.check_read(bands, h + grow, w + grow, band_field if bands > self.limits.max_bands else field)
-        return super().part(bbox, dst_crs=dst_crs, bounds_crs=bounds_crs, indexes=indexes, expression=expression,
-                            max_size=max_size, height=height, width=width, buffer=buffer, **kwargs)
+        self.limits.check_read(
+            bands, h + grow, w + grow, band_field if bands > self.limits.max_bands else field
+        )
+        return super().part(
+            bbox,
+            dst_crs=dst_crs,
+            bounds_crs=bounds_crs,
+            indexes=indexes,
+            expression=expression,
+            max_size=max_size,
+            height=height,
+            width=width,
+            buffer=buffer,
+            **kwargs,
+        )
 
     def read(self, indexes=None, expression=None, **kwargs):
         cap = self._size_cap or self.limits.max_preview_px
-        if kwargs.get("max_size") and kwargs["max_size"] > cap:  # TiTiler's default (an explicit one is refused before)
+        if (
+            kwargs.get("max_size") and kwargs["max_size"] > cap
+        ):  # TiTiler's default (an explicit one is refused before)
             kwargs["max_size"] = cap
         height, width, max_size = kwargs.get("height"), kwargs.get("width"), kwargs.get("max_size")
         dh, dw = self.dataset.height, self.dataset.width

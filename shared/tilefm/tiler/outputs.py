@@ -95,10 +95,19 @@ class JobOutput:
 
     def describe(self) -> dict[str, Any]:
         d = {
-            "id": self.job_id, "model": self.model, "kind": self.kind, "count": self.count,
-            "band_names": self.band_names, "bounds": list(self.bounds), "minzoom": self.minzoom,
-            "maxzoom": self.maxzoom, "native_zoom": self.native_zoom, "output": self.uri, "dtype": self.dtype,
-            "renders": self.renders, "default_render": self.default_render,
+            "id": self.job_id,
+            "model": self.model,
+            "kind": self.kind,
+            "count": self.count,
+            "band_names": self.band_names,
+            "bounds": list(self.bounds),
+            "minzoom": self.minzoom,
+            "maxzoom": self.maxzoom,
+            "native_zoom": self.native_zoom,
+            "output": self.uri,
+            "dtype": self.dtype,
+            "renders": self.renders,
+            "default_render": self.default_render,
         }
         if self.classes:
             d["classes"] = self.legend()
@@ -139,12 +148,24 @@ def read_output(job: Job, settings: Settings) -> JobOutput:
     zoom = int(tags.get("TILEFM_ZOOM", 0))
     classes = [ClassInfo(c.value, c.name, c.color) for c in (card.output.classes if card else [])]
     return JobOutput(
-        job_id=job.id, uri=uri, path=path, model=tags.get("TILEFM_MODEL", job.spec.model),
-        kind=tags.get("TILEFM_OUTPUT_KIND", "embedding"), count=count, band_names=descriptions, dtype=dtype,
-        nodata=nodata, scale=float(tags.get("TILEFM_SCALE", 1.0)), offset=float(tags.get("TILEFM_OFFSET", 0.0)),
-        native_zoom=zoom, minzoom=max(0, zoom - levels), maxzoom=min(24, zoom + OVERZOOM),
-        bounds=_inward(bounds), classes=classes,
-        scene=json.loads(tags.get("TILEFM_SCENE", "{}")) or {}, created=tags.get("TILEFM_CREATED", ""),
+        job_id=job.id,
+        uri=uri,
+        path=path,
+        model=tags.get("TILEFM_MODEL", job.spec.model),
+        kind=tags.get("TILEFM_OUTPUT_KIND", "embedding"),
+        count=count,
+        band_names=descriptions,
+        dtype=dtype,
+        nodata=nodata,
+        scale=float(tags.get("TILEFM_SCALE", 1.0)),
+        offset=float(tags.get("TILEFM_OFFSET", 0.0)),
+        native_zoom=zoom,
+        minzoom=max(0, zoom - levels),
+        maxzoom=min(24, zoom + OVERZOOM),
+        bounds=_inward(bounds),
+        classes=classes,
+        scene=json.loads(tags.get("TILEFM_SCENE", "{}")) or {},
+        created=tags.get("TILEFM_CREATED", ""),
         version=job.timings.finished.isoformat() if job.timings.finished else tags.get("TILEFM_CREATED", ""),
     )
 

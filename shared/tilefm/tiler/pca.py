@@ -47,7 +47,7 @@ class RenderStats:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "RenderStats":
+    def from_json(cls, data: bytes) -> RenderStats:
         return cls(**json.loads(data))
 
 
@@ -74,9 +74,13 @@ def compute(values: np.ndarray, rng_seed: int = 0) -> RenderStats:
     ratio = (var[:3] / var.sum()).tolist() if var.sum() > 0 else [0.0] * 3
     lo_p, hi_p = PERCENTILES
     return RenderStats(
-        mean=mean.tolist(), components=comps.tolist(), explained_variance_ratio=ratio + [0.0] * (3 - len(ratio)),
-        pca_lo=np.percentile(proj, lo_p, axis=0).tolist(), pca_hi=np.percentile(proj, hi_p, axis=0).tolist(),
-        band_lo=np.percentile(flat, lo_p, axis=0).tolist(), band_hi=np.percentile(flat, hi_p, axis=0).tolist(),
+        mean=mean.tolist(),
+        components=comps.tolist(),
+        explained_variance_ratio=ratio + [0.0] * (3 - len(ratio)),
+        pca_lo=np.percentile(proj, lo_p, axis=0).tolist(),
+        pca_hi=np.percentile(proj, hi_p, axis=0).tolist(),
+        band_lo=np.percentile(flat, lo_p, axis=0).tolist(),
+        band_hi=np.percentile(flat, hi_p, axis=0).tolist(),
         pixels=len(flat),
     )
 

@@ -6,9 +6,8 @@ either display bytes' source (uint8 RGB + alpha) or, for the raw formats, float 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -19,7 +18,13 @@ from tilefm.tiler.pca import RenderStats
 
 IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
 RAW_FORMATS = {"npy": "NPY", "tif": "GTIFF"}
-MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg", "npy": "application/x-binary", "tif": "image/tiff; application=geotiff"}
+MEDIA_TYPES = {
+    "png": "image/png",
+    "webp": "image/webp",
+    "jpg": "image/jpeg",
+    "npy": "application/x-binary",
+    "tif": "image/tiff; application=geotiff",
+}
 RENDERS = ("classes", "pca", "rgb", "similarity", "raw")
 
 
@@ -48,7 +53,9 @@ def to_uint8(values: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float)
     return np.nan_to_num(scaled, nan=0.0).round().astype(np.uint8)
 
 
-def rgb_bands(values: np.ndarray, stats: RenderStats, bands: tuple[int, ...], rescale: tuple[float, float] | None) -> np.ndarray:
+def rgb_bands(
+    values: np.ndarray, stats: RenderStats, bands: tuple[int, ...], rescale: tuple[float, float] | None
+) -> np.ndarray:
     """values holds exactly the requested bands (read with those indexes)."""
     if rescale:
         return to_uint8(values, *rescale)
@@ -74,14 +81,14 @@ def cosine_similarity(values: np.ndarray, query: np.ndarray) -> np.ndarray:
     flat = values.reshape(values.shape[0], -1)
     out = np.empty(flat.shape[1], np.float32)
     for i in range(0, flat.shape[1], SIMILARITY_CHUNK):
-        part = flat[:, i:i + SIMILARITY_CHUNK].astype(np.float64)
+        part = flat[:, i : i + SIMILARITY_CHUNK].astype(np.float64)
         missing = np.isnan(part).any(axis=0)
         np.nan_to_num(part, copy=False)
         dots = q @ part
         norms = np.linalg.norm(part, axis=0) * qn
         sim = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.nan)
         sim[missing] = np.nan
-        out[i:i + SIMILARITY_CHUNK] = np.clip(sim, -1.0, 1.0)
+        out[i : i + SIMILARITY_CHUNK] = np.clip(sim, -1.0, 1.0)
     return out.reshape(values.shape[1:])
 
 
@@ -117,9 +124,13 @@ def parse_bands(text: str | None, count: int) -> tuple[int, ...]:
     try:
         bands = tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise BadRenderParameter(f"bands must be 1 or 3 comma-separated band numbers, not {text!r}", field="bands") from None
+        raise BadRenderParameter(
+            f"bands must be 1 or 3 comma-separated band numbers, not {text!r}", field="bands"
+        ) from None
     if len(bands) not in (1, 3) or not all(1 <= b <= count for b in bands):
-        raise BadRenderParameter(f"bands must be 1 or 3 band numbers between 1 and {count}, not {text!r}", field="bands")
+        raise BadRenderParameter(
+            f"bands must be 1 or 3 band numbers between 1 and {count}, not {text!r}", field="bands"
+        )
     return bands * 3 if len(bands) == 1 else bands
 
 
@@ -161,7 +172,9 @@ def encode_rgba(rgb: np.ndarray, valid: np.ndarray, fmt: str) -> bytes:
     return _save(img, fmt)
 
 
-def encode_classes(classes: np.ndarray, colormap: dict[int, tuple[int, int, int, int]], nodata: int, fmt: str) -> bytes:
+def encode_classes(
+    classes: np.ndarray, colormap: dict[int, tuple[int, int, int, int]], nodata: int, fmt: str
+) -> bytes:
     """uint8 class numbers [H, W] -> a paletted PNG (the class numbers are the palette indexes,
     no data transparent), or WEBP/JPEG in the palette's colours."""
     palette = np.zeros((256, 3), np.uint8)
@@ -184,7 +197,12 @@ def encode_classes(classes: np.ndarray, colormap: dict[int, tuple[int, int, int,
 def _save(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
-        img.save(buf, "PNG", compress_level=PNG_LEVEL, **({"transparency": img.info["transparency"]} if "transparency" in img.info else {}))
+        img.save(
+            buf,
+            "PNG",
+            compress_level=PNG_LEVEL,
+            **({"transparency": img.info["transparency"]} if "transparency" in img.info else {}),
+        )
     elif fmt == "webp":
         img.save(buf, "WEBP", quality=QUALITY, method=0)
     else:

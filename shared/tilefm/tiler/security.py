@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tilefm.errors import StorageError
 from starlette.requests import Request
 
+from tilefm.errors import StorageError
 from tilefm.settings import Settings
 from tilefm.storage import FileLocation, S3Location, parse_uri, storage_for
 from tilefm.tiler.errors import PathNotAllowed
@@ -36,11 +36,15 @@ def allowed_path(url: str, prefixes: list[str], settings: Settings) -> str:
     """`url` (s3://..., file:///..., or a path) -> the path GDAL opens, if it is a .tif under one
     of `prefixes`; `PathNotAllowed` (403) for anything else, naming the reason."""
     if not prefixes:
-        raise PathNotAllowed("the generic COG endpoints are disabled: no storage prefixes are configured (TILEFM_TILER_PREFIXES)")
+        raise PathNotAllowed(
+            "the generic COG endpoints are disabled: no storage prefixes are configured (TILEFM_TILER_PREFIXES)"
+        )
     if any(ord(c) < 32 for c in url) or "\\" in url:
         raise PathNotAllowed("control characters and backslashes are not allowed in url")
     if url.lower().startswith("/vsi") or "/vsi" in url.lower():
-        raise PathNotAllowed("GDAL virtual file systems (/vsi...) are not allowed in url; give s3://bucket/key.tif")
+        raise PathNotAllowed(
+            "GDAL virtual file systems (/vsi...) are not allowed in url; give s3://bucket/key.tif"
+        )
     try:
         loc = parse_uri(url)
     except StorageError as e:
@@ -84,8 +88,16 @@ def is_loopback_host(host: str) -> bool:
 def check_public_url(url: str) -> str:
     """`TILEFM_TILER_PUBLIC_URL` as the base of tile URLs: http(s), a host, no query or fragment."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment or not _HOST.match(parts.netloc):
-        raise ValueError(f"TILEFM_TILER_PUBLIC_URL must be an http(s) URL with a host and no query, not {url!r}")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.netloc
+        or parts.query
+        or parts.fragment
+        or not _HOST.match(parts.netloc)
+    ):
+        raise ValueError(
+            f"TILEFM_TILER_PUBLIC_URL must be an http(s) URL with a host and no query, not {url!r}"
+        )
     return url.rstrip("/")
 
 

@@ -61,11 +61,15 @@ def thread_env(options: dict) -> contextlib.AbstractContextManager:
 
 def check_tile(tms: str, z: int, x: int, y: int, minzoom: int, maxzoom: int, scale: int) -> None:
     if tms not in SUPPORTED_TMS:
-        raise TileNotAvailable(f"unknown tile matrix set {tms!r}; available: {', '.join(SUPPORTED_TMS)}", field="tms")
+        raise TileNotAvailable(
+            f"unknown tile matrix set {tms!r}; available: {', '.join(SUPPORTED_TMS)}", field="tms"
+        )
     if not minzoom <= z <= maxzoom:
         raise TileNotAvailable(f"zoom {z} is outside this layer's range {minzoom}..{maxzoom}")
     if not (0 <= x < 2**z and 0 <= y < 2**z):
-        raise TileNotAvailable(f"tile {z}/{x}/{y} does not exist (x and y run 0..{2**z - 1} at zoom {z})", field="x")
+        raise TileNotAvailable(
+            f"tile {z}/{x}/{y} does not exist (x and y run 0..{2**z - 1} at zoom {z})", field="x"
+        )
     if scale not in (1, 2, 3, 4):
         raise BadRenderParameter(f"scale must be 1, 2, 3 or 4, not {scale}", field="scale")
 
@@ -86,7 +90,9 @@ def encode_raw(values: np.ndarray, fmt: str, img: ImageData, nodata: float | Non
     return ImageData(data, bounds=img.bounds, crs=img.crs).render(img_format="GTIFF", add_mask=False)
 
 
-def read_aligned(src, out: JobOutput, z: int, x: int, y: int, size: int, indexes: list[int] | None) -> ImageData:
+def read_aligned(
+    src, out: JobOutput, z: int, x: int, y: int, size: int, indexes: list[int] | None
+) -> ImageData:
     """A tile of an output COG, read as a window: tilefm writes outputs on the tile grid (origin on
     a tile corner, pixel = the native zoom's, 256-px blocks and overviews per zoom level), so a
     tile is whole blocks of one overview, or part of a block upsampled (nearest) past the native
@@ -97,7 +103,9 @@ def read_aligned(src, out: JobOutput, z: int, x: int, y: int, size: int, indexes
     col0 = (b.left - src.transform.c) / res
     row0 = (src.transform.f - b.top) / res
     span = (b.right - b.left) / res  # tile width in native pixels
-    if not (abs(col0 - round(col0)) < 1e-6 and abs(row0 - round(row0)) < 1e-6 and abs(span - round(span)) < 1e-6):
+    if not (
+        abs(col0 - round(col0)) < 1e-6 and abs(row0 - round(row0)) < 1e-6 and abs(span - round(span)) < 1e-6
+    ):
         raise TileNotAvailable(f"tile {z}/{x}/{y} is not on this output's grid")  # not a tilefm COG
     col0, row0, span = round(col0), round(row0), round(span)
     # the part of the tile inside the raster, in native pixels
@@ -113,7 +121,11 @@ def read_aligned(src, out: JobOutput, z: int, x: int, y: int, size: int, indexes
     oc1, or1 = round((c1 - col0) * px), round((r1 - row0) * px)
     win = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
     whole = (or0, oc0, or1, oc1) == (0, 0, size, size)
-    data = np.empty((len(idx), size, size), dtype) if whole and px <= 1 else np.full((len(idx), size, size), fill, dtype)
+    data = (
+        np.empty((len(idx), size, size), dtype)
+        if whole and px <= 1
+        else np.full((len(idx), size, size), fill, dtype)
+    )
     if whole and px <= 1:  # the usual tile: read straight into it (no second copy of every band)
         src.read(idx, window=win, out=data, resampling=rasterio.enums.Resampling.nearest)
     elif px >= 1:  # at or past the native zoom: read native pixels, repeat them
@@ -121,8 +133,12 @@ def read_aligned(src, out: JobOutput, z: int, x: int, y: int, size: int, indexes
         k = round(px)
         data[:, or0:or1, oc0:oc1] = np.repeat(np.repeat(part, k, axis=1), k, axis=2) if k > 1 else part
     else:  # zoomed out: GDAL reads the matching overview
-        data[:, or0:or1, oc0:oc1] = src.read(idx, window=win, out_shape=(len(idx), or1 - or0, oc1 - oc0),
-                                            resampling=rasterio.enums.Resampling.nearest)
+        data[:, or0:or1, oc0:oc1] = src.read(
+            idx,
+            window=win,
+            out_shape=(len(idx), or1 - or0, oc1 - oc0),
+            resampling=rasterio.enums.Resampling.nearest,
+        )
     if nodata is None:
         mask = np.zeros(data.shape, bool)
     elif np.isnan(nodata):
@@ -156,8 +172,9 @@ class OutputTiles:
         with self._stats_lock:  # one computation per job, however many tiles ask at once
             s = self._stats.get(out.job_id)
             if s is None:
-                s = self._stats[out.job_id] = pca.load_or_compute(out, storage_for(out.uri, self.settings), self._env,
-                                                                  max_bytes=self.limits.max_read_bytes)
+                s = self._stats[out.job_id] = pca.load_or_compute(
+                    out, storage_for(out.uri, self.settings), self._env, max_bytes=self.limits.max_read_bytes
+                )
             return s
 
     def sample(self, out: JobOutput) -> np.ndarray:
@@ -185,28 +202,46 @@ class OutputTiles:
         sims = render.cosine_similarity(smp[:, :, None], query)[:, 0]
         return tuple(float(v) for v in np.percentile(sims[np.isfinite(sims)], np.arange(101)))
 
-    def params(self, out: JobOutput, render_name: str | None, bands: str | None, rescale: str | None,
-               colormap_name: str | None, lon: float | None, lat: float | None, vector: str | None) -> RenderParams:
+    def params(
+        self,
+        out: JobOutput,
+        render_name: str | None,
+        bands: str | None,
+        rescale: str | None,
+        colormap_name: str | None,
+        lon: float | None,
+        lat: float | None,
+        vector: str | None,
+    ) -> RenderParams:
         name = render_name or out.default_render
         allowed = out.renders + ["raw"]
         if name not in allowed:
-            raise BadRenderParameter(f"render {name!r} is not available for a {out.kind} output; choose one of {', '.join(allowed)}", field="render")
+            raise BadRenderParameter(
+                f"render {name!r} is not available for a {out.kind} output; choose one of {', '.join(allowed)}",
+                field="render",
+            )
         query, quantiles = None, None
         resc = render.parse_rescale(rescale)
         if colormap_name is not None:
             render.check_colormap(colormap_name)
         if name == "similarity":
             if not vector and (lon is None or lat is None):
-                raise BadRenderParameter("similarity needs a query: lon and lat of a pixel, or vector", field="lon")
+                raise BadRenderParameter(
+                    "similarity needs a query: lon and lat of a pixel, or vector", field="lon"
+                )
             query, quantiles = self._similarity_query(out, lon, lat, vector)
         return RenderParams(
-            render=name, bands=render.parse_bands(bands, out.count) if name == "rgb" else (),
-            rescale=resc, colormap_name=colormap_name or "viridis", query=query,
+            render=name,
+            bands=render.parse_bands(bands, out.count) if name == "rgb" else (),
+            rescale=resc,
+            colormap_name=colormap_name or "viridis",
+            query=query,
             quantiles=quantiles if resc is None else None,
         )
 
-    def _similarity_query(self, out: JobOutput, lon: float | None, lat: float | None,
-                          vector: str | None) -> tuple[np.ndarray, tuple[float, ...]]:
+    def _similarity_query(
+        self, out: JobOutput, lon: float | None, lat: float | None, vector: str | None
+    ) -> tuple[np.ndarray, tuple[float, ...]]:
         """The query vector and the map's similarity percentiles, once per (job, query): every
         tile of a similarity layer asks the same question, and the answer costs a point read and
         a pass over the job's sample."""
@@ -235,13 +270,19 @@ class OutputTiles:
             return list(p.bands)
         return None  # all bands
 
-    def tile(self, out: JobOutput, tms: str, z: int, x: int, y: int, scale: int, fmt: str, p: RenderParams) -> bytes:
+    def tile(
+        self, out: JobOutput, tms: str, z: int, x: int, y: int, scale: int, fmt: str, p: RenderParams
+    ) -> bytes:
         check_tile(tms, z, x, y, out.minzoom, out.maxzoom, scale)
         size = TILE_SIZE * scale
         self.limits.check_read(self._band_count(out, p), size, size, "scale" if scale > 1 else "render")
-        stats = self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
+        stats = (
+            self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
+        )
         with self.env():
-            img = read_aligned(self._readers.get(out.path).dataset, out, z, x, y, TILE_SIZE * scale, self._indexes(out, p))
+            img = read_aligned(
+                self._readers.get(out.path).dataset, out, z, x, y, TILE_SIZE * scale, self._indexes(out, p)
+            )
         return self._render(out, img, fmt, p, stats)
 
     def _shape(self, out: JobOutput) -> tuple[int, int]:
@@ -252,16 +293,24 @@ class OutputTiles:
     def preview_size(self, out: JobOutput, p: RenderParams, max_size: int | None) -> int:
         """The longest side of the preview: `max_size` within the caps, or the default."""
         height, width = self._shape(out)
-        return self.limits.image_size(max_size, statistics=False, bands=self._band_count(out, p), height=height, width=width)
+        return self.limits.image_size(
+            max_size, statistics=False, bands=self._band_count(out, p), height=height, width=width
+        )
 
     def preview(self, out: JobOutput, fmt: str, p: RenderParams, max_size: int) -> bytes:
         """`max_size`: from `preview_size`."""
-        stats = self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
+        stats = (
+            self.stats(out) if p.render in ("pca", "rgb") and not (p.render == "rgb" and p.rescale) else None
+        )
         with self.env():
-            img = self._readers.get(out.path).preview(indexes=self._indexes(out, p), max_size=max_size, resampling_method="nearest")
+            img = self._readers.get(out.path).preview(
+                indexes=self._indexes(out, p), max_size=max_size, resampling_method="nearest"
+            )
         return self._render(out, img, fmt, p, stats)
 
-    def _render(self, out: JobOutput, img: ImageData, fmt: str, p: RenderParams, stats: pca.RenderStats | None) -> bytes:
+    def _render(
+        self, out: JobOutput, img: ImageData, fmt: str, p: RenderParams, stats: pca.RenderStats | None
+    ) -> bytes:
         raw = np.ma.getdata(img.array)
         valid = ~np.ma.getmaskarray(img.array).any(axis=0)
         if p.render == "classes":
@@ -283,28 +332,46 @@ class OutputTiles:
         if p.render == "rgb":
             rgb = render.rgb_bands(values, stats, p.bands, p.rescale)
         elif p.render == "pca":
-            rgb = render.pca(values, stats) if not p.rescale else render.to_uint8(stats.project(values), *p.rescale)
+            rgb = (
+                render.pca(values, stats)
+                if not p.rescale
+                else render.to_uint8(stats.project(values), *p.rescale)
+            )
         else:  # raw drawn as an image: the first band in grey
-            rgb = np.repeat(render.to_uint8(values[:1], *(p.rescale or (np.nanmin(values[0]), np.nanmax(values[0])))), 3, axis=0)
+            rgb = np.repeat(
+                render.to_uint8(values[:1], *(p.rescale or (np.nanmin(values[0]), np.nanmax(values[0])))),
+                3,
+                axis=0,
+            )
         return encode_image(rgb, valid, fmt, img)
 
     def values_at(self, out: JobOutput, lon: float, lat: float) -> np.ndarray:
         """The de-quantized output values of the pixel at lon/lat (NaN = no data)."""
         if not (-180 <= lon <= 180 and -85.06 <= lat <= 85.06):
-            raise BadRenderParameter(f"lon/lat ({lon}, {lat}) is not a valid web-mercator position", field="lon")
+            raise BadRenderParameter(
+                f"lon/lat ({lon}, {lat}) is not a valid web-mercator position", field="lon"
+            )
         with self.env():
             try:
                 pt = self._readers.get(out.path).point(lon, lat)
             except PointOutsideBounds:
-                raise TileNotAvailable(f"({lon}, {lat}) is outside the output's bounds", field="lon") from None
-        values = out.dequantize(np.ma.getdata(pt.array).reshape(-1)) if not out.is_classes else np.ma.getdata(pt.array).astype(np.float32)
+                raise TileNotAvailable(
+                    f"({lon}, {lat}) is outside the output's bounds", field="lon"
+                ) from None
+        values = (
+            out.dequantize(np.ma.getdata(pt.array).reshape(-1))
+            if not out.is_classes
+            else np.ma.getdata(pt.array).astype(np.float32)
+        )
         values[np.ma.getmaskarray(pt.array).reshape(-1)] = np.nan
         return values
 
     def vector_at(self, out: JobOutput, lon: float, lat: float) -> np.ndarray:
         v = self.values_at(out, lon, lat)
         if not np.isfinite(v).all():
-            raise BadRenderParameter(f"the output has no value at ({lon}, {lat}) to compare with", field="lon")
+            raise BadRenderParameter(
+                f"the output has no value at ({lon}, {lat}) to compare with", field="lon"
+            )
         return v
 
     def point(self, out: JobOutput, lon: float, lat: float) -> dict[str, Any]:
@@ -325,9 +392,13 @@ class OutputTiles:
         if not all(1 <= b <= out.count for b in indexes):
             raise BadRenderParameter(f"bands must be between 1 and {out.count}", field="bands")
         height, width = self._shape(out)
-        max_size = self.limits.image_size(max_size, statistics=True, bands=len(indexes), height=height, width=width)
+        max_size = self.limits.image_size(
+            max_size, statistics=True, bands=len(indexes), height=height, width=width
+        )
         with self.env():
-            img = self._readers.get(out.path).preview(indexes=indexes, max_size=max_size, resampling_method="nearest")
+            img = self._readers.get(out.path).preview(
+                indexes=indexes, max_size=max_size, resampling_method="nearest"
+            )
         raw = np.ma.getdata(img.array)
         valid = ~np.ma.getmaskarray(img.array)
         result: dict[str, Any] = {}
@@ -337,8 +408,11 @@ class OutputTiles:
                 vals = raw[i][valid[i]].astype(int)
                 hist = {c.name: int((vals == c.value).sum()) for c in out.classes}
                 total = max(1, int(valid[i].sum()))
-                result[name] = {"count": int(valid[i].sum()), "classes": hist,
-                                "fractions": {k: round(v / total, 6) for k, v in hist.items()}}
+                result[name] = {
+                    "count": int(valid[i].sum()),
+                    "classes": hist,
+                    "fractions": {k: round(v / total, 6) for k, v in hist.items()},
+                }
                 continue
             v = out.dequantize(raw[i])[valid[i]]
             v = v[np.isfinite(v)]
@@ -346,8 +420,15 @@ class OutputTiles:
                 result[name] = {"count": 0}
                 continue
             p2, p98 = np.percentile(v, [2, 98])
-            result[name] = {"count": int(v.size), "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
-                            "std": float(v.std()), "percentile_2": float(p2), "percentile_98": float(p98)}
+            result[name] = {
+                "count": int(v.size),
+                "min": float(v.min()),
+                "max": float(v.max()),
+                "mean": float(v.mean()),
+                "std": float(v.std()),
+                "percentile_2": float(p2),
+                "percentile_98": float(p98),
+            }
         return result
 
 
@@ -379,8 +460,18 @@ class SceneTiles:
             raise TileNotAvailable("the scene has no true-colour bands (s2 B04, B03, B02)", field="scene")
         return [s2.bands[b] for b in TRUE_COLOUR]
 
-    def tile(self, out: JobOutput, scene: Scene, tms: str, z: int, x: int, y: int, scale: int, fmt: str,
-             rescale: tuple[float, float] | None) -> bytes:
+    def tile(
+        self,
+        out: JobOutput,
+        scene: Scene,
+        tms: str,
+        z: int,
+        x: int,
+        y: int,
+        scale: int,
+        fmt: str,
+        rescale: tuple[float, float] | None,
+    ) -> bytes:
         check_tile(tms, z, x, y, out.minzoom, out.maxzoom, scale)
         if fmt in render.RAW_FORMATS:
             raise BadRenderParameter("the scene is served as png, webp or jpg", field="format")
@@ -393,7 +484,12 @@ class SceneTiles:
             for i, band in enumerate(bands):
                 try:
                     img = self._readers.get(band.path).tile(
-                        x, y, z, tilesize=n, indexes=band.index, resampling_method="bilinear",
+                        x,
+                        y,
+                        z,
+                        tilesize=n,
+                        indexes=band.index,
+                        resampling_method="bilinear",
                         reproject_method="bilinear",
                     )
                 except TileOutsideBounds:

@@ -12,8 +12,16 @@ from xml.sax.saxutils import escape, quoteattr
 from tilefm.grid import TMS
 
 
-def capabilities(*, title: str, layer: str, bounds: tuple[float, float, float, float], minzoom: int, maxzoom: int,
-                 tile_url: str, fmt: str = "image/png") -> str:
+def capabilities(
+    *,
+    title: str,
+    layer: str,
+    bounds: tuple[float, float, float, float],
+    minzoom: int,
+    maxzoom: int,
+    tile_url: str,
+    fmt: str = "image/png",
+) -> str:
     """`tile_url` has {TileMatrix}, {TileCol} and {TileRow} placeholders (WMTS RESTful names)."""
     w, s, e, n = (float(v) for v in bounds)  # numbers, whatever was passed in
     matrices = []
@@ -29,7 +37,8 @@ def capabilities(*, title: str, layer: str, bounds: tuple[float, float, float, f
         <TileHeight>{m.tileHeight}</TileHeight>
         <MatrixWidth>{m.matrixWidth}</MatrixWidth>
         <MatrixHeight>{m.matrixHeight}</MatrixHeight>
-      </TileMatrix>""")
+      </TileMatrix>"""
+        )
     return f"""<?xml version="1.0" encoding="UTF-8"?>
 <Capabilities xmlns="http://www.opengis.net/wmts/1.0" xmlns:ows="http://www.opengis.net/ows/1.1"
   xmlns:xlink="http://www.w3.org/1999/xlink" version="1.0.0">
@@ -53,7 +62,7 @@ def capabilities(*, title: str, layer: str, bounds: tuple[float, float, float, f
     </Layer>
     <TileMatrixSet>
       <ows:Identifier>WebMercatorQuad</ows:Identifier>
-      <ows:SupportedCRS>urn:ogc:def:crs:EPSG::3857</ows:SupportedCRS>{''.join(matrices)}
+      <ows:SupportedCRS>urn:ogc:def:crs:EPSG::3857</ows:SupportedCRS>{"".join(matrices)}
     </TileMatrixSet>
   </Contents>
 </Capabilities>
