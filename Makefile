@@ -4,16 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: install protos demo test bench up clean
+.PHONY: install protos demo lint test test-fast bench up clean
 
-# The CPU build of torch first (this machine keeps its wheel at hand): a bare `torch`
-# requirement would pull the multi-GB CUDA build. Every `pip install` of tilefm, editable too, also
-# generates the gRPC / protobuf modules from protos/ into shared/tilefm/_proto (setup.py's build_py).
+# The CPU build of torch first: a bare `torch` requirement would pull the multi-GB CUDA build.
+# Every `pip install` of tilefm, editable too, also generates the gRPC / protobuf modules from
+# protos/ into shared/tilefm/_proto (setup.py's build_py).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lint]'
 	touch $@
 	touch -c $(PROTO_GEN)
 
@@ -40,18 +40,37 @@ install: $(VENV)/.installed $(PROTO_GEN) $(VIEWER_DEPS)
 protos: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps -e .
 
-## Set up, then run both sample jobs on the embedded defaults (local Ray, local S3 server).
+## Set up, then run both sample jobs on the embedded defaults (local Ray, local S3 server); it ends
+## with the `tilefm view` command that shows the two outputs on a map.
 demo: install
 	$(PY) -m tilefm.localstack demo --data $(SHARED)/data --models $(SHARED)/models --out demo-output
 
-## The whole test suite (real Ray, real SeaweedFS S3, real models and data from ../shared).
+## Lint, formatting and types: ruff's rules and formatter (pyproject.toml [tool.ruff]) over the
+## Python code, mypy over the tilefm package ([tool.mypy]; strict for the job service, storage,
+## grid and APIs). CI runs it before the tests.
+LINT_PATHS := shared tests services bench
+lint: $(VENV)/.installed $(PROTO_GEN)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+## The whole test suite (real Ray, real SeaweedFS S3, real models and data from ../shared), with
+## the line coverage of tilefm at the end.
 test: install tools
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --cov=tilefm --cov-report=term
+
+## The unit tier, for a quick check while editing: no test that starts servers, clusters or
+## tilefm processes (`integration`), runs a whole scene (`slow`) or needs CUDA (`gpu`); the fuzzing
+## tests draw a quarter of their cases (the same generators; `make test` draws them all).
+test-fast: $(VENV)/.installed $(PROTO_GEN)
+	TILEFM_BAD_INPUT_EXAMPLES=0.25 TILEFM_FUZZ_EXAMPLES=10 \
+		$(PY) -m pytest -ra -m "not integration and not slow and not gpu"
 
 ## The suite again on Python 3.12 with the newest releases the registry has (rasterio 1.5 with
 ## GDAL 3.12, which reads float16 as Float16; numpy 2.5; Ray 2.60), in .venv312. By hand, not in
 ## CI: PyPI's torch for 3.12 is the CUDA build (~3 GB with its libraries) and the suite takes
-## ~16 minutes more. Here: make test-py312 PYTHON312=/root/.pyenv/versions/3.12.1/bin/python3.12
+## ~16 minutes more. PYTHON312 names the interpreter: make test-py312 PYTHON312=/path/to/python3.12
 PYTHON312 ?= python3.12
 VENV312 := .venv312
 $(VENV312)/.installed: pyproject.toml
@@ -65,6 +84,12 @@ test-py312: $(VENV312)/.installed $(VIEWER_DEPS) tools
 bench: install
 	TILEFM_MODEL_STORE=$(SHARED)/models $(PY) bench/pipeline.py
 	$(PY) bench/tiler.py
+
+## The GPU benchmarks and `gpu` tests, on a CUDA machine where tilefm is installed in $(PYTHON)
+## (`pip install -e .` with a CUDA build of torch); rows in bench-output/gpu/. Exits 2 without CUDA.
+.PHONY: bench-gpu
+bench-gpu:
+	PYTHON=$(PYTHON) SHARED=$(SHARED) bash bench/gpu.sh
 
 ## The local stack: Redis, SeaweedFS, scheduler on local Ray, job API :8080, tiles + viewer :8081.
 up: install

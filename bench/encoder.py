@@ -72,7 +72,7 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # noqa: BLE001 - no NVML, no GPU: utilisation is simply not measured
+        except Exception:  # noqa: BLE001, S110 - no NVML, no GPU: utilisation is simply not measured
             pass
 
     def __enter__(self) -> GpuSampler:
@@ -187,8 +187,14 @@ def model_only(
             sync()
             seconds = time.perf_counter() - t0
         row["model_sync_tiles_s"] = tiles / sync_s
-    return {**row, "tiles": tiles, "model_tiles_s": tiles / seconds, "model_gpu_util": gpu.mean,
-            "rel_err": agree.rel_error if agree else None, "class_agreement": agree.class_agreement if agree else None}  # fmt: skip
+    return {
+        **row,
+        "tiles": tiles,
+        "model_tiles_s": tiles / seconds,
+        "model_gpu_util": gpu.mean,
+        "rel_err": agree.rel_error if agree else None,
+        "class_agreement": agree.class_agreement if agree else None,
+    }
 
 
 def end_to_end(
@@ -210,14 +216,20 @@ def end_to_end(
     # model load happens before the first batch; the rest is the pipeline as a user meets it
     seconds = t["total_s"] - t.get("load_s", 0.0)
     # the stream (read + encode + stitch) alone, before the COG step: what keeping the GPU fed means
-    return {"e2e_tiles": result.tiles, "e2e_tiles_s": result.tiles / seconds, "e2e_stream_tiles_s": result.tiles / t["tiles_s"], "e2e_gpu_util": gpu.mean,
-            "e2e_readers": result.readers, "e2e_timings": {k: round(v, 2) for k, v in t.items()}}  # fmt: skip
+    return {
+        "e2e_tiles": result.tiles,
+        "e2e_tiles_s": result.tiles / seconds,
+        "e2e_stream_tiles_s": result.tiles / t["tiles_s"],
+        "e2e_gpu_util": gpu.mean,
+        "e2e_readers": result.readers,
+        "e2e_timings": {k: round(v, 2) for k, v in t.items()},
+    }
 
 
 def end_to_end_rounds(rounds: int, *args: Any) -> dict[str, Any]:
     """`end_to_end` `rounds` times in this process. The row keeps the first (what a fresh worker
     gives) and adds every round's tiles/s: a process's first job touches fresh memory, which on
-    a VM costs more the first time (docs/benchmarks.md, session 18)."""
+    a VM costs more the first time (docs/benchmarks.md, "Stitcher and COG")."""
     first = end_to_end(*args)
     runs = [first] + [end_to_end(*args) for _ in range(rounds - 1)]
     if rounds > 1:
@@ -273,13 +285,18 @@ def main() -> None:
         "--e2e-rounds",
         type=int,
         default=1,
-        help="end-to-end runs per row, in this process (the first is the row's; every round's tiles/s are listed)",
+        help=(
+            "end-to-end runs per row, in this process (the first is the row's; every round's tiles/s are "
+            "listed)"
+        ),
     )
     ap.add_argument(
         "--executor",
         default="local",
         choices=["local", "ray"],
-        help="end-to-end: reader threads in this process, or Ray reader tasks (processes) and an encoder actor",
+        help=(
+            "end-to-end: reader threads in this process, or Ray reader tasks (processes) and an encoder actor"
+        ),
     )
     ap.add_argument(
         "--presto-pixels",
@@ -334,8 +351,14 @@ def main() -> None:
                 for batch in map(int, args.batch_sizes.split(",")):
                     settings_env(batch, v)
                     model = WorkerSpec(card=card, backend=backend, weights=prep.weights).load()
-                    row = {"model": name, "backend": backend, "variant": vname, "precision": v["precision"], "batch": batch,
-                           **model_only(work, model, batch, args.min_tiles, reference)}  # fmt: skip
+                    row = {
+                        "model": name,
+                        "backend": backend,
+                        "variant": vname,
+                        "precision": v["precision"],
+                        "batch": batch,
+                        **model_only(work, model, batch, args.min_tiles, reference),
+                    }
                     if args.e2e == "all":
                         row |= end_to_end_rounds(
                             args.e2e_rounds, spec_kw, backend, batch, args.executor, v["precision"]
@@ -381,14 +404,17 @@ def main() -> None:
     lines = [
         f"Encoder benchmark on {device}, zoom {args.zoom}, sample scene {SCENE.name}, bbox {args.bbox}.",
         "",
-        "| model | backend | variant | batch | model-only tiles/s | GPU % | error vs fp32 CPU | classes kept | end-to-end tiles/s (tiles, readers) | stream tiles/s | GPU % | e2e / model |",
+        "| model | backend | variant | batch | model-only tiles/s | GPU % | error vs fp32 CPU | classes "
+        "kept | end-to-end tiles/s (tiles, readers) | stream tiles/s | GPU % | e2e / model |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "presto" in r:
             p = r["presto"]
             lines.append(
-                f"| {r['model']} | {r['backend']} | {r['variant']} | {p['pixels']:,} px | {p['seconds']:.1f} s ({p['pixels_s'] / 1e6:.1f} Mpx/s) | {f(p['gpu_util'], '{:.0f}')} | | | | | | |"
+                f"| {r['model']} | {r['backend']} | {r['variant']} | {p['pixels']:,} px | "
+                f"{p['seconds']:.1f} s ({p['pixels_s'] / 1e6:.1f} Mpx/s) | {f(p['gpu_util'], '{:.0f}')} | | "
+                "| | | | |"
             )
             continue
         e2e = (
@@ -397,16 +423,30 @@ def main() -> None:
             else "-"
         )
         ratio = f(r.get("ratio"), "{:.2f}") if "ratio" in r else "-"
-        lines.append(
-            f"| {r['model']} | {r['backend']} | {r['variant']} | {r['batch']} | {f(r['model_tiles_s'])}{' (each waited for: ' + f(r['model_sync_tiles_s']) + ')' if 'model_sync_tiles_s' in r else ''} | {f(r['model_gpu_util'], '{:.0f}')} | {f(r['rel_err'], '{:.1e}')} | {f(r.get('class_agreement'), '{:.2%}')} | {e2e} | {f(r.get('e2e_stream_tiles_s'))} | {f(r.get('e2e_gpu_util'), '{:.0f}')} | {ratio} |"
-        )
+        synced = f" (each waited for: {f(r['model_sync_tiles_s'])})" if "model_sync_tiles_s" in r else ""
+        cells = [
+            r["model"],
+            r["backend"],
+            r["variant"],
+            r["batch"],
+            f(r["model_tiles_s"]) + synced,
+            f(r["model_gpu_util"], "{:.0f}"),
+            f(r["rel_err"], "{:.1e}"),
+            f(r.get("class_agreement"), "{:.2%}"),
+            e2e,
+            f(r.get("e2e_stream_tiles_s")),
+            f(r.get("e2e_gpu_util"), "{:.0f}"),
+            ratio,
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     for r in rows:
         if "e2e_rounds_tiles_s" in r:
             per = ", ".join(map(str, r["e2e_rounds_tiles_s"]))
             stream = ", ".join(map(str, r["e2e_rounds_stream_tiles_s"]))
             ratios = ", ".join(f"{t / r['model_tiles_s']:.2f}" for t in r["e2e_rounds_tiles_s"])
             lines.append(
-                f"\n{r['model']} {r['variant']} batch {r['batch']}, end to end by round in one process: {per} tiles/s (stream {stream}); e2e / model {ratios}"
+                f"\n{r['model']} {r['variant']} batch {r['batch']}, end to end by round in one process: "
+                f"{per} tiles/s (stream {stream}); e2e / model {ratios}"
             )
     table = "\n".join(lines)
     print(table)

@@ -1,8 +1,9 @@
 """Feed benchmark: how many tiles/s the host side of a run can hand a GPU, with the model itself
 replaced by an instant one (what an infinitely fast device would leave as the bottleneck).
 
-    TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/feed.py --model vit-base --zoom 13 --readers 1,2
-    TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/feed.py --zoom 14 --readers 2 --kinds process --store s3
+    export TILEFM_MODEL_STORE=../shared/models
+    .venv/bin/python bench/feed.py --model vit-base --zoom 13 --readers 1,2
+    .venv/bin/python bench/feed.py --zoom 14 --readers 2 --kinds process --store s3
 
 Everything else is the real pipeline of `tilefm run --executor local`: reader threads (or
 processes, `--kinds process`) read the tiles (tilefm's sampler or GDAL) and prepare the model's
@@ -98,14 +99,21 @@ class InstantModel:
 
 
 def feed(
-    prep: Any, readers: int, batch: int, cog: bool, device_ms: float = 0.0, values: str = "random", kind: str = "thread", out_root: str | None = None,
+    prep: Any,
+    readers: int,
+    batch: int,
+    cog: bool,
+    device_ms: float = 0.0,
+    values: str = "random",
+    kind: str = "thread",
+    out_root: str | None = None,
     out_dtype: str = "gpu",
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """One run; `out_root`: the folder URI the COG goes to (None: a local temporary folder)."""
     from tilefm.pipeline import batches, publish
     from tilefm.runtime import LocalExecutor, WorkerSpec
     from tilefm.settings import get_settings
-    from tilefm.stitch import Encoding
+    from tilefm.values import Encoding
 
     worker = WorkerSpec(card=prep.card, backend=prep.backend, weights=prep.weights)
     ex = LocalExecutor(
@@ -114,7 +122,7 @@ def feed(
         prefetch=2,
         kind=kind,
         model=InstantModel(worker.load(), device_ms, values, out_dtype),
-    )  # type: ignore[arg-type]
+    )  # type: ignore[arg-type]  # a stand-in for the model
     settings = get_settings()
     timings: dict[str, float] = {}
     n = len(prep.plan.tiles)
@@ -138,12 +146,24 @@ def feed(
         total = time.perf_counter() - t0
     main_cpu = time.process_time() - main_cpu
     ex.close()
-    return {"kind": kind, "readers": readers, "batch": batch, "tiles": n, "feed_tiles_s": n / timings["tiles_s"],
-            "main_cpu_ms_per_tile": round(1000 * main_cpu / n, 2),
-            "stream_s": round(timings["tiles_s"], 2), "cog_s": round(timings.get("cog_s", 0.0), 2),
-            "upload_s": round(timings.get("upload_s", 0.0), 2), "total_s": round(total, 2), "store": "s3" if out_root else "file",
-            "stitched": cog, "device_ms": device_ms, "values": values, "out_dtype": out_dtype,
-            "vs_device": (n * device_ms / 1000) / timings["tiles_s"] if device_ms else None}  # fmt: skip
+    return {
+        "kind": kind,
+        "readers": readers,
+        "batch": batch,
+        "tiles": n,
+        "feed_tiles_s": n / timings["tiles_s"],
+        "main_cpu_ms_per_tile": round(1000 * main_cpu / n, 2),
+        "stream_s": round(timings["tiles_s"], 2),
+        "cog_s": round(timings.get("cog_s", 0.0), 2),
+        "upload_s": round(timings.get("upload_s", 0.0), 2),
+        "total_s": round(total, 2),
+        "store": "s3" if out_root else "file",
+        "stitched": cog,
+        "device_ms": device_ms,
+        "values": values,
+        "out_dtype": out_dtype,
+        "vs_device": (n * device_ms / 1000) / timings["tiles_s"] if device_ms else None,
+    }
 
 
 def main() -> None:
@@ -166,7 +186,10 @@ def main() -> None:
         "--device-ms",
         type=float,
         default=0.0,
-        help="stand-in device time per tile (a sleep, GIL released): the stream's tiles/s against 1000/device-ms",
+        help=(
+            "stand-in device time per tile (a sleep, GIL released): the stream's tiles/s against "
+            "1000/device-ms"
+        ),
     )
     ap.add_argument(
         "--values",
@@ -178,7 +201,10 @@ def main() -> None:
         "--out-dtype",
         choices=("gpu", "float32", "float16"),
         default="gpu",
-        help="the stand-in's outputs: what a GPU runner hands back for the model (the ViTs: float16), or as given",
+        help=(
+            "the stand-in's outputs: what a GPU runner hands back for the model (the ViTs: float16), or as "
+            "given"
+        ),
     )
     ap.add_argument(
         "--store",
@@ -206,8 +232,15 @@ def run(args: argparse.Namespace, out_root: str | None) -> None:
     from tilefm.grid import parse_bbox
     from tilefm.pipeline import RunSpec, prepare
 
-    spec = RunSpec(scene={"s2": str(SCENE)}, model=args.model, zoom=args.zoom, out="/tmp/feed.tif",
-                   bbox=None if args.bbox == "all" else parse_bbox(args.bbox), executor="local", date=None)  # fmt: skip
+    spec = RunSpec(
+        scene={"s2": str(SCENE)},
+        model=args.model,
+        zoom=args.zoom,
+        out="/tmp/feed.tif",
+        bbox=None if args.bbox == "all" else parse_bbox(args.bbox),
+        executor="local",
+        date=None,
+    )
     prep = prepare(spec)
     readers = [int(r) for r in args.readers.split(",")]
     kinds = args.kinds.split(",")
@@ -229,18 +262,22 @@ def run(args: argparse.Namespace, out_root: str | None) -> None:
             )
     cpus = len(os.sched_getaffinity(0))
     print(
-        f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, warp={os.environ.get('TILEFM_WARP', 'auto')}"
+        f"{args.model} z{args.zoom}: {len(prep.plan.tiles)} tiles, batch {args.batch}, {cpus} CPUs, "
+        f"warp={os.environ.get('TILEFM_WARP', 'auto')}"
     )
     print(f"the COG to: {out_root or 'a local file'}; outputs: {args.out_dtype}")
     print(
-        "| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | upload s | stream / device-only | main process CPU ms/tile |"
+        "| readers | feed tiles/s (best of rounds) | per reader | rounds | stream s | COG s | upload s | "
+        "stream / device-only | main process CPU ms/tile |"
     )
     print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for (k, r), rs in rows.items():
         best = max(rs, key=lambda x: x["feed_tiles_s"])
         each = ", ".join(f"{x['feed_tiles_s']:.1f}" for x in rs)
         print(
-            f"| {r} ({k}) | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | {best['stream_s']} | {best['cog_s']} | {best['upload_s']} | {best['vs_device'] or 0:.2f} | {best['main_cpu_ms_per_tile']} |"
+            f"| {r} ({k}) | {best['feed_tiles_s']:.1f} | {best['feed_tiles_s'] / r:.1f} | {each} | "
+            f"{best['stream_s']} | {best['cog_s']} | {best['upload_s']} | {best['vs_device'] or 0:.2f} | "
+            f"{best['main_cpu_ms_per_tile']} |"
         )
         if args.json_out:
             with args.json_out.open("a") as f:

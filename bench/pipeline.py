@@ -1,6 +1,7 @@
 """Pipeline benchmark: model-only vs end-to-end tiles/s for a model over the sample scene.
 
-    TILEFM_MODEL_STORE=../shared/models .venv/bin/python bench/pipeline.py [--model ukis-csmask] [--zoom 11] [--rounds 2]
+    export TILEFM_MODEL_STORE=../shared/models
+    .venv/bin/python bench/pipeline.py [--model ukis-csmask] [--zoom 11] [--rounds 2]
 
 - model-only: the same batches of tiles, inputs already in memory, through the model alone
   (window stacks -> backend -> probabilities; no reads, no blending, no writes). On the scene's
@@ -135,7 +136,8 @@ def main() -> int:
     }
     print(json.dumps(summary, indent=2))
     print(
-        f"| {args.model} | {args.zoom} | {summary['tiles']} | {args.batch_size} | {summary['model_only_tiles_per_s']:.2f} | "
+        f"| {args.model} | {args.zoom} | {summary['tiles']} | {args.batch_size} | "
+        f"{summary['model_only_tiles_per_s']:.2f} | "
         f"{summary['end_to_end_tiles_per_s']:.2f} | {summary['ratio']:.2f} |"
     )
     return 0

@@ -3,8 +3,10 @@ same tiles, rounds alternating, and with 1..N reader threads in one process.
 
     .venv/bin/python bench/reads.py                          # the three cards' read shapes
     .venv/bin/python bench/reads.py --cases vit-small:13 --threads 1,2,4 --rounds 3
-    .venv/bin/python bench/reads.py --cases vit-base:14 --batch 32 --threads 1 --prepare --malloc default   # glibc's thresholds
-    .venv/bin/python bench/reads.py --cases vit-base:14 --threads 1 --prepare --warps auto   # tilefm's sampler only (to profile)
+    # glibc's own thresholds
+    .venv/bin/python bench/reads.py --cases vit-base:14 --batch 32 --threads 1 --prepare --malloc default
+    # tilefm's sampler only (to profile)
+    .venv/bin/python bench/reads.py --cases vit-base:14 --threads 1 --prepare --warps auto
 
 A case is MODEL:ZOOM: that card's bands and halo over the sample scene's tiles at that zoom,
 read in batches of `--batch` tiles (rows of neighbours as strips, as the pipeline reads them).
@@ -27,8 +29,9 @@ SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-
 def run(scene, card, tiles, batch: int, threads: int, warp: str, prepare: bool = False) -> float:
     """tiles/s reading `tiles` in batches on `threads` threads (`prepare`: and preparing the
     model's input, all that a reader does)."""
+    from tilefm.models.base import input_preparer
     from tilefm.read import read_tiles
-    from tilefm.runtime import input_preparer, read_prepared
+    from tilefm.readers import read_prepared
 
     halo = card.context.halo
     batches = [tiles[i : i + batch] for i in range(0, len(tiles), batch)]
@@ -70,7 +73,10 @@ def main() -> None:
         "--malloc",
         choices=("retain", "default"),
         default="retain",
-        help="retain: freed arrays stay in the heap, as in tilefm's reader processes (tilefm.memory; it is the main thread's heap that gave memory back); default: glibc's own thresholds",
+        help=(
+            "retain: freed arrays stay in the heap, as in tilefm's reader processes (tilefm.memory; it is "
+            "the main thread's heap that gave memory back); default: glibc's own thresholds"
+        ),
     )
     ap.add_argument(
         "--warps",
@@ -109,13 +115,24 @@ def main() -> None:
                 for warp in warps:
                     got[warp].append(run(scene, card, tiles, args.batch, threads, warp, args.prepare))
             row = {
-                "case": case, "bands": len(card_band_names(card)),
-                "bands_read": sum(b.name in scene.modalities[i.modality].bands for i in card.inputs if i.modality in scene.modalities for b in i.bands),
+                "case": case,
+                "bands": len(card_band_names(card)),
+                "bands_read": sum(
+                    b.name in scene.modalities[i.modality].bands
+                    for i in card.inputs
+                    if i.modality in scene.modalities
+                    for b in i.bands
+                ),
                 "halo": card.context.halo,
-                "tiles": len(tiles), "batch": args.batch, "threads": threads, "malloc": args.malloc, "prepare": args.prepare,
+                "tiles": len(tiles),
+                "batch": args.batch,
+                "threads": threads,
+                "malloc": args.malloc,
+                "prepare": args.prepare,
                 **{f"{w}_tiles_s": statistics.median(got[w]) for w in warps},
-                "rounds": got, "cpus": len(os.sched_getaffinity(0)),
-            }  # fmt: skip
+                "rounds": got,
+                "cpus": len(os.sched_getaffinity(0)),
+            }
             row["speedup"] = (
                 row["auto_tiles_s"] / row["gdal_tiles_s"] if {"auto", "gdal"} <= set(warps) else None
             )

@@ -2,7 +2,8 @@
 plain or gzipped): the samples grouped by the thread's role in tilefm's pipeline, then the
 lines each role was at, with the tilefm frames that led there.
 
-    py-spy record -r 100 --idle -f raw -o spy.txt -- python bench/feed.py --model vit-base --zoom 14 --readers 12 --kinds process
+    py-spy record -r 100 --idle -f raw -o spy.txt -- \\
+        python bench/feed.py --model vit-base --zoom 14 --readers 12 --kinds process
     python bench/spy_summary.py spy.txt --rate 100
 
 Roles, by the frames of a sample: `mosaic` (the mosaic writer's threads: encoding, overview

@@ -8,8 +8,9 @@ over the sample scene's tile plan (no reads, no model).
 threads included, which bounds it when they are behind); `cpu` is that thread's own CPU time per
 tile (what it would cost on a host with cores to spare for the compression); `add+close` adds the
 compressing threads' tail, and its `cpu` is every thread's (the mosaic's CPU cost of a tile: with
-enough cores, the threads' throughput is their count over it). Outputs come in the model's own layout: Presto's pixel-interleaved
-(`--dtype float16`: as a GPU hands them back), the others bands-first.
+enough cores, the threads' throughput is their count over it). Outputs come in the model's own
+layout: Presto's pixel-interleaved (`--dtype float16`: as a GPU hands them back), the others
+bands-first.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from tilefm.models.base import TileOutput
     from tilefm.pipeline import RunSpec, prepare
-    from tilefm.stitch import Encoding, MosaicWriter
+    from tilefm.stitch import MosaicWriter
+    from tilefm.values import Encoding, TileOutput
 
     spec = RunSpec(
         scene={"s2": str(SCENE)},
@@ -100,8 +101,14 @@ def main() -> None:
                 writer.finish(Path(tmp) / "c.tif")
             t3 = time.perf_counter()
         ms = 1000 / len(outs)
-        print(f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype} stored as {enc.dtype if enc.dtype == 'int8' else args.store or card.output.dtype}, {writer.threads} threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close {(t2 - t0) * ms:.2f} ms/tile (all threads' cpu {(p2 - p0) * ms:.2f}, page faults {(f2 - f0) / len(outs):.0f}/tile)"
-              + (f", COG step {t3 - t2:.1f} s" if args.cog else ""), flush=True)  # fmt: skip
+        print(
+            f"{card.name} z{args.zoom}: {len(outs)} tiles ({args.dtype} stored as "
+            f"{enc.dtype if enc.dtype == 'int8' else args.store or card.output.dtype}, {writer.threads} "
+            f"threads), add {(t1 - t0) * ms:.2f} ms/tile (cpu {(c1 - c0) * ms:.2f}), add+close "
+            f"{(t2 - t0) * ms:.2f} ms/tile (all threads' cpu {(p2 - p0) * ms:.2f}, page faults "
+            f"{(f2 - f0) / len(outs):.0f}/tile)" + (f", COG step {t3 - t2:.1f} s" if args.cog else ""),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

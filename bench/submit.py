@@ -113,7 +113,8 @@ request = function()
   n = n + 1
   local lon = -11.8 + math.random() * 0.7
   local lat = 24.45 + math.random() * 0.65
-  local body = string.format('{"scene":{"s2":"%%s"},"model":"ukis-csmask","zoom":11,"bbox":[%%.6f,%%.6f,%%.6f,%%.6f],"output_prefix":"%%s"}',
+  local body = string.format('{"scene":{"s2":"%%s"},"model":"ukis-csmask","zoom":11,'
+    .. '"bbox":[%%.6f,%%.6f,%%.6f,%%.6f],"output_prefix":"%%s"}',
     scene, lon, lat, lon + 0.05, lat + 0.05, prefix)
   local headers = {["Content-Type"] = "application/json", ["X-API-Key"] = "%s",
                    ["Idempotency-Key"] = string.format("%%d-%%d-%%d", %d, n, math.random(1, 1e9))}

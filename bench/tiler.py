@@ -241,7 +241,8 @@ def main() -> None:
                     )
                     results[name].setdefault(conns, []).append(res)
                     print(
-                        f"round {rnd + 1} {name:14s} c={conns:2d}: {res['rps']:7.1f} tiles/s  p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  non-2xx {res['non_2xx']}",
+                        f"round {rnd + 1} {name:14s} c={conns:2d}: {res['rps']:7.1f} tiles/s  p50 "
+                        f"{res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:6.1f} ms  non-2xx {res['non_2xx']}",
                         flush=True,
                     )
         for conns in clients:
@@ -255,7 +256,8 @@ def main() -> None:
             )
             results["job route (cache on)"].setdefault(conns, []).append(res)
         print(
-            f"\n{len(tiles)} tiles (zooms {min(t[0] for t in tiles)}-{max(t[0] for t in tiles)}) of {cog.name}, {args.rounds} rounds of {args.duration} s, median of rounds\n"
+            f"\n{len(tiles)} tiles (zooms {min(t[0] for t in tiles)}-{max(t[0] for t in tiles)}) of "
+            f"{cog.name}, {args.rounds} rounds of {args.duration} s, median of rounds\n"
         )
         print("| clients | route | tiles/s | p50 ms | p99 ms | non-2xx |")
         print("|---|---|---|---|---|---|")
@@ -267,7 +269,8 @@ def main() -> None:
                 med["non_2xx"] = sum(r["non_2xx"] for r in runs)
                 summary.setdefault(name, {})[conns] = med
                 print(
-                    f"| {conns} | {name} | {med['rps']:.1f} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | {med['non_2xx']} |"
+                    f"| {conns} | {name} | {med['rps']:.1f} | {med['p50_ms']:.1f} | {med['p99_ms']:.1f} | "
+                    f"{med['non_2xx']} |"
                 )
         print()
         for conns in clients:

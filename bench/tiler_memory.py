@@ -147,10 +147,17 @@ def request_kinds(job: str, cog: Path, info: dict, n: int, salt: int) -> dict[st
     tile = [f"{t.z}/{t.x}/{t.y}" for t in tiles]
     jobs = f"/v1/jobs/{job}"
     url = f"url={cog}"
-    bidx = lambda k: "&".join(f"bidx={b}" for b in range(1, k + 1))  # noqa: E731
-    # the most bands a read of `px` x `px` may hold, within the band cap
-    fits = lambda px: min(s.tiler_max_bands, budget // (px * px * 4))  # noqa: E731
-    side = lambda bands: int((budget / (bands * 4)) ** 0.5)  # noqa: E731
+
+    def bidx(k: int) -> str:
+        return "&".join(f"bidx={b}" for b in range(1, k + 1))
+
+    def fits(px: int) -> int:
+        """The most bands a read of `px` x `px` may hold, within the band cap."""
+        return min(s.tiler_max_bands, budget // (px * px * 4))
+
+    def side(bands: int) -> int:
+        return int((budget / (bands * 4)) ** 0.5)
+
     k_bands = s.tiler_max_bands
     j = [salt * n + i for i in range(n)]  # a number per request, unique over passes
     return {
@@ -171,21 +178,24 @@ def request_kinds(job: str, cog: Path, info: dict, n: int, salt: int) -> dict[st
             for i in range(n)
         ],
         "preview (job, rgb)": [
-            f"{jobs}/preview.png?render=rgb&bands=1,2,3&rescale=-1,{1 + k / 1000}&max_size={s.tiler_max_preview_px}"
+            f"{jobs}/preview.png?render=rgb&bands=1,2,3&rescale=-1,{1 + k / 1000}"
+            f"&max_size={s.tiler_max_preview_px}"
             for k in j
         ],
         "preview (job, pca, all bands)": [
             f"{jobs}/preview.png?render=pca&rescale=-2,{2 + k / 1000}&max_size={side(BANDS)}" for k in j
         ],
         "preview (/cog)": [
-            f"/cog/preview.npy?{url}&{bidx(fits(s.tiler_max_preview_px))}&max_size={s.tiler_max_preview_px - i}"
+            f"/cog/preview.npy?{url}&{bidx(fits(s.tiler_max_preview_px))}"
+            f"&max_size={s.tiler_max_preview_px - i}"
             for i in range(n)
         ],
         "statistics (job, all 128 bands)": [
             f"{jobs}/statistics?max_size={min(s.tiler_max_statistics_px, side(BANDS)) - i}" for i in range(n)
         ],
         "statistics (/cog)": [
-            f"/cog/statistics?{url}&{bidx(fits(s.tiler_max_statistics_px))}&max_size={s.tiler_max_statistics_px - i}"
+            f"/cog/statistics?{url}&{bidx(fits(s.tiler_max_statistics_px))}"
+            f"&max_size={s.tiler_max_statistics_px - i}"
             for i in range(n)
         ],
         "tiles (job, pca and similarity)": [
@@ -273,7 +283,8 @@ def main() -> None:
         info = httpx.get(f"{base}/v1/jobs/{job}/info", timeout=60).json()
         print(
             f"tiler pid {proc.pid}: {rss(proc.pid):.0f} MiB after start; output {info['count']} bands, "
-            f"{args.size} px, zoom {info['native_zoom']}; GDAL_CACHEMAX={os.environ.get('GDAL_CACHEMAX', '(tiler default)')}",
+            f"{args.size} px, zoom {info['native_zoom']}; "
+            f"GDAL_CACHEMAX={os.environ.get('GDAL_CACHEMAX', '(tiler default)')}",
             flush=True,
         )
         for salt, clients in enumerate(int(c) for c in args.clients.split(",")):

@@ -6,12 +6,39 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tilefm.localstack import S3Server
 from tilefm.settings import Settings, get_settings
+
+# ------------------------------------------------------------------------------------------------
+# Tiers: `make test-fast` runs `-m "not integration and not slow and not gpu"`, `make test` all.
+# Modules whose every test starts servers or clusters say so with `pytestmark`; tests elsewhere
+# that use one of the fixtures below are marked here, so that a new test gets its tier from what
+# it uses.
+# ------------------------------------------------------------------------------------------------
+
+#: fixtures that start servers or processes of their own (direct or through other fixtures)
+INTEGRATION_FIXTURES = {
+    "s3_server",  # a SeaweedFS S3 server (s3_settings, tiler_env and their users)
+    "finished_jobs",  # the scheduler on a local Ray cluster, running two jobs
+    "tiler_server",  # the tile server over HTTP
+    "helm",  # helm lint/template of the chart (tests/test_deploy.py)
+}
+#: fixtures that run a whole scene through a model
+SLOW_FIXTURES = {"whole_scene_clouds"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & INTEGRATION_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +222,99 @@ def finished_jobs(tiler_env: dict[str, str], scene_dir: Path, tmp_path_factory) 
         return ids
     finally:
         stop_process(proc)
+
+
+@dataclass
+class WholeSceneRun:
+    """The cloud model over the whole sample scene, as the job API saw it and as it was written."""
+
+    #: the answer to the POST: status, its Location header, the job it returned
+    status_code: int
+    location: str
+    submitted: dict
+    #: the events streamed from /v1/jobs/{id}/events while the job ran, and the job once finished
+    events: list[dict]
+    job: dict
+    #: the job's parts left on S3 once they had their time to go (30 s after the job succeeded)
+    parts_left: int
+    #: the output COG and its STAC item, on S3 and fetched to a local folder
+    cog_uri: str
+    stac_uri: str
+    cog: Path
+    stac: Path
+
+
+@pytest.fixture(scope="session")
+def whole_scene_clouds(
+    tiler_env: dict[str, str], s3_settings: Settings, scene_dir: Path, tmp_path_factory
+) -> Iterator[WholeSceneRun]:
+    """The cloud mask of the whole sample scene (zoom 11, 56 tiles), once for the session: posted to
+    the HTTP job API (in process), run by a real scheduler on a local Ray cluster, written to the
+    S3 server. The job API's side is checked in tests/test_jobs_service.py, the output's in
+    tests/test_run_clouds.py: one run of the scene for both."""
+    import json
+    import time
+    import uuid
+
+    from fastapi.testclient import TestClient
+
+    from tilefm.api.jobs import create_app
+    from tilefm.storage import storage_for
+
+    prefix = f"tilefm-whole-scene-{uuid.uuid4().hex[:8]}:"
+    output_prefix = f"s3://tilefm/whole-scene/{uuid.uuid4().hex[:8]}/"
+    env = {**tiler_env, "TILEFM_REDIS_PREFIX": prefix, "TILEFM_ALLOWED_OUTPUTS": json.dumps([output_prefix])}
+    tmp = tmp_path_factory.mktemp("whole-scene")
+    log = tmp / "scheduler.log"
+    proc = start_scheduler(env, log)
+    try:
+        spec = {
+            "scene": {"s2": str(scene_dir)},
+            "model": "ukis-csmask",
+            "zoom": 11,
+            "output_prefix": output_prefix,
+        }
+        with TestClient(create_app(settings_from(env))) as api:
+            r = api.post("/v1/jobs", json=spec)
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            events = []
+            with api.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[6:]))
+            done = api.get(f"/v1/jobs/{job_id}").json()
+        assert done["state"] == "succeeded", f"{done}\nscheduler log:\n{log.read_text()[-3000:]}"
+        cog_uri, stac_uri = done["outputs"]
+        # the parts go once the COG is published (deleted just after the job is marked succeeded:
+        # the other order would lose a job whose scheduler dies between the two steps)
+        parts = cog_uri.rsplit("/", 1)[0] + f"/.parts-{job_id}/"
+        client = storage_for(parts, s3_settings).client
+        deadline = time.monotonic() + 30
+        while (
+            left := client.list_objects_v2(Bucket="tilefm", Prefix=parts.split("tilefm/", 1)[1]).get(
+                "KeyCount", 0
+            )
+        ) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        cog, stac = tmp / cog_uri.rsplit("/", 1)[1], tmp / stac_uri.rsplit("/", 1)[1]
+        storage_for(cog_uri, s3_settings).get_file(cog_uri, cog)
+        stac.write_bytes(storage_for(stac_uri, s3_settings).read_bytes(stac_uri))
+    finally:
+        stop_process(proc)  # its Ray cluster goes with it, not kept through the session
+    yield WholeSceneRun(
+        status_code=r.status_code,
+        location=r.headers["Location"],
+        submitted=r.json(),
+        events=events,
+        job=done,
+        parts_left=left,
+        cog_uri=cog_uri,
+        stac_uri=stac_uri,
+        cog=cog,
+        stac=stac,
+    )
+    drop_redis_keys(prefix)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A real multi-node Ray cluster on this machine, for the tests: a head and worker nodes, each its
+"""A real multi-node Ray cluster on the local host, for the tests: a head and worker nodes, each its
 own `ray start` with its own ports and temp dir, all bound to 127.0.0.1.
 
 Ray (2.5x and later) switches token authentication on by default for clusters it starts: a node
@@ -13,6 +13,7 @@ and their children): `ray stop` would stop every Ray process of the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -55,10 +56,8 @@ def descendants(pid: int, procs: dict[int, tuple[int, list[str]]] | None = None)
 
 def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
@@ -183,7 +182,8 @@ class RayCluster:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if out.returncode != 0:
             raise RuntimeError(
-                f"`ray start` of node {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+                f"`ray start` of node {name} failed "
+                f"({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
             )
         self.nodes.append(node)
         deadline = time.monotonic() + 60
@@ -200,7 +200,10 @@ class RayCluster:
         """`ray.nodes()` as seen from a fresh driver process (this process stays out of Ray)."""
         import json
 
-        code = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n for n in ray.nodes() if n['Alive']]))"
+        code = (
+            "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n for n in "
+            "ray.nodes() if n['Alive']]))"
+        )
         out = subprocess.run(
             [sys.executable, "-c", code % self.address],
             env={**os.environ, **self.env},

@@ -74,6 +74,7 @@ def test_explicit_backend_that_is_missing_says_how_to_get_it(machine) -> None:
     assert select_backend(vit, "torch") == "torch"
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_missing_is_a_clear_error() -> None:
     from tilefm.backends.tensorrt import require_tensorrt
@@ -113,7 +114,8 @@ def test_precision(machine) -> None:
         resolve_precision(vit, "torch", "fp16")
     with pytest.raises(BackendError, match="may run in"):
         resolve_precision(clouds, "onnxruntime", "bf16")
-    # int8: ONNX Runtime's CPU kernels, or a TensorRT engine from a calibration set (tests/test_calibration.py)
+    # int8: ONNX Runtime's CPU kernels, or a TensorRT engine from a calibration set
+    # (tests/test_calibration.py)
     assert resolve_precision(vit, "onnxruntime", "int8") == "int8"
     assert resolve_precision(vit, "tensorrt", "int8") == "int8"
     for backend, says in (("torch-cuda", "runs on onnxruntime"), ("torch", "runs on onnxruntime")):
@@ -308,7 +310,7 @@ def test_torch_cuda_batches_queued_behind_each_other(reference, graphs: bool) ->
     for b in inputs:  # what a reader's slot does once a batch is queued
         for t in b:
             t[...] = np.nan
-    for q, want in zip(queued, alone):
+    for q, want in zip(queued, alone, strict=True):
         np.testing.assert_allclose(q.result(), want, rtol=0, atol=1e-5)
     check(queued[0].result(), ref, "fp32")
     assert len(run.launch(list(x)).result()) == 3  # over max_batch: chunk by chunk
@@ -350,9 +352,9 @@ def test_tensorrt_matches_reference(reference, precision: str, tmp_path: Path) -
 def test_tensorrt_int8_from_a_calibration_set(reference, scene_dir: Path, tmp_path: Path) -> None:
     """An int8 engine from real calibration tiles (not the tiles it is checked on)."""
     pytest.importorskip("tensorrt")
-    from tilefm.backends.calibration import make_calibration
     from tilefm.backends.tensorrt import tensorrt_runner
     from tilefm.grid import plan_tiles
+    from tilefm.models.calibrate import make_calibration
     from tilefm.models.vit import state_sha256
     from tilefm.scene import open_scene
 
@@ -463,6 +465,7 @@ def test_presto_torch_cuda_matches_cpu(presto_pixels, precision: str) -> None:
 
 
 @gpu
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["presto", "vit-small"])
 def test_run_on_torch_cuda(scene_dir: Path, tmp_path: Path, model: str) -> None:
     """`tilefm run --backend torch-cuda` end to end: a valid COG that names the backend."""
@@ -470,8 +473,22 @@ def test_run_on_torch_cuda(scene_dir: Path, tmp_path: Path, model: str) -> None:
     from rio_cogeo import cog_validate
 
     out = tmp_path / "out.tif"
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", model, "--zoom", "10",
-                "--bbox=-11.5,24.7,-11.3,24.85", "--backend", "torch-cuda", "--executor", "local", "--out", str(out))  # fmt: skip
+    r = run_cli(
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        model,
+        "--zoom",
+        "10",
+        "--bbox=-11.5,24.7,-11.3,24.85",
+        "--backend",
+        "torch-cuda",
+        "--executor",
+        "local",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert cog_validate(str(out), quiet=True)[0]
     with rasterio.open(out) as ds:

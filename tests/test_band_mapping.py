@@ -103,8 +103,10 @@ def _asset(
 
 def _item(item_id: str, assets: dict, stac_item: dict, **props) -> dict:
     return {
-        "type": "Feature", "stac_version": "1.0.0", "id": item_id, "geometry": stac_item["geometry"], "bbox": stac_item["bbox"],
-        "properties": {"datetime": stac_item["properties"]["datetime"], **props}, "links": [], "assets": assets,
+        "type": "Feature", "stac_version": "1.0.0", "id": item_id,
+        "geometry": stac_item["geometry"], "bbox": stac_item["bbox"],
+        "properties": {"datetime": stac_item["properties"]["datetime"], **props},
+        "links": [], "assets": assets,
     }  # fmt: skip
 
 
@@ -575,6 +577,7 @@ def test_band_arg_needs_its_modality_when_there_are_several(scene_dir: Path, twi
     assert e.value.field == "band"
 
 
+@pytest.mark.integration
 def test_cli_band_option(scene_dir: Path, twin: Path, tmp_path: Path):
     common = [
         "run",
@@ -658,6 +661,7 @@ E2E_BBOX = "-11.40,24.85,-11.36,24.89"
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["ukis-csmask", "presto"])
 def test_twin_runs_like_the_native_scene(twin: Path, scene_dir: Path, tmp_path: Path, model: str):
     """Measured (4 tiles at zoom 10, -11.60,24.62,-11.20,24.98): the cloud classes agree on all

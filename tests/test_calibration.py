@@ -15,7 +15,6 @@ from tilefm.backends import BackendOptions
 from tilefm.backends.calibration import (
     Calibration,
     calibration_path,
-    make_calibration,
     quantize_qdq,
     require_calibration,
 )
@@ -24,6 +23,7 @@ from tilefm.backends.engine_cache import calibration_digest, engine_key
 from tilefm.errors import BackendError
 from tilefm.grid import plan_tiles
 from tilefm.models import get_card
+from tilefm.models.calibrate import make_calibration
 from tilefm.runtime import WorkerSpec, place_encoders
 from tilefm.settings import Settings
 
@@ -43,6 +43,7 @@ def calibration(scene) -> Calibration:
     return make_calibration(VIT, scene, plan_tiles(scene.footprint, 12), tiles=16)
 
 
+@pytest.mark.integration
 def test_the_cli_puts_a_set_of_real_tiles_in_the_model_store(scene_dir: Path, tmp_path: Path) -> None:
     r = run_cli(
         "models",
@@ -161,5 +162,5 @@ def test_tensorrt_int8_without_a_calibration_set_says_so() -> None:
             (10, 256, 256),
             BackendOptions(precision="int8", max_batch=2, engine_cache="/tmp"),
             model_sha256="cd" * 32,
-        )  # type: ignore[arg-type]
+        )  # type: ignore[arg-type]  # no module: it is refused before one is needed
     assert e.value.field == "precision"

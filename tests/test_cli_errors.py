@@ -10,6 +10,9 @@ import pytest
 import rasterio
 from conftest import run_cli
 
+#: every test runs the `tilefm` command
+pytestmark = pytest.mark.integration
+
 S2 = ["B02", "B03", "B04", "B08", "B11", "B12"]
 
 

@@ -71,9 +71,17 @@ def _build(
                 block[:, : part.shape[1], : part.shape[2]] = part
                 puts.append((level, bx, by, block))
     builder = COGBuilder(
-        tmp_path / "blocks.bin", w, h, bands, len(levels) - 1, bits, fields, base=base or tmp_path / "out.tif",
-        expected={(bx, by) for level, bx, by, _ in puts if level == 0} if expected else None, early=early,
-    )  # fmt: skip
+        tmp_path / "blocks.bin",
+        w,
+        h,
+        bands,
+        len(levels) - 1,
+        bits,
+        fields,
+        base=base or tmp_path / "out.tif",
+        expected={(bx, by) for level, bx, by, _ in puts if level == 0} if expected else None,
+        early=early,
+    )
     for level, bx, by, block in puts[::-1] if order == "reversed" else puts:
         builder.put(level, bx, by, encode_block(block, bits))
     builder.finish(bigtiff=bigtiff)
@@ -268,11 +276,13 @@ def test_full_resolution_goes_up_to_s3_while_the_cog_is_written(
 
     failed = uri.replace("out.tif", "failed.tif")
     (tmp_path / "again").mkdir()
-    with pytest.raises(RuntimeError, match="the stream broke"):
-        with storage.writing(failed, work_dir=tmp_path / "again") as staged:
-            _build(tmp_path / "again", levels, 16, base=staged.path, early=staged.early)
-            assert staged.early is not None and staged.early.started
-            raise RuntimeError("the stream broke")
+    with (
+        pytest.raises(RuntimeError, match="the stream broke"),
+        storage.writing(failed, work_dir=tmp_path / "again") as staged,
+    ):
+        _build(tmp_path / "again", levels, 16, base=staged.path, early=staged.early)
+        assert staged.early is not None and staged.early.started
+        raise RuntimeError("the stream broke")
     assert not storage.exists(failed)
     key = failed.split("/", 3)[3]
     assert not storage.client.list_multipart_uploads(Bucket="tilefm", Prefix=key).get("Uploads")

@@ -246,7 +246,11 @@ def test_vrt_is_not_opened_where_sources_are_restricted(
     vrt = allowed / "bands"
     vrt.mkdir()
     for b in CSMASK_BANDS:
-        text = f'<VRTDataset rasterXSize="1" rasterYSize="1"><VRTRasterBand dataType="UInt16" band="1"><SimpleSource><SourceFilename>{scene_dir / (b + ".tif")}</SourceFilename></SimpleSource></VRTRasterBand></VRTDataset>'
+        text = (
+            '<VRTDataset rasterXSize="1" rasterYSize="1"><VRTRasterBand dataType="UInt16" band="1">'
+            f"<SimpleSource><SourceFilename>{scene_dir / (b + '.tif')}</SourceFilename></SimpleSource>"
+            "</VRTRasterBand></VRTDataset>"
+        )
         (vrt / f"{b}.vrt").write_text(text)
     assert "VRT" in _refused(api.post("/v1/jobs", json=_spec(str(vrt), str(outputs))), "scene.s2")
     disguised = allowed / "disguised"  # a VRT is a VRT whatever it is called
@@ -259,7 +263,7 @@ def test_vrt_is_not_opened_where_sources_are_restricted(
 class _Recorder(http.server.BaseHTTPRequestHandler):
     seen: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name
         self.seen.append(self.path)
         self.send_error(404)
 
@@ -370,6 +374,7 @@ def test_s3_buckets_and_keys_are_compared_after_normalising(
 
 
 def test_validation_without_allowlists_creates_nothing(tmp_path: Path, scene_dir: Path) -> None:
+    # no store: validation never records anything
     service = JobService(None, Settings(allowed_sources=[], allowed_outputs=[]))  # type: ignore[arg-type]
     for prefix in (tmp_path / "new" / "deep" / "out", (tmp_path / "uri" / "out").as_uri() + "/"):
         spec = JobSpec.model_validate(_spec(str(scene_dir), str(prefix)))

@@ -205,7 +205,9 @@ def test_helm_lint(helm, values):
 
 
 def test_renders_the_expected_resources(rendered):
-    kinds = lambda docs: {d["kind"] for d in docs}  # noqa: E731
+    def kinds(docs):
+        return {d["kind"] for d in docs}
+
     default, prod = rendered["default"], rendered["production-values"]
     assert {
         "Deployment",
@@ -618,7 +620,8 @@ def test_redis_statefulset_persists_with_aof(rendered):
 
 
 def test_secrets_come_from_secrets(rendered):
-    """S3 keys, API key hashes and a Redis URL with a password never sit in a ConfigMap or a plain env value."""
+    """S3 keys, API key hashes and a Redis URL with a password never sit in a ConfigMap or a
+    plain env value."""
     secret_names = {"TILEFM_S3_ACCESS_KEY_ID", "TILEFM_S3_SECRET_ACCESS_KEY", "TILEFM_API_KEYS"}
     for render, docs in rendered.items():
         for cm in _find(docs, "ConfigMap"):

@@ -83,7 +83,10 @@ def test_default_zoom_examples():
 @pytest.mark.parametrize("res_m", [0.5, 10.0, 20.0, 60.0, 100.0, 250.0, 1000.0])
 def test_default_zoom_rule(res_m: float, lat: float):
     z = default_zoom(res_m, lat)
-    ground = lambda zz: resolution(zz) * math.cos(math.radians(lat))  # noqa: E731
+
+    def ground(zz: int) -> float:
+        return resolution(zz) * math.cos(math.radians(lat))
+
     assert ground(z) <= res_m * 1.0001  # fine enough
     assert z == 0 or ground(z - 1) > res_m  # and the coarsest such
 

@@ -28,6 +28,9 @@ from tilefm.api.auth import hash_key
 from tilefm.jobs.models import JobSpec
 from tilefm.jobs.proto import pb, pb_grpc, spec_to_proto
 
+#: `tilefm serve` as a process of its own
+pytestmark = pytest.mark.integration
+
 RW_KEY, RO_KEY = "rw-" + uuid.uuid4().hex, "ro-" + uuid.uuid4().hex
 RPC_TIMEOUT = 60
 #: seconds the tests wait after /healthz answers, so that everything start-up does (the lifespan's
@@ -110,7 +113,7 @@ def _start(keys_env: dict[str, str], tmp: Path) -> Deployment:
             str(grpc_port),
         ],
         env=env,
-        stdout=open(log, "ab"),
+        stdout=open(log, "ab"),  # noqa: SIM115 - the server writes to it for its whole life
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )

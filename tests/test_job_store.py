@@ -3,6 +3,7 @@ key prefix and deletes its keys afterwards."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import random
 import threading
@@ -95,7 +96,7 @@ def test_list_paginates_newest_first(store: JobStore):
         assert len(page) == 10
     assert pages == 3
     assert [j.id for j in seen] == [j.id for j in reversed(made)]  # each exactly once, newest first
-    assert all(a.timings.created >= b.timings.created for a, b in zip(seen, seen[1:]))
+    assert all(a.timings.created >= b.timings.created for a, b in itertools.pairwise(seen))
     # a page that ends exactly at the end has no next cursor
     page, cursor = store.list(limit=25)
     assert len(page) == 25 and cursor is None

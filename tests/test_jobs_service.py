@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import rasterio
-from conftest import drop_redis_keys, settings_from, start_scheduler, stop_process
+from conftest import WholeSceneRun, drop_redis_keys, settings_from, start_scheduler, stop_process
 from fastapi.testclient import TestClient
 from rio_cogeo import cog_validate
 
@@ -90,32 +90,26 @@ def _spec(scene_dir: Path, model: str = "ukis-csmask", bbox=SMALL_BBOX, **kw) ->
     return spec
 
 
-def test_cloud_job_over_http_succeeds_with_events(
-    api: TestClient, scheduler, scene_dir: Path, s3_settings, tmp_path: Path
-) -> None:
-    r = api.post("/v1/jobs", json=_spec(scene_dir, bbox=None))  # the whole scene
-    assert r.status_code == 202, r.text
-    job = r.json()
+def test_cloud_job_over_http_succeeds_with_events(whole_scene_clouds: WholeSceneRun, s3_settings) -> None:
+    """The whole scene's cloud job posted over HTTP (`whole_scene_clouds`, tests/conftest.py, whose
+    output tests/test_run_clouds.py checks): accepted, streamed to its end, published."""
+    run = whole_scene_clouds
+    assert run.status_code == 202, run.submitted
+    job = run.submitted
     assert job["state"] == "queued" and job["progress"]["tiles_total"] == 56
-    assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
-    events = []
-    with api.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[6:]))
+    assert run.location == f"/v1/jobs/{job['id']}"
+    events = run.events
     assert events[-1]["state"] == "succeeded", events[-3:]
     assert any(e["state"] == "running" and e["progress"]["tiles_done"] > 0 for e in events)
-    done = api.get(f"/v1/jobs/{job['id']}").json()
+    done = run.job
     assert (
         done["state"] == "succeeded"
         and done["progress"]["tiles_done"] == 56
         and done["progress"]["tiles_failed"] == 0
     )
     cog_uri, stac_uri = done["outputs"]
-    local = tmp_path / "c.tif"
-    storage_for(cog_uri, s3_settings).get_file(cog_uri, local)
-    assert cog_validate(str(local), quiet=True)[0]
-    with rasterio.open(local) as src:
+    assert cog_validate(str(run.cog), quiet=True)[0]
+    with rasterio.open(run.cog) as src:
         assert src.crs.to_epsg() == 3857 and src.tags()["TILEFM_JOB"] == job["id"]
     assert (
         json.loads(storage_for(stac_uri, s3_settings).read_bytes(stac_uri))["assets"]["data"]["href"]
@@ -123,16 +117,7 @@ def test_cloud_job_over_http_succeeds_with_events(
     )
     # the parts go once the COG is published (deleted just after the job is marked succeeded:
     # the other order would lose a job whose scheduler dies between the two steps)
-    parts = cog_uri.rsplit("/", 1)[0] + f"/.parts-{job['id']}/"
-    client = storage_for(parts, s3_settings).client
-    deadline = time.monotonic() + 30
-    while (
-        left := client.list_objects_v2(Bucket="tilefm", Prefix=parts.split("tilefm/", 1)[1]).get(
-            "KeyCount", 0
-        )
-    ) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert left == 0, f"{left} parts left 30 s after the job succeeded"
+    assert run.parts_left == 0, f"{run.parts_left} parts left 30 s after the job succeeded"
 
 
 def test_presto_job_over_http(api: TestClient, scheduler, scene_dir: Path) -> None:
@@ -404,13 +389,16 @@ def test_cli_client_submits_and_follows(env: dict[str, str], scheduler, scene_di
     full_env = {**os.environ, **env, "TILEFM_API_URL": f"http://127.0.0.1:{port}", "TILEFM_API_KEY": KEY}
     api_proc = _start_api(env, port)
     try:
-        run = lambda *a: subprocess.run(
-            [sys.executable, "-m", "tilefm", "jobs", *a],
-            env=full_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )  # noqa: E731
+
+        def run(*a: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "tilefm", "jobs", *a],
+                env=full_env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+
         r = run(
             "submit",
             "--scene",

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import run_cli
+
+#: both tests start tilefm in a process of its own
+pytestmark = pytest.mark.integration
 
 
 def test_importing_the_library_does_not_start_or_import_ray() -> None:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+#: tilefm in processes of their own
+pytestmark = pytest.mark.integration
+
 # a fresh process per measurement: mallopt's thresholds are process-wide and cannot be undone
 SCRIPT = """
 import json, resource, sys
@@ -18,9 +21,10 @@ torch.set_num_threads(1)
 from tilefm.grid import plan_tiles
 from tilefm.memory import retain_freed_memory
 from tilefm.models import get_card
-from tilefm.runtime import read_prepared
+from tilefm.readers import read_prepared
 from tilefm.scene import open_scene
-retained = retain_freed_memory() and retain_freed_memory() if sys.argv[2] == "1" else False  # twice: idempotent
+# twice: idempotent
+retained = retain_freed_memory() and retain_freed_memory() if sys.argv[2] == "1" else False
 scene, card = open_scene({"s2": sys.argv[1]}), get_card("vit-base")
 plan = plan_tiles(scene.footprint, 14).tiles
 tiles = plan[len(plan) // 2 : len(plan) // 2 + 160]
@@ -29,7 +33,8 @@ for i in range(0, 64, 32):  # imports, first opens, the heap's growth to a batch
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(64, len(tiles), 32):
     read_prepared(scene, card, tiles[i : i + 32], card.context.halo)
-print(json.dumps({"retained": retained, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"retained": retained, "faults": faults}))
 """
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's thresholds are glibc's")

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+#: every test runs the `tilefm` command
+pytestmark = pytest.mark.integration
+
 REFERENCES = ["s2_only", "s2_srtm", "s2_3steps"]
 
 

@@ -122,8 +122,15 @@ def test_to_tile_is_gdal_s_warp_of_the_sums(scene, card, inner) -> None:
     b = TMS.xy_bounds(inp.tile.x, inp.tile.y, inp.tile.z)
     res = (b.right - b.left) / 256
     expected = np.zeros((256, 256), np.float32)
-    reproject(xx, expected, src_transform=inp.region_transform, src_crs=inp.grid.crs,
-              dst_transform=Affine(res, 0, b.left, 0, -res, b.top), dst_crs="EPSG:3857", resampling=Resampling.bilinear)  # fmt: skip
+    reproject(
+        xx,
+        expected,
+        src_transform=inp.region_transform,
+        src_crs=inp.grid.crs,
+        dst_transform=Affine(res, 0, b.left, 0, -res, b.top),
+        dst_crs="EPSG:3857",
+        resampling=Resampling.bilinear,
+    )
     np.testing.assert_allclose(values[0], expected, atol=1e-3)
     assert np.ptp(values[0]) > 100  # the tile spans ~180 grid columns
 
@@ -160,7 +167,7 @@ def test_a_batch_runs_each_window_once_and_tiles_agree(scene, card, model_store:
     together = model.run(inputs)
     alone = [model.run(read_native(scene, half, [tile]))[0] for tile in pair]
     assert len(model.native_stack(inputs)) < sum(len(model.native_stack([i])) for i in inputs)
-    for a, b in zip(together, alone):
+    for a, b in zip(together, alone, strict=True):
         assert a.halo == 0 and a.values.shape == (3, 256, 256)
         assert (a.weight > 0).all()
         np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)

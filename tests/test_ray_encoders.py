@@ -1,8 +1,8 @@
 """Encoder actors on Ray: one per GPU where the cluster has GPUs (the backend then resolved on
 the actor's host), CPU actors otherwise, readers in flight enough to feed them, and the batch a
 GPU's memory holds. The placement runs on a real local Ray cluster that declares two logical
-GPUs (Ray hands each actor its own GPU id; PyTorch on this machine sees no CUDA, so the actors
-resolve `auto` to a CPU backend and say so)."""
+GPUs (Ray hands each actor its own GPU id; where PyTorch sees no CUDA the actors resolve
+`auto` to a CPU backend and say so)."""
 
 from __future__ import annotations
 
@@ -131,7 +131,9 @@ SCRIPT = textwrap.dedent(
     model = WorkerSpec(card=card, backend=infos[0].backend, weights=None).load()
     ref = {o.tile: o for o in model.encode(read_tiles(scene, card, tiles, 0))}
     # relative: the actors' torch runs on other thread counts, so sums differ in the last bits
-    err = max(float(np.abs(o.values - ref[o.tile].values).max() / np.abs(ref[o.tile].values).max()) for o in outs)
+    err = max(
+        float(np.abs(o.values - ref[o.tile].values).max() / np.abs(ref[o.tile].values).max()) for o in outs
+    )
     # to a file: Ray's autoscaler prints to the driver's stdout (the 4-GPU request) at any moment
     open(sys.argv[2], "w").write(json.dumps({
         "placement": ex.pool.placement.__dict__, "backend": ex.backend, "tiles": len(tiles),
@@ -143,8 +145,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_encoders_on_logical_gpus_of_a_real_ray_cluster(scene_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ray")  # the lent GPU machine runs the GPU tests without Ray
+    pytest.importorskip("ray")  # a GPU host may run the GPU tests without Ray installed
     out = tmp_path / "got.json"
     r = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(scene_dir), str(out)], capture_output=True, text=True, timeout=300
@@ -168,7 +171,8 @@ def test_encoders_on_logical_gpus_of_a_real_ray_cluster(scene_dir: Path, tmp_pat
     assert got["outputs"] == got["planned"]
     assert got["max_rel_err"] < 1e-5, got["max_rel_err"]
     assert got["timeout"] and got["timeout"].startswith(
-        "BackendError: backend: 1 encoder actor(s) for 'vit-small' wanting 4 GPU(s) each were not running after 3 s"
+        "BackendError: backend: 1 encoder actor(s) for 'vit-small' wanting 4 GPU(s) each were not running "
+        "after 3 s"
     )
     assert "the cluster has 2 GPUs" in got["timeout"], got["timeout"]
 

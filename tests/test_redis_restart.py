@@ -58,7 +58,10 @@ class RedisServer:
     def start(self) -> None:
         cmd = redis_command(self.exe, self.port, self.data, fsync="always")
         self.proc = subprocess.Popen(
-            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=open(self.log, "ab"),  # noqa: SIM115 - the server writes to it for its whole life
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 30
@@ -101,7 +104,7 @@ def _start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[by
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, **env},
-        stdout=open(log, "ab"),
+        stdout=open(log, "ab"),  # noqa: SIM115 - the server writes to it for its whole life
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )

@@ -1,6 +1,7 @@
-"""The cloud model over the whole sample scene, through the CLI on a local Ray cluster: a valid
-web-optimized COG on the tile grid, covering the scene, with no seams, whose classes match an
-independent recomputation of the blended windows."""
+"""The cloud model over the whole sample scene, run once for the session by the job service on a
+local Ray cluster (`whole_scene_clouds`, tests/conftest.py): a valid web-optimized COG on the tile
+grid, covering the scene, with no seams, whose classes match an independent recomputation of the
+blended windows. `tilefm run` on the local executor at other zooms, and the zoom it picks itself."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import rasterio
 import rasterio.warp
 from affine import Affine
-from conftest import run_cli
+from conftest import WholeSceneRun, run_cli
 from rasterio.enums import Resampling
 from rasterio.warp import transform_geom
 from rio_cogeo import cog_validate
@@ -24,6 +25,9 @@ from tilefm.models import get_card
 from tilefm.seams import seam_report
 from tilefm.windows import blend_weights
 
+#: the job service on a local Ray cluster, `tilefm run`; `slow` where a test uses `clouds`
+pytestmark = pytest.mark.integration
+
 ZOOM = 11
 #: the cloudy north-east of the sample scene (lon/lat)
 CLOUDY_BBOX = "-11.45,24.75,-11.0,25.25"
@@ -31,15 +35,21 @@ ORIGIN = TMS.xy_bounds(0, 0, ZOOM)  # the world's top-left tile
 
 
 @pytest.fixture(scope="module")
-def clouds(tmp_path_factory, scene_dir: Path, output_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("clouds") / "clouds.tif"
-    # no --zoom: the default follows from the grid the model sees (the scene's own 100 m pixels)
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--out", f"file://{out}")
+def clouds(whole_scene_clouds: WholeSceneRun) -> Path:
+    """The whole scene's cloud mask at zoom 11, fetched from the S3 server."""
+    return whole_scene_clouds.cog
+
+
+def test_the_default_zoom_follows_from_the_grid_the_model_sees(scene_dir: Path, tmp_path: Path) -> None:
+    """No --zoom: the zoom whose pixels are no larger than the scene's own 100 m ones, which the
+    model sees (the plan `tilefm run` prints first, here as --dry-run gives it)."""
+    out = tmp_path / "c.tif"
+    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--out", str(out), "--dry-run")
     assert r.returncode == 0, r.stderr
-    first = r.stderr.splitlines()[0]
-    assert f"zoom {ZOOM} by default" in first and "EPSG:32629 100 m" in first, first
-    assert "wrote" in r.stderr
-    return out
+    plan = json.loads(r.stdout)
+    assert plan["zoom"] == ZOOM and f"zoom {ZOOM} by default" in plan["zoom_reason"], plan
+    assert plan["grid_description"] == "EPSG:32629 100 m" and "EPSG:32629 100 m" in plan["zoom_reason"], plan
+    assert not out.exists()
 
 
 def test_cog_is_valid_and_web_aligned(clouds: Path) -> None:
@@ -157,14 +167,21 @@ def test_classes_match_an_independent_blend(clouds: Path, scene_dir: Path, model
         xs, ys = rasterio.warp.transform(
             src.crs, b02.crs, [left, right, left, right], [top, top, bottom, bottom]
         )
-        pts = [~b02.transform @ (x, y) for x, y in zip(xs, ys)]
+        pts = [~b02.transform @ (x, y) for x, y in zip(xs, ys, strict=True)]
         rows = (int(min(p[1] for p in pts)) - 3, int(max(p[1] for p in pts)) + 4)
         cols = (int(min(p[0] for p in pts)) - 3, int(max(p[0] for p in pts)) + 4)
         acc, wsum, (r0, c0) = _grid_probs(scene_dir, session, rows, cols)
         stack = np.concatenate([acc, wsum[None]]).astype(np.float32)
         out = np.zeros((4, 64, 64), np.float32)
-        rasterio.warp.reproject(stack, out, src_transform=b02.transform @ Affine.translation(c0, r0), src_crs=b02.crs,
-                                dst_transform=dst_transform, dst_crs=src.crs, resampling=Resampling.bilinear)  # fmt: skip
+        rasterio.warp.reproject(
+            stack,
+            out,
+            src_transform=b02.transform @ Affine.translation(c0, r0),
+            src_crs=b02.crs,
+            dst_transform=dst_transform,
+            dst_crs=src.crs,
+            resampling=Resampling.bilinear,
+        )
     blended = out[:3] / out[3]
     expected = blended.argmax(0)
     stored = classes[block]
@@ -182,8 +199,15 @@ def _scl_agreement(cog: Path, scene_dir: Path) -> tuple[float, float, float]:
     with rasterio.open(cog) as src, rasterio.open(scene_dir / "SCL.tif") as scl_src:
         classes = src.read(1)
         scl = np.zeros(classes.shape, np.uint8)
-        rasterio.warp.reproject(rasterio.band(scl_src, 1), scl, dst_transform=src.transform, dst_crs=src.crs,
-                                resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)  # fmt: skip
+        rasterio.warp.reproject(
+            rasterio.band(scl_src, 1),
+            scl,
+            dst_transform=src.transform,
+            dst_crs=src.crs,
+            resampling=Resampling.nearest,
+            src_nodata=0,
+            dst_nodata=0,
+        )
     m = (scl > 0) & (classes != 255)
     assert m.sum() > 100_000
     ref, got = np.isin(scl, [8, 9, 10])[m], (classes == 1)[m]
@@ -204,8 +228,21 @@ def test_clouds_agree_with_esa_scene_classification(clouds: Path, scene_dir: Pat
 def test_clouds_agree_with_scl_at_other_zooms(zoom: int, tmp_path: Path, scene_dir: Path) -> None:
     """The answer does not depend on the zoom it is shown at (the cloudy north-east of the scene)."""
     out = tmp_path / f"clouds-{zoom}.tif"
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "ukis-csmask", "--zoom", str(zoom), "--bbox", CLOUDY_BBOX,
-                "--executor", "local", "--out", str(out))  # fmt: skip
+    r = run_cli(
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "ukis-csmask",
+        "--zoom",
+        str(zoom),
+        "--bbox",
+        CLOUDY_BBOX,
+        "--executor",
+        "local",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     agree, ours, esa = _scl_agreement(out, scene_dir)
     print(json.dumps({"zoom": zoom, "agreement": agree, "cloud_share": ours, "scl_cloud_share": esa}))
@@ -213,15 +250,16 @@ def test_clouds_agree_with_scl_at_other_zooms(zoom: int, tmp_path: Path, scene_d
     assert agree >= 0.90
 
 
-def test_stac_item_beside_the_cog(clouds: Path) -> None:
-    item = json.loads(clouds.with_name("clouds.stac.json").read_text())
+def test_stac_item_beside_the_cog(whole_scene_clouds: WholeSceneRun) -> None:
+    assert whole_scene_clouds.stac_uri == whole_scene_clouds.cog_uri.removesuffix(".tif") + ".stac.json"
+    item = json.loads(whole_scene_clouds.stac.read_text())
     assert item["type"] == "Feature" and item["stac_version"] == "1.0.0"
     assert item["properties"]["proj:epsg"] == 3857
     assert item["properties"]["tilefm:model"] == "ukis-csmask"
     assert item["properties"]["tilefm:inference_grid"] == "EPSG:32629 100 m"
     assert item["properties"]["datetime"].startswith("2020-02-19")
     asset = item["assets"]["data"]
-    assert asset["href"].endswith("clouds.tif") and "cloud-optimized" in asset["type"]
+    assert asset["href"] == whole_scene_clouds.cog_uri and "cloud-optimized" in asset["type"]
     assert [c["value"] for c in asset["classification:classes"]] == [0, 1, 2]
     g = shape(item["geometry"])
     assert g.is_valid and g.bounds[0] == pytest.approx(-11.98, abs=0.05)

@@ -22,6 +22,9 @@ from tilefm.read import WARP_TOLERANCE, read_tile
 from tilefm.scene import open_scene
 from tilefm.storage import storage_for
 
+#: `tilefm run` on a local Ray cluster, to the S3 server, and on the local executor
+pytestmark = pytest.mark.integration
+
 ZOOM = 10
 BBOX = "-11.60,24.62,-11.20,24.98"  # about 3 x 3 tiles in the middle of the scene
 S2_BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
@@ -92,8 +95,15 @@ def _tile_raw(scene_dir: Path, x: int, y: int) -> np.ndarray:
                      + arr[r0 + 1, c0] * (1 - fc) * fr + arr[r0 + 1, c0 + 1] * fc * fr)  # fmt: skip
                 values = np.floor(v + 0.5)
             else:
-                with WarpedVRT(src, crs="EPSG:3857", transform=transform, width=TILE_SIZE, height=TILE_SIZE,
-                               resampling=Resampling.bilinear, tolerance=WARP_TOLERANCE) as vrt:  # fmt: skip
+                with WarpedVRT(
+                    src,
+                    crs="EPSG:3857",
+                    transform=transform,
+                    width=TILE_SIZE,
+                    height=TILE_SIZE,
+                    resampling=Resampling.bilinear,
+                    tolerance=WARP_TOLERANCE,
+                ) as vrt:
                     values = vrt.read(1)
         raw[..., RAW_BAND_NAMES.index(name.replace("B0", "B"))] = values
     return raw
@@ -115,7 +125,7 @@ def test_pixels_match_presto_recomputed(presto_s3: Path, scene_dir: Path, model_
     independent = []
     tiles: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     scene, card = open_scene({"s2": str(scene_dir / "stac-item.json")}), get_card("presto")
-    for r, c in zip(rows, cols):
+    for r, c in zip(rows, cols, strict=True):
         gx, gy = ox + c, oy + r
         key = (gx // TILE_SIZE, gy // TILE_SIZE)
         if key not in tiles:

@@ -538,13 +538,13 @@ def test_row_reads_match_tile_reads(scene_dir: Path):
     batch = plan.tiles[20:25]
     assert [len(r) for r in rows(batch)] and sum(len(r) for r in rows(batch)) == len(batch)
     strip = read_tiles(scene, card, batch, 96)
-    for t, got in zip(batch, strip):
+    for t, got in zip(batch, strip, strict=True):
         alone = read_tile(scene, card, t, 96)
         assert got.tile == t and got.data.shape == alone.data.shape == (6, 448, 448)
         assert (got.valid == alone.valid).all()
         assert np.abs(got.data - alone.data).max() <= 1.0
     exact = read_tiles(scene, get_card("presto"), batch, 0)
-    for t, got in zip(batch, exact):
+    for t, got in zip(batch, exact, strict=True):
         assert (got.data == read_tile(scene, get_card("presto"), t, 0).data).all()
 
 

@@ -16,6 +16,9 @@ from tilefm.jobs.service import JobService
 from tilefm.jobs.store import JobStore
 from tilefm.settings import Settings
 
+#: the scheduler on a local Ray cluster
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def store() -> JobStore:

@@ -33,7 +33,7 @@ from tilefm.storage import (
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.integration)])
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty 'folder' URI on each backend."""
     if request.param == "file":
@@ -127,10 +127,9 @@ def test_writing_puts_the_object_only_when_the_block_succeeds(
     storage = _storage(uri, request)
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(RuntimeError, match="the job failed"):
-        with storage.writing(uri, work_dir=work) as staged:
-            staged.path.write_bytes(b"half")
-            raise RuntimeError("the job failed")
+    with pytest.raises(RuntimeError, match="the job failed"), storage.writing(uri, work_dir=work) as staged:
+        staged.path.write_bytes(b"half")
+        raise RuntimeError("the job failed")
     assert not storage.exists(uri)
     with storage.writing(uri, work_dir=work) as staged:
         staged.path.write_bytes(b"a COG" * 1000)
@@ -310,10 +309,18 @@ def test_rasterio_reads_from_s3(s3_settings: Settings, tmp_path: Path) -> None:
     data = np.arange(64 * 48, dtype=np.uint16).reshape(1, 48, 64)
     local = tmp_path / "small.tif"
     profile = dict(
-        driver="GTiff", width=64, height=48, count=1, dtype="uint16", crs="EPSG:32633",
-        transform=Affine(10, 0, 500000, 0, -10, 4600000), tiled=True, blockxsize=32,
-        blockysize=16, compress="deflate",
-    )  # fmt: skip
+        driver="GTiff",
+        width=64,
+        height=48,
+        count=1,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=Affine(10, 0, 500000, 0, -10, 4600000),
+        tiled=True,
+        blockxsize=32,
+        blockysize=16,
+        compress="deflate",
+    )
     with rasterio.open(local, "w", **profile) as dst:
         dst.write(data)
     uri = f"s3://tilefm/tests/{uuid.uuid4().hex}/small.tif"

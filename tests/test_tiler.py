@@ -186,7 +186,10 @@ def test_similarity_of_a_pixel_to_itself_is_one(
     x, y = transform @ (c + 0.5, r + 0.5)
     lon, lat = TMS.lnglat(x, y)
     t = TMS.tile(lon, lat, info["native_zoom"])
-    url = f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.npy?render=similarity&lon={lon!r}&lat={lat!r}"
+    url = (
+        f"/v1/jobs/{info['job']}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.npy"
+        f"?render=similarity&lon={lon!r}&lat={lat!r}"
+    )
     sim = np.load(io.BytesIO(client.get(url).content))[0]
     rows_t, cols_t = _window(transform, t)
     assert sim[r - rows_t.start, c - cols_t.start] == pytest.approx(1.0, abs=1e-6)

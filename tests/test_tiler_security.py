@@ -170,7 +170,8 @@ def _error(resp, status: int | None, field: str) -> dict:
 
 
 def _tile(deployment: Deployment, name: str, suffix: str = ".png", dz: int = 0) -> str:
-    return f"/v1/jobs/{deployment.jobs[name]}/tiles/WebMercatorQuad/{ZOOM + dz}/{TILE_X * 2**dz}/{TILE_Y * 2**dz}{suffix}"
+    tile = f"{ZOOM + dz}/{TILE_X * 2**dz}/{TILE_Y * 2**dz}"
+    return f"/v1/jobs/{deployment.jobs[name]}/tiles/WebMercatorQuad/{tile}{suffix}"
 
 
 def _cog(deployment: Deployment, route: str, **params) -> tuple[str, dict]:
@@ -307,7 +308,7 @@ def keyed(deployment: Deployment) -> Iterator[TestClient]:
 
 
 def _data_routes(d: Deployment) -> list[str]:
-    cls, emb = d.jobs["classes"], d.jobs["embedding"]
+    cls = d.jobs["classes"]
     return [
         "/v1/jobs",
         f"/v1/jobs/{cls}/info",

@@ -30,12 +30,12 @@ from pyproj import Transformer
 from rasterio.transform import from_origin
 
 from tilefm.bands import bind_card
+from tilefm.card import ModelCard
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile, resolution
 from tilefm.jobs import proto as conv
 from tilefm.jobs.models import MAX_SOURCES, JobSpec
 from tilefm.models import get_card
-from tilefm.models.card import ModelCard
 from tilefm.models.presto import MAX_TIMESTEPS, load_presto
 from tilefm.models.presto_tiles import PrestoInputs, PrestoTileModel
 from tilefm.pipeline import RunSpec, prepare
@@ -105,7 +105,7 @@ def pixels(ref: dict[str, np.ndarray]) -> tuple[list[Tile], np.ndarray, np.ndarr
     origin = TMS.xy_bounds(0, 0, ZOOM)
     gx = np.floor((np.asarray(x) - origin.left) / resolution(ZOOM)).astype(int)
     gy = np.floor((origin.top - np.asarray(y)) / resolution(ZOOM)).astype(int)
-    return [Tile(int(a // TILE_SIZE), int(b // TILE_SIZE), ZOOM) for a, b in zip(gx, gy)], gx, gy
+    return [Tile(int(a // TILE_SIZE), int(b // TILE_SIZE), ZOOM) for a, b in zip(gx, gy, strict=True)], gx, gy
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def dem(ref: dict[str, np.ndarray], pixels, tmp_path_factory) -> Path:
     half = size // 2
     x0, y0 = int(gx.min()) - half, int(gy.min()) - half
     sources = []
-    for i, (tile, col, row) in enumerate(zip(tiles, gx, gy)):
+    for i, (tile, col, row) in enumerate(zip(tiles, gx, gy, strict=True)):
         cell = res * np.cos(
             np.radians(tile_latitudes(tile, TILE_SIZE, 0)[row % TILE_SIZE])
         )  # as presto_tiles takes it
@@ -142,9 +142,11 @@ def dem(ref: dict[str, np.ndarray], pixels, tmp_path_factory) -> Path:
         ) as dst:
             dst.write(np.repeat(plane[None], size, 0).astype(np.float32), 1)
         sources.append(
-            f'<SimpleSource><SourceFilename relativeToVRT="1">p{i}.tif</SourceFilename><SourceBand>1</SourceBand>'
+            "<SimpleSource><SourceFilename "
+            f'relativeToVRT="1">p{i}.tif</SourceFilename><SourceBand>1</SourceBand>'
             f'<SrcRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/>'
-            f'<DstRect xOff="{col - half - x0}" yOff="{row - half - y0}" xSize="{size}" ySize="{size}"/></SimpleSource>'
+            f'<DstRect xOff="{col - half - x0}" yOff="{row - half - y0}" xSize="{size}" '
+            f'ySize="{size}"/></SimpleSource>'
         )
     width, height = int(gx.max()) + half + 1 - x0, int(gy.max()) + half + 1 - y0
     transform = ", ".join(
@@ -152,8 +154,10 @@ def dem(ref: dict[str, np.ndarray], pixels, tmp_path_factory) -> Path:
     )
     vrt = root / "dem.vrt"
     vrt.write_text(
-        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>EPSG:3857</SRS><GeoTransform>{transform}</GeoTransform>'
-        f'<VRTRasterBand dataType="Float32" band="1"><NoDataValue>-9999</NoDataValue>{"".join(sources)}</VRTRasterBand></VRTDataset>'
+        f'<VRTDataset rasterXSize="{width}" '
+        f'rasterYSize="{height}"><SRS>EPSG:3857</SRS><GeoTransform>{transform}</GeoTransform>'
+        '<VRTRasterBand dataType="Float32" '
+        f'band="1"><NoDataValue>-9999</NoDataValue>{"".join(sources)}</VRTRasterBand></VRTDataset>'
     )
     return vrt
 
@@ -182,7 +186,7 @@ def _series_pixels(scene, card: ModelCard, pixels, which: list[int]):
     inputs = read_tiles(scene, card, [tiles[i] for i in which], 0)
     prep = PrestoInputs(card)
     rows, months = [], []
-    for i, ti in zip(which, inputs):
+    for i, ti in zip(which, inputs, strict=True):
         assert ti.tile == tiles[i] and ti.data.shape == (len(scene.timesteps), 13, TILE_SIZE, TILE_SIZE)
         batch = prep([ti])
         at = (gy[i] % TILE_SIZE) * TILE_SIZE + gx[i] % TILE_SIZE
@@ -234,7 +238,7 @@ def test_months_are_each_timesteps_own(
     of consecutive ones from the first, and embeds as the official encoder does with that table."""
     days = ["20190305", "20190720", "20200110"]  # months 2, 6, 0
     root = tmp_path / "s2"
-    for day, folder in zip(days, sorted(series.iterdir())):
+    for day, folder in zip(days, sorted(series.iterdir()), strict=True):
         (root / f"S2A_29RKH_{day}").mkdir(parents=True)
         for f in folder.iterdir():
             os.symlink(f.resolve(), root / f"S2A_29RKH_{day}" / f.name)
@@ -344,7 +348,7 @@ def test_sources_items_and_collections(series: Path, tmp_path: Path) -> None:
     # a STAC ItemCollection (a search result), its items' own datetimes
     items = [
         _item(tmp_path, f"i{k}", f"{d.isoformat()}T11:00:00Z", f)
-        for k, (d, f) in enumerate(zip(expected, folders))
+        for k, (d, f) in enumerate(zip(expected, folders, strict=True))
     ]
     collection = tmp_path / "search.json"
     collection.write_text(json.dumps({"type": "FeatureCollection", "features": items[::-1]}))
@@ -423,6 +427,7 @@ def _dated(root: Path, days: list[str]) -> list[Path]:
 # -- the command line ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_cli_dry_run_and_small_run(tmp_path: Path) -> None:
     a, b = _dated(tmp_path, ["20200105", "20200219"])
     out = tmp_path / "emb.tif"
@@ -447,6 +452,7 @@ def test_cli_dry_run_and_small_run(tmp_path: Path) -> None:
     assert [t["source"] for t in props["tilefm:scene"]["s2"]["timesteps"]] == [str(a), str(b)]
 
 
+@pytest.mark.integration
 def test_cli_bad_series(tmp_path: Path) -> None:
     days = [f"2019{m:02d}{d:02d}" for m in range(1, 13) for d in (5, 20)] + ["20200105"]  # 25 dates
     folders = _dated(tmp_path / "many", days)

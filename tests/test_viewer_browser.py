@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+#: headless Chromium against the tile server over HTTP, which serves two jobs of the scheduler
+pytestmark = pytest.mark.integration
+
 CHROMIUM = os.environ.get("TILEFM_CHROMIUM", "/usr/bin/chromium")
 #: software WebGL for MapLibre in headless Chromium on machines without a GPU; `tiles.test`, a
 #: host name that is not a loopback one, for the tiler on 127.0.0.1
@@ -102,7 +105,8 @@ class Page:
             self.page.wait_for_function("window.tilefmViewer && window.tilefmViewer.state !== 'loading'")
         except PlaywrightTimeout:
             pytest.fail(
-                f"{path} did not load in {TIMEOUT_MS} ms; requests in flight: {list(self.in_flight.values())[:10]}"
+                f"{path} did not load in {TIMEOUT_MS} ms; requests in flight: "
+                f"{list(self.in_flight.values())[:10]}"
             )
         return self.hook("state")
 
@@ -115,8 +119,9 @@ class Page:
         )
         if not done:
             state = self.page.evaluate("""() => new Promise(res => { const m = window.tilefmViewer.map;
-                const s = {loaded: m.loaded(), tiles: m.areTilesLoaded(), moving: m.isMoving(), frame: !!m._frameRequest,
-                           hidden: document.hidden, ctxLost: m.painter && m.painter.context.gl.isContextLost()};
+                const s = {loaded: m.loaded(), tiles: m.areTilesLoaded(), moving: m.isMoving(),
+                           frame: !!m._frameRequest, hidden: document.hidden,
+                           ctxLost: m.painter && m.painter.context.gl.isContextLost()};
                 let done = false;
                 requestAnimationFrame(() => { if (!done) { done = true; res({...s, raf: true}); } });
                 setTimeout(() => { if (!done) { done = true; res({...s, raf: false}); } }, 3000); })""")
@@ -281,7 +286,8 @@ def test_job_view(viewer: Page, tiler_server, output_dir: Path, name: str) -> No
         viewer.page.select_option("#render", "rgb")
         viewer.page.select_option("#band-g", "5")
         viewer.page.wait_for_function(
-            "() => { const s = window.tilefmViewer.map.getSource('output'); return s && s.url.includes('bands=1,5,3'); }"
+            "() => { const s = window.tilefmViewer.map.getSource('output'); return s && "
+            "s.url.includes('bands=1,5,3'); }"
         )
         viewer.settle()
         rgb = viewer.assert_tiles_ok("bands=1,5,3", bounds, since)
@@ -297,7 +303,15 @@ def test_job_list(viewer: Page, tiler_server, output_dir: Path) -> None:
     assert viewer.open("/viewer") == "ready", viewer.hook("errors")
     for job_id in jobs.values():
         assert viewer.page.locator(f"#jobs a[data-job='{job_id}']").count() == 1
+    # no job named: the viewer opens the job that finished last, on its data (not an empty map)
+    listed = viewer.page.request.get(f"{viewer.base_url}/v1/jobs?state=succeeded").json()["jobs"]
+    newest = max(listed, key=lambda j: j["finished"] or "")["id"]
+    assert viewer.hook("info")["id"] == newest
+    assert viewer.page.locator(f"#jobs a[data-job='{newest}']").get_attribute("class") == "current"
+    assert viewer.page.locator("#layers li").count() == 2
+    assert viewer.hook("tileErrors") == [] and viewer.hook("errors") == []
     viewer.screenshot(output_dir / "viewer" / "jobs.png")
+    assert_not_blank(viewer.map_pixels(), "the newest job")
     viewer.page.click(f"#jobs a[data-job='{jobs['clouds']}']")
     viewer.page.wait_for_url(re.compile(rf"/viewer/jobs/{jobs['clouds']}$"))
     viewer.page.wait_for_function("window.tilefmViewer && window.tilefmViewer.state !== 'loading'")
@@ -375,7 +389,7 @@ def test_job_view_with_a_key(browser, keyed_server, name: str) -> None:
         assert not [u for s, u in statuses if s == 401], statuses
         info = page.hook("info")
         tj = page.page.evaluate(f"""() => fetch('/v1/jobs/{jobs[name]}/tilejson.json',
-                                                 {{headers: {{'X-API-Key': '{READ_KEY}'}}}}).then(r => r.json())""")
+                                  {{headers: {{'X-API-Key': '{READ_KEY}'}}}}).then(r => r.json())""")
         assert tj["tiles"][0].startswith("/v1/jobs/"), tj["tiles"]  # root-relative: the browser resolves it
         page.assert_tiles_ok(f"/{jobs[name]}/tiles/", info["bounds"])
         assert all("api_key" not in u for _, u in page.tiles)

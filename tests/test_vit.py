@@ -14,11 +14,11 @@ from conftest import run_cli
 
 from tilefm.backends.onnx_export import export_onnx
 from tilefm.backends.onnxruntime import OrtRunner
+from tilefm.card import ModelCard
 from tilefm.errors import WeightsError
 from tilefm.grid import plan_tiles, resolution
 from tilefm.models import get_card
 from tilefm.models.base import normalize
-from tilefm.models.card import ModelCard
 from tilefm.models.store import pull, weights_path
 from tilefm.models.vit import ViTEncoder, card_wavelengths, dofa_state, load_vit, save_vit, state_sha256
 from tilefm.models.vit_tiles import ViTTileModel
@@ -59,8 +59,9 @@ def test_cards_say_there_is_no_checkpoint() -> None:
 def test_key_layout_follows_dofa_v1() -> None:
     keys = set(ViTEncoder(tiny_card().vit).state_dict())
     for k in (
-        "cls_token", "norm.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.bias", "blocks.0.mlp.fc1.weight",
-        "blocks.0.norm1.weight", "patch_embed.fclayer.w1.weight", "patch_embed.weight_generator.fc_weight.weight",
+        "cls_token", "norm.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.bias",
+        "blocks.0.mlp.fc1.weight", "blocks.0.norm1.weight", "patch_embed.fclayer.w1.weight",
+        "patch_embed.weight_generator.fc_weight.weight",
         "patch_embed.weight_generator.fc_bias.bias", "patch_embed.weight_generator.weight_tokens",
         "patch_embed.weight_generator.bias_token",
         "patch_embed.weight_generator.transformer_encoder.layers.0.self_attn.in_proj_weight",
@@ -173,12 +174,27 @@ def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
     )
 
 
+@pytest.mark.integration
 def test_cli_run_end_to_end(scene_dir: Path, tmp_path: Path) -> None:
     import rasterio
 
     out = tmp_path / "vit.tif"
-    r = run_cli("run", "--scene", f"s2={scene_dir}", "--model", "vit-small", "--zoom", "10", "--bbox=-11.5,24.7,-11.45,24.75",
-                "--out", str(out), "--executor", "local", "--backend", "torch")  # fmt: skip
+    r = run_cli(
+        "run",
+        "--scene",
+        f"s2={scene_dir}",
+        "--model",
+        "vit-small",
+        "--zoom",
+        "10",
+        "--bbox=-11.5,24.7,-11.45,24.75",
+        "--out",
+        str(out),
+        "--executor",
+        "local",
+        "--backend",
+        "torch",
+    )
     assert r.returncode == 0, r.stderr
     with rasterio.open(out) as ds:
         assert ds.count == 384 and ds.tags()["TILEFM_BACKEND"] == "torch"
@@ -194,6 +210,7 @@ def test_cli_run_end_to_end(scene_dir: Path, tmp_path: Path) -> None:
         assert 0 < a.count() < 256 * 256  # the planned tiles' patches hold values, the rest is nodata
 
 
+@pytest.mark.integration
 def test_cli_run_in_int8_keeps_the_embeddings(scene_dir: Path, tmp_path: Path) -> None:
     """`--precision int8`: `auto` takes onnxruntime (the backend that runs int8), the output says
     so, and its embeddings match an fp32 run of the same tiles within the int8 limits."""
@@ -245,7 +262,7 @@ def test_float16_outputs_make_the_same_cog(scene_dir: Path, tmp_path: Path) -> N
     from tilefm.pipeline import RunSpec, batches, prepare, publish
     from tilefm.runtime import LocalExecutor, WorkerSpec
     from tilefm.settings import get_settings
-    from tilefm.stitch import Encoding
+    from tilefm.values import Encoding
 
     card = tiny_card()
     assert half_outputs(card, "torch-cuda") and half_outputs(card, "tensorrt")

@@ -33,8 +33,12 @@ def s2(scene_dir: Path) -> Scene:
 def _compare(auto: list, gdal: list) -> tuple[float, float, float]:
     """(share of pixels whose validity differs, share of both-valid values within 1, largest
     difference) over a batch."""
-    flips = sum(int((a.valid != g.valid).sum()) for a, g in zip(auto, gdal)) / sum(a.valid.size for a in auto)
-    diffs = np.concatenate([np.abs(a.data - g.data)[a.valid & g.valid] for a, g in zip(auto, gdal)])
+    flips = sum(int((a.valid != g.valid).sum()) for a, g in zip(auto, gdal, strict=True)) / sum(
+        a.valid.size for a in auto
+    )
+    diffs = np.concatenate(
+        [np.abs(a.data - g.data)[a.valid & g.valid] for a, g in zip(auto, gdal, strict=True)]
+    )
     return flips, float((diffs <= 1).mean()), float(diffs.max())
 
 
@@ -89,7 +93,7 @@ def test_values_are_exact_bilinear(s2: Scene, band: str):
     card = get_card("vit-small")
     k = card.inputs[0].band_names.index(band)
     tiles = plan_tiles(s2.footprint, 13).tiles[330:333]
-    for t, got in zip(tiles, read_tiles(s2, card, tiles, 0, warp="auto")):
+    for t, got in zip(tiles, read_tiles(s2, card, tiles, 0, warp="auto"), strict=True):
         exact, ok = _exact_bilinear(s2.modalities["s2"].bands[band].path, t)
         assert ok.all() and got.valid[k].all()
         d = np.abs(got.data[k] - exact)
@@ -111,7 +115,7 @@ def test_dem_float_values_exact(shared_dir: Path):
     idx = names.index(f"dem:{k.bands[0].name}")
     auto = read_tiles(scene, card, tiles, 0, warp="auto")
     gdal = read_tiles(scene, card, tiles, 0, warp="gdal")
-    for t, a, g in zip(tiles, auto, gdal):
+    for t, a, g in zip(tiles, auto, gdal, strict=True):
         exact, ok = _exact_bilinear(str(dem), t)
         assert ok.all() and a.valid[idx].all()
         assert np.abs(a.data[idx] - exact).max() < 1e-3
@@ -127,7 +131,7 @@ def test_values_do_not_depend_on_the_batch(s2: Scene):
         card = get_card(model)
         tiles = plan_tiles(s2.footprint, zoom).tiles[20:26]
         assert any(len(r) > 1 for r in rows(tiles))
-        for t, got in zip(tiles, read_tiles(s2, card, tiles, card.context.halo, warp="auto")):
+        for t, got in zip(tiles, read_tiles(s2, card, tiles, card.context.halo, warp="auto"), strict=True):
             alone = read_tile(s2, card, t, card.context.halo, warp="auto")
             np.testing.assert_array_equal(got.data, alone.data)
             np.testing.assert_array_equal(got.valid, alone.valid)
@@ -169,7 +173,7 @@ def test_nodata_holes_follow_gdal(scene_dir: Path, tmp_path: Path):
     gdal = read_tiles(scene, card, tiles, 0, warp="gdal")
     holes = sum(int((~g.valid).sum()) for g in gdal)
     assert holes > 100_000
-    for a, g in zip(auto, gdal):
+    for a, g in zip(auto, gdal, strict=True):
         np.testing.assert_array_equal(a.valid, g.valid)
         assert (a.data[~a.valid] == 0).all()
         d = np.abs(a.data - g.data)[a.valid]
@@ -188,8 +192,15 @@ def test_nearest_matches_gdal(s2: Scene):
         sampler = GridSampler(SourceGrid.of(ds), Strip.of_row(tile.x, tile.y, 13, 1, 0), WARP_TOLERANCE)
         ((values, valid),) = sampler.sample([(ds, 1)], "nearest", [slice(None)])
         transform = Affine(span / TILE_SIZE, 0, ox + tile.x * span, 0, -span / TILE_SIZE, oy - tile.y * span)
-        with WarpedVRT(ds, crs="EPSG:3857", transform=transform, width=TILE_SIZE, height=TILE_SIZE,
-                       resampling=Resampling.nearest, tolerance=WARP_TOLERANCE) as vrt:  # fmt: skip
+        with WarpedVRT(
+            ds,
+            crs="EPSG:3857",
+            transform=transform,
+            width=TILE_SIZE,
+            height=TILE_SIZE,
+            resampling=Resampling.nearest,
+            tolerance=WARP_TOLERANCE,
+        ) as vrt:
             ref = vrt.read(1)
     assert valid.all()
     # ties (a centre within GDAL's 0.001 px of a source pixel edge) may fall either way
@@ -255,7 +266,7 @@ def test_float_nodata_nan_follows_gdal(shared_dir: Path, tmp_path: Path):
     auto = read_tiles(scene, card, tiles, 0, warp="auto")
     gdal = read_tiles(scene, card, tiles, 0, warp="gdal")
     assert sum(int((~g.valid[idx]).sum()) for g in gdal) > 1000  # the hole is there
-    for a_, g in zip(auto, gdal):
+    for a_, g in zip(auto, gdal, strict=True):
         np.testing.assert_array_equal(a_.valid[idx], g.valid[idx])
         for t in (a_, g):
             assert np.isfinite(t.data[idx]).all() and (t.data[idx][~t.valid[idx]] == 0).all()

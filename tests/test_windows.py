@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from tilefm.card import Context
 from tilefm.grid import TILE_SIZE
 from tilefm.models import get_card
-from tilefm.models.card import Context
 from tilefm.windows import blend_weights, window_offsets
 
 WINDOW = 256

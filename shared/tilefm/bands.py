@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from tilefm.errors import MissingBandError, SceneError
 
 if TYPE_CHECKING:
-    from tilefm.models.card import ModelCard
+    from tilefm.card import ModelCard
     from tilefm.scene import Scene
 
 #: card units per unit of reflectance: cards read optical bands as reflectance x 10000
@@ -44,8 +44,10 @@ BANDS: dict[str, Band] = {b.id: b for b in (
     Band("B07", "rededge3", 0.783), Band("B08", "nir", 0.842), Band("B8A", "nir08", 0.865),
     Band("B09", "nir09", 0.945), Band("B10", "cirrus", 1.375), Band("B11", "swir16", 1.61),
     Band("B12", "swir22", 2.19), Band("pan", "pan", 0.59),
-    Band("lwir", "lwir", 11.45, False), Band("lwir11", "lwir11", 10.9, False), Band("lwir12", "lwir12", 12.0, False),
-    Band("vv", "vv", None, False), Band("vh", "vh", None, False), Band("hh", "hh", None, False), Band("hv", "hv", None, False),
+    Band("lwir", "lwir", 11.45, False), Band("lwir11", "lwir11", 10.9, False),
+    Band("lwir12", "lwir12", 12.0, False),
+    Band("vv", "vv", None, False), Band("vh", "vh", None, False),
+    Band("hh", "hh", None, False), Band("hv", "hv", None, False),
 )}  # fmt: skip
 
 #: STAC eo common names (and Earth Search's `rededge1..3`) -> band id
@@ -79,8 +81,9 @@ def band_id(name: str) -> str | None:
 
 def band_by_wavelength(centre_um: float) -> str | None:
     """The Sentinel-2 band nearest a centre wavelength, if one is within the tolerance."""
-    best = min(S2_IDS, key=lambda k: abs(BANDS[k].wavelength_um - centre_um))  # type: ignore[operator]
-    return best if abs(BANDS[best].wavelength_um - centre_um) <= WAVELENGTH_TOLERANCE_UM else None  # type: ignore[operator]
+    centres = {k: w for k in S2_IDS if (w := BANDS[k].wavelength_um) is not None}  # all of them
+    best = min(centres, key=lambda k: abs(centres[k] - centre_um))
+    return best if abs(centres[best] - centre_um) <= WAVELENGTH_TOLERANCE_UM else None
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,10 @@ LANDSAT_L2 = Sensor(
     "landsat-c2-l2", "Landsat 8/9 OLI/TIRS Collection 2 Level-2",
     {k: OLI[k] for k in ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B10")},
     # surface temperature (ST_B10): kelvin = DN * 0.00341802 + 149
-    {**{OLI[k]: LANDSAT_L2_SR for k in ("B01", "B02", "B03", "B04", "B05", "B06", "B07")}, "lwir11": (0.00341802, 149.0)},
+    {
+        **{OLI[k]: LANDSAT_L2_SR for k in ("B01", "B02", "B03", "B04", "B05", "B06", "B07")},
+        "lwir11": (0.00341802, 149.0),
+    },
 )  # fmt: skip
 HLS_L30 = Sensor(
     "hls-l30", "HLS L30 (Landsat 8/9 OLI/TIRS, harmonized)",
@@ -358,7 +364,8 @@ def bind_card(scene: Scene, card: ModelCard) -> Scene:
                     for m in unmeasured
                 )
                 raise MissingBandError(
-                    f"model {card.name!r} needs band{'s' if len(unmeasured) > 1 else ''} {what}, which {sensor.title} "
+                    f"model {card.name!r} needs band{'s' if len(unmeasured) > 1 else ''} {what}, which "
+                    f"{sensor.title} "
                     f"does not measure ({mod.source!r} has {', '.join(sorted(mod.bands))})",
                     field=f"scene.{inp.modality}",
                 )

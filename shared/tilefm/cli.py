@@ -71,7 +71,11 @@ def run(
         list[str],
         typer.Option(
             "--scene",
-            help="MODALITY=SOURCE (band folder, raster, STAC item, STAC ItemCollection, or a folder of dated band folders or items); repeatable. A modality given more than once, or with several acquisitions, is a time series (models that take one, e.g. presto).",
+            help=(
+                "MODALITY=SOURCE (band folder, raster, STAC item, STAC ItemCollection, or a folder of dated "
+                "band folders or items); repeatable. A modality given more than once, or with several "
+                "acquisitions, is a time series (models that take one, e.g. presto)."
+            ),
         ),
     ],
     model: Annotated[str, typer.Option(help="Model name (see `tilefm models list`).")],
@@ -91,7 +95,10 @@ def run(
     precision: Annotated[
         str | None,
         typer.Option(
-            help="Model arithmetic: auto (bf16/fp16 on a GPU, else fp32), fp32, fp16, bf16 or int8 (onnxruntime on CPUs; tensorrt from `tilefm models calibrate`); default TILEFM_PRECISION."
+            help=(
+                "Model arithmetic: auto (bf16/fp16 on a GPU, else fp32), fp32, fp16, bf16 or int8 "
+                "(onnxruntime on CPUs; tensorrt from `tilefm models calibrate`); default TILEFM_PRECISION."
+            )
         ),
     ] = None,
     dtype: Annotated[
@@ -112,14 +119,18 @@ def run(
     asset: Annotated[
         list[str],
         typer.Option(help="STAC asset KEY=PATH, to read an item's assets from local files; repeatable."),
-    ] = [],  # noqa: B006
+    ] = [],  # noqa: B006 - typer takes a list default; never mutated
     band: Annotated[
         list[str],
         typer.Option(
             "--band",
-            help="[MODALITY:]NAME=FILE[:SCALE:OFFSET]: a band (B08, nir08, vv, ...) added to the scene or in place of its own; SCALE and OFFSET take the file's values to the model card's units (reflectance x 10000: 0.275:-2000 for Landsat Collection 2 Level-2); repeatable.",
+            help=(
+                "[MODALITY:]NAME=FILE[:SCALE:OFFSET]: a band (B08, nir08, vv, ...) added to the scene or in "
+                "place of its own; SCALE and OFFSET take the file's values to the model card's units "
+                "(reflectance x 10000: 0.275:-2000 for Landsat Collection 2 Level-2); repeatable."
+            ),
         ),
-    ] = [],  # noqa: B006
+    ] = [],  # noqa: B006 - typer takes a list default; never mutated
     scene_date: Annotated[
         str | None,
         typer.Option("--date", help="Scene date YYYY-MM-DD when the source has none (a scene of one date)."),
@@ -131,7 +142,10 @@ def run(
         bool,
         typer.Option(
             "--strict",
-            help="Refuse (exit 2) a run whose inputs would be resampled further from the model's training pixels than its card allows, instead of warning.",
+            help=(
+                "Refuse (exit 2) a run whose inputs would be resampled further from the model's training "
+                "pixels than its card allows, instead of warning."
+            ),
         ),
     ] = False,
 ) -> None:
@@ -174,8 +188,10 @@ def run(
         typer.echo(json.dumps(summary, indent=2))
         return
     typer.echo(
-        f"{summary['model']} on {summary['backend']} ({summary['precision']}): {summary['tiles']} tiles at zoom {summary['zoom']} "
-        f"({summary['pixel_size_m']} m pixels) -> {out}; {summary['zoom_reason']}; the model sees {summary['grid_description']}",
+        f"{summary['model']} on {summary['backend']} ({summary['precision']}): {summary['tiles']} tiles at "
+        f"zoom {summary['zoom']} "
+        f"({summary['pixel_size_m']} m pixels) -> {out}; {summary['zoom_reason']}; the model sees "
+        f"{summary['grid_description']}",
         err=True,
     )
     for warning in summary["warnings"]:
@@ -203,7 +219,8 @@ def run(
         except TileFMError as e:
             fail(e)
     typer.echo(
-        f"wrote {result.out} ({result.tiles} tiles in batches of {result.batch_size} on {result.backend} ({result.precision}), {result.readers}, {result.seconds:.1f} s) and {result.stac_item}",
+        f"wrote {result.out} ({result.tiles} tiles in batches of {result.batch_size} on {result.backend} "
+        f"({result.precision}), {result.readers}, {result.seconds:.1f} s) and {result.stac_item}",
         err=True,
     )
 
@@ -291,7 +308,7 @@ def models_calibrate(
 ) -> None:
     """Make the calibration set an int8 TensorRT engine takes its scales from (real tiles of a
     scene, as the model sees them) and put it in the model store beside the weights."""
-    from tilefm.backends.calibration import calibrate
+    from tilefm.models.calibrate import calibrate
     from tilefm.scene import parse_scene_args
 
     try:
@@ -432,7 +449,8 @@ def jobs_list(
     for j in jobs:
         p = j.progress
         typer.echo(
-            f"{j.id}  {j.state.value:<9}  {p.tiles_done}/{p.tiles_total}  {j.spec.model}  {j.timings.created:%Y-%m-%d %H:%M:%S}"
+            f"{j.id}  {j.state.value:<9}  {p.tiles_done}/{p.tiles_total}  {j.spec.model}  "
+            f"{j.timings.created:%Y-%m-%d %H:%M:%S}"
         )
 
 
@@ -527,6 +545,53 @@ def up(
     raise typer.Exit(
         run_up(port, grpc_port, tiler_port=tiler_port, redis_url=s.redis_url, models=s.model_store)
     )
+
+
+@app.command(
+    epilog="Example:\n\n  tilefm view demo-output/clouds.tif demo-output/presto.tif",
+)
+def view(
+    files: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PATH_OR_URI...", help="COGs written by `tilefm run`: paths, file:// or s3:// URIs."
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but a loopback one shares the files.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Port (default: 8090 if free, else any free one).")
+    ] = None,
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Only print the URL; do not open a browser.")
+    ] = False,
+) -> None:
+    """Show COG outputs on a map in the viewer (class maps with their legend, embeddings as PCA
+    colours or a similarity map), served on 127.0.0.1 until interrupted."""
+    from tilefm.api import view as viewing
+    from tilefm.settings import get_settings
+
+    try:
+        viewer_dir = viewing.check_viewer()
+        outputs = viewing.open_files(files, get_settings())
+        sock = viewing.bind(host, port)
+    except TileFMError as e:
+        fail(e)
+    app = viewing.create_view_app(
+        outputs, get_settings(), viewer_dir, loopback_only=viewing.is_loopback_address(host)
+    )
+    viewing.warm(app, outputs)
+    url = viewing.url_of(sock)
+    for out in outputs:
+        typer.echo(f"{out.uri}: {out.model} ({out.kind}, {out.count} band{'s' * (out.count != 1)})")
+    typer.echo(f"tilefm view: {url}  (Ctrl-C to stop)")
+    sys.stdout.flush()
+    if not no_browser and viewing.can_open_browser():
+        import webbrowser
+
+        webbrowser.open(url)
+    viewing.serve(app, sock)
 
 
 @app.command("keys")

@@ -2,8 +2,8 @@
 
 GDAL's COG driver copies a finished mosaic: it decompresses it, interleaves it, compresses it
 again and computes the overviews, all after the last tile. For a 128-band full-resolution
-output that took ~3 s per tile on two cores (the overviews ~2.7 s of it), far more than a GPU
-spends encoding the tile. Here each 256-px block of every level is compressed as soon as it is
+output that takes seconds per tile on a CPU core (the overviews most of it), far more than a
+GPU spends encoding the tile. Here each 256-px block of every level is compressed as soon as it is
 final (DEFLATE with the TIFF predictor, on worker threads: the predictor through torch and the
 compression through ISA-L both run without the GIL). The full-resolution blocks are written
 straight into the COG's file, row-major, as the stream completes them; the overviews' go to a
@@ -17,12 +17,9 @@ GDAL writes them into a small template GeoTIFF, and their TIFF fields are copied
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import os
 import struct
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +28,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import rasterio
+
+from tilefm import libc
 
 if TYPE_CHECKING:
     from tilefm.storage import EarlyParts
@@ -168,7 +167,7 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     bands, h, w = values.shape
     if bits == 8:
         pixels8 = torch.from_numpy(values).to(torch.int8).permute(1, 2, 0).contiguous()
-        return isal_zlib.compress(memoryview(pixels8.numpy()), DEFLATE_LEVEL)
+        return isal_zlib.compress(pixels8.numpy().data, DEFLATE_LEVEL)
     nbytes = bits // 8
     x = torch.from_numpy(values).to(torch.float16 if bits == 16 else torch.float32)  # strides kept
     words = x.view(torch.int16 if bits == 16 else torch.int32)
@@ -197,7 +196,7 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
         torch.sub(
             planes[:, bands:], planes[:, :-bands], out=diff[:, bands:]
         )  # uint8: wraps, as the predictor does
-    return isal_zlib.compress(memoryview(out), DEFLATE_LEVEL)
+    return isal_zlib.compress(out.data, DEFLATE_LEVEL)
 
 
 @dataclass
@@ -246,8 +245,8 @@ class COGBuilder:
         self.base = self.base or Path(f"{self.scratch}.cog")
         self._offsets = [{} for _ in range(self.levels + 1)]
         self._order = sorted(self.expected or (), key=lambda k: (k[1], k[0]))
-        self._file = open(self.scratch, "wb")
-        self._base = open(self.base, "wb")
+        self._file = open(self.scratch, "wb")  # noqa: SIM115 - open while blocks come; `close` closes it
+        self._base = open(self.base, "wb")  # noqa: SIM115 - likewise
 
     def size(self, level: int) -> tuple[int, int]:
         return -(-self.width // (1 << level)), -(-self.height // (1 << level))
@@ -270,7 +269,7 @@ class COGBuilder:
                 self._write_ready()
             if self._base.tell() - self._synced >= WRITEBACK_BYTES:
                 self._base.flush()
-                if self.early is not None:
+                if self.early is not None and self.base is not None:  # `base` is set by now
                     self.early.send(self.base, self._synced, self._base.tell() - self._synced)
                 self._synced = _start_writeback(self._base.fileno(), self._synced, self._base.tell())
 
@@ -315,7 +314,8 @@ class COGBuilder:
         Sets `front`: the bytes before the full resolution's (at least MIN_PART where parts
         were sent early)."""
         self.close()
-        assert self.base is not None
+        if self.base is None:
+            raise RuntimeError("self.base is not set")
         if self.early is not None:
             self.early.quiesce()  # no part still to read from the file as it was
         base_bytes = os.path.getsize(self.base)
@@ -368,11 +368,11 @@ class COGBuilder:
         self, big: bool, placed: list[dict[tuple[int, int], int]] | None = None, row_major: bool = True
     ) -> tuple[bytes, bytes]:
         order = "BLOCK_ORDER=ROW_MAJOR\n" if row_major else ""
-        ghost = (
+        layout = (
             f"LAYOUT=IFDS_BEFORE_DATA\n{order}BLOCK_LEADER=SIZE_AS_UINT4\n"
             "BLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n "
         )  # the space, as in GDAL's: room for an editor to say YES
-        ghost = f"GDAL_STRUCTURAL_METADATA_SIZE={len(ghost):06d} bytes\n{ghost}".encode()
+        ghost = f"GDAL_STRUCTURAL_METADATA_SIZE={len(layout):06d} bytes\n{layout}".encode()
         header_size = 16 if big else 8
         first_ifd = header_size + len(ghost)
         offset_type = LONG8 if big else LONG
@@ -393,7 +393,7 @@ class COGBuilder:
                 284: TiffField.of(SHORT, [1]), 317: TiffField.of(SHORT, [3]),
                 322: TiffField.of(SHORT, [BLOCK]), 323: TiffField.of(SHORT, [BLOCK]),
                 324: TiffField.of(offset_type, offsets), 325: TiffField.of(offset_type, counts),
-                339: TiffField.of(SHORT, [2 if self.bits == 8 else 3] * self.bands),  # signed int / IEEE float
+                339: TiffField.of(SHORT, [2 if self.bits == 8 else 3] * self.bands),  # signed / IEEE float
             }  # fmt: skip
             if self.bits == 8:
                 del fields[317]  # no predictor
@@ -417,19 +417,14 @@ class COGBuilder:
 WRITEBACK_BYTES = 64 << 20
 #: compressed full-resolution blocks held for those ahead of them (a vit-base block: ~90 MB)
 HOLD_BYTES = 512 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-_FALLOC_FL_INSERT_RANGE = 0x20
 
 
 def _start_writeback(fd: int, start: int, end: int) -> int:
     """Ask the kernel to start writing bytes [start, end) of a file to disk, without waiting
     (Linux's sync_file_range; elsewhere nothing). The COG is then on its way to the disk while
     the stream runs, and the fsync that makes it durable (`FileStorage.writing`) waits for
-    little: on the development machine's disk that fsync took 2.5 s of a 1.3 GB COG written
-    at the end. Returns `end`."""
-    fn = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    if fn is not None:
-        fn(fd, start, end - start, _SYNC_FILE_RANGE_WRITE)  # an error only means no head start
+    little, where a 1.3 GB COG written at the end would take seconds to fsync. Returns `end`."""
+    libc.sync_file_range(fd, start, end - start)  # False only means no head start
     return end
 
 
@@ -437,36 +432,21 @@ def _insert_room(path: Path, n: int) -> bool:
     """Insert `n` bytes (a whole number of the file system's blocks) of zeros at the start of
     a file, moving no data (Linux's fallocate with FALLOC_FL_INSERT_RANGE: ext4, XFS). False
     where the file system or the platform cannot (tmpfs, btrfs, macOS)."""
-    fn = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    if fn is None or n == 0 or os.path.getsize(path) == 0:  # room only before data
+    if not libc.has_fallocate() or n == 0 or os.path.getsize(path) == 0:  # room only before data
         return n == 0
     fd = os.open(path, os.O_RDWR)
     try:
-        return fn(fd, _FALLOC_FL_INSERT_RANGE, 0, n) == 0
+        return libc.fallocate(fd, libc.FALLOC_FL_INSERT_RANGE, 0, n)
     finally:
         os.close(fd)
-
-
-@functools.cache
-def _libc(name: str, *argtypes: Any) -> Any:
-    """A Linux libc function, or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = argtypes
-    fn.restype = ctypes.c_int
-    return fn
 
 
 def copy_ranges(src: int, dst: int, moves: list[tuple[int, int, int]]) -> None:
     """Copy each (source offset, destination offset, length) of file descriptor `src` into
     `dst`: by the kernel where it can (copy_file_range: no pass through user memory, no GIL
     held), else by pread and pwrite. One thread: a file system takes one file's writes one at
-    a time (ext4: 352 MB in 0.12-0.25 s with one thread or two, here). Joining each block with
-    its leader and trailer in Python, before, took ~2 s of a 1.3 GB COG, holding the GIL."""
+    a time (on ext4 two threads copy no faster than one). Joining each block with its leader
+    and trailer in Python instead took seconds for a 1.3 GB COG, holding the GIL."""
     for offset, to, n in moves:
         for k in range(0, n, COPY_PIECE):
             _copy_piece(src, dst, offset + k, to + k, min(COPY_PIECE, n - k))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tilefm.card import ModelCard
 from tilefm.errors import TileFMError, ZoomError
 from tilefm.grid import MAX_ZOOM, MIN_ZOOM, default_zoom, resolution
-from tilefm.models.card import ModelCard
 from tilefm.native import InferenceGrid
 from tilefm.scene import Scene
 
@@ -39,8 +39,13 @@ class InputGrid:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return {"grid": self.kind, "grid_description": self.description, "model_pixel_m": round(self.pixel_m, 3),
-                "zoom_reason": self.zoom_reason, "warnings": self.warnings}  # fmt: skip
+        return {
+            "grid": self.kind,
+            "grid_description": self.description,
+            "model_pixel_m": round(self.pixel_m, 3),
+            "zoom_reason": self.zoom_reason,
+            "warnings": self.warnings,
+        }
 
 
 def input_grid(scene: Scene, card: ModelCard, zoom: int | None, *, strict: bool = False) -> InputGrid:
@@ -71,7 +76,10 @@ def input_grid(scene: Scene, card: ModelCard, zoom: int | None, *, strict: bool 
         seen = f"the scene's finest pixels ({pixel_m:g} m)"
     if zoom is None:
         zoom = default_zoom(pixel_m, latitude)
-        reason = f"zoom {zoom} by default: the coarsest whose pixels ({resolution(zoom) * cos:.0f} m on the ground) are no larger than {seen}"
+        reason = (
+            f"zoom {zoom} by default: the coarsest whose pixels ({resolution(zoom) * cos:.0f} m on the "
+            f"ground) are no larger than {seen}"
+        )
     else:
         reason = f"zoom {zoom} as asked ({resolution(zoom) * cos:.0f} m pixels on the ground)"
     warnings = []
@@ -80,13 +88,21 @@ def input_grid(scene: Scene, card: ModelCard, zoom: int | None, *, strict: bool 
         tile_m = resolution(zoom) * cos
         pixel_m = tile_m
         if scene.resolution_m / tile_m > limit:
-            warnings.append(f"zoom {zoom} upsamples the scene's {scene.resolution_m:g} m pixels {scene.resolution_m / tile_m:.1f}x "
-                            f"onto {tile_m:.0f} m tiles (model {card.name!r} allows {limit:g}x); a lower --zoom keeps to the scene's detail")  # fmt: skip
+            warnings.append(
+                f"zoom {zoom} upsamples the scene's {scene.resolution_m:g} m pixels "
+                f"{scene.resolution_m / tile_m:.1f}x "
+                f"onto {tile_m:.0f} m tiles (model {card.name!r} allows {limit:g}x); a lower --zoom keeps "
+                "to the scene's detail"
+            )
     if card.gsd_m:
         ratio = max(pixel_m / card.gsd_m, card.gsd_m / pixel_m)
         if ratio > limit:
-            warnings.append(f"model {card.name!r} was trained on {card.gsd_m:g} m pixels and sees {pixel_m:.0f} m ones here "
-                            f"({ratio:.1f}x apart, more than the {limit:g}x its card allows): expect answers it was not trained to give")  # fmt: skip
+            warnings.append(
+                f"model {card.name!r} was trained on {card.gsd_m:g} m pixels and sees {pixel_m:.0f} m ones "
+                "here "
+                f"({ratio:.1f}x apart, more than the {limit:g}x its card allows): expect answers it was not "
+                "trained to give"
+            )
     if strict and warnings:
         raise ResamplingError(
             warnings[0] + " (refused: --strict)", field="zoom" if kind == "tile" else "scene"

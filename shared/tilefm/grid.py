@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import morecantile
 import numpy as np
@@ -105,7 +106,7 @@ class TilePlan:
         )
         return _plan(tiles, self.zoom - k, self.footprint)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         res = resolution(self.zoom)
         area_km2 = len(self.tiles) * (TILE_SIZE * res / 1000) ** 2
         return {
@@ -145,7 +146,8 @@ def check_bbox(
     inside = -180 <= w <= e <= 180 and -90 <= s <= n <= 90
     if not inside or (not allow_empty and (w == e or s == n)):
         raise BBoxError(
-            f"{name} is not a valid lon/lat box (need finite -180<=minlon<maxlon<=180, -90<=minlat<maxlat<=90)"
+            f"{name} is not a valid lon/lat box (need finite -180<=minlon<maxlon<=180, "
+            "-90<=minlat<maxlat<=90)"
         )
     return w, s, e, n
 

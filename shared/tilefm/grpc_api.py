@@ -160,7 +160,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.service = service
         self.watch_poll_ms = watch_poll_ms
 
-    def Submit(self, request: pb.SubmitRequest, context: grpc.ServicerContext) -> pb.SubmitResponse:  # noqa: N802
+    def Submit(self, request: pb.SubmitRequest, context: grpc.ServicerContext) -> pb.SubmitResponse:
         try:
             if not request.HasField("spec"):
                 raise TileFMError("required", field="spec")
@@ -171,13 +171,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, exc)
 
-    def Get(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+    def Get(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         try:
             return job_to_proto(self.service.get(_required(request.id, "id")))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, exc)
 
-    def List(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:  # noqa: N802
+    def List(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
         try:
             try:
                 state = state_from_proto(request.state)
@@ -189,19 +189,21 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 cursor=_bounded(request.cursor, "cursor") or None,
             )
             return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_cursor=cursor or "")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, exc)
 
-    def Cancel(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+    def Cancel(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         try:
             return job_to_proto(self.service.cancel(_required(request.id, "id")))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, exc)
 
-    def Watch(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:  # noqa: N802
+    def Watch(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
         # the stop check runs at every store poll, so an abandoned Watch frees its thread within
         # one poll even while its job is quiet
-        stop = lambda: not context.is_active()  # noqa: E731
+        def stop() -> bool:
+            return not context.is_active()
+
         try:
             for event in self.service.watch(
                 _required(request.id, "id"), poll_ms=self.watch_poll_ms, stop=stop
@@ -209,7 +211,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 if stop():
                     return
                 yield event_to_proto(event)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, exc)
 
 
@@ -234,6 +236,8 @@ class _MalformedRequests(grpc.ServerInterceptor):
             return handler
         parse = handler.request_deserializer
         behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if behavior is None:  # set for every unary-request handler; typed as optional
+            return handler
 
         def lenient(data: bytes) -> Any:
             try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tilefm import libc
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -75,15 +76,8 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-try:  # resolved here, not in the forked child: it must only make the call
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM weed if we die first
+#: run in the forked child before exec: SIGTERM weed if we die first (resolved here, in the parent)
+_die_with_parent = libc.parent_death_signal()
 
 
 class S3Server:
@@ -172,7 +166,7 @@ class S3Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks
+                preexec_fn=_die_with_parent,  # only prctl, no locks: safe between fork and exec
             )
         finally:
             log.close()
@@ -186,7 +180,8 @@ class S3Server:
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
         while time.monotonic() < deadline:
-            assert self.proc is not None
+            if self.proc is None:
+                raise RuntimeError("self.proc is not set")
             if self.proc.poll() is not None:
                 tail = self.log_tail()
                 if "Port allocation failed" in tail or "address already in use" in tail:
@@ -225,7 +220,7 @@ class S3Server:
             self._signal_group(proc, signal.SIGKILL)
         # weed puts its gRPC sockets in /tmp whatever TMPDIR says; they are named by our ports
         for port in self.ports.values():
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):  # noqa: S108 - weed's, see above
                 with contextlib.suppress(OSError):
                     sock.unlink()
         if self.tmp is not None:
@@ -247,7 +242,8 @@ class S3Server:
 
     @property
     def log_path(self) -> Path:
-        assert self.tmp is not None, "not started"
+        if self.tmp is None:
+            raise RuntimeError("not started")
         return self.tmp / "weed.log"
 
     def log_tail(self, lines: int = 40) -> str:
@@ -346,9 +342,26 @@ def demo(data: Path, models: Path, out_dir: Path) -> int:
         for key in ("demo/presto.tif", "demo/presto.stac.json"):
             client.download_file("tilefm", key, str(out_dir / Path(key).name))
         print(
-            f"outputs: {out_dir}/presto.tif (from s3://tilefm/demo/), {out_dir}/clouds.tif, with STAC items beside them"
+            f"outputs: {out_dir}/presto.tif (from s3://tilefm/demo/), {out_dir}/clouds.tif, with STAC items "
+            "beside them"
         )
+    print(f"\nOn a map:\n\n  {view_command(out_dir / 'clouds.tif', out_dir / 'presto.tif')}\n", flush=True)
     return 0
+
+
+def view_command(*files: Path) -> str:
+    """`tilefm view FILES` as this shell can run it: paths relative to the working directory where
+    they are inside it, and the `tilefm` beside this Python where another (or none) is on PATH."""
+    exe = Path(sys.executable).parent / "tilefm"
+    tilefm = "tilefm" if shutil.which("tilefm") == str(exe) or not exe.exists() else _short(exe)
+    return " ".join([tilefm, "view", *(_short(f) for f in files)])
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 #: the tile server's app (services/tiler beside the library in a source checkout or an image)
@@ -485,7 +498,8 @@ def up(
             for k, v in s3.tilefm_env().items():
                 print(f"export {k}={v}")
             print(
-                f"job API: http://127.0.0.1:{port}/docs  gRPC: 127.0.0.1:{grpc_port}  S3: {s3.endpoint_url} (bucket tilefm)"
+                f"job API: http://127.0.0.1:{port}/docs  gRPC: 127.0.0.1:{grpc_port}  S3: {s3.endpoint_url} "
+                "(bucket tilefm)"
             )
             print(f"tiles: http://127.0.0.1:{tiler_port}/docs  viewer: http://127.0.0.1:{tiler_port}/viewer")
             print("Ctrl-C to stop", flush=True)

@@ -4,8 +4,8 @@ Why: glibc's malloc gives each allocation above its mmap threshold fresh pages f
 and returns them on free, and trims its main heap's top whenever more than its trim threshold
 lies free there. A reader allocates and frees arrays of a few MB per tile (the strip's samples,
 the tile's stack, the model's input; a 32-tile ViT batch holds ~84 MB of them until it is
-sent), so its memory went back and forth to the kernel: on the development machine, ~700 page
-faults a vit-base tile at zoom 14 and ~20% of a reader's CPU (docs/benchmarks.md, session 17).
+sent), so its memory went back and forth to the kernel: ~700 page faults a vit-base tile at
+zoom 14, ~20% of a reader's CPU.
 With the thresholds raised, freed arrays stay in the heap and the next batch takes them without
 a fault. That is the main thread's heap, where reader processes and Ray tasks work; threads get
 heaps of their own, which malloc does not trim that way (there it changed nothing measurable).
@@ -15,14 +15,13 @@ processes that call this are dedicated to reading, so that is their steady state
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
+
+from tilefm import libc
+from tilefm.libc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 log = logging.getLogger(__name__)
 
-#: glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 #: allocations up to this size come from the heap (glibc's largest allowed value on 64-bit)
 MMAP_THRESHOLD = 32 << 20
 #: the heap's top is given back to the kernel only when this much lies free there
@@ -37,16 +36,7 @@ def retain_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl's mallopt ignores these
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    _done = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     if not _done:
         log.debug("mallopt refused the thresholds; freed memory goes back to the kernel")
     return _done
@@ -63,11 +53,4 @@ def release_large_arrays(threshold: int = SERVER_MMAP_THRESHOLD) -> bool:
     to 32 MiB) and serves blocks under it from per-thread heaps it does not return, so a tiler
     kept what its largest concurrent reads had needed (docs/tiler.md, "Threats and limits").
     True when set."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    return libc.mallopt(M_MMAP_THRESHOLD, threshold)

@@ -50,7 +50,7 @@ class JobStoreCollector(Collector):
         try:
             counts = self.store.counts_by_state()
             depth = self.store.queue_depth()
-        except Exception:  # Redis down: /readyz says so; the scrape still succeeds
+        except Exception:  # noqa: BLE001 - Redis down, or any other failure: /readyz says so; the scrape still succeeds
             return
         for state, n in counts.items():
             by_state.add_metric([state.value], n)

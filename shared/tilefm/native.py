@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+import morecantile
 import numpy as np
 import rasterio
 from affine import Affine
@@ -36,9 +37,9 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 
+from tilefm.card import Context, ModelCard
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile
-from tilefm.models.card import Context, ModelCard
 from tilefm.read import GDAL_ENV, _cache
 from tilefm.scene import BandFile, Modality, Scene
 
@@ -106,12 +107,12 @@ class InferenceGrid:
 
     def pixel_span(self, tile: Tile, margin: int) -> tuple[int, int, int, int]:
         """Rows and columns [r0, r1) x [c0, c1) of this grid that cover the tile, plus `margin`."""
-        b = TMS.xy_bounds(tile.x, tile.y, tile.z)
+        b = TMS.xy_bounds(morecantile.Tile(tile.x, tile.y, tile.z))
         left, bottom, right, top = transform_bounds(
             "EPSG:3857", self.crs, b.left, b.bottom, b.right, b.top, densify_pts=21
         )
         inv = ~self.affine
-        cols, rows = zip(*(inv @ (x, y) for x in (left, right) for y in (bottom, top)))
+        cols, rows = zip(*(inv @ (x, y) for x in (left, right) for y in (bottom, top)), strict=True)
         r0, r1 = math.floor(min(rows)) - margin, math.ceil(max(rows)) + margin
         c0, c1 = math.floor(min(cols)) - margin, math.ceil(max(cols)) + margin
         return r0, r1, c0, c1
@@ -235,15 +236,21 @@ def to_tile(inp: NativeInput, sums: np.ndarray, weight: np.ndarray) -> tuple[np.
     tile's pixels by GDAL's warper: ([C, 256, 256], [256, 256]) float32. Sums and weights are
     resampled alike, so their ratio is a normalised interpolation that ignores pixels without
     input."""
-    b = TMS.xy_bounds(inp.tile.x, inp.tile.y, inp.tile.z)
+    b = TMS.xy_bounds(morecantile.Tile(inp.tile.x, inp.tile.y, inp.tile.z))
     res = (b.right - b.left) / TILE_SIZE
     dst_transform = Affine(res, 0, b.left, 0, -res, b.top)
     stack = np.concatenate([sums, weight[None]]).astype(np.float32, copy=False)
     dst = np.zeros((stack.shape[0], TILE_SIZE, TILE_SIZE), np.float32)
     reproject(
-        stack, dst, src_transform=inp.region_transform, src_crs=inp.grid.crs, dst_transform=dst_transform, dst_crs="EPSG:3857",
-        resampling=Resampling.average if inp.tile_over_grid > 1.0 else Resampling.bilinear, num_threads=1,
-    )  # fmt: skip
+        stack,
+        dst,
+        src_transform=inp.region_transform,
+        src_crs=inp.grid.crs,
+        dst_transform=dst_transform,
+        dst_crs="EPSG:3857",
+        resampling=Resampling.average if inp.tile_over_grid > 1.0 else Resampling.bilinear,
+        num_threads=1,
+    )
     return dst[:-1], dst[-1]
 
 
@@ -277,7 +284,7 @@ def _band_grid(mod: Modality, path: str) -> tuple[str, tuple[float, ...], float,
 
 def _open_grid(path: str) -> tuple[str, tuple[float, ...], int, int]:
     """A file's grid for scenes assembled by hand, without what `open_scene` records."""
-    src = _cache.get(path).dataset
+    src = _cache.dataset(path)
     return src.crs.to_wkt(), tuple(src.transform)[:6], src.width, src.height
 
 
@@ -291,16 +298,25 @@ def _read_onto(
 ) -> None:
     """One band onto a region of the grid, in place: coarser files repeated by nearest
     neighbour, finer ones area-averaged (never interpolated); outside the file stays invalid."""
-    src = _cache.get(band.path).dataset
+    src = _cache.dataset(band.path)
     finer = abs(src.transform.a) < grid.res * 0.999 and _crs(grid.crs) == src.crs
     resampling = Resampling.average if finer else Resampling.nearest
     nodata = src.nodata
     fill = np.float32(np.nan)
     with rasterio.Env(**GDAL_ENV):
         reproject(
-            rasterio.band(src, band.index), values, src_transform=src.transform, src_crs=src.crs, src_nodata=nodata,
-            dst_transform=transform, dst_crs=grid.crs, dst_nodata=fill, init_dest_nodata=True, resampling=resampling, num_threads=1,
-        )  # fmt: skip
+            rasterio.band(src, band.index),
+            values,
+            src_transform=src.transform,
+            src_crs=src.crs,
+            src_nodata=nodata,
+            dst_transform=transform,
+            dst_crs=grid.crs,
+            dst_nodata=fill,
+            init_dest_nodata=True,
+            resampling=resampling,
+            num_threads=1,
+        )
     np.isfinite(values, out=valid)
     values[~valid] = 0.0
     band.to_units(values)

@@ -19,20 +19,20 @@ from typing import Any
 from tilefm import stac
 from tilefm.backends import GPU_BACKENDS, check_precision, resolve_precision, select_backend
 from tilefm.bands import bind_card
+from tilefm.card import ModelCard
 from tilefm.errors import SceneError, StorageError
 from tilefm.fidelity import InputGrid, input_grid
 from tilefm.grid import Tile, TilePlan, plan_tiles
 from tilefm.models import get_card
-from tilefm.models.base import TileOutput
-from tilefm.models.card import ModelCard
 from tilefm.models.store import weights_path
 from tilefm.native import NATIVE_BATCH
 from tilefm.read import check_scene
 from tilefm.runtime import LocalExecutor, WorkerSpec, local_threads, make_executor
 from tilefm.scene import Scene, open_scene, with_bands
 from tilefm.settings import Settings, get_settings
-from tilefm.stitch import Encoding, MosaicWriter, output_tags
+from tilefm.stitch import MosaicWriter, output_tags
 from tilefm.storage import gdal_env, storage_for
+from tilefm.values import Encoding, TileOutput
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,17 @@ def publish(
             with store.writing(out, work_dir=tmp) as staged:
                 cog = staged.path
                 writer = MosaicWriter(
-                    plan, card, mosaic, encoding, halo=card.context.halo, tags=tags, out_plan=out_plan, threads=threads or settings.cog_threads,
-                    cog_path=cog, early=staged.early,
-                )  # fmt: skip
+                    plan,
+                    card,
+                    mosaic,
+                    encoding,
+                    halo=card.context.halo,
+                    tags=tags,
+                    out_plan=out_plan,
+                    threads=threads or settings.cog_threads,
+                    cog_path=cog,
+                    early=staged.early,
+                )
                 try:
                     for o in outputs:
                         writer.add(o)
@@ -262,7 +270,8 @@ def publish(
                     writer.close()
                 if writer.missing:
                     raise RuntimeError(
-                        f"{len(writer.missing)} tiles were not written: {', '.join(map(str, writer.missing[:10]))}"
+                        f"{len(writer.missing)} tiles were not written: "
+                        f"{', '.join(map(str, writer.missing[:10]))}"
                     )
                 timings["tiles_s"] = time.perf_counter() - t0
                 writer.finish(cog)

@@ -11,20 +11,23 @@ through rio-tiler elsewhere (`TILEFM_WARP=gdal` for every read).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date
 
+import morecantile
 import numpy as np
 import rasterio
+from rasterio.io import DatasetReader
 from rio_tiler.errors import TileOutsideBounds
 from rio_tiler.io import Reader
 
+from tilefm.card import ModelCard
 from tilefm.errors import MissingBandError, SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile
-from tilefm.models.card import ModelCard
 from tilefm.scene import BandFile, Scene
 from tilefm.settings import get_settings
 from tilefm.warp import GridSampler, SourceGrid, Strip
@@ -62,7 +65,7 @@ class TileInput:
     extra: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     read_s: float = 0.0
     #: a time series: the date of each timestep, in order; empty for a scene of one date
-    dates: list[date] = field(default_factory=list)
+    dates: list[datetime.date] = field(default_factory=list)  # `date` is the field above here
 
     @property
     def size(self) -> int:
@@ -77,7 +80,7 @@ class TileInput:
 
 
 def _pixel_centres(tile: Tile, n: int, halo: int) -> tuple[np.ndarray, np.ndarray]:
-    b = TMS.xy_bounds(tile.x, tile.y, tile.z)
+    b = TMS.xy_bounds(morecantile.Tile(tile.x, tile.y, tile.z))
     res = (b.right - b.left) / TILE_SIZE
     offsets = (np.arange(n) - halo + 0.5) * res
     return b.left + offsets, b.top - offsets
@@ -111,12 +114,13 @@ def check_scene(scene: Scene, card: ModelCard) -> None:
                     field=f"scene.{inp.modality}",
                 )
             continue
-        for mod in scene.series.get(inp.modality, [mod]):
-            missing = [b for b in inp.band_names if b not in mod.bands]
+        for acq in scene.series.get(inp.modality, [mod]):
+            missing = [b for b in inp.band_names if b not in acq.bands]
             if missing and (inp.required or len(missing) == len(inp.band_names)):
                 raise MissingBandError(
-                    f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing from {mod.source!r} "
-                    f"(model {card.name!r} needs {', '.join(inp.band_names)}; found {', '.join(sorted(mod.bands))})",
+                    f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing from {acq.source!r} "
+                    f"(model {card.name!r} needs {', '.join(inp.band_names)}; "
+                    f"found {', '.join(sorted(acq.bands))})",
                     field=f"scene.{inp.modality}",
                 )
     known = {i.modality for i in card.inputs}
@@ -140,19 +144,22 @@ def check_series(scene: Scene, card: ModelCard) -> None:
     if card.max_timesteps == 1:
         raise SceneError(
             f"model {card.name!r} takes one date, and the scene is a time series of {len(days)} ({listed}): "
-            f"give scene.{name} one source (time series are for models whose card has max_timesteps, e.g. presto)",
+            f"give scene.{name} one source (time series are for models whose card has max_timesteps, e.g. "
+            "presto)",
             field=f"scene.{name}",
         )
     known = {i.modality for i in card.inputs}
     unread = sorted(set(scene.series) - known)
     if unread:
         raise SceneError(
-            f"model {card.name!r} does not read {unread[0]!r}, whose acquisitions would make timesteps of nothing; leave it out",
+            f"model {card.name!r} does not read {unread[0]!r}, whose acquisitions would make timesteps of "
+            "nothing; leave it out",
             field=f"scene.{unread[0]}",
         )
     if len(days) > card.max_timesteps:
         raise SceneError(
-            f"the time series has {len(days)} dates ({listed}), more than model {card.name!r} takes ({card.max_timesteps})",
+            f"the time series has {len(days)} dates ({listed}), more than model {card.name!r} takes "
+            f"({card.max_timesteps})",
             field=f"scene.{name}",
         )
 
@@ -179,6 +186,14 @@ class ReaderCache(threading.local):
                 r = self.readers[path] = Reader(path)
         return r
 
+    def dataset(self, path: str) -> DatasetReader:
+        """The open rasterio dataset behind `get(path)` (rio-tiler types it as optional: a
+        reader made from a dataset the caller keeps)."""
+        ds = self.get(path).dataset
+        if ds is None:
+            raise RuntimeError(f"no dataset open for {path}")
+        return ds
+
 
 _cache = ReaderCache()
 
@@ -189,8 +204,8 @@ def read_band(
     """One band on the grid of `count` tiles in a row starting at `tile`, plus a halo:
     (values float32 [H, W], valid bool [H, W])."""
     h, w = TILE_SIZE + 2 * halo, count * TILE_SIZE + 2 * halo
-    first = TMS.xy_bounds(tile.x, tile.y, tile.z)
-    last = TMS.xy_bounds(tile.x + count - 1, tile.y, tile.z)
+    first = TMS.xy_bounds(morecantile.Tile(tile.x, tile.y, tile.z))
+    last = TMS.xy_bounds(morecantile.Tile(tile.x + count - 1, tile.y, tile.z))
     res = (first.right - first.left) / TILE_SIZE
     bbox = (
         first.left - halo * res,
@@ -254,7 +269,7 @@ def read_row(
         else:
             dests = [[(data[k][r], valid[k][r]) for k in range(len(tiles))] for r, _ in rows_of]
         _read_bands([b for _, b in rows_of], tiles, hh, inp.resampling, warp, dests)
-        for (r, _), per_tile in zip(rows_of, dests):
+        for (r, _), per_tile in zip(rows_of, dests, strict=True):
             written[r] = True
             if inp.halo:
                 core = (slice(inp.halo, inp.halo + n), slice(inp.halo, inp.halo + n))
@@ -263,8 +278,8 @@ def read_row(
                     data[k][r], valid[k][r] = v[core], o[core]
         i += len(inp.bands)
     if not written.all():
-        for d, v in zip(data, valid):
-            d[~written], v[~written] = 0.0, False
+        for d, ok in zip(data, valid, strict=True):
+            d[~written], ok[~written] = 0.0, False
     share = (time.perf_counter() - t0) / len(tiles)
     return [
         TileInput(
@@ -337,7 +352,7 @@ def _read_bands(
     groups: dict[SourceGrid, list[int]] = {}
     gdal: list[int] = []
     for j, band in enumerate(bands):
-        grid = SourceGrid.of(_cache.get(band.path).dataset) if warp == "auto" else None
+        grid = SourceGrid.of(_cache.dataset(band.path)) if warp == "auto" else None
         (groups.setdefault(grid, []) if grid is not None else gdal).append(j)
     with rasterio.Env(**GDAL_ENV):
         for grid, members in groups.items():
@@ -345,7 +360,7 @@ def _read_bands(
             if not sampler.supports(resampling):
                 gdal.extend(members)
                 continue
-            datasets = [(_cache.get(bands[j].path).dataset, bands[j].index) for j in members]
+            datasets = [(_cache.dataset(bands[j].path), bands[j].index) for j in members]
             values_into = [[into[j][k][0] for j in members] for k in range(len(tiles))]
             for k, (_, ok) in enumerate(sampler.sample(datasets, resampling, chunks, values_into)):
                 for m, j in enumerate(members):
@@ -360,7 +375,7 @@ def _read_bands(
         else:
             values, ok = read_band(band, tiles[0], halo, resampling, count=len(tiles))
             got = [(values[:, c], ok[:, c]) for c in chunks]
-        for (v, o), (dv, do) in zip(got, into[j]):
+        for (v, o), (dv, do) in zip(got, into[j], strict=True):
             dv[...], do[...] = v, o
 
 

@@ -34,8 +34,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from tilefm.card import ModelCard
 from tilefm.grid import Tile
-from tilefm.models.card import ModelCard
+from tilefm.models.base import input_preparer
+from tilefm.native import read_native
+from tilefm.read import TileInput, read_tiles
 from tilefm.scene import Scene
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,34 @@ HEADROOM = 1.125
 
 def shm_dir() -> Path:
     """RAM-backed files where the OS has them (Linux), the temporary folder elsewhere."""
-    d = Path("/dev/shm")
+    d = Path("/dev/shm")  # noqa: S108 - RAM on purpose; names carry the pid and a random part
     return d if d.is_dir() and os.access(d, os.W_OK) else Path(tempfile.gettempdir())
+
+
+@dataclass
+class PreparedBatch:
+    """A batch read and prepared for its model (`input_preparer`), as a reader task hands it
+    to an encoder actor: the actor only runs the model."""
+
+    prepared: Any
+    read_s: list[float]
+
+
+def read_prepared(
+    scene: Scene,
+    card: ModelCard,
+    tiles: list[Tile],
+    halo: int,
+    prepare: Callable[[list[TileInput]], Any] | None = None,
+    warp: str | None = None,
+) -> PreparedBatch:
+    """Read a batch and prepare it (`prepare`: the card's `input_preparer` unless given; `warp`:
+    the settings' unless given)."""
+    if card.context.native:
+        inputs: list[Any] = read_native(scene, card, tiles)
+    else:
+        inputs = read_tiles(scene, card, tiles, halo, warp)
+    return PreparedBatch((prepare or input_preparer(card))(inputs), [t.read_s for t in inputs])
 
 
 @dataclass(frozen=True)
@@ -92,9 +121,8 @@ class ThreadReaders:
         self.pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tilefm-read")
 
     def submit(self, scene: Scene, card: ModelCard, tiles: list[Tile], halo: int, warp: str) -> Future[Any]:
-        from tilefm.runtime import read_prepared
-
-        assert self.pool is not None
+        if self.pool is None:
+            raise RuntimeError("self.pool is not set")
         return self.pool.submit(read_prepared, scene, card, tiles, halo, self.prepare, warp)
 
     @contextlib.contextmanager
@@ -170,7 +198,9 @@ class ProcessReaders:
         try:
             self._adopt(res.slot)
             memory = memoryview(self.maps[slot.index][1])
-            yield pickle.loads(res.payload, buffers=[memory[o : o + n] for o, n in res.spans])
+            yield pickle.loads(  # noqa: S301 - from this process's own readers, never from outside
+                res.payload, buffers=[memory[o : o + n] for o, n in res.spans]
+            )
         finally:
             self.free.append(res.slot)
 
@@ -213,7 +243,7 @@ def _main_not_rerun() -> Iterator[None]:
     if main is None:
         yield
         return
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    saved: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     main.__dict__.pop("__file__", None)
     main.__spec__ = None  # multiprocessing reads the name of `python -m`'s module from here
     try:
@@ -273,9 +303,6 @@ def _read_into(
 ) -> InSlot | Inline:
     """Read and prepare a batch, then write its arrays into `slot` (replaced by a larger file
     under `stem` when it is too small)."""
-    from tilefm.models.base import input_preparer
-    from tilefm.runtime import read_prepared
-
     prepare = _preparers.get(card.name)
     if prepare is None or prepare.card != card:
         prepare = _preparers[card.name] = input_preparer(card)
@@ -304,6 +331,6 @@ def _read_into(
         os.close(fd)
         slot = Slot(slot.index, path, size)
     mm = _map_slot(_maps, slot)[0]
-    for (off, n), r in zip(spans, raws):
+    for (off, n), r in zip(spans, raws, strict=True):
         mm[off : off + n] = r
     return InSlot(slot, payload, spans)

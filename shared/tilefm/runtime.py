@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from tilefm.backends import GPU_BACKENDS, resolve_precision, select_backend
+from tilefm.card import ModelCard
 from tilefm.errors import BackendError
 from tilefm.grid import Tile
-from tilefm.models.base import TileModel, TileOutput, input_preparer, load_tile_model
-from tilefm.models.card import ModelCard
-from tilefm.native import read_native
-from tilefm.read import GDAL_ENV, TileInput, read_tiles
-from tilefm.readers import ProcessReaders, ThreadReaders
+from tilefm.models.base import TileModel, load_tile_model
+from tilefm.read import GDAL_ENV, TileInput
+from tilefm.readers import PreparedBatch, ProcessReaders, ThreadReaders, read_prepared
 from tilefm.scene import Scene, on_s3, s3_env
 from tilefm.settings import Settings, get_settings
+from tilefm.values import TileOutput
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +62,6 @@ class WorkerSpec:
         )
 
 
-@dataclass
-class PreparedBatch:
-    """A batch read and prepared for its model (`input_preparer`), as a reader task hands it
-    to an encoder actor: the actor only runs the model."""
-
-    prepared: Any
-    read_s: list[float]
-
-
-def read_prepared(
-    scene: Scene,
-    card: ModelCard,
-    tiles: list[Tile],
-    halo: int,
-    prepare: Callable[[list[TileInput]], Any] | None = None,
-    warp: str | None = None,
-) -> PreparedBatch:
-    """Read a batch and prepare it (`prepare`: the card's `input_preparer` unless given; `warp`:
-    the settings' unless given)."""
-    if card.context.native:
-        inputs: list[Any] = read_native(scene, card, tiles)
-    else:
-        inputs = read_tiles(scene, card, tiles, halo, warp)
-    return PreparedBatch((prepare or input_preparer(card))(inputs), [t.read_s for t in inputs])
-
-
 def run_prepared(model: TileModel, batch: PreparedBatch) -> list[TileOutput]:
     """Run the model on a prepared batch; each output notes its tile's read seconds and its
     share of the run (for the stage metrics)."""
@@ -107,7 +81,7 @@ def launch_prepared(model: TileModel, batch: PreparedBatch) -> Callable[[], list
         t1 = time.perf_counter()
         outputs = finish()
         share = (launched + time.perf_counter() - t1) / max(len(outputs), 1)
-        for out, seconds in zip(outputs, read_s):
+        for out, seconds in zip(outputs, read_s, strict=True):
             out.read_s, out.encode_s = seconds, share
         return outputs
 
@@ -409,9 +383,11 @@ def start_encoders(
                 ray.kill(a)
             where = unplaceable(ray, settings, placement)
             raise BackendError(
-                f"{placement.replicas} encoder actor(s) for {worker.card.name!r} wanting {placement.num_gpus:g} GPU(s) each "
+                f"{placement.replicas} encoder actor(s) for {worker.card.name!r} wanting "
+                f"{placement.num_gpus:g} GPU(s) each "
                 f"were not running after {settings.encoder_start_timeout_s:g} s (the cluster has "
-                f"{ray.cluster_resources().get('GPU', 0):g} GPUs{'; ' + where if where else ''}; see TILEFM_ENCODER_NUM_GPUS, "
+                f"{ray.cluster_resources().get('GPU', 0):g} GPUs{'; ' + where if where else ''}; see "
+                "TILEFM_ENCODER_NUM_GPUS, "
                 "TILEFM_ENCODER_RESOURCES, TILEFM_ENCODER_REPLICAS)",
                 field="backend",
             ) from None
@@ -450,7 +426,10 @@ def unplaceable(ray: Any, settings: Settings, placement: Placement) -> str | Non
     if any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in needs.items()) for n in nodes):
         return None
     have = [{k: n.get("Resources", {}).get(k, 0.0) for k in needs} for n in nodes]
-    return f"no node of the Ray cluster can take an encoder actor: each needs {needs}; the {len(nodes)} live node(s) have {have}"
+    return (
+        f"no node of the Ray cluster can take an encoder actor: each needs {needs}; the {len(nodes)} live "
+        f"node(s) have {have}"
+    )
 
 
 class RayExecutor:
@@ -556,7 +535,10 @@ class EncoderInfo:
     def __str__(self) -> str:
         gpus = f" GPU {','.join(self.gpu_ids)}" if self.gpu_ids else ""
         where = "GPU" if self.on_gpu else "CPU"
-        return f"{self.backend} ({self.precision}, {where}) on {self.host}:{self.pid}{gpus}, batch {self.batch_size or '-'}"
+        return (
+            f"{self.backend} ({self.precision}, {where}) on {self.host}:{self.pid}{gpus}, batch "
+            f"{self.batch_size or '-'}"
+        )
 
 
 class EncoderActor:
@@ -604,7 +586,8 @@ class EncoderActor:
 def make_executor(
     kind: str, worker: WorkerSpec, settings: Settings, *, requested: str | None = None
 ) -> LocalExecutor | RayExecutor:
-    """`requested`: the backend the user asked for (`auto`, say), which GPU encoder actors resolve on their own host."""
+    """`requested`: the backend the user asked for (`auto`, say), which GPU encoder actors
+    resolve on their own host."""
     if kind == "local":
         return LocalExecutor(worker, readers=settings.local_readers, kind=settings.local_reader_kind)
     if kind == "ray":

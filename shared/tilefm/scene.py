@@ -8,7 +8,9 @@ a bad scene fails before any tile is planned.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
+import itertools
 import json
 import math
 import posixpath
@@ -39,7 +41,7 @@ from tilefm.bands import (
     sensor_of_file,
     sensor_of_item,
     stac_band,
-)  # noqa: F401 - COMMON_NAMES, canonical_band re-exported
+)
 from tilefm.errors import NotGeoreferencedError, SceneError, TileFMError
 from tilefm.settings import Settings, get_settings
 from tilefm.storage import gdal_env, storage_for
@@ -143,14 +145,14 @@ class Scene:
         return None
 
     @property
-    def timesteps(self) -> list[date]:
+    def timesteps(self) -> list[dt.date]:  # `date` is the property above here
         """The dates of a time series, in order (every acquisition of `series` has one); empty
         for a scene of one date."""
         return sorted(
             {a.datetime.date() for acqs in self.series.values() for a in acqs if a.datetime is not None}
         )
 
-    def timestep(self, day: date) -> Scene:
+    def timestep(self, day: dt.date) -> Scene:
         """The acquisitions of a time series on `day`, as a scene of that date (a modality with
         none that day is absent from it)."""
         mods = {
@@ -228,7 +230,8 @@ def parse_band_arg(arg: str) -> BandArg:
         )
     name = band_id(m["name"]) or canonical_band(m["name"])
     f = BAND_FILE.fullmatch(m["rest"].strip())
-    assert f is not None  # the path alone always matches
+    if f is None:  # the path alone always matches
+        raise RuntimeError("f is not set")
     path, scale, offset = f["path"], 1.0, 0.0
     if f["scale"] is not None:
         try:
@@ -270,14 +273,16 @@ def with_bands(scene: Scene, args: list[str]) -> Scene:
         if modality is None:
             if len(mods) != 1:
                 raise SceneError(
-                    f"say which modality band {arg.band.name} is for (MODALITY:{arg.band.name}=FILE): the scene has "
+                    f"say which modality band {arg.band.name} is for (MODALITY:{arg.band.name}=FILE): the "
+                    "scene has "
                     f"{', '.join(sorted(mods)) or 'no modality'}",
                     field="band",
                 )
             modality = next(iter(mods))
         if modality in scene.series:  # which of its dates would the file be?
             raise SceneError(
-                f"{modality} is a time series of {len(scene.series[modality])} acquisitions: give each one's bands in its own source, "
+                f"{modality} is a time series of {len(scene.series[modality])} acquisitions: give each "
+                "one's bands in its own source, "
                 f"not with --band",
                 field="band",
             )
@@ -333,7 +338,8 @@ def open_scene(
             mods[name] = acquisitions[0]
     if series and date_override is not None:
         raise SceneError(
-            f"a date sets the date of a scene of one date; each acquisition of a time series ({', '.join(f'scene.{n}' for n in series)}) "
+            "a date sets the date of a scene of one date; each acquisition of a time series "
+            f"({', '.join(f'scene.{n}' for n in series)}) "
             "has its own",
             field="date",
         )
@@ -351,18 +357,23 @@ def _by_date(name: str, acquisitions: list[Modality]) -> list[Modality]:
     for a in acquisitions:
         if a.datetime is None:
             raise SceneError(
-                f"{a.source!r} has no acquisition date (a STAC item's datetime, a YYYYMMDD in a band folder's name, or the "
+                f"{a.source!r} has no acquisition date (a STAC item's datetime, a YYYYMMDD in a band "
+                "folder's name, or the "
                 "raster's TIFFTAG_DATETIME): each acquisition of a time series needs its own",
                 field=field_name,
             )
-    ordered = sorted(acquisitions, key=lambda a: a.datetime.date())  # type: ignore[union-attr]
-    for a, b in zip(ordered, ordered[1:]):
-        if a.datetime.date() == b.datetime.date():  # type: ignore[union-attr]
+    dated = sorted(
+        ((a.datetime.date(), a) for a in acquisitions if a.datetime is not None),  # all of them (above)
+        key=lambda pair: pair[0],
+    )
+    for (day_a, a), (day, b) in itertools.pairwise(dated):
+        if day_a == day:
             raise SceneError(
-                f"{a.source!r} and {b.source!r} are both from {b.datetime.date()}: a time series takes one acquisition a day",  # type: ignore[union-attr]
+                f"{a.source!r} and {b.source!r} are both from {day}: a time series takes one acquisition a "
+                "day",
                 field=field_name,
             )
-    return ordered
+    return [a for _, a in dated]
 
 
 def open_acquisitions(
@@ -433,7 +444,8 @@ def _from_item_collection(
         )
     if len(features) > MAX_ACQUISITIONS:
         raise SceneError(
-            f"{source!r} holds {len(features)} items, more than {MAX_ACQUISITIONS}: no model takes that many dates",
+            f"{source!r} holds {len(features)} items, more than {MAX_ACQUISITIONS}: no model takes that "
+            "many dates",
             field=field_name,
         )
     out = []
@@ -491,10 +503,7 @@ def open_modality(
         path = Path(source).expanduser()
         if not path.exists():
             raise SceneError(f"source {source!r} does not exist", field=field_name)
-        if path.is_dir():
-            mod = _from_band_dir(name, path, check)
-        else:
-            mod = _from_raster(name, str(path), checked)
+        mod = _from_band_dir(name, path, check) if path.is_dir() else _from_raster(name, str(path), checked)
     return _finish_modality(mod, field_name, check)
 
 
@@ -557,10 +566,8 @@ def _from_band_dir(name: str, path: Path, check: SourceCheck | None = None) -> M
     else:
         m = re.search(r"(20\d{2})(\d{2})(\d{2})", path.name)
         if m:
-            try:
+            with contextlib.suppress(ValueError):  # 8 digits that are not a date
                 mod.datetime = datetime(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-            except ValueError:
-                pass
     return mod
 
 
@@ -646,7 +653,8 @@ def _from_stac_item(
         )
     if not bands:
         raise SceneError(
-            f"STAC item {source!r} has no usable band assets (single-band GeoTIFFs whose eo:bands, bands or key "
+            f"STAC item {source!r} has no usable band assets (single-band GeoTIFFs whose eo:bands, bands or "
+            "key "
             "name a band, e.g. common_name red)",
             field=field_name,
         )

@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     #: the largest plan a single run accepts
     max_tiles: int = 20000
 
-    #: API keys as JSON: [{"name": "ci", "sha256": "<hex of the key>", "scopes": ["jobs:read", "jobs:write"]}].
+    #: API keys as JSON:
+    #: [{"name": "ci", "sha256": "<hex of the key>", "scopes": ["jobs:read", "jobs:write"]}].
     #: Only hashes are kept; `tilefm keys hash KEY` prints one.
     api_keys: list[dict] = Field(default_factory=list)
     #: no authentication at all (local use only; logged loudly at start)

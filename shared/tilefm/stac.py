@@ -12,10 +12,10 @@ from rasterio.warp import transform_geom
 from shapely.geometry import box, mapping
 
 from tilefm import __version__
+from tilefm.card import ModelCard
 from tilefm.grid import TilePlan
-from tilefm.models.card import ModelCard
 from tilefm.scene import Scene
-from tilefm.stitch import Encoding
+from tilefm.values import Encoding
 
 EXTENSIONS = [
     "https://stac-extensions.github.io/projection/v1.1.0/schema.json",

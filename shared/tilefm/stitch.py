@@ -7,7 +7,6 @@ so memory follows the tiles in flight, not the scene.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -26,107 +25,26 @@ from rasterio.shutil import copy as rio_copy
 from rasterio.windows import Window
 from rio_cogeo import cog_validate
 
-from tilefm import __version__
+from tilefm import __version__, libc
+from tilefm.card import ModelCard
 from tilefm.cog import COGBuilder, encode_block, template_fields
 from tilefm.grid import TILE_SIZE, Tile, TilePlan
-from tilefm.models.base import TileOutput
-from tilefm.models.card import ModelCard
+from tilefm.values import CLASS_NODATA, INT8_NODATA, Encoding, TileOutput
 
 if TYPE_CHECKING:
     from tilefm.storage import EarlyParts
 
-CLASS_NODATA = 255
 #: finished tiles waiting for the writer thread before `add` waits too
 WRITES_AHEAD = 2
 #: per-patch children handed to a mosaic thread at once (a GPU batch's worth): their encoding
 #: and overview sums are then a few torch operations for all of them. Up to WRITES_AHEAD groups
 #: per thread wait (vit-base: 25 MB of outputs a group)
 CHILDREN_PER_TASK = 32
-INT8_NODATA = -128
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """How output values are stored: dtype, nodata, and the scale/offset that undo quantization."""
-
-    dtype: str  # GDAL dtype of the file
-    nodata: float
-    scale: float = 1.0
-    offset: float = 0.0
-    nbits: int | None = None  # 16 for float16 stored in a Float32 GeoTIFF
-    predictor: int = 1
-    resampling: str = "nearest"  # for overviews
-
-    @classmethod
-    def for_card(cls, card: ModelCard, dtype: str | None = None) -> Encoding:
-        out = card.output
-        dtype = dtype or out.dtype
-        if out.kind == "classes":
-            return cls("uint8", CLASS_NODATA, resampling="mode", predictor=2)
-        if dtype == "float16":
-            return cls("float32", float("nan"), nbits=16, predictor=3, resampling="average")
-        if dtype == "float32":
-            return cls("float32", float("nan"), predictor=3, resampling="average")
-        if dtype == "int8":
-            lo, hi = out.value_range or (-1.0, 1.0)
-            scale = (hi - lo) / 254.0
-            return cls("int8", INT8_NODATA, scale=scale, offset=(hi + lo) / 2.0, resampling="average")
-        raise ValueError(f"dtype {dtype!r} is not supported for {out.kind} outputs")
-
-    @property
-    def step(self) -> float:
-        """Largest rounding error of a stored value (per unit of value, for float16 relative)."""
-        return self.scale / 2 if self.dtype == "int8" else 0.0
-
-    def encode_into(
-        self, values: np.ndarray, weight: np.ndarray, out: np.ndarray, half: np.ndarray | None = None
-    ) -> None:
-        """Store blended values (weighted sums / weights) in `out` (a block of a tile, in the
-        file's dtype); nodata where nothing contributed. Float16 is rounded here (ties to even),
-        so that GDAL's 16-bit store, which truncates, keeps the value exactly; torch converts
-        ~15x faster than numpy, and `half` (the values' shape, float16) saves its allocation
-        where `out` is float32 (a float16 `out` takes the rounded values directly)."""
-        import torch
-
-        valid = weight > 0
-        every = bool(valid.all())
-        src = torch.from_numpy(values)
-        if not (weight[valid] == 1).all():  # blended: divide (outputs of one tile have weight 1)
-            src = src / torch.from_numpy(np.where(valid, weight, 1.0).astype(np.float32))
-        if self.dtype == "int8":
-            self.encode_valid(src, torch.from_numpy(out))
-            if not every:
-                out[:, ~valid] = INT8_NODATA
-            return
-        dst = torch.from_numpy(out)
-        if self.nbits == 16 and out.dtype != np.float16:
-            h = torch.from_numpy(half) if half is not None else torch.empty(src.shape, dtype=torch.float16)
-            h.copy_(src)
-            dst.copy_(h)
-        else:
-            dst.copy_(src)
-        if not every:
-            out[:, ~valid] = np.nan
-
-    def encode_valid(self, src: Any, dst: Any) -> None:
-        """`encode_into` for pixels that all had data, each from one tile (weight 1: nothing to
-        divide, no nodata), as torch tensors of any layout: rounded as `encode_into` rounds."""
-        import torch
-
-        if self.dtype == "int8":
-            # in float32 (float16 values, a GPU's, too), in place: one array, not four
-            q = src.to(torch.float32, copy=True)
-            q.sub_(self.offset).div_(self.scale).round_().clamp_(-127, 127)
-            dst.copy_(q)
-        elif self.nbits == 16 and dst.dtype != torch.float16:
-            dst.copy_(src.to(torch.float16))
-        else:
-            dst.copy_(src)
 
 
 class _Buffers:
     """Arrays handed from the stitcher to the writer thread and back: a fresh 200 MB parent tile
-    costs ~250 ms of page faults here, a reused one a refill (~7 ms)."""
+    costs ~250 ms of page faults, a reused one a refill (~7 ms)."""
 
     def __init__(self, keep: int):
         self.keep = keep
@@ -209,16 +127,18 @@ class MosaicWriter:
     early: EarlyParts | None = None
 
     def __post_init__(self) -> None:
-        self.out_plan = self.out_plan or self.plan
-        self.k = self.plan.zoom - self.out_plan.zoom
+        #: `out_plan` resolved: the plan of the mosaic written
+        self.target_plan: TilePlan = self.out_plan or self.plan
+        self.out_plan = self.target_plan
+        self.k = self.plan.zoom - self.target_plan.zoom
         if not 0 <= self.k <= 8 or (self.k and self.halo):
             raise ValueError(
                 f"an output {self.k} zooms above the tiles must be 0..8 zooms up, without a halo"
             )
-        self.planned = set(self.out_plan.tiles)
+        self.planned = set(self.target_plan.tiles)
         self.written: set[Tile] = set()
         if self.k:
-            self.expected = Counter(self._parent(t) for t in self.plan.tiles)
+            self.expected: dict[Tile, int] = Counter(self._parent(t) for t in self.plan.tiles)
         else:
             self.expected = {t: self._expected(t) for t in self.plan.tiles}
         self.pending: dict[Tile, _Acc] = {}
@@ -232,7 +152,7 @@ class MosaicWriter:
         self._buffers = _Buffers(keep=WRITES_AHEAD * self.threads + 4)
         self._half: dict[tuple[int, ...], np.ndarray] = {}
         self.channels = self.card.output.channels
-        levels = self.out_plan.overview_levels
+        levels = self.target_plan.overview_levels
         # embeddings (float or int8): every level made here from each tile as it is final, and
         # the COG streamed (cog.py); each tile's output must cover a pixel of the coarsest level
         self.streamed = (
@@ -260,9 +180,17 @@ class MosaicWriter:
                 for i in range(levels + 1)
             ]
             self.cog = COGBuilder(
-                Path(f"{self.path}.blocks"), self.out_plan.width, self.out_plan.height, self.channels, levels, bits, fields,
-                base=self.cog_path, expected=set(self._level_expected[0]), early=self.early,
-            )  # fmt: skip
+                Path(f"{self.path}.blocks"),
+                self.target_plan.width,
+                self.target_plan.height,
+                self.channels,
+                levels,
+                bits,
+                fields,
+                base=self.cog_path,
+                expected=set(self._level_expected[0]),
+                early=self.early,
+            )
             return
         # the mosaic keeps float16 outputs' (rounded) values as float32, and `write_cog` stores 16
         # bits: GDAL >= 3.11 reads a 16-bit float file as Float16, from which its COG driver
@@ -283,13 +211,13 @@ class MosaicWriter:
         enc = self.encoding
         profile = dict(
             driver="GTiff",
-            width=self.out_plan.width,
-            height=self.out_plan.height,
+            width=self.target_plan.width,
+            height=self.target_plan.height,
             count=self.channels,
             dtype=enc.dtype,
             nodata=enc.nodata,
             crs="EPSG:3857",
-            transform=self.out_plan.transform,
+            transform=self.target_plan.transform,
             tiled=True,
             blockxsize=TILE_SIZE,
             blockysize=TILE_SIZE,
@@ -341,7 +269,7 @@ class MosaicWriter:
     def _origin(self, tile: Tile) -> tuple[int, int]:
         """Pixel (row, col) in the mosaic where a planned tile's output goes."""
         t, n = self._parent(tile), TILE_SIZE >> self.k
-        row, col = self.out_plan.offset(t)
+        row, col = self.target_plan.offset(t)
         return row + (tile.y - (t.y << self.k)) * n, col + (tile.x - (t.x << self.k)) * n
 
     @staticmethod
@@ -413,7 +341,7 @@ class MosaicWriter:
         had data (nearly all) are encoded and summed together, a few torch operations for the
         group; one child at a time took ~40 small ones each, and every one of them released the
         GIL and waited to take it back, behind the reader threads and the other mosaic threads
-        (on an H200's host the stitching thread then waited for them most of the stream)."""
+        (on a 16-core GPU host the stitching thread then waited for them most of the stream)."""
         dtype = group[0][3].values.dtype
         whole: list[tuple[Tile, _Block, np.ndarray, TileOutput]] = []
         done: list[tuple[int, tuple[int, int], np.ndarray]] = []
@@ -436,7 +364,7 @@ class MosaicWriter:
                     finished.append((t, parent))
         for t, parent in finished:
             self.written.add(t)  # complete; `close` raises if its work failed
-            row, col = self.out_plan.offset(t)
+            row, col = self.target_plan.offset(t)
             self._compress_now(0, (col // TILE_SIZE, row // TILE_SIZE), parent.complete(self.encoding.nodata))
 
     def _reduce_children(
@@ -513,7 +441,7 @@ class MosaicWriter:
         the GPU's next batch waited for it."""
         data = self._new_block(self._block_dtype)
         self.encoding.encode_into(acc.values, acc.weight, data)
-        row, col = self.out_plan.offset(tile)
+        row, col = self.target_plan.offset(tile)
         done = self._reduce(data, self._origin(tile), acc.weight > 0)
         self._compress_now(0, (col // TILE_SIZE, row // TILE_SIZE), data)
         for level, key, block in done:
@@ -566,7 +494,7 @@ class MosaicWriter:
             means = mean.to(out).numpy()
             n = means.shape[1]
             with self._levels_lock:  # numpy copies: each a few kB, quicker with the GIL kept
-                for (row, col), piece in zip(origins, means):
+                for (row, col), piece in zip(origins, means, strict=True):
                     key = self._block_of((row, col), level)
                     block = self._level_blocks[level].get(key)
                     if block is None:
@@ -585,7 +513,7 @@ class MosaicWriter:
         streamed COG on its threads, or written into the scratch mosaic on the mosaic's
         thread (GDAL compresses without the GIL)."""
         self.written.add(tile)  # complete; `close` raises if its write failed
-        row, col = self.out_plan.offset(tile)
+        row, col = self.target_plan.offset(tile)
         if self.streamed:
             return self._compress(0, (col // TILE_SIZE, row // TILE_SIZE), data)
         self._queue(1, self._write_now, data, Window(col, row, TILE_SIZE, TILE_SIZE))
@@ -603,7 +531,7 @@ class MosaicWriter:
         if len(self._writes) >= WRITES_AHEAD * workers:
             # whichever finishes first: the oldest may be the last child of a parent tile, whose
             # compression (a 768-band parent: ~0.3 s) the stitching thread waited for while the
-            # other threads ran dry (~3.9 s of a 4.5 s stream on an H200's host)
+            # other threads ran dry (most of the stream on a 16-core GPU host)
             done, pending = wait(self._writes, return_when=FIRST_COMPLETED)
             for f in done:
                 f.result()
@@ -620,7 +548,7 @@ class MosaicWriter:
 
     @property
     def missing(self) -> list[Tile]:
-        return [t for t in self.out_plan.tiles if t not in self.written]
+        return [t for t in self.target_plan.tiles if t not in self.written]
 
     def close(self) -> None:
         """Wait for the writes (raising the first that failed), then close the file."""
@@ -657,7 +585,7 @@ class MosaicWriter:
                 shutil.move(built, dst)
             validate_cog(dst)
         else:
-            write_cog(self.path, dst, self.out_plan, self.encoding)
+            write_cog(self.path, dst, self.target_plan, self.encoding)
 
 
 def _serial_torch() -> None:
@@ -670,10 +598,7 @@ def _serial_torch() -> None:
     import torch
 
     torch.ones(1 << 16).sum()
-    try:
-        ctypes.CDLL(None).omp_set_num_threads(1)
-    except (AttributeError, OSError):  # no OpenMP in this torch (macOS: its own runtime, loaded locally)
-        pass
+    libc.omp_set_num_threads(1)  # False: no OpenMP in this torch's global namespace (macOS)
 
 
 def _torch_dtype(name: str) -> Any:

@@ -259,7 +259,8 @@ class EarlyParts:
             )
 
     def _upload(self, number: int, data: bytes) -> str:
-        assert self._created is not None
+        if self._created is None:
+            raise RuntimeError("self._created is not set")
         upload_id = self._created.result()
         loc = self.loc
         with self.storage._errors("cannot upload to", loc):
@@ -292,7 +293,8 @@ class EarlyParts:
             read: Future[None] = Future()
             uploads[number] = self._pool.submit(self._read_and_upload, number, read, path, at, m)
         etags = [{"PartNumber": k, "ETag": uploads[k].result()} for k in sorted(uploads)]
-        assert self._created is not None
+        if self._created is None:
+            raise RuntimeError("self._created is not set")
         loc = self.loc
         with self.storage._errors("cannot upload to", loc):
             self.storage.client.complete_multipart_upload(
@@ -454,7 +456,8 @@ class FileStorage(Storage):
 
     def _path(self, uri: PathLike) -> Path:
         loc = self._parse(uri)
-        assert isinstance(loc, FileLocation)
+        if not isinstance(loc, FileLocation):
+            raise TypeError(f"expected a FileLocation, got {loc!r}")
         return loc.path
 
     def put_file(self, local_path: PathLike, uri: PathLike) -> None:
@@ -607,7 +610,8 @@ class S3Storage(Storage):
 
     def _loc(self, uri: PathLike) -> S3Location:
         loc = self._parse(uri)
-        assert isinstance(loc, S3Location)
+        if not isinstance(loc, S3Location):
+            raise TypeError(f"expected a S3Location, got {loc!r}")
         return loc
 
     def _transfer_config(self) -> Any:
@@ -651,7 +655,8 @@ class S3Storage(Storage):
             staged = Staged(Path(tmp) / (Path(loc.key).name or "object"), EarlyParts(self, loc))
             staged.path.touch()
             early = staged.early
-            assert early is not None
+            if early is None:
+                raise RuntimeError("early is not set")
             try:
                 yield staged
                 if not early.started:
@@ -677,7 +682,8 @@ class S3Storage(Storage):
         with self._errors("cannot read", loc):
             resp = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
             with resp["Body"] as body:
-                return body.read()
+                data: bytes = body.read()
+                return data
 
     def write_bytes(self, uri: PathLike, data: bytes) -> None:
         loc = self._loc(uri)

@@ -153,8 +153,8 @@ class GridSampler:
         bands: list[tuple[DatasetReader, int]],
         method: str,
         chunks: list[slice],
-        into: list[Sequence[np.ndarray]] | None = None,
-    ) -> Iterator[tuple[Sequence[np.ndarray], np.ndarray]]:
+        into: Sequence[Sequence[np.ndarray]] | None = None,
+    ) -> Iterator[tuple[np.ndarray | Sequence[np.ndarray], np.ndarray]]:
         """`bands` (dataset, 1-based index) on this grid, resampled onto each chunk of the
         strip's columns (a tile and its halo): (values float32 [bands, H, chunk width], valid
         bool, the same shape), invalid pixels 0. The source window is read once for all chunks.
@@ -268,7 +268,8 @@ class _Lattice:
         px = np.arange(s.col0, s.col0 + s.width)[cs] - self.lc0
         py = np.arange(s.row0, s.row0 + s.height) - self.lr0
         kx, fx = px // self.step, (px % self.step) / self.step
-        ky, fy = py // self.step, ((py % self.step) / self.step).astype(dtype)[:, None]
+        ky = py // self.step
+        fy: np.ndarray = ((py % self.step) / self.step).astype(dtype)[:, None]
         kx1 = np.minimum(kx + 1, self.c.shape[1] - 1)
         ky1 = np.minimum(ky + 1, self.c.shape[0] - 1)
         out = []
@@ -306,7 +307,7 @@ def _lattice_error(
     return err
 
 
-def _write_rounded(v: np.ndarray, which: np.ndarray, dest: Sequence[np.ndarray]) -> None:
+def _write_rounded(v: np.ndarray, which: np.ndarray, dest: np.ndarray | Sequence[np.ndarray]) -> None:
     """Each band of `v` into `dest` (which may be `v`), the bands `which` rounded as GDAL
     rounds into an integer type (`v` is overwritten for those)."""
     for k in range(len(v)):

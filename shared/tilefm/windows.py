@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from tilefm.card import Context
 from tilefm.grid import TILE_SIZE
-from tilefm.models.card import Context
 
 
 def window_offsets(ctx: Context) -> list[int]:

@@ -1,5 +1,7 @@
-// tilefm viewer: a job list, and for one job its input scene (true colour) under its output
-// (class map or embedding), point values on click and, for embeddings, a similarity layer.
+// tilefm viewer: a job list, and for one job (the newest finished one where none is named) its
+// input scene (true colour) under its output (class map or embedding), point values on click and,
+// for embeddings, a similarity layer. At /viewer/files (`tilefm view`): every file the server was
+// started with, as layers in the order they were named (the first on top), no input scenes.
 // Plain ES module; MapLibre GL comes from /viewer/vendor/maplibre-gl.js (global `maplibregl`).
 // Everything is fetched from this origin: no basemap, no CDN.
 
@@ -18,7 +20,8 @@ const hook = {
   map: null,
   ready, //        resolves at the map's first 'idle' after the layers were added
   state: 'loading', // then 'ready' or 'failed' (for polling)
-  info: null, //   the job's /info JSON
+  info: null, //   the job's /info JSON (`tilefm view`: the selected file's)
+  files: [], //     `tilefm view`: every file's /info JSON, in the order named
   lastPoint: null, // the last /point JSON shown
   pending: Promise.resolve(), // the last click: resolves once its panel (and similarity layer) are done
   tileErrors: [], // every map 'error' event (tile and TileJSON loads), as {source, tile, status, message}
@@ -104,7 +107,9 @@ $('key-form').addEventListener('submit', (ev) => {
 
 // ---- map -------------------------------------------------------------------------------------
 const jobMatch = location.pathname.match(/^\/viewer\/jobs\/([^/]+)\/?$/);
-const jobId = jobMatch ? decodeURIComponent(jobMatch[1]) : null;
+let jobId = jobMatch ? decodeURIComponent(jobMatch[1]) : null;
+/** `tilefm view`: the files named on its command line, all at once */
+const FILES = /^\/viewer\/files\/?$/.test(location.pathname);
 
 const map = new maplibregl.Map({
   container: 'map',
@@ -236,7 +241,7 @@ async function loadJobs() {
     list.replaceChildren();
     if (!jobs.length) {
       list.innerHTML = '<li class="muted">no finished jobs yet</li>';
-      return;
+      return [];
     }
     for (const job of jobs) {
       const li = document.createElement('li');
@@ -259,78 +264,122 @@ async function loadJobs() {
       li.append(a);
       list.append(li);
     }
+    return jobs;
   } catch (err) {
     list.replaceChildren(el('li', 'muted small', err.status === 404 ? err.message : 'could not list the jobs'));
     if (err.status !== 404) showError(err, 'job list'); // 404: listing is switched off on this server
+    return [];
   }
 }
 
-// ---- one job ---------------------------------------------------------------------------------
-const jobPath = () => `${API}/jobs/${encodeURIComponent(jobId)}`;
+// ---- outputs (one job's, or the files of `tilefm view`) ----------------------------------------
+const pathOf = (id) => `${API}/jobs/${encodeURIComponent(id)}`;
 
-function outputUrl(info) {
-  const render = $('render').value || info.default_render;
-  let url = `${jobPath()}/tilejson.json?render=${encodeURIComponent(render)}`;
-  if (render === 'rgb') url += `&bands=${[$('band-r').value, $('band-g').value, $('band-b').value].join(',')}`;
+// each {info, layerId, name, opacity, render, bands, legend, seq}, in the order listed (top first)
+const outputs = [];
+let selected = null; // the output a click's similarity and the render controls are for
+
+function newOutput(info, layerId, name = null, opacity = 0.8) {
+  const entry = { info, layerId, name, opacity, render: info.default_render, bands: [1, 2, 3].map((b) => Math.min(b, info.count)), legend: null, seq: 0 };
+  outputs.push(entry);
+  return entry;
+}
+
+function outputUrl(entry) {
+  let url = `${pathOf(entry.info.id)}/tilejson.json?render=${encodeURIComponent(entry.render)}`;
+  if (entry.render === 'rgb') url += `&bands=${entry.bands.join(',')}`;
   return url;
 }
 
-function setupRenderControls(info) {
+function outputTitle(entry) {
+  const info = entry.info;
+  const title = info.kind === 'classes' ? info.model : `${info.model} · ${entry.render}`;
+  return entry.name ? `${entry.name} · ${title}` : title;
+}
+
+/** Installs the render controls' listeners (once): they drive the selected output. */
+function setupRenderControls() {
+  const select = $('render');
+  const bands = ['band-r', 'band-g', 'band-b'];
+  const redraw = () => showOutput(selected).catch((err) => showError(err, 'render'));
+  bands.forEach((id, k) => {
+    $(id).addEventListener('change', () => {
+      selected.bands[k] = Number($(id).value);
+      redraw();
+    });
+  });
+  select.addEventListener('change', () => {
+    selected.render = select.value;
+    selected.bands = bands.map((id) => Number($(id).value));
+    $('rgb-bands').hidden = select.value !== 'rgb';
+    redraw();
+  });
+}
+
+/** Shows the render controls of `entry` (embeddings with a choice of renderings). */
+function syncRenderControls(entry) {
+  const info = entry.info;
   const choices = (info.renders || []).filter((r) => r !== 'similarity');
   const select = $('render');
   select.replaceChildren(...choices.map((r) => new Option(r === 'pca' ? 'PCA (3 components)' : r === 'rgb' ? 'RGB of 3 bands' : r, r)));
-  select.value = choices.includes(info.default_render) ? info.default_render : choices[0];
+  if (!choices.includes(entry.render)) entry.render = choices.includes(info.default_render) ? info.default_render : choices[0];
+  select.value = entry.render;
   $('render-controls').hidden = info.kind !== 'embedding' || choices.length < 2;
   const names = info.band_names && info.band_names.length ? info.band_names : Array.from({ length: info.count }, (_, i) => `band ${i + 1}`);
   ['band-r', 'band-g', 'band-b'].forEach((id, k) => {
     const s = $(id);
     s.replaceChildren(...names.map((n, i) => new Option(`${'RGB'[k]} ${i + 1} · ${n}`, String(i + 1))));
-    s.value = String(Math.min(k + 1, names.length));
-    s.addEventListener('change', () => showOutput(info).catch((err) => showError(err, 'render')));
-  });
-  select.addEventListener('change', () => {
-    $('rgb-bands').hidden = select.value !== 'rgb';
-    showOutput(info).catch((err) => showError(err, 'render'));
+    s.value = String(entry.bands[k]);
   });
   $('rgb-bands').hidden = select.value !== 'rgb';
 }
 
-let outputSeq = 0;
-async function showOutput(info) {
-  const seq = ++outputSeq;
-  const url = outputUrl(info);
+async function showOutput(entry) {
+  const seq = ++entry.seq;
+  const url = outputUrl(entry);
   const tj = await api(url); // fetched here first so an API error reaches the banner
-  if (seq !== outputSeq) return;
-  putRasterLayer({ id: 'output', title: info.kind === 'classes' ? info.model : `${info.model} · ${$('render').value}`, url, opacity: 0.8,
-    resampling: info.kind === 'classes' ? 'nearest' : 'linear' });
-  renderLegend(tj.legend || info.classes || null);
+  if (seq !== entry.seq) return;
+  putRasterLayer({ id: entry.layerId, title: outputTitle(entry), url, opacity: entry.opacity,
+    resampling: entry.info.kind === 'classes' ? 'nearest' : 'linear' });
+  entry.legend = tj.legend || entry.info.classes || null;
+  renderLegend();
 }
 
-function renderLegend(entries) {
+/** The legends of every class map shown, each under its layer's name where there are several. */
+function renderLegend() {
   const list = $('legend');
   list.replaceChildren();
-  $('legend-section').hidden = !entries || !entries.length;
-  for (const e of entries || []) {
-    const li = document.createElement('li');
-    const sw = document.createElement('span');
-    sw.className = 'swatch';
-    sw.style.background = e.color;
-    const name = document.createElement('span');
-    name.textContent = e.name;
-    const value = document.createElement('span');
-    value.className = 'muted small';
-    value.textContent = String(e.value);
-    li.append(sw, name, value);
-    list.append(li);
+  const groups = outputs.filter((e) => e.legend && e.legend.length);
+  $('legend-section').hidden = !groups.length;
+  for (const entry of groups) {
+    if (groups.length > 1) list.append(el('li', 'legend-title', entry.name || entry.info.model));
+    for (const e of entry.legend) {
+      const li = document.createElement('li');
+      const sw = document.createElement('span');
+      sw.className = 'swatch';
+      sw.style.background = e.color;
+      const name = document.createElement('span');
+      name.textContent = e.name;
+      const value = document.createElement('span');
+      value.className = 'muted small';
+      value.textContent = String(e.value);
+      li.append(sw, name, value);
+      list.append(li);
+    }
   }
 }
 
-function fitToJob(info) {
-  const [w, s, e, n] = info.bounds;
+/** Fits the map to the union of the outputs' bounds. */
+function fitTo(infos) {
+  const w = Math.min(...infos.map((i) => i.bounds[0]));
+  const s = Math.min(...infos.map((i) => i.bounds[1]));
+  const e = Math.max(...infos.map((i) => i.bounds[2]));
+  const n = Math.max(...infos.map((i) => i.bounds[3]));
   map.fitBounds([[w, s], [e, n]], { padding: 30, animate: false });
   // raster sources draw nothing below their minzoom: never open on an empty map
-  if (Number.isFinite(info.minzoom) && map.getZoom() < info.minzoom) {
-    map.jumpTo({ center: [(w + e) / 2, (s + n) / 2], zoom: info.minzoom });
+  const minzoom = Math.max(...infos.map((i) => i.minzoom).filter(Number.isFinite));
+  if (Number.isFinite(minzoom) && map.getZoom() < minzoom) {
+    map.jumpTo({ center: [(w + e) / 2, (s + n) / 2], zoom: minzoom });
   }
 }
 
@@ -346,24 +395,27 @@ async function queryPoint(lngLat) {
   $('point-section').hidden = false;
   $('hint').hidden = true;
   $('point').innerHTML = '<p class="muted">reading…</p>';
-  let point;
-  try {
-    point = await api(`${jobPath()}/point/${lon},${lat}`);
-  } catch (err) {
-    if (seq !== pointSeq) return;
+  // every output's values there (`tilefm view`: each file's; outside a file's bounds it has none)
+  const reads = await Promise.all(outputs.map((entry) => api(`${pathOf(entry.info.id)}/point/${lon},${lat}`)
+    .then((point) => ({ entry, point }), (err) => ({ entry, err }))));
+  if (seq !== pointSeq) return;
+  const read = reads.filter((r) => r.point);
+  if (!read.length) {
     $('point').innerHTML = '<p class="muted">no value here</p>';
-    showError(err, 'point');
+    showError(reads[0].err, 'point');
     return;
   }
-  if (seq !== pointSeq) return;
-  renderPoint(point);
-  hook.lastPoint = point;
-  if ((hook.info.renders || []).includes('similarity')) {
+  for (const r of reads) if (r.err && r.err.status !== 404) showError(r.err, `point (${r.entry.name || r.entry.info.model})`);
+  renderPoints(reads);
+  const mine = read.find((r) => r.entry === selected) || read[0];
+  hook.lastPoint = mine.point;
+  if (mine.entry === selected && (selected.info.renders || []).includes('similarity')) {
     try {
-      const url = `${jobPath()}/tilejson.json?render=similarity&lon=${lon}&lat=${lat}`;
+      const url = `${pathOf(selected.info.id)}/tilejson.json?render=similarity&lon=${lon}&lat=${lat}`;
       await api(url);
       if (seq !== pointSeq) return;
-      const layer = putRasterLayer({ id: 'similarity', title: `similarity to ${lon.toFixed(4)}, ${lat.toFixed(4)}`, url, opacity: 0.75 });
+      const of = selected.name ? ` (${selected.name})` : '';
+      const layer = putRasterLayer({ id: 'similarity', title: `similarity${of} to ${lon.toFixed(4)}, ${lat.toFixed(4)}`, url, opacity: 0.75 });
       layer.lon = lon;
       layer.lat = lat;
     } catch (err) {
@@ -425,18 +477,28 @@ function sparkline(values) {
   return svg;
 }
 
-function renderPoint(point) {
+/** The values each output has at the clicked point, under the output's name where there are several. */
+function renderPoints(reads) {
   const box = $('point');
   box.replaceChildren();
-  const [lon, lat] = point.coordinates || [NaN, NaN];
+  const first = reads.find((r) => r.point).point;
+  const [lon, lat] = first.coordinates || [NaN, NaN];
   box.append(el('p', 'coords', `${lon.toFixed(5)}, ${lat.toFixed(5)}`));
+  for (const { entry, point } of reads) {
+    if (reads.length > 1) box.append(el('h3', 'point-file', entry.name || entry.info.model));
+    if (point) renderPoint(box, point, entry.info);
+    else box.append(el('p', 'muted small', 'no value here'));
+  }
+}
+
+function renderPoint(box, point, info) {
   const values = point.values || [];
   const names = point.band_names || [];
   const finite = values.filter((v) => v !== null && Number.isFinite(v));
 
-  const isClasses = hook.info.kind === 'classes' || 'class' in point;
+  const isClasses = info.kind === 'classes' || 'class' in point;
   if (isClasses && point.class) {
-    const legend = (hook.info.classes || []).find((c) => c.value === point.class.value);
+    const legend = (info.classes || []).find((c) => c.value === point.class.value);
     const p = el('p', 'class-value');
     const sw = el('span', 'swatch');
     sw.style.background = point.class.color || (legend && legend.color) || 'transparent';
@@ -465,39 +527,102 @@ function renderPoint(point) {
 }
 
 // ---- start -----------------------------------------------------------------------------------
+function select(entry) {
+  selected = entry;
+  hook.info = entry.info;
+  syncRenderControls(entry);
+  for (const a of document.querySelectorAll('#jobs a[data-file]')) {
+    a.className = a.dataset.file === entry.info.id ? 'current' : '';
+  }
+}
+
+function listenForClicks() {
+  map.on('click', (ev) => { hook.pending = queryPoint(ev.lngLat); });
+  map.getCanvas().style.cursor = 'crosshair';
+}
+
 async function openJob() {
-  const [info] = await Promise.all([api(`${jobPath()}/info`), mapLoaded]);
-  hook.info = info;
+  const [info] = await Promise.all([api(`${pathOf(jobId)}/info`), mapLoaded]);
   $('job-title').textContent = `${info.model} · ${info.kind}`;
   document.title = `${info.model} · tilefm viewer`;
   $('layers-section').hidden = false;
   $('hint').hidden = false;
-  setupRenderControls(info);
+  setupRenderControls();
+  select(newOutput(info, 'output'));
 
-  const sceneUrl = `${jobPath()}/scene/tilejson.json`;
+  const sceneUrl = `${pathOf(jobId)}/scene/tilejson.json`;
   await api(sceneUrl);
   putRasterLayer({ id: 'scene', title: 'scene (true colour)', url: sceneUrl, opacity: 1 });
-  await showOutput(info);
-  fitToJob(info);
-  map.on('click', (ev) => { hook.pending = queryPoint(ev.lngLat); });
-  map.getCanvas().style.cursor = 'crosshair';
+  await showOutput(selected);
+  fitTo([info]);
+  listenForClicks();
+  await whenIdle();
+}
+
+/** `tilefm view`: every file as a layer, the first named on top; the first embedding selected. */
+async function openFiles() {
+  $('jobs-title').textContent = 'Files';
+  const [body] = await Promise.all([api(`${API}/files`), mapLoaded]);
+  const files = body.files || [];
+  const infos = await Promise.all(files.map((f) => api(`${pathOf(f.id)}/info`)));
+  hook.files = infos;
+  files.forEach((f, i) => newOutput(infos[i], `file-${i}`, f.name, i === files.length - 1 ? 1 : 0.8));
+
+  const list = $('jobs');
+  list.replaceChildren();
+  for (const entry of outputs) {
+    const a = document.createElement('a');
+    a.href = '#';
+    a.dataset.file = entry.info.id;
+    a.title = `${entry.info.output}: click to select (render controls, similarity) and zoom to it`;
+    a.append(el('span', 'job-model', entry.name), el('span', 'muted small', `${entry.info.model} · ${entry.info.kind}`));
+    a.addEventListener('click', (ev) => {
+      ev.preventDefault();
+      select(entry);
+      fitTo([entry.info]);
+    });
+    const li = document.createElement('li');
+    li.append(a);
+    list.append(li);
+  }
+  $('job-title').textContent = `${files.length} file${files.length === 1 ? '' : 's'}`;
+  document.title = `${files.map((f) => f.name).join(', ')} · tilefm view`;
+  if (!outputs.length) return;
+  $('layers-section').hidden = false;
+  $('hint').hidden = false;
+  setupRenderControls();
+  select(outputs.find((e) => e.info.kind === 'embedding') || outputs[0]);
+  for (const entry of [...outputs].reverse()) await showOutput(entry); // bottom layer first
+  fitTo(infos);
+  listenForClicks();
   await whenIdle();
 }
 
 async function start() {
-  const jobs = loadJobs();
   try {
-    if (jobId) {
-      await openJob();
-      await jobs;
+    if (FILES) {
+      await openFiles();
     } else {
-      await Promise.all([jobs, mapLoaded]);
-      await whenIdle();
+      const jobs = loadJobs();
+      if (!jobId) {
+        // no job named: the one that finished last, if there is one
+        const newest = (await jobs).reduce((a, b) => (!a || (b.finished || '') > (a.finished || '') ? b : a), null);
+        if (newest) jobId = newest.id;
+        const link = newest && document.querySelector(`#jobs a[data-job="${CSS.escape(newest.id)}"]`);
+        if (link) link.className = 'current';
+      }
+      if (jobId) {
+        await openJob();
+        await jobs;
+      } else {
+        await Promise.all([jobs, mapLoaded]);
+        await whenIdle();
+      }
     }
     hook.state = 'ready';
     resolveReady(true);
   } catch (err) {
-    showError(err, jobId ? 'job' : '');
+    showError(err, FILES ? 'files' : jobId ? 'job' : '');
     hook.state = 'failed';
     rejectReady(err);
   }

@@ -7,9 +7,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, params
 
 from tilefm.settings import Settings
 
@@ -39,7 +38,8 @@ class KeyRing:
         ]
         if self.disabled:
             log.warning(
-                "AUTHENTICATION IS DISABLED (TILEFM_AUTH_DISABLED=true): anyone who can reach this port can submit jobs"
+                "AUTHENTICATION IS DISABLED (TILEFM_AUTH_DISABLED=true): anyone who can reach this port can "
+                "submit jobs"
             )
         elif not self.keys:
             log.warning("no API keys configured (TILEFM_API_KEYS): every request will be refused with 401")
@@ -86,7 +86,7 @@ def presented_key(request: Request) -> str | None:
     return key_from(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
-def require(scope: str) -> Callable[..., None]:
+def require(scope: str) -> params.Depends:
     async def dependency(request: Request) -> None:  # async: no thread-pool hop for a hash and a compare
         ring: KeyRing = request.app.state.keyring
         try:
@@ -96,4 +96,5 @@ def require(scope: str) -> Callable[..., None]:
         except Forbidden as e:
             raise HTTPException(403, str(e)) from None
 
-    return Depends(dependency)
+    dep: params.Depends = Depends(dependency)  # typed as returning Any
+    return dep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,12 +48,16 @@ class ErrorResponse(BaseModel):
     error: Error
 
 
-def _doc(description: str) -> dict:
+#: OpenAPI response documentation by status code, as FastAPI's `responses=` takes it
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _doc(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
 #: documented on every route
-RESPONSES = {
+RESPONSES: Responses = {
     400: _doc("Malformed request (e.g. the body is not JSON)"),
     401: _doc("No API key, or an unknown one"),
     403: _doc("The API key lacks the scope this route needs"),
@@ -72,7 +77,7 @@ def _text(value: str | None) -> str | None:
     return value.encode("utf-8", "backslashreplace").decode() if value is not None else None
 
 
-def error_body(status: int, message: str, field: str | None = None) -> dict:
+def error_body(status: int, message: str, field: str | None = None) -> dict[str, Any]:
     return {"error": {"status": status, "field": _text(field), "message": _text(message)}}
 
 

@@ -34,7 +34,7 @@ SCOPES: dict[str, str] = {
     _SERVICE + "Cancel": WRITE,
 }
 
-_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -43,10 +43,10 @@ _HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = 
 
 
 def method_handler_like(
-    handler: grpc.RpcMethodHandler | None,
+    handler: grpc.RpcMethodHandler[Any, Any] | None,
     behavior: Callable[[Any, grpc.ServicerContext], Any],
     request_deserializer: Callable[[bytes], Any] | None = None,
-) -> grpc.RpcMethodHandler:
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A method handler of `handler`'s kind (unary or streaming, each way) running `behavior`.
 
     Args:
@@ -65,8 +65,8 @@ def method_handler_like(
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any] | None, code: grpc.StatusCode, details: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     def refuse(_request: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, details)
 
@@ -82,9 +82,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         scope = self.scopes.get(handler_call_details.method, WRITE)
         metadata = {

@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Body, FastAPI, Header, Path, Query, Request, Response
@@ -31,7 +31,7 @@ from tilefm.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-class JobIdConvertor(Convertor):
+class JobIdConvertor(Convertor[str]):
     """Job ids in paths: only 32 hex characters match, so `/jobs/{id}:cancel` is its own route."""
 
     regex = "[0-9a-f]{32}"
@@ -74,7 +74,9 @@ SPEC_EXAMPLES = {
         },
     },
     "presto time series": {
-        "summary": "Presto embeddings of a time series: several acquisitions of a modality, each with its own date",
+        "summary": (
+            "Presto embeddings of a time series: several acquisitions of a modality, each with its own date"
+        ),
         "value": {
             "scene": {
                 "s2": [
@@ -106,13 +108,16 @@ class ModelInfo(BaseModel):
 
 
 def get_service(request: Request) -> JobService:
-    return request.app.state.service
+    service: JobService = request.app.state.service
+    return service
 
 
 def create_router() -> APIRouter:
-    too_large = {413: errors._doc("The request body is over the limit (TILEFM_API_MAX_BODY_BYTES)")}
+    too_large: errors.Responses = {
+        413: errors._doc("The request body is over the limit (TILEFM_API_MAX_BODY_BYTES)")
+    }
     r = APIRouter(prefix="/v1", responses={**errors.RESPONSES, **too_large})
-    not_found = {404: errors._doc("No job with this id")}
+    not_found: errors.Responses = {404: errors._doc("No job with this id")}
 
     @r.post(
         "/jobs",
@@ -200,7 +205,7 @@ def create_router() -> APIRouter:
         service.get(job_id)  # 404 before the stream starts
 
         async def stream() -> AsyncIterator[bytes]:
-            queue: asyncio.Queue = asyncio.Queue()
+            queue: asyncio.Queue[Any] = asyncio.Queue()  # JobEvents, then `done`
             loop = asyncio.get_running_loop()
             stopped = threading.Event()
             done = object()
@@ -246,7 +251,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     store = store or JobStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.api_threads:
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         await anyio.to_thread.run_sync(app.state.service.warm)
@@ -266,7 +271,10 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         title="tilefm jobs",
         lifespan=lifespan,
         version=__version__,
-        description="Submit scene-level jobs that run a model over a scene and write a COG; follow them to completion.",
+        description=(
+            "Submit scene-level jobs that run a model over a scene and write a COG; follow them to "
+            "completion."
+        ),
     )
     app.state.settings = settings
     app.state.store = store
@@ -285,7 +293,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.add_middleware(HTTPMetrics)
 
     @app.get("/healthz", include_in_schema=True)
-    def healthz() -> dict:
+    def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
 
@@ -358,7 +366,7 @@ def _readiness(settings: Settings, store: JobStore) -> dict[str, str]:
         if settings.s3_endpoint_url:
             make_s3_client(settings).list_buckets()
         checks["object_store"] = "ok"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - reported, not raised
         checks["object_store"] = f"unreachable: {type(e).__name__}"
     if settings.ray_address and not settings.ray_address.startswith("local"):
         import socket

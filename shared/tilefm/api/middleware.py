@@ -6,6 +6,8 @@ import gc
 import json
 import time
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from tilefm import metrics
 
 
@@ -13,17 +15,17 @@ class HTTPMetrics:
     """Request counts and latency by route, as plain ASGI (starlette's BaseHTTPMiddleware costs
     a task and a queue per request, on the event loop every tile request goes through)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
         status = {"code": 500}
 
-        async def _send(message) -> None:
+        async def _send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
@@ -41,11 +43,11 @@ class BodyLimit:
     Content-Length, otherwise (chunked, or a length that understates) by counting while it is
     buffered. Requests without a body pass straight through."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -60,7 +62,8 @@ class BodyLimit:
         if length is not None and int(length) > self.max_bytes:
             await self._too_large(send)
             return
-        messages, size = [], 0
+        messages: list[Message] = []
+        size = 0
         while True:
             message = await receive()
             messages.append(message)
@@ -73,16 +76,16 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
 
-        async def replay():
+        async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send) -> None:
+    async def _too_large(self, send: Send) -> None:
         await _refuse(send, 413, f"the request body is over the limit of {self.max_bytes} bytes")
 
 
-async def _refuse(send, status: int, message: str) -> None:
+async def _refuse(send: Send, status: int, message: str) -> None:
     """An error response in the services' format (`tilefm.api.errors.error_body`), about the body."""
     body = json.dumps({"error": {"status": status, "field": "body", "message": message}}).encode()
     await send(

@@ -16,8 +16,9 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -59,7 +60,7 @@ SHORT = "max-age=60"
 API_KEY_PARAM = "api_key"
 
 
-class TileFormat(str, Enum):
+class TileFormat(StrEnum):
     png = "png"
     webp = "webp"
     jpg = "jpg"
@@ -67,13 +68,13 @@ class TileFormat(str, Enum):
     tif = "tif"
 
 
-class ImageFormat(str, Enum):
+class ImageFormat(StrEnum):
     png = "png"
     webp = "webp"
     jpg = "jpg"
 
 
-class RenderName(str, Enum):
+class RenderName(StrEnum):
     classes = "classes"
     pca = "pca"
     rgb = "rgb"
@@ -103,7 +104,8 @@ class JobSummaries(BaseModel):
 
 def job_output(request: Request, job_id: Annotated[str, JOB_ID]) -> JobOutput:
     """The succeeded job's output (404 unknown job, 409 not finished)."""
-    return request.app.state.resolver(job_id)
+    out: JobOutput = request.app.state.resolver(job_id)
+    return out
 
 
 def render_params(
@@ -113,7 +115,9 @@ def render_params(
         RenderName | None,
         Query(
             alias="render",
-            description="classes (class maps); pca, rgb or similarity (embeddings); raw. Default: classes or pca",
+            description=(
+                "classes (class maps); pca, rgb or similarity (embeddings); raw. Default: classes or pca"
+            ),
         ),
     ] = None,
     bands: Annotated[
@@ -161,7 +165,9 @@ def _document_headers(request: Request) -> dict[str, str]:
     return headers
 
 
-def _tile_response(request: Request, key: str, media_type: str, produce, route: str, fmt: str) -> Response:
+def _tile_response(
+    request: Request, key: str, media_type: str, produce: Callable[[], bytes], route: str, fmt: str
+) -> Response:
     """Serve from the ETag (304) or the cache, else render; time it for Prometheus."""
     t0 = time.perf_counter()
     etag = _etag(key)
@@ -250,7 +256,7 @@ def create_output_router() -> APIRouter:
     )
 
     @r.get("/info")
-    def info(out: Annotated[JobOutput, Depends(job_output)]) -> dict:
+    def info(out: Annotated[JobOutput, Depends(job_output)]) -> dict[str, Any]:
         """What the output holds: kind, bands, classes, bounds, zoom range, renderings."""
         return out.describe()
 
@@ -310,7 +316,7 @@ def create_output_router() -> APIRouter:
             fmt.value,
         )
 
-    tile_doc = {
+    tile_doc: dict[str, Any] = {
         "responses": {
             200: {
                 "content": {
@@ -365,7 +371,8 @@ def create_output_router() -> APIRouter:
         lon: Annotated[float, Path(ge=-180, le=180)],
         lat: Annotated[float, Path(ge=-85.06, le=85.06)],
     ) -> JSONResponse:
-        """The output's values at a position, de-quantized (null = no data), with the class name for class maps."""
+        """The output's values at a position, de-quantized (null = no data), with the class name
+        for class maps."""
         body = request.app.state.output_tiles.point(out, lon, lat)
         return JSONResponse(body, headers={"Cache-Control": _cache_control(request, IMMUTABLE)})
 
@@ -384,15 +391,17 @@ def create_output_router() -> APIRouter:
                 description="longest side read, px (default 1024, at most TILEFM_TILER_MAX_STATISTICS_PX)",
             ),
         ] = None,
-    ) -> dict:
-        """Per band: min/max/mean/std/percentiles of the de-quantized values, or class counts and fractions."""
+    ) -> dict[str, Any]:
+        """Per band: min/max/mean/std/percentiles of the de-quantized values, or class counts and
+        fractions."""
         try:
             idx = [int(b) for b in bands.split(",")] if bands else None
         except ValueError:
             raise BadRenderParameter(
                 f"bands must be comma-separated numbers, not {bands!r}", field="bands"
             ) from None
-        return request.app.state.output_tiles.statistics(out, idx, max_size)
+        tiles: OutputTiles = request.app.state.output_tiles
+        return tiles.statistics(out, idx, max_size)
 
     @r.get("/preview.{fmt}", response_class=Response)
     def preview(
@@ -431,7 +440,8 @@ def create_output_router() -> APIRouter:
     ) -> Response:
         """WMTS capabilities of the output with these rendering parameters (QGIS: Layer > Add WMS/WMTS)."""
         query = _query(request, drop=("tile_format",))
-        url = f"{_base(request)}/v1/jobs/{job_id}/tiles/WebMercatorQuad/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.{tile_format.value}{query}"
+        template = "{TileMatrix}/{TileCol}/{TileRow}"
+        url = f"{_base(request)}/v1/jobs/{job_id}/tiles/WebMercatorQuad/{template}.{tile_format.value}{query}"
         xml = capabilities(
             title=f"tilefm {out.model} {p.render} ({job_id})",
             layer=f"{job_id}-{p.render}",
@@ -546,8 +556,10 @@ def create_jobs_router() -> APIRouter:
     return r
 
 
-def create_viewer_router(viewer_dir: FilePath) -> APIRouter:
-    """The viewer's page and assets. MapLibre comes from the viewer's own node_modules (npm), not a CDN."""
+def create_viewer_router(viewer_dir: FilePath, *, files: bool = False) -> APIRouter:
+    """The viewer's page and assets. MapLibre comes from the viewer's own node_modules (npm), not a CDN.
+    `files`: the page of `tilefm view` (/viewer/files, every file served at once) in place of the
+    job pages."""
     r = APIRouter(include_in_schema=False)
     static = viewer_dir.resolve()
     vendor = (viewer_dir / "node_modules" / "maplibre-gl" / "dist").resolve()
@@ -562,17 +574,26 @@ def create_viewer_router(viewer_dir: FilePath) -> APIRouter:
         if not vendor.is_dir():
             raise HTTPException(
                 503,
-                "the viewer's MapLibre files are missing: run `make viewer` (npm ci in services/tiler/viewer)",
+                "the viewer's MapLibre files are missing: run `make viewer` (npm ci in "
+                "services/tiler/viewer)",
             )
         return _file(static, "index.html")
 
-    @r.get("/viewer")
-    def viewer() -> FileResponse:
-        return _page()
+    if files:
 
-    @r.get("/viewer/jobs/{job_id}")
-    def viewer_job(job_id: Annotated[str, JOB_ID]) -> FileResponse:
-        return _page()
+        @r.get("/viewer/files")
+        def viewer_files() -> FileResponse:
+            return _page()
+
+    else:
+
+        @r.get("/viewer")
+        def viewer() -> FileResponse:
+            return _page()
+
+        @r.get("/viewer/jobs/{job_id}")
+        def viewer_job(job_id: Annotated[str, JOB_ID]) -> FileResponse:
+            return _page()
 
     @r.get("/viewer/static/{name}")
     def viewer_static(name: str) -> FileResponse:
@@ -652,7 +673,7 @@ RIO_TILER_ERRORS: list[tuple[type[Exception], int, str | None]] = [
 def install_cog_errors(app: FastAPI) -> None:
     from titiler.core.errors import BadRequestError, TileNotFoundError
 
-    def handler(status: int, field: str | None):
+    def handler(status: int, field: str | None) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
         async def handle(_: Request, exc: Exception) -> JSONResponse:
             return JSONResponse(
                 errors.error_body(status, str(exc) or type(exc).__name__, field), status_code=status
@@ -660,11 +681,12 @@ def install_cog_errors(app: FastAPI) -> None:
 
         return handle
 
-    for cls, status, field in [
+    handled: list[tuple[type[Exception], int, str | None]] = [
         *RIO_TILER_ERRORS,
         (BadRequestError, 400, None),
         (TileNotFoundError, 404, "z"),
-    ]:
+    ]
+    for cls, status, field in handled:
         app.add_exception_handler(cls, handler(status, field))
 
 
@@ -679,7 +701,7 @@ def create_app(
         os.environ["GDAL_CACHEMAX"] = str(settings.tiler_gdal_cache_mb)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.tiler_threads:
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.tiler_threads
         release_large_arrays()  # reads of tens of MiB come and go: their memory goes back at once
@@ -690,7 +712,10 @@ def create_app(
         title="tilefm tiles",
         version=__version__,
         lifespan=lifespan,
-        description="Finished jobs' outputs and input scenes as web-map tiles (XYZ, TileJSON, WMTS), values at points, and a viewer.",
+        description=(
+            "Finished jobs' outputs and input scenes as web-map tiles (XYZ, TileJSON, WMTS), values at "
+            "points, and a viewer."
+        ),
     )
     app.state.settings = settings
     app.state.public_url = public_url
@@ -742,7 +767,7 @@ def create_app(
     app.add_middleware(HTTPMetrics)
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
 

@@ -12,30 +12,46 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tilefm.backends.base import (
+    INSTALL_HINTS,
+    OUT_DTYPES,
+    BackendOptions,
+    Done,
+    Pending,
+    Runner,
+    fill,
+)
+from tilefm.card import ModelCard
 from tilefm.errors import BackendError
-from tilefm.models.card import ModelCard
 
 if TYPE_CHECKING:
     from torch import nn
+
+__all__ = [
+    "GPU_BACKENDS",
+    "INSTALL_HINTS",
+    "KNOWN",
+    "OUT_DTYPES",
+    "BackendOptions",
+    "Done",
+    "Pending",
+    "Runner",
+    "fill",
+    "make_runner",
+    "resolve_precision",
+    "select_backend",
+]
 
 #: backends tilefm knows, fastest first
 KNOWN = ("tensorrt", "torch-cuda", "onnxruntime", "torch")
 #: backends that need a GPU (an encoder actor running one reserves a GPU on Ray)
 GPU_BACKENDS = ("tensorrt", "torch-cuda")
 _MODULES = {"torch": "torch", "torch-cuda": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
-#: how to get each backend, for error messages
-INSTALL_HINTS = {
-    "torch": "pip install tilefm",
-    "torch-cuda": "a CUDA build of PyTorch (pip install torch --index-url https://download.pytorch.org/whl/cu124) on a machine with an NVIDIA GPU",
-    "onnxruntime": "pip install tilefm (onnxruntime-gpu for its CUDA execution provider)",
-    "tensorrt": "pip install 'tilefm[tensorrt]' on a machine with an NVIDIA GPU and a CUDA build of PyTorch",
-}
 
 
 def is_installed(name: str) -> bool:
@@ -84,7 +100,7 @@ def runs_precision(backend: str, precision: str) -> bool:
 
 
 def _auto_order(card: ModelCard, precision: str = "auto") -> list[str]:
-    gpu = [n for n in ("tensorrt", "torch-cuda") if n in card.backends]
+    gpu: list[str] = [n for n in ("tensorrt", "torch-cuda") if n in card.backends]
     if "onnxruntime" in card.backends and ort_cuda_available():
         gpu.append("onnxruntime")
     cpu = [n for n in card.backends if n in ("torch", "onnxruntime") and n not in gpu]
@@ -155,73 +171,23 @@ def resolve_precision(card: ModelCard, backend: str, requested: str = "auto") ->
         if backend in ("onnxruntime", "tensorrt"):
             return requested
         raise BackendError(
-            f"int8 runs on onnxruntime (CPU, dynamic quantization) or tensorrt (calibrated), not on {backend!r}",
+            "int8 runs on onnxruntime (CPU, dynamic quantization) or tensorrt (calibrated), not on "
+            f"{backend!r}",
             field="precision",
         )
     if backend == "onnxruntime":
         raise BackendError(
-            f"onnxruntime runs the exported fp32 graph or its int8 quantization, not {requested!r}; use torch-cuda or tensorrt for fp16/bf16",
+            f"onnxruntime runs the exported fp32 graph or its int8 quantization, not {requested!r}; use "
+            "torch-cuda or tensorrt for fp16/bf16",
             field="precision",
         )
     if backend not in GPU_BACKENDS:
         raise BackendError(
-            f"precision {requested!r} needs a GPU backend (torch-cuda or tensorrt); {backend!r} runs fp32 or int8",
+            f"precision {requested!r} needs a GPU backend (torch-cuda or tensorrt); {backend!r} runs fp32 "
+            "or int8",
             field="precision",
         )
     return requested
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """How a worker runs its model (from Settings: TILEFM_PRECISION, TILEFM_MAX_BATCH, ...)."""
-
-    precision: str = "auto"
-    #: the largest batch the worker sends: TensorRT's profile and the CUDA graphs' shape
-    max_batch: int = 8
-    compile: bool = False
-    cuda_graphs: bool = True
-    #: URI prefix (file or s3) where TensorRT engines are cached
-    engine_cache: str | None = None
-    threads: int | None = None
-    #: name used in cache keys and logs
-    model_name: str = "model"
-    #: dtype of the outputs handed back: "float16" where the COG stores 16 bits and nothing is
-    #: averaged on the host first (a GPU rounds them as the stitcher would, ties to even, and
-    #: copies back, and the host converts, half the bytes); "float32" otherwise
-    out_dtype: str = "float32"
-    extra: dict[str, str] = field(default_factory=dict)
-
-
-class Runner(Protocol):
-    """A model bound to a backend: [N, ...] float32 in (an array, or a sequence of N samples,
-    which GPU runners copy straight into their pinned memory instead of stacking them first),
-    [N, ...] float32 out (float16 with `BackendOptions.out_dtype`). GPU runners also have
-    `launch(x) -> Pending`, which queues the batch and returns at once."""
-
-    backend: str
-    precision: str
-
-    def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray: ...
-
-
-class Pending(Protocol):
-    """A batch a runner has queued: `result()` waits for its outputs."""
-
-    def result(self) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class Done:
-    """Outputs already computed, as a `Pending` (runners that compute when called)."""
-
-    outputs: np.ndarray
-
-    def result(self) -> np.ndarray:
-        return self.outputs
-
-
-#: dtypes a runner hands its outputs back in
-OUT_DTYPES = ("float32", "float16")
 
 
 class _Rounded:
@@ -241,16 +207,6 @@ class _Rounded:
 
 def _rounded(runner: Runner, out_dtype: str) -> Runner:
     return _Rounded(runner) if out_dtype == "float16" else runner
-
-
-def fill(host: np.ndarray, x: np.ndarray | Sequence[np.ndarray]) -> None:
-    """Copy a batch into `host` ([N, ...]): an array at once, a sequence sample by sample (one
-    copy, where stacking it first would be two)."""
-    if isinstance(x, np.ndarray):
-        host[...] = x
-    else:
-        for j, sample in enumerate(x):
-            host[j] = sample
 
 
 def make_runner(
@@ -274,9 +230,14 @@ def make_runner(
         from tilefm.backends.torch_cuda import TorchCudaRunner
 
         return TorchCudaRunner(
-            module, sample_shape, precision=options.precision, max_batch=options.max_batch, compile=options.compile, cuda_graphs=options.cuda_graphs,
+            module,
+            sample_shape,
+            precision=options.precision,
+            max_batch=options.max_batch,
+            compile=options.compile,
+            cuda_graphs=options.cuda_graphs,
             out_dtype=options.out_dtype,
-        )  # fmt: skip
+        )
     if backend == "onnxruntime":
         from tilefm.backends.onnx_export import export_onnx
         from tilefm.backends.onnxruntime import OrtRunner

@@ -1,35 +1,31 @@
 """Calibration sets for int8 engines: real tiles, prepared as the model sees them, and the
 quantized graph TensorRT builds its int8 engine from.
 
-TensorRT's int8 needs a static scale for every activation it quantizes; the scales come from
-running the model on representative inputs. tilefm keeps those inputs as a file per model in
-the model store (`tilefm models calibrate` reads them from a real scene), so that every worker
-makes the same graph, and the engine cache key (model, GPU, TensorRT, precision, shapes) gets
-the calibration's digest too. The graph is ONNX with explicit QuantizeLinear/DequantizeLinear
-pairs (ONNX Runtime's static quantization, symmetric int8 as TensorRT requires, weights per
-output channel, the same matrix products as the CPU's dynamic int8): TensorRT runs those layers
-in int8 and the rest in fp16. ONNX Runtime runs the same graph on a CPU, which is how its error
-is checked where there is no GPU.
+TensorRT's int8 needs a static scale for every activation it quantizes; the scales come from running
+the model on representative inputs. tilefm keeps those inputs as a file per model in the model store
+(`tilefm models calibrate` reads them from a real scene, tilefm.models.calibrate), so that every
+worker makes the same graph, and the engine cache key (model, GPU, TensorRT, precision, shapes) gets
+the calibration's digest too. The graph is ONNX with explicit QuantizeLinear/DequantizeLinear pairs
+(ONNX Runtime's static quantization, symmetric int8 as TensorRT requires, weights per output
+channel, the same matrix products as the CPU's dynamic int8): TensorRT runs those layers in int8 and
+the rest in fp16. ONNX Runtime runs the same graph on a CPU, which is how its error is checked where
+there is no GPU.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from tilefm.card import ModelCard
 from tilefm.errors import BackendError
-from tilefm.models.card import ModelCard
 
 log = logging.getLogger(__name__)
 
-#: tiles in a calibration set by default: a few dozen spread over the scene (min/max ranges)
-DEFAULT_TILES = 32
 #: samples per calibration batch
 BATCH = 4
 
@@ -92,76 +88,13 @@ def calibration_path(card: ModelCard, store: Path, modalities: list[str]) -> Pat
     return Path(store) / card.name / f"calibration-{'+'.join(sorted(set(modalities)))}.npz"
 
 
-def make_calibration(card: ModelCard, scene: Any, plan: Any, tiles: int = DEFAULT_TILES) -> Calibration:
-    """`tiles` real tiles spread evenly over the plan, read and prepared as the model takes them
-    (normalised, gaps at 0), keeping those where every band of the scene's modalities has data."""
-    from tilefm.models.base import input_preparer
-    from tilefm.read import read_tiles
-
-    if card.architecture != "vit" or "int8" not in card.precisions:
-        raise BackendError(
-            f"calibration sets are for int8 ViT engines; {card.name!r} does not run in int8", field="model"
-        )
-    if tiles < 1:
-        raise BackendError(f"a calibration set needs at least 1 tile, not {tiles}", field="tiles")
-    prep = input_preparer(card)
-    want = tuple(i for i, name in enumerate(card_bands(card)) if name.split(":")[0] in scene.modalities)
-    picks = np.unique(
-        np.linspace(0, len(plan.tiles) - 1, min(len(plan.tiles), 4 * tiles)).round().astype(int)
-    )
-    kept: list[np.ndarray] = []
-    for start in range(0, len(picks), 4 * BATCH):
-        batch = [plan.tiles[i] for i in picks[start : start + 4 * BATCH]]
-        for t in read_tiles(scene, card, batch, 0):
-            bands, x, valid = prep.tile(t)
-            if bands == want and valid.mean() > 0.99:
-                kept.append(x.astype(np.float16))
-    if not kept:
-        raise BackendError(
-            f"no tile of the scene has data in all {len(want)} bands of its modalities: nothing to calibrate on",
-            field="scene",
-        )
-    # evenly over what was kept, so that the set spans the scene
-    chosen = [
-        kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, min(tiles, len(kept))).round().astype(int))
-    ]
-    source = json.dumps({"scene": scene.describe(), "zoom": plan.zoom, "tiles": len(chosen)}, sort_keys=True)
-    return Calibration(np.stack(chosen), want, card_bands(card), weights_id(card), source)
-
-
-def calibrate(
-    model: str,
-    sources: dict[str, str | list[str]],
-    *,
-    zoom: int | None = None,
-    tiles: int = DEFAULT_TILES,
-    store: Path | None = None,
-    date: Any = None,
-) -> Path:
-    """Make `model`'s calibration set from a scene and put it in the model store."""
-    from tilefm.grid import default_zoom, plan_tiles
-    from tilefm.models import get_card
-    from tilefm.read import check_scene
-    from tilefm.scene import open_scene
-    from tilefm.settings import get_settings
-
-    card = get_card(model)
-    scene = open_scene(sources, date_override=date)
-    check_scene(scene, card)
-    if zoom is None:
-        zoom = default_zoom(scene.resolution_m, scene.footprint.centroid.y)
-    plan = plan_tiles(scene.footprint, zoom)
-    cal = make_calibration(card, scene, plan, tiles)
-    path = calibration_path(card, store or get_settings().model_store, list(scene.modalities))
-    cal.save(path)
-    log.info("%s: calibration set of %d tiles at %s", card.name, len(cal.x), path)
-    return path
-
-
 def require_calibration(card: ModelCard, store: Path, bands: tuple[int, ...]) -> np.ndarray:
     """Calibration inputs for the network bound to `bands`, from a set in the model store that
     holds them, or a BackendError that says how to make one."""
-    hint = f"run `tilefm models calibrate {card.name} --scene MODALITY=SOURCE` on a representative scene with these bands"
+    hint = (
+        f"run `tilefm models calibrate {card.name} --scene MODALITY=SOURCE` on a representative scene with "
+        "these bands"
+    )
     names = card_bands(card)
     folder = Path(store) / card.name
     for path in sorted(folder.glob("calibration-*.npz")):
@@ -173,7 +106,8 @@ def require_calibration(card: ModelCard, store: Path, bands: tuple[int, ...]) ->
         if x is not None:
             return x
     raise BackendError(
-        f"int8 on tensorrt needs a calibration set for {card.name!r} with bands {', '.join(names[b] for b in bands)} in {folder}; {hint}",
+        f"int8 on tensorrt needs a calibration set for {card.name!r} with bands "
+        f"{', '.join(names[b] for b in bands)} in {folder}; {hint}",
         field="precision",
     )
 
@@ -211,10 +145,17 @@ def quantize_qdq(onnx_bytes: bytes, samples: np.ndarray) -> bytes:
         root.addFilter(quiet_ort_advice)
         try:
             quantize_static(
-                src, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                per_channel=True, op_types_to_quantize=list(INT8_OPS), calibrate_method=CalibrationMethod.MinMax,
+                src,
+                dst,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=list(INT8_OPS),
+                calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-            )  # fmt: skip
+            )
         finally:
             root.removeFilter(quiet_ort_advice)
         return dst.read_bytes()

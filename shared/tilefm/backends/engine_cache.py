@@ -50,7 +50,10 @@ class EngineKey:
         """Readable where it can be (`ls` tells engines apart), unique by the digest."""
         major, minor = self.compute_capability
         shape = "x".join(map(str, self.input_shape))
-        return f"{self.model_sha256[:12]}-sm{major}{minor}-trt{self.tensorrt_version}-{self.precision}-{shape}-b{self.batch_sizes[2]}-{self.digest()[:16]}.engine"
+        return (
+            f"{self.model_sha256[:12]}-sm{major}{minor}-trt{self.tensorrt_version}-{self.precision}"
+            f"-{shape}-b{self.batch_sizes[2]}-{self.digest()[:16]}.engine"
+        )
 
 
 def engine_key(

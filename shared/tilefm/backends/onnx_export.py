@@ -34,7 +34,7 @@ def export_onnx(module: nn.Module, sample_shape: tuple[int, ...], *, batch: int 
         torch.onnx.export(
             module,
             (torch.zeros((batch, *sample_shape)),),
-            buf,
+            buf,  # type: ignore[arg-type]  # the TorchScript exporter (dynamo=False) writes file objects too
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},

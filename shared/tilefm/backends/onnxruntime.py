@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,5 +59,5 @@ class OrtRunner:
         self.session = OrtSession(model, threads=threads, device=device)
         self.input_name = self.session.input_names[0]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:  # a sequence is stacked
         return self.session(**{self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]

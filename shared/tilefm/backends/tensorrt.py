@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tilefm.backends import INSTALL_HINTS, BackendOptions, fill
+from tilefm.backends.base import INSTALL_HINTS, BackendOptions, fill
 from tilefm.backends.engine_cache import calibration_digest, engine_key, load_or_build
 from tilefm.errors import BackendError
 
@@ -158,7 +158,8 @@ def tensorrt_runner(
 
     if not torch.cuda.is_available():
         raise BackendError(
-            f"backend 'tensorrt' needs a CUDA GPU and none is visible to PyTorch; install {INSTALL_HINTS['tensorrt']}"
+            "backend 'tensorrt' needs a CUDA GPU and none is visible to PyTorch; install "
+            f"{INSTALL_HINTS['tensorrt']}"
         )
     if not options.engine_cache:
         raise BackendError("set TILEFM_ENGINE_CACHE (a folder or s3:// prefix) for TensorRT engines")
@@ -174,7 +175,7 @@ def tensorrt_runner(
 
     def build() -> bytes:
         onnx = export_onnx(module, sample_shape)
-        if options.precision == "int8":
+        if options.precision == "int8" and calibration is not None:  # required for int8 (above)
             from tilefm.backends.calibration import quantize_qdq
 
             onnx = quantize_qdq(onnx, calibration)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -16,6 +18,6 @@ class TorchRunner:
             torch.set_num_threads(threads)
         self.module = module.float().eval()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:  # a sequence is stacked
         with torch.inference_mode():
             return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()

@@ -8,14 +8,14 @@ half the bytes over PCIe and through the host's copies, the values the COG store
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from tilefm.backends import fill
+from tilefm.backends.base import fill
 from tilefm.errors import BackendError
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,7 +52,8 @@ class TorchCudaRunner:
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
         self.device = torch.device(device)
-        self.module = module.float().eval().to(self.device)
+        #: the module, or after `torch.compile` its compiled callable
+        self.module: nn.Module | Callable[..., Any] = module.float().eval().to(self.device)
         if compile:
             # inductor's fusions at one static shape; CUDA graphs are ours (below), and no GEMM
             # autotuning (minutes per shape for a ViT-B, for a few per cent)
@@ -146,7 +147,8 @@ class _Queued:
     def result(self) -> np.ndarray:
         if self.outputs is None:
             self.slot.done.synchronize()
-            assert self.slot.host_out is not None
+            if self.slot.host_out is None:
+                raise RuntimeError("self.slot.host_out is not set")
             out = self.slot.host_out[: self.n].numpy().copy()
             if self.slot.owner is self:
                 self.slot.owner = None

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -156,21 +156,29 @@ class JobSpec(BaseModel):
         Field(
             min_length=1,
             max_length=MAX_PATH_BYTES,
-            description="s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its STAC item beside it",
+            description=(
+                "s3://bucket/prefix/ or file:///dir/: the job writes <prefix>/<job id>/<model>.tif and its "
+                "STAC item beside it"
+            ),
         ),
     ]
     zoom: Annotated[int | None, Field(ge=0, le=22, strict=True)] = None
     bbox: Annotated[
         tuple[float, float, float, float] | None,
         Field(
-            description="minlon, minlat, maxlon, maxlat in WGS84 degrees: finite, -180..180 and -90..90, min <= max"
+            description=(
+                "minlon, minlat, maxlon, maxlat in WGS84 degrees: finite, -180..180 and -90..90, min <= max"
+            )
         ),
     ] = None
     backend: str = "auto"
     precision: Annotated[
         str | None,
         Field(
-            description="model arithmetic: auto, fp32, fp16, bf16 (GPU backends) or int8 (onnxruntime on CPUs); absent: the workers' TILEFM_PRECISION"
+            description=(
+                "model arithmetic: auto, fp32, fp16, bf16 (GPU backends) or int8 (onnxruntime on CPUs); "
+                "absent: the workers' TILEFM_PRECISION"
+            )
         ),
     ] = None
     dtype: Annotated[str | None, Field(max_length=16)] = None

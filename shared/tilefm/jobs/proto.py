@@ -22,7 +22,7 @@ INVALID_ARGUMENT).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 try:
     from tilefm._proto.tilefm.v1 import jobs_pb2 as pb
@@ -57,14 +57,17 @@ __all__ = [
     "datetime_from_proto",
 ]
 
-_STATE_TO_PROTO: dict[JobState, int] = {s: pb.JobState.Value(f"JOB_STATE_{s.name}") for s in JobState}
+# the generated enum's Value() is typed as returning a plain int; its values are the enum's members
+_STATE_TO_PROTO: dict[JobState, pb.JobState] = {
+    s: cast("pb.JobState", pb.JobState.Value(f"JOB_STATE_{s.name}")) for s in JobState
+}
 _STATE_FROM_PROTO: dict[int, JobState] = {v: s for s, v in _STATE_TO_PROTO.items()}
 
 
 # -- scalars -------------------------------------------------------------------------------------
 
 
-def state_to_proto(state: JobState | None) -> int:
+def state_to_proto(state: JobState | None) -> pb.JobState:
     """JobState -> JOB_STATE_* (None -> JOB_STATE_UNSPECIFIED)."""
     return pb.JOB_STATE_UNSPECIFIED if state is None else _STATE_TO_PROTO[JobState(state)]
 

@@ -40,12 +40,11 @@ from tilefm.jobs.errors import InvalidTransition
 from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
 from tilefm.jobs.service import output_uri, prepare_job
 from tilefm.jobs.store import REDIS_UNAVAILABLE, JobStore
-from tilefm.models.base import TileOutput
 from tilefm.pipeline import Prepared, batches, default_batch, publish
 from tilefm.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders, unplaceable
 from tilefm.settings import Settings
-from tilefm.stitch import Encoding
 from tilefm.storage import FileLocation, S3Storage, parse_uri, storage_for
+from tilefm.values import Encoding, TileOutput
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +104,8 @@ class _Active:
     #: the backend and precision the encoder actors run (GPU actors resolve `auto` themselves)
     backend: str = ""
     precision: str = ""
+    #: the job's scene in Ray's object store, put there once for all its read tasks
+    scene_ref: Any = None
 
     @property
     def part_dtype(self) -> np.dtype:
@@ -140,7 +141,8 @@ class Scheduler:
         self.pools: dict[tuple[str, ...], EncoderPool] = {}
         self.refs: dict[Any, tuple[_Batch, Any]] = {}
         self.io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tilefm-parts")
-        self.ray = None
+        #: the `ray` module once connected (`connect`); Ray ships no type information
+        self.ray: Any = None
         self._rr: deque[str] = deque()
         self._last_renew = 0.0
         #: since when no live node could hold each pool's actors (`_check_placement`)
@@ -300,7 +302,10 @@ class Scheduler:
                         self.settings.encoder_start_timeout_s,
                     )
                 continue
-            message = f"encoder actors for {key[0]!r} lost their node: {why} (for {now - since:.0f} s; see TILEFM_ENCODER_RESOURCES)"
+            message = (
+                f"encoder actors for {key[0]!r} lost their node: {why} (for {now - since:.0f} s; see "
+                "TILEFM_ENCODER_RESOURCES)"
+            )
             for a in [
                 a for a in self.active.values() if self._pool_key(a.prep) == key and a.finishing is None
             ]:
@@ -332,11 +337,9 @@ class Scheduler:
             a.in_flight += 1
 
     def _scene_ref(self, a: _Active) -> Any:
-        ref = getattr(a, "_scene", None)
-        if ref is None:
-            ref = self.ray.put(a.prep.scene)
-            a._scene = ref  # type: ignore[attr-defined]
-        return ref
+        if a.scene_ref is None:
+            a.scene_ref = self.ray.put(a.prep.scene)
+        return a.scene_ref
 
     def _collect(self, timeout: float) -> None:
         if not self.refs:
@@ -350,7 +353,7 @@ class Scheduler:
             a.in_flight -= 1
             try:
                 outputs = self.ray.get(ref)
-            except Exception as e:  # a task or actor that failed past Ray's own retries
+            except Exception as e:  # noqa: BLE001 - a task or actor that failed past Ray's retries: any type
                 batch.attempt += 1
                 if batch.attempt < self.max_attempts and a.finishing is None:
                     log.warning("job %s: batch %s failed (%s); retrying", a.job.id, batch.tiles, e)
@@ -396,7 +399,7 @@ class Scheduler:
                 # else cancelled while stitching: the next step's cancel check records it and cleans up
             return
         a.writes = [w for w in a.writes if not w.done() or w.exception() is not None]
-        errors = [w.exception() for w in a.writes if w.done() and w.exception() is not None]
+        errors = [e for w in a.writes if w.done() and (e := w.exception()) is not None]
         if errors:
             self._fail(a.job, JobError(message=f"storing tiles failed: {_reason(errors[0])}"), a)
             self._forget(a.job.id)
@@ -482,10 +485,8 @@ class Scheduler:
             return  # wait for the finisher to notice
         for w in a.writes:
             w.exception()  # let in-flight part writes land before deleting them
-        try:
+        with contextlib.suppress(TileFMError):  # already final
             self.store.transition(a.job.id, JobState.CANCELLED)
-        except TileFMError:
-            pass  # already final
         self._forget(a.job.id)
         self._delete_parts(a.job)
 

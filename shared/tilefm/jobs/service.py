@@ -6,14 +6,15 @@ Front ends stay thin: they parse their wire format into `JobSpec`, call these me
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, date
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis as AsyncRedis
 
-    from tilefm.models.card import ModelCard
+    from tilefm.card import ModelCard
 
 
 def body_hash(spec: JobSpec) -> str:
@@ -58,7 +59,7 @@ def run_spec(spec: JobSpec, *, out: str | None = None) -> RunSpec:
         model=spec.model,
         out=out or probe,
         zoom=spec.zoom,
-        bbox=tuple(spec.bbox) if spec.bbox else None,
+        bbox=(spec.bbox[0], spec.bbox[1], spec.bbox[2], spec.bbox[3]) if spec.bbox else None,
         backend=spec.backend,
         precision=spec.precision,
         dtype=spec.dtype,
@@ -129,10 +130,8 @@ class JobService:
         from tilefm.models import list_cards
 
         for card in list_cards():
-            try:
+            with contextlib.suppress(TileFMError):  # not installed here: submissions for it get the error
                 _cached_weights(card, self.settings.model_store)
-            except TileFMError:
-                pass  # not installed here: submissions for it get the error
 
     def validate(self, spec: JobSpec, *, block: bool = True) -> int:
         """Everything checkable before acceptance; returns the plan's tile count. With
@@ -163,10 +162,15 @@ class JobService:
             tiles = self.validate(spec, block=False)
         except CacheMiss:
             tiles = await anyio.to_thread.run_sync(self.validate, spec)
-        kw = {"idempotency_key": idempotency_key, "body_hash": body_hash(spec), "total": tiles}
+        digest = body_hash(spec)
         if aredis is None:
-            return await anyio.to_thread.run_sync(functools.partial(self.store.create, spec, **kw))
-        return await self.store.create_async(aredis, spec, **kw)
+            create = functools.partial(
+                self.store.create, spec, idempotency_key=idempotency_key, body_hash=digest, total=tiles
+            )
+            return await anyio.to_thread.run_sync(create)
+        return await self.store.create_async(
+            aredis, spec, idempotency_key=idempotency_key, body_hash=digest, total=tiles
+        )
 
     def get(self, job_id: str) -> Job:
         return self.store.get(job_id)
@@ -196,7 +200,8 @@ class JobService:
         yield _event(job)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         while not job.state.final:
-            for last, event in self.store.events(job_id, last, block_ms=poll_ms):
+            for event_id, event in self.store.events(job_id, last, block_ms=poll_ms):
+                last = event_id
                 yield event
                 if event.state.final:
                     return
@@ -218,7 +223,10 @@ class CacheMiss(Exception):
     """Validation would have to open files or probe storage; raised only with `block=False`."""
 
 
-class _TTLCache:
+V = TypeVar("V")
+
+
+class _TTLCache(Generic[V]):
     """A small time-bounded memo: the same scene or output prefix checked again within `ttl_s`
     reuses the answer (files and buckets seldom change between two submissions).
 
@@ -228,12 +236,12 @@ class _TTLCache:
 
     def __init__(self, ttl_s: float, size: int = 256, stale_s: float = 300.0):
         self.ttl_s, self.size, self.stale_s = ttl_s, size, stale_s
-        self.items: dict[str, tuple[float, object]] = {}
+        self.items: dict[str, tuple[float, V]] = {}
         self.making: dict[str, threading.Lock] = {}
         self.refreshing: set[str] = set()
         self.lock = threading.Lock()
 
-    def get(self, key: str, make: Callable[[], object], *, block: bool = True) -> object:
+    def get(self, key: str, make: Callable[[], V], *, block: bool = True) -> V:
         """The cached value, or `make()`'s; concurrent misses on one key wait for a single
         `make()` instead of all opening the same files at once. `block=False`: `CacheMiss`
         instead of making it here."""
@@ -260,7 +268,7 @@ class _TTLCache:
             self._put(key, value)
             return value
 
-    def _put(self, key: str, value: object) -> None:
+    def _put(self, key: str, value: V) -> None:
         with self.lock:
             if key not in self.items and len(self.items) >= self.size:
                 old = next(iter(self.items))
@@ -268,7 +276,7 @@ class _TTLCache:
                 self.making.pop(old, None)
             self.items[key] = (time.monotonic(), value)
 
-    def _refresh(self, key: str, make: Callable[[], object]) -> None:
+    def _refresh(self, key: str, make: Callable[[], V]) -> None:
         try:
             self._put(key, make())
         except Exception:  # noqa: BLE001 - the next caller remakes it and gets the error itself
@@ -279,22 +287,27 @@ class _TTLCache:
                 self.refreshing.discard(key)
 
 
-_scenes = _TTLCache(30.0)
-_writable = _TTLCache(60.0)
-_weights = _TTLCache(60.0)
+_scenes: _TTLCache[Scene] = _TTLCache(30.0)
+_writable: _TTLCache[None] = _TTLCache(60.0)
+_weights: _TTLCache[Path | None] = _TTLCache(60.0)
 
 
 def _cached_weights(card: ModelCard, store: Path, *, block: bool = True) -> Path | None:
     return _weights.get(f"{card.name}|{store}", lambda: weights_path(card, store), block=block)
 
 
-def _prepare_cached(spec: JobSpec, settings: Settings, *, block: bool = True):
+def _prepare_cached(spec: JobSpec, settings: Settings, *, block: bool = True) -> Prepared:
     """Validation opens every file of the scene and probes the output location: both are cached
     briefly so that a burst of submissions stays fast."""
 
     open_checked = open_scene_for(settings)
 
-    def open_cached(sources, *, asset_map=None, date_override=None):
+    def open_cached(
+        sources: Mapping[str, str | Sequence[str]],
+        *,
+        asset_map: dict[str, str] | None = None,
+        date_override: date | None = None,
+    ) -> Scene:
         # the allowlist and the S3 endpoint are part of the key: a scene one service may open
         # is not thereby open to another with other settings in the same process
         key = json.dumps(

@@ -35,12 +35,15 @@ API:
         @classmethod from_url(url, prefix="tilefm:", **redis_kwargs) -> JobStore   # decode_responses=True
         def create(self, spec: JobSpec, *, idempotency_key: str | None = None, body_hash: str | None = None,
                    total: int = 0) -> tuple[Job, bool]
-            # one script: record (tiles_total = total), indexes, queue entry, first event; returns (job, created); same key + same hash -> the existing job, created False;
+            # one script: record (tiles_total = total), indexes, queue entry, first event; returns
+            # (job, created); same key + same hash -> the existing job, created False;
             # same key + another hash -> raises IdempotencyConflict; new jobs are queued.
             # body_hash None -> the hash of the spec's canonical JSON
-        async def create_async(self, client: redis.asyncio.Redis, spec, ...) -> tuple[Job, bool]   # the same, on an event loop
+        async def create_async(self, client: redis.asyncio.Redis, spec, ...) -> tuple[Job, bool]
+            # the same, on an event loop
         def get(self, job_id: str) -> Job             # raises JobNotFound
-        def list(self, *, state: JobState | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]
+        def list(self, *, state: JobState | None = None, limit: int = 20, cursor: str | None = None
+                 ) -> tuple[list[Job], str | None]
             # newest first; cursor is opaque; next cursor None at the end; InvalidPage for a bad
             # limit (1..100) or cursor
         def transition(self, job_id, to: JobState, *, expect: set[JobState] | None = None, **updates) -> Job
@@ -59,11 +62,13 @@ API:
         def tile_failed(self, job_id, tile, reason) -> None   # ignored if the tile is already done
         def tiles_failed(self, job_id) -> dict[str, str]
         def set_total(self, job_id, total: int) -> None
-        def request_cancel(self, job_id) -> Job   # queued -> cancelled at once; running -> flag, the runner stops
+        def request_cancel(self, job_id) -> Job
+            # queued -> cancelled at once; running -> flag, the runner stops
         def cancel_requested(self, job_id) -> bool
         def publish(self, event: JobEvent) -> str   # the stream id
         def last_event_id(self, job_id) -> str
-        def events(self, job_id, last_id: str = "0", block_ms: int = 1000, count: int = 100) -> list[tuple[str, JobEvent]]
+        def events(self, job_id, last_id: str = "0", block_ms: int = 1000, count: int = 100
+                   ) -> list[tuple[str, JobEvent]]
             # block_ms <= 0: don't block; ValueError unless block_ms < the client's socket_timeout
             # (redis-py 8 defaults to 5 s)
         def counts_by_state(self) -> dict[JobState, int]
@@ -79,6 +84,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import hashlib
 import json
 import secrets
@@ -86,7 +92,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis as redis_lib
 
@@ -224,7 +230,8 @@ end
 """
 )
 
-# ARGV: prefix, id, idem_key|'', body_hash, idem_ttl_s, now_iso, created_ms, qscore, priority, spec_json, total
+# ARGV: prefix, id, idem_key|'', body_hash, idem_ttl_s, now_iso, created_ms, qscore, priority,
+#       spec_json, total
 _CREATE = """
 local id, idem, hash = ARGV[2], ARGV[3], ARGV[4]
 if idem ~= '' then
@@ -479,7 +486,7 @@ class JobStore:
         try:
             res = await client.evalsha(self._create.sha, 0, *args)
         except redis_lib.exceptions.NoScriptError:  # a restarted or flushed Redis
-            res = await client.eval(self._create.script, 0, *args)
+            res = await client.eval(cast(str, self._create.script), 0, *args)
         return self._created(res, idempotency_key)
 
     def _create_args(
@@ -547,7 +554,11 @@ class JobStore:
             upper: str | int = f"({score}"
         else:
             upper = "+inf"
-        rest = self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit + 1, withscores=True)
+        # withscores=True: (member, score) pairs, which redis-py's return type does not single out
+        rest = cast(
+            "builtins.list[tuple[Any, float]]",
+            self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=limit + 1, withscores=True),
+        )
         candidates += [(_str(m), int(s)) for m, s in rest]
         page, more = candidates[:limit], len(candidates) > limit
         jobs = [
@@ -630,7 +641,7 @@ class JobStore:
         v = self.redis.get(self._job(job_id, "lease"))
         return _str(v) if v is not None else None
 
-    def expired_running(self) -> list[str]:
+    def expired_running(self) -> builtins.list[str]:
         return [_str(i) for i in self._expired(args=[self.prefix])]
 
     def requeue(self, job_id: str) -> Job:
@@ -699,11 +710,11 @@ class JobStore:
     def last_event_id(self, job_id: str) -> str:
         """The id of the newest event ("0" when there is none), to stream only what comes after."""
         newest = self.redis.xrevrange(self._job(job_id, "events"), count=1)
-        return newest[0][0] if newest else "0"
+        return _str(newest[0][0]) if newest else "0"
 
     def events(
         self, job_id: str, last_id: str = "0", block_ms: int = 1000, count: int = 100
-    ) -> list[tuple[str, JobEvent]]:
+    ) -> builtins.list[tuple[str, JobEvent]]:
         """Events after `last_id` ("0": from the start, "$": only new ones), waiting up to
         `block_ms` for the first; [] on timeout. Raises JobNotFound for an unknown job."""
         key = self._job(job_id, "events")
@@ -712,7 +723,7 @@ class JobStore:
             raise ValueError(f"block_ms={block_ms} must be below the client's socket_timeout ({timeout} s)")
         if not self.redis.exists(self._job(job_id)):
             raise JobNotFound(job_id)
-        res = self.redis.xread({key: last_id}, count=count, block=block_ms if block_ms > 0 else None)
+        res: Any = self.redis.xread({key: last_id}, count=count, block=block_ms if block_ms > 0 else None)
         if isinstance(res, dict):  # RESP3: {key: [entries]}
             entries = next(iter(res.values()))[0] if res else []
         else:  # RESP2: [[key, entries]]
@@ -754,7 +765,7 @@ class JobStore:
     def _config(self, name: str) -> str | None:
         """A CONFIG value, or None where CONFIG is renamed or switched off."""
         try:
-            values = self.redis.config_get(name)
+            values: dict[Any, Any] = self.redis.config_get(name)
         except redis_lib.exceptions.ResponseError:
             return None
         value = values.get(name, values.get(name.encode()))

@@ -4,34 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tilefm.grid import Tile
-from tilefm.models.card import ModelCard
+from tilefm.card import ModelCard
+from tilefm.errors import ModelError
+from tilefm.models.architectures import architecture, resolve
 from tilefm.read import TileInput
-
-
-@dataclass
-class TileOutput:
-    """A tile's contribution to the mosaic, over the tile plus its halo.
-
-    `values` are weighted sums (per-pixel models: the values themselves, weight 1) and `weight`
-    the sum of weights; the stitcher adds contributions of neighbouring tiles and divides.
-    """
-
-    tile: Tile
-    halo: int
-    #: [C, n, n], float32 or the card's float16 (as a GPU hands it back), any strides: Presto's
-    #: are a view of pixel-interleaved embeddings, which the stitcher keeps so
-    values: np.ndarray
-    weight: np.ndarray  # [n, n] float32, 0 where there was no input
-    #: seconds spent reading this tile and its share of the batch's encode (for metrics)
-    read_s: float = 0.0
-    encode_s: float = 0.0
+from tilefm.values import TileOutput
 
 
 class TileModel(ABC):
@@ -64,7 +46,7 @@ class TileModel(ABC):
         """Pixels read around each tile (at least the card's halo; more if a derived input needs it)."""
         return self.card.context.halo
 
-    def warm(self, modalities: Iterable[str]) -> None:
+    def warm(self, modalities: Iterable[str]) -> None:  # noqa: B027 - optional: most models build nothing
         """Build what the first batch would (ONNX export, int8 quantization, TensorRT engine,
         torch.compile, CUDA graphs) for a scene of these modalities, so that it is paid at load
         and not by the stream of tiles. Models with nothing to build do nothing."""
@@ -104,15 +86,11 @@ class InputPreparer:
 
 
 def input_preparer(card: ModelCard) -> InputPreparer:
-    if card.architecture == "vit":
-        from tilefm.models.vit_tiles import ViTInputs
-
-        return ViTInputs(card)
-    if card.architecture == "presto":
-        from tilefm.models.presto_tiles import PrestoInputs
-
-        return PrestoInputs(card)
-    return InputPreparer(card)
+    """The card's input preparation (its architecture's, `tilefm.models.architectures`)."""
+    path = architecture(card.architecture).inputs
+    cls = resolve(path) if path else InputPreparer
+    preparer: InputPreparer = cls(card)
+    return preparer
 
 
 def normalize(card: ModelCard, data: np.ndarray) -> np.ndarray:
@@ -149,20 +127,10 @@ def load_tile_model(
         resolve_precision(card, backend, precision)
     else:
         precision = None
-    if card.architecture == "onnx":
-        from tilefm.models.onnx import OnnxWindowModel
-
-        assert weights is not None
-        return OnnxWindowModel(card, backend, weights, threads=threads)
-    if card.architecture == "presto":
-        from tilefm.models.presto_tiles import PrestoTileModel
-
-        assert weights is not None
-        return PrestoTileModel(
-            card, backend, weights, threads=threads, precision=precision, out_dtype=out_dtype
-        )
-    if card.architecture == "vit":
-        from tilefm.models.vit_tiles import ViTTileModel
-
-        return ViTTileModel(card, backend, weights, threads=threads, precision=precision, out_dtype=out_dtype)
-    raise ValueError(f"no runner for architecture {card.architecture!r}")
+    arch = architecture(card.architecture)
+    if weights is None and arch.needs_weights:
+        raise ModelError(f"{card.name!r} needs a weights file", field="model")
+    model: TileModel = resolve(arch.model)(
+        card, backend, weights, threads=threads, precision=precision, out_dtype=out_dtype
+    )
+    return model

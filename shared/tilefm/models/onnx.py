@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from tilefm.backends.onnxruntime import OrtSession
-from tilefm.models.base import TileModel, TileOutput, normalize
-from tilefm.models.card import ModelCard
+from tilefm.card import ModelCard
+from tilefm.models.base import TileModel, normalize
 from tilefm.native import NATIVE_BATCH, NativeInput, to_tile
 from tilefm.read import TileInput
+from tilefm.values import TileOutput
 from tilefm.windows import blend_weights, window_offsets
 
 
@@ -31,7 +32,18 @@ NATIVE_CHUNK_GPU = 32
 
 
 class OnnxWindowModel(TileModel):
-    def __init__(self, card: ModelCard, backend: str, weights: Path, *, threads: int | None = None):
+    def __init__(
+        self,
+        card: ModelCard,
+        backend: str,
+        weights: Path,
+        *,
+        threads: int | None = None,
+        precision: str | None = None,
+        out_dtype: str | None = None,
+    ):
+        """`precision` and `out_dtype` are taken as every architecture's are and not used: the
+        graph runs as it was exported, and its class probabilities are float32."""
         super().__init__(card, backend)
         if backend != "onnxruntime":
             raise ValueError(f"ONNX graphs run on onnxruntime, not {backend!r}")
@@ -62,7 +74,7 @@ class OnnxWindowModel(TileModel):
         x, v = self._buffers
         k = 0
         for t in tiles:
-            valid = t.valid.all(axis=0)
+            valid: np.ndarray = np.asarray(t.valid.all(axis=0))
             # invalid pixels become the band mean (0 after normalising): no signal, and no weight below
             norm = normalize(self.card, t.data)
             norm *= valid
@@ -82,7 +94,7 @@ class OnnxWindowModel(TileModel):
         if not tiles:
             return []
         if isinstance(tiles[0], NativeInput):
-            return self.run_native(tiles)  # type: ignore[arg-type]
+            return self.run_native(tiles)
         x, valid = self.windows(tiles)
         probs = self.predict(x)
         return self.blend(tiles, probs, valid)
@@ -114,7 +126,7 @@ class OnnxWindowModel(TileModel):
         W = self.window
         prepared = []
         for inp in inputs:
-            valid = inp.valid.all(axis=0)
+            valid = np.asarray(inp.valid.all(axis=0))
             norm = normalize(self.card, inp.data)
             norm *= valid
             prepared.append((norm, valid))
@@ -163,7 +175,9 @@ class OnnxWindowModel(TileModel):
         size = NATIVE_CHUNK_GPU if self.on_gpu else NATIVE_CHUNK
         for c in range(0, len(todo), size):
             chunk = todo[c : c + size]
-            for key, p in zip(chunk, self.predict(self._stack(inputs, prepared, holders, chunk))):
+            for key, p in zip(
+                chunk, self.predict(self._stack(inputs, prepared, holders, chunk)), strict=True
+            ):
                 for k in holders[key]:
                     oy, ox = inputs[k].window_offset(key[1], key[2])
                     wv = self.weights * prepared[k][1][oy : oy + W, ox : ox + W]
@@ -172,6 +186,6 @@ class OnnxWindowModel(TileModel):
         outs = []
         for k, inp in enumerate(inputs):
             values, weight = to_tile(inp, acc[k], wsum[k])
-            acc[k] = wsum[k] = None  # type: ignore[call-overload]
+            acc[k] = wsum[k] = None  # type: ignore[call-overload]  # each tile's buffers freed once used
             outs.append(TileOutput(tile=inp.tile, halo=0, values=values, weight=weight))
         return outs

@@ -192,12 +192,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, l, d = h.shape
-        qkv = self.qkv(h).reshape(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        b, n, d = h.shape
+        qkv = self.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        # attn_mask: bool [b, 1, 1, l], True = key may be attended to; scale = 1/sqrt(head_dim)
+        # attn_mask: bool [b, 1, 1, n], True = key may be attended to; scale = 1/sqrt(head_dim)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(o.transpose(1, 2).reshape(b, l, d))
+        return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -243,6 +243,9 @@ def _as_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Te
 class PrestoEncoder(nn.Module):
     """The Presto encoder, default configuration. Parameter names are the official state_dict
     keys without the ``encoder.`` prefix."""
+
+    #: the SRTM group's channel numbers (a buffer registered in __init__, like the other groups')
+    _ch_SRTM: torch.Tensor
 
     def __init__(
         self,
@@ -477,7 +480,7 @@ def load_presto(weights_path: str | Path) -> PrestoEncoder:
         raise WeightsError(f"Presto weights not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is a weights problem
+    except Exception as exc:  # any failure to read is a weights problem
         raise WeightsError(f"cannot read Presto weights {path}: {exc}") from exc
     if not isinstance(state, dict):
         raise WeightsError(f"{path} is not a PyTorch state_dict")

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tilefm.card import ModelCard
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile, resolution
-from tilefm.models.base import InputPreparer, TileModel, TileOutput
-from tilefm.models.card import ModelCard
+from tilefm.models.base import InputPreparer, TileModel
 from tilefm.models.presto import (
     DW_MISSING,
     RAW_BAND_NAMES,
@@ -29,6 +29,7 @@ from tilefm.models.presto import (
     normalize_torch,
 )
 from tilefm.read import TileInput, tile_latitudes
+from tilefm.values import TileOutput
 
 #: card band "modality:name" -> Presto raw band
 CARD_TO_RAW = {
@@ -105,7 +106,7 @@ class PrestoInputs(InputPreparer):
             k = RAW_BAND_NAMES.index("slope")
             raw[..., k] = slope[..., None]  # a static DEM: the same slope at every timestep
             present[..., k] = ok[..., None] & present[..., RAW_BAND_NAMES.index("elevation")]
-        pix_valid = present.any(axis=(-2, -1))
+        pix_valid = np.asarray(present.any(axis=(-2, -1)))
         lon, lat = t.lonlat()
         latlons = np.stack([lat[core], lon[core]], axis=-1).astype(np.float32)
         sel = pix_valid.ravel()
@@ -147,7 +148,7 @@ class PrestoInputs(InputPreparer):
             month = np.array([tables[0]], np.int64)
         else:
             month = np.concatenate(
-                [np.tile(np.array(m, np.int64), (len(p[0]), 1)) for m, p in zip(tables, parts)]
+                [np.tile(np.array(m, np.int64), (len(p[0]), 1)) for m, p in zip(tables, parts, strict=True)]
             )
         return PrestoBatch([t.tile for t in tiles], month, [p[3] for p in parts], raw, present, latlons)
 
@@ -218,7 +219,7 @@ class PrestoTileModel(TileModel):
         emb = self.embed(raw, present, latlons, month)
         outs, start = [], 0
         C, n = emb.shape[1], TILE_SIZE * TILE_SIZE
-        for t, valid in zip(prepared.tiles, prepared.valid):
+        for t, valid in zip(prepared.tiles, prepared.valid, strict=True):
             k = int(valid.sum())
             # pixel-interleaved, as the embeddings come and as the COG stores them: a tile's
             # rows of `emb` are its values (no copy), and the stitcher never transposes them.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from tilefm.card import ModelCard
 from tilefm.errors import ModelError
-from tilefm.models.card import ModelCard
 
 CARDS_DIR = Path(__file__).parent / "cards"
 

@@ -30,6 +30,8 @@ def verify(name: str, reference: Path, *, tolerance: float | None = None) -> dic
         needed = {"x", "mask", "dynamic_world", "latlons", "month", "embedding"}
         if not needed <= keys:
             raise ReferenceMismatch(f"{str(reference)!r} lacks {', '.join(sorted(needed - keys))}")
+        if weights is None:
+            raise ModelError(f"model {name!r} has no checkpoint to check against {str(reference)!r}")
         result = run_reference(load_presto(weights), reference)
     else:
         raise ModelError(f"model {name!r} has no reference check (architecture {card.architecture!r})")

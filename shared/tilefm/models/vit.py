@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilefm.card import ModelCard, ViTSpec
 from tilefm.errors import ModelError, WeightsError
-from tilefm.models.card import ModelCard, ViTSpec
 
 #: central wavelengths in micrometres per "modality:band". Optical bands are the sensors' own
 #: (Sentinel-2 MSI, as DOFA uses them). SAR and DEM have no optical wavelength: they get
@@ -51,7 +51,8 @@ KERNEL_SCALE = 0.01
 
 def card_wavelengths(card: ModelCard) -> list[float]:
     """Central wavelength (um) of each of the card's bands, in card order."""
-    assert card.vit is not None
+    if card.vit is None:
+        raise RuntimeError("card.vit is not set")
     table = {**WAVELENGTHS_UM, **card.vit.wavelengths}
     out = []
     for i in card.inputs:
@@ -180,6 +181,8 @@ class Block(nn.Module):
 class ViTEncoder(nn.Module):
     """Any band set in, per-patch embeddings out. Call `bind(wavelengths)` for a runnable net."""
 
+    pos_embed: torch.Tensor  # a buffer, registered in __init__
+
     def __init__(self, spec: ViTSpec, tile: int = 256):
         super().__init__()
         self.spec = spec
@@ -221,6 +224,8 @@ class ViTEncoder(nn.Module):
 
 class BoundViT(nn.Module):
     """The encoder for one band set: [N, bands, H, W] normalised -> [N, dim, H/p, W/p]."""
+
+    pos_embed: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, enc: ViTEncoder, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -273,10 +278,12 @@ def dofa_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_vit(card: ModelCard, weights: Path | None) -> ViTEncoder:
     """The card's encoder, float32, eval mode, on CPU: from a safetensors checkpoint, or from the
     card's seed when it has none."""
-    assert card.vit is not None
+    if card.vit is None:
+        raise RuntimeError("card.vit is not set")
     net = ViTEncoder(card.vit)
     if weights is None:
-        assert card.weights.seed is not None
+        if card.weights.seed is None:
+            raise RuntimeError("card.weights.seed is not set")
         return net.init_weights(card.weights.seed).eval()
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -288,7 +295,8 @@ def load_vit(card: ModelCard, weights: Path | None) -> ViTEncoder:
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsError(
-            f"{str(weights)!r} does not hold a {card.vit.dim}-dim, depth-{card.vit.depth} DOFA-layout encoder "
+            f"{str(weights)!r} does not hold a {card.vit.dim}-dim, depth-{card.vit.depth} DOFA-layout "
+            "encoder "
             f"(missing {', '.join(missing[:5]) or '-'}; unexpected {', '.join(unexpected[:5]) or '-'})"
         )
     return net.float().eval()

@@ -27,12 +27,13 @@ from tilefm.backends import (
     make_runner,
     resolve_precision,
 )
+from tilefm.card import ModelCard
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile
-from tilefm.models.base import InputPreparer, TileModel, TileOutput, normalize_coefficients
-from tilefm.models.card import ModelCard
+from tilefm.models.base import InputPreparer, TileModel, normalize_coefficients
 from tilefm.models.vit import card_wavelengths, load_vit, state_sha256, upsample
 from tilefm.read import TileInput
+from tilefm.values import TileOutput
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ViTInputs(InputPreparer):
             if shift[b, 0, 0]:  # S2's reflectances have none
                 x[i] += shift[b]
         ok = valid[sel]
-        every = ok.all(axis=0)
+        every = np.asarray(ok.all(axis=0))
         if not every.all():
             x[~ok] = 0.0
         stride = self.card.output_stride
@@ -132,12 +133,20 @@ class ViTTileModel(TileModel):
     preparer: ViTInputs
 
     def __init__(
-        self, card: ModelCard, backend: str, weights: Path | None, *, threads: int | None = None, options: BackendOptions | None = None,
-        precision: str | None = None, out_dtype: str | None = None,
-    ):  # fmt: skip
+        self,
+        card: ModelCard,
+        backend: str,
+        weights: Path | None,
+        *,
+        threads: int | None = None,
+        options: BackendOptions | None = None,
+        precision: str | None = None,
+        out_dtype: str | None = None,
+    ):
         """`out_dtype`: the dtype the run stores (None: the card's); see `half_outputs`."""
         super().__init__(card, backend)
-        assert card.vit is not None
+        if card.vit is None:
+            raise RuntimeError("card.vit is not set")
         self.net = load_vit(card, weights)
         self.wavelengths = card_wavelengths(card)
         self.options = options or options_from_settings(card, backend, threads, precision, out_dtype)
@@ -262,11 +271,12 @@ class ViTTileModel(TileModel):
                     values = (
                         emb[j]
                         if stride > 1
-                        else upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]
-                    )  # type: ignore[union-attr]
+                        # a ViT card always has its `vit` section (checked when the model is made)
+                        else upsample(emb[j : j + 1], TILE_SIZE, self.card.vit.upsample)[0]  # type: ignore[union-attr]
+                    )
                     outs[k] = TileOutput(tile=tiles[k], halo=0, values=values, weight=weights[j])
             if any(o is None for o in outs):
                 raise SceneError("internal: a tile got no output")
-            return outs  # type: ignore[return-value]
+            return [o for o in outs if o is not None]  # all of them (checked above)
 
         return finish

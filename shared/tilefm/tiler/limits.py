@@ -88,7 +88,8 @@ class Limits:
             mib = 1024 * 1024
             raise LimitExceeded(
                 f"{bands} bands of {width} x {height} px are {need / mib:.0f} MiB, over the "
-                f"{self.max_read_bytes // mib} MiB this tiler reads for one request (TILEFM_TILER_MAX_READ_MB): "
+                f"{self.max_read_bytes // mib} MiB this tiler reads for one request "
+                "(TILEFM_TILER_MAX_READ_MB): "
                 "ask for fewer bands or fewer pixels",
                 field=field,
             )
@@ -201,7 +202,7 @@ def cog_guard(limits: Limits, request: Request) -> None:
             raise LimitExceeded(f"expression is over {MAX_EXPRESSION_CHARS} characters", field="expression")
         try:
             read, out = parse_expression(expression), get_expression_blocks(expression)
-        except Exception as e:  # rio-tiler's InvalidExpression or a ValueError from its parser
+        except Exception as e:  # noqa: BLE001 - rio-tiler's InvalidExpression, a ValueError, whatever its parser raises
             raise BadRenderParameter(f"expression cannot be read: {e}", field="expression") from None
         limits.check_bands(max(len(read), len(out)), "expression")
     # tiles: the tile size with what buffer and padding add around it
@@ -257,7 +258,7 @@ def _check_colormap(request: Request) -> None:
             )
         else:
             ok = cmap is None
-    except Exception:  # TiTiler's HTTPException, or what its parser raises on odd JSON
+    except Exception:  # noqa: BLE001 - TiTiler's HTTPException, or what its parser raises on odd JSON
         ok = False
     if not ok:
         raise BadRenderParameter(
@@ -310,9 +311,8 @@ def _check_positions(request: Request) -> None:
         raise BadRenderParameter(f"lon must be between -180 and 180, not {lon:g}", field="lon")
     if geographic and lat is not None and not -90 <= lat <= 90:
         raise BadRenderParameter(f"lat must be between -90 and 90, not {lat:g}", field="lat")
-    box = [_float(request, k, path) for k in ("minx", "miny", "maxx", "maxy")]
-    if all(v is not None for v in box):
-        minx, miny, maxx, maxy = box
+    minx, miny, maxx, maxy = (_float(request, k, path) for k in ("minx", "miny", "maxx", "maxy"))
+    if minx is not None and miny is not None and maxx is not None and maxy is not None:
         if not minx < maxx:
             raise BadRenderParameter(f"minx ({minx:g}) must be less than maxx ({maxx:g})", field="minx")
         if not miny < maxy:
@@ -336,14 +336,21 @@ class LimitedReader(Reader):
     def statistics(self, *args, max_size: int = DEFAULT_SIZE, **kwargs):
         self._size_cap = self.limits.max_statistics_px
         try:  # TiTiler's default size, where it is over the cap, comes down to it
-            return super().statistics(*args, max_size=min(max_size, self.limits.max_statistics_px), **kwargs)
+            kwargs["max_size"] = min(max_size, self.limits.max_statistics_px)
+            return super().statistics(*args, **kwargs)
         finally:
             self._size_cap = None
+
+    def _open_dataset(self) -> Any:
+        """`dataset`, which rio-tiler types as optional (it is open for a reader's whole life)."""
+        if self.dataset is None:
+            raise RuntimeError(f"{self.input}: the reader has no open dataset")
+        return self.dataset
 
     def _bands(self, indexes: Any, expression: str | None) -> tuple[int, str]:
         """How many bands the read holds, and the parameter that chose them (band numbers
         outside the dataset are a 422 here, not an IndexError in rasterio)."""
-        count = self.dataset.count
+        count = self._open_dataset().count
         if expression:
             read = parse_expression(expression)
             if not all(1 <= b <= count for b in read):
@@ -429,7 +436,8 @@ class LimitedReader(Reader):
         ):  # TiTiler's default (an explicit one is refused before)
             kwargs["max_size"] = cap
         height, width, max_size = kwargs.get("height"), kwargs.get("width"), kwargs.get("max_size")
-        dh, dw = self.dataset.height, self.dataset.width
+        ds = self._open_dataset()
+        dh, dw = ds.height, ds.width
         if height and width:
             h, w, field = height, width, "width"
         elif height or width:
@@ -449,7 +457,7 @@ def _aspect(bbox, bounds_crs, crs) -> float:
     """Height over width of `bbox` in `crs`."""
     try:
         w, s, e, n = transform_bounds(bounds_crs, crs, *bbox, densify_pts=21) if bounds_crs != crs else bbox
-    except Exception:  # a box the transform cannot take: judged as square
+    except Exception:  # noqa: BLE001 - a box the transform cannot take (PROJ's errors vary): judged square
         return 1.0
     return (n - s) / (e - w) if e > w and n > s else 1.0
 

@@ -18,10 +18,10 @@ import numpy as np
 import rasterio
 from rasterio.warp import transform_bounds
 
+from tilefm.card import ModelCard
 from tilefm.cog import stored_dtype
 from tilefm.jobs.models import Job, JobState
 from tilefm.jobs.store import JobStore
-from tilefm.models.card import ModelCard
 from tilefm.settings import Settings
 from tilefm.storage import gdal_env, storage_for
 from tilefm.tiler.errors import JobNotFinished, OutputUnreadable
@@ -132,26 +132,49 @@ def read_output(job: Job, settings: Settings) -> JobOutput:
     uri = next((o for o in job.outputs if o.endswith(".tif")), None)
     if uri is None:
         raise OutputUnreadable(f"job {job.id} lists no COG among its outputs ({job.outputs})")
-    path = storage_for(uri, settings).rasterio_path(uri)
     try:
-        with rasterio.Env(**gdal_env(settings)), rasterio.open(path) as src:
-            tags = src.tags()
-            bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
-            levels = len(src.overviews(1))
-            count, dtype, nodata = src.count, stored_dtype(src), src.nodata
-            descriptions = [d or f"b{i + 1}" for i, d in enumerate(src.descriptions)]
+        return describe_cog(
+            uri,
+            settings,
+            job_id=job.id,
+            model=job.spec.model,
+            version=job.timings.finished.isoformat() if job.timings.finished else None,
+            written_by=job.id,
+        )
     except rasterio.errors.RasterioIOError as e:
         raise OutputUnreadable(f"the output of job {job.id} cannot be read ({uri}): {e}") from e
-    if tags.get("TILEFM_JOB") != job.id:  # whatever is at the key now, it is not this job's
-        raise OutputUnreadable(f"the file at {uri} was not written by job {job.id}")
+
+
+def describe_cog(
+    uri: str,
+    settings: Settings,
+    *,
+    job_id: str,
+    model: str = "",
+    version: str | None = None,
+    written_by: str | None = None,
+) -> JobOutput:
+    """An output COG of tilefm (its TILEFM_* tags) as `JobOutput`, served under `job_id`.
+    `written_by`: the job whose TILEFM_JOB tag the file must carry. `RasterioIOError` where the
+    file cannot be opened."""
+    path = storage_for(uri, settings).rasterio_path(uri)
+    with rasterio.Env(**gdal_env(settings)), rasterio.open(path) as src:
+        tags = src.tags()
+        bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
+        levels = len(src.overviews(1))
+        count, dtype, nodata = src.count, stored_dtype(src), src.nodata
+        descriptions = [d or f"b{i + 1}" for i, d in enumerate(src.descriptions)]
+    if written_by is not None and tags.get("TILEFM_JOB") != written_by:
+        # whatever is at the key now, it is not this job's
+        raise OutputUnreadable(f"the file at {uri} was not written by job {written_by}")
     card = ModelCard.model_validate_json(tags["TILEFM_CARD"]) if "TILEFM_CARD" in tags else None
     zoom = int(tags.get("TILEFM_ZOOM", 0))
     classes = [ClassInfo(c.value, c.name, c.color) for c in (card.output.classes if card else [])]
     return JobOutput(
-        job_id=job.id,
+        job_id=job_id,
         uri=uri,
         path=path,
-        model=tags.get("TILEFM_MODEL", job.spec.model),
+        model=tags.get("TILEFM_MODEL", model),
         kind=tags.get("TILEFM_OUTPUT_KIND", "embedding"),
         count=count,
         band_names=descriptions,
@@ -166,7 +189,7 @@ def read_output(job: Job, settings: Settings) -> JobOutput:
         classes=classes,
         scene=json.loads(tags.get("TILEFM_SCENE", "{}")) or {},
         created=tags.get("TILEFM_CREATED", ""),
-        version=job.timings.finished.isoformat() if job.timings.finished else tags.get("TILEFM_CREATED", ""),
+        version=version or tags.get("TILEFM_CREATED", ""),
     )
 
 

@@ -45,7 +45,9 @@ class RenderParams:
         return f"{self.render}|{self.bands}|{self.rescale}|{self.colormap_name}|{q}"
 
 
-def to_uint8(values: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
+def to_uint8(
+    values: np.ndarray, lo: np.ndarray | np.floating | float, hi: np.ndarray | np.floating | float
+) -> np.ndarray:
     lo = np.asarray(lo, np.float32).reshape(-1, 1, 1) if np.ndim(lo) else np.float32(lo)
     hi = np.asarray(hi, np.float32).reshape(-1, 1, 1) if np.ndim(hi) else np.float32(hi)
     span = np.where(hi > lo, hi - lo, 1.0)
@@ -54,11 +56,14 @@ def to_uint8(values: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float)
 
 
 def rgb_bands(
-    values: np.ndarray, stats: RenderStats, bands: tuple[int, ...], rescale: tuple[float, float] | None
+    values: np.ndarray, stats: RenderStats | None, bands: tuple[int, ...], rescale: tuple[float, float] | None
 ) -> np.ndarray:
-    """values holds exactly the requested bands (read with those indexes)."""
+    """values holds exactly the requested bands (read with those indexes); `stats` is only
+    needed without `rescale`."""
     if rescale:
         return to_uint8(values, *rescale)
+    if stats is None:
+        raise ValueError("rgb_bands needs the output's statistics or a rescale")
     idx = [b - 1 for b in bands]
     return to_uint8(values, np.asarray(stats.band_lo)[idx], np.asarray(stats.band_hi)[idx])
 
@@ -179,9 +184,9 @@ def encode_classes(
     no data transparent), or WEBP/JPEG in the palette's colours."""
     palette = np.zeros((256, 3), np.uint8)
     alpha = np.full(256, 255, np.uint8)
-    for value, rgba in colormap.items():
-        palette[value] = rgba[:3]
-        alpha[value] = rgba[3]
+    for value, colour in colormap.items():
+        palette[value] = colour[:3]
+        alpha[value] = colour[3]
     alpha[nodata] = 0
     img = Image.fromarray(np.ascontiguousarray(classes, np.uint8), "P")
     img.putpalette(palette.tobytes())

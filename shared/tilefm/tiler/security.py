@@ -37,7 +37,8 @@ def allowed_path(url: str, prefixes: list[str], settings: Settings) -> str:
     of `prefixes`; `PathNotAllowed` (403) for anything else, naming the reason."""
     if not prefixes:
         raise PathNotAllowed(
-            "the generic COG endpoints are disabled: no storage prefixes are configured (TILEFM_TILER_PREFIXES)"
+            "the generic COG endpoints are disabled: no storage prefixes are configured "
+            "(TILEFM_TILER_PREFIXES)"
         )
     if any(ord(c) < 32 for c in url) or "\\" in url:
         raise PathNotAllowed("control characters and backslashes are not allowed in url")

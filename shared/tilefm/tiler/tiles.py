@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import morecantile
 import numpy as np
 import rasterio
 from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
@@ -98,7 +99,7 @@ def read_aligned(
     tile is whole blocks of one overview, or part of a block upsampled (nearest) past the native
     zoom. No warping: ~10x cheaper than a generic reprojected read, and the same pixels."""
     idx = indexes or list(range(1, src.count + 1))
-    b = TMS.xy_bounds(x, y, z)
+    b = TMS.xy_bounds(morecantile.Tile(x, y, z))
     res = src.transform.a
     col0 = (b.left - src.transform.c) / res
     row0 = (src.transform.f - b.top) / res
@@ -155,6 +156,8 @@ class OutputTiles:
     """Reads and renders one deployment's job outputs."""
 
     settings: Settings
+    #: keep the PCA statistics beside each COG (`<name>.pca.json`) for the next process
+    store_stats: bool = True
 
     def __post_init__(self) -> None:
         self._readers = ReaderCache()
@@ -173,7 +176,11 @@ class OutputTiles:
             s = self._stats.get(out.job_id)
             if s is None:
                 s = self._stats[out.job_id] = pca.load_or_compute(
-                    out, storage_for(out.uri, self.settings), self._env, max_bytes=self.limits.max_read_bytes
+                    out,
+                    storage_for(out.uri, self.settings),
+                    self._env,
+                    max_bytes=self.limits.max_read_bytes,
+                    store=self.store_stats,
                 )
             return s
 
@@ -217,7 +224,8 @@ class OutputTiles:
         allowed = out.renders + ["raw"]
         if name not in allowed:
             raise BadRenderParameter(
-                f"render {name!r} is not available for a {out.kind} output; choose one of {', '.join(allowed)}",
+                f"render {name!r} is not available for a {out.kind} output; choose one of "
+                f"{', '.join(allowed)}",
                 field="render",
             )
         query, quantiles = None, None
@@ -251,7 +259,14 @@ class OutputTiles:
             if hit is not None:
                 self._queries.move_to_end(key)
                 return hit
-        query = render.parse_vector(vector, out.count) if vector else self.vector_at(out, lon, lat)
+        if vector:
+            query = render.parse_vector(vector, out.count)
+        elif lon is not None and lat is not None:
+            query = self.vector_at(out, lon, lat)
+        else:
+            raise BadRenderParameter(
+                "similarity needs a query: lon and lat of a pixel, or vector", field="lon"
+            )
         hit = (query, self.similarity_quantiles(out, query))
         with self._stats_lock:
             self._queries[key] = hit
@@ -281,13 +296,13 @@ class OutputTiles:
         )
         with self.env():
             img = read_aligned(
-                self._readers.get(out.path).dataset, out, z, x, y, TILE_SIZE * scale, self._indexes(out, p)
+                self._readers.dataset(out.path), out, z, x, y, TILE_SIZE * scale, self._indexes(out, p)
             )
         return self._render(out, img, fmt, p, stats)
 
     def _shape(self, out: JobOutput) -> tuple[int, int]:
         with self.env():
-            ds = self._readers.get(out.path).dataset
+            ds = self._readers.dataset(out.path)
             return ds.height, ds.width
 
     def preview_size(self, out: JobOutput, p: RenderParams, max_size: int | None) -> int:
@@ -312,7 +327,7 @@ class OutputTiles:
         self, out: JobOutput, img: ImageData, fmt: str, p: RenderParams, stats: pca.RenderStats | None
     ) -> bytes:
         raw = np.ma.getdata(img.array)
-        valid = ~np.ma.getmaskarray(img.array).any(axis=0)
+        valid = ~np.asarray(np.ma.getmaskarray(img.array).any(axis=0))
         if p.render == "classes":
             if fmt in render.RAW_FORMATS:
                 return encode_raw(raw.astype(np.uint8), fmt, img, out.nodata)
@@ -321,6 +336,10 @@ class OutputTiles:
         values = out.dequantize(raw)
         values[:, ~valid] = np.nan
         if p.render == "similarity":
+            if p.query is None:
+                raise BadRenderParameter(
+                    "similarity needs a query: lon and lat of a pixel, or vector", field="lon"
+                )
             sim = render.cosine_similarity(values, p.query)
             if fmt in render.RAW_FORMATS:
                 return encode_raw(sim[None], fmt, img, None)
@@ -332,6 +351,8 @@ class OutputTiles:
         if p.render == "rgb":
             rgb = render.rgb_bands(values, stats, p.bands, p.rescale)
         elif p.render == "pca":
+            if stats is None:
+                raise RuntimeError("a PCA rendering needs the output's statistics")
             rgb = (
                 render.pca(values, stats)
                 if not p.rescale
@@ -496,6 +517,8 @@ class SceneTiles:
                     raise TileNotAvailable(f"tile {z}/{x}/{y} is outside the scene") from None
                 values[i] = np.ma.getdata(img.array)[0] + np.float32(band.offset)
                 valid &= ~np.ma.getmaskarray(img.array)[0]
+        if img is None:
+            raise BadRenderParameter("the scene has no bands to show", field="render")
         rgb = render.to_uint8(values, *(rescale or TRUE_COLOUR_RESCALE))
         return encode_image(rgb, valid, fmt, img)
 
@@ -504,5 +527,5 @@ class SceneTiles:
 
 
 def tile_bounds(z: int, x: int, y: int) -> tuple[float, float, float, float]:
-    b = TMS.bounds(x, y, z)
+    b = TMS.bounds(morecantile.Tile(x, y, z))
     return b.left, b.bottom, b.right, b.top
