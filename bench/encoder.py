@@ -118,7 +118,7 @@ class Workload:
     def __init__(self, prep: Any, model: Any):
         from concurrent.futures import ThreadPoolExecutor
 
-        from tilefm.read import read_tile
+        from tilefm.io.read import read_tile
 
         self.prep, self.vit = prep, prep.card.architecture == "vit"
         with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
@@ -200,7 +200,7 @@ def model_only(
 def end_to_end(
     spec_kw: dict[str, Any], backend: str, batch: int, executor: str = "local", precision: str | None = None
 ) -> dict[str, Any]:
-    from tilefm.pipeline import RunSpec, execute, prepare
+    from tilefm.engine.pipeline import RunSpec, execute, prepare
 
     with tempfile.TemporaryDirectory() as tmp, GpuSampler() as gpu:
         spec = RunSpec(
@@ -309,9 +309,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from tilefm.backends import unavailable_reason
+    from tilefm.engine.pipeline import RunSpec, prepare
+    from tilefm.engine.runtime import WorkerSpec
     from tilefm.models import get_card
-    from tilefm.pipeline import RunSpec, prepare
-    from tilefm.runtime import WorkerSpec
 
     bbox = None if args.bbox == "all" else tuple(map(float, args.bbox.split(",")))
     rows: list[dict[str, Any]] = []

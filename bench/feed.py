@@ -110,8 +110,8 @@ def feed(
     out_dtype: str = "gpu",
 ) -> dict[str, Any]:
     """One run; `out_root`: the folder URI the COG goes to (None: a local temporary folder)."""
-    from tilefm.pipeline import batches, publish
-    from tilefm.runtime import LocalExecutor, WorkerSpec
+    from tilefm.engine.pipeline import batches, publish
+    from tilefm.engine.runtime import LocalExecutor, WorkerSpec
     from tilefm.settings import get_settings
     from tilefm.values import Encoding
 
@@ -229,8 +229,8 @@ def main() -> None:
 
 def run(args: argparse.Namespace, out_root: str | None) -> None:
 
+    from tilefm.engine.pipeline import RunSpec, prepare
     from tilefm.grid import parse_bbox
-    from tilefm.pipeline import RunSpec, prepare
 
     spec = RunSpec(
         scene={"s2": str(SCENE)},

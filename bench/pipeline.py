@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tilefm.engine.pipeline import RunSpec, batches, execute, prepare
+from tilefm.engine.runtime import WorkerSpec, cpu_count
+from tilefm.io.native import read_native
+from tilefm.io.read import read_tile
 from tilefm.models.onnx import NATIVE_CHUNK
-from tilefm.native import read_native
-from tilefm.pipeline import RunSpec, batches, execute, prepare
-from tilefm.read import read_tile
-from tilefm.runtime import WorkerSpec, cpu_count
 
 SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-20200219"
 
@@ -97,7 +97,7 @@ def main() -> int:
         )
         prep = prepare(spec)
         if args.batch_size is None:
-            from tilefm.pipeline import default_batch
+            from tilefm.engine.pipeline import default_batch
 
             args.batch_size = default_batch(prep.card)
             spec.batch_size = args.batch_size

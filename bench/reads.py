@@ -29,9 +29,9 @@ SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-29RKH-
 def run(scene, card, tiles, batch: int, threads: int, warp: str, prepare: bool = False) -> float:
     """tiles/s reading `tiles` in batches on `threads` threads (`prepare`: and preparing the
     model's input, all that a reader does)."""
+    from tilefm.engine.readers import read_prepared
+    from tilefm.io.read import read_tiles
     from tilefm.models.base import input_preparer
-    from tilefm.read import read_tiles
-    from tilefm.readers import read_prepared
 
     halo = card.context.halo
     batches = [tiles[i : i + batch] for i in range(0, len(tiles), batch)]
@@ -74,8 +74,9 @@ def main() -> None:
         choices=("retain", "default"),
         default="retain",
         help=(
-            "retain: freed arrays stay in the heap, as in tilefm's reader processes (tilefm.memory; it is "
-            "the main thread's heap that gave memory back); default: glibc's own thresholds"
+            "retain: freed arrays stay in the heap, as in tilefm's reader processes "
+            "(tilefm.engine.memory; it is the main thread's heap that gave memory back); default: "
+            "glibc's own thresholds"
         ),
     )
     ap.add_argument(
@@ -88,15 +89,15 @@ def main() -> None:
 
     import torch
 
-    from tilefm.memory import retain_freed_memory
+    from tilefm.engine.memory import retain_freed_memory
 
     if args.malloc == "retain":
         retain_freed_memory()
 
     from tilefm.grid import plan_tiles
+    from tilefm.io.read import card_band_names, read_tiles
+    from tilefm.io.scene import open_scene
     from tilefm.models import get_card
-    from tilefm.read import card_band_names, read_tiles
-    from tilefm.scene import open_scene
 
     torch.set_num_threads(1)  # one core per reader thread: the numbers are per core
     scene = open_scene({"s2": str(SCENE)})

@@ -23,8 +23,8 @@ from pathlib import Path
 
 ROLES = (
     ("mosaic", ("_finish_child", "_finish_tile", "_compress_now", "_write_now")),
-    ("reader", ("read_prepared", "_read_into", "read_row", "tilefm/warp.py", "tilefm/read.py")),
-    ("main", ("publish (tilefm/pipeline.py", "<module> (feed.py", "<module> (encoder.py")),
+    ("reader", ("read_prepared", "_read_into", "read_row", "tilefm/io/warp.py", "tilefm/io/read.py")),
+    ("main", ("publish (tilefm/engine/pipeline.py", "<module> (feed.py", "<module> (encoder.py")),
 )
 
 

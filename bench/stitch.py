@@ -47,8 +47,8 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from tilefm.pipeline import RunSpec, prepare
-    from tilefm.stitch import MosaicWriter
+    from tilefm.engine.pipeline import RunSpec, prepare
+    from tilefm.engine.stitch import MosaicWriter
     from tilefm.values import Encoding, TileOutput
 
     spec = RunSpec(

@@ -205,9 +205,9 @@ def test_engine_cache_builds_once_then_loads(tmp_path: Path) -> None:
 def reference(scene_dir: Path):
     """vit-small bound to the S2 bands, real tiles, and the torch fp32 CPU output."""
     from tilefm.grid import plan_tiles
+    from tilefm.io.read import read_tile
+    from tilefm.io.scene import open_scene
     from tilefm.models.vit_tiles import ViTTileModel
-    from tilefm.read import read_tile
-    from tilefm.scene import open_scene
 
     scene = open_scene({"s2": str(scene_dir)})
     card = get_card("vit-small")
@@ -354,9 +354,9 @@ def test_tensorrt_int8_from_a_calibration_set(reference, scene_dir: Path, tmp_pa
     pytest.importorskip("tensorrt")
     from tilefm.backends.tensorrt import tensorrt_runner
     from tilefm.grid import plan_tiles
+    from tilefm.io.scene import open_scene
     from tilefm.models.calibrate import make_calibration
     from tilefm.models.vit import state_sha256
-    from tilefm.scene import open_scene
 
     bound, x, ref = reference
     scene = open_scene({"s2": str(scene_dir)})
@@ -394,8 +394,8 @@ def test_outputs_come_back_in_the_dtype_the_run_stores(model_store: Path) -> Non
     """The job's storage dtype reaches the model: a GPU rounds to float16 only where the COG
     keeps float16 (a float32 or int8 job gets float32); CPU runners stay at float32, where
     rounding would only move work to the thread that feeds the model."""
+    from tilefm.engine.runtime import WorkerSpec
     from tilefm.models.store import weights_path
-    from tilefm.runtime import WorkerSpec
 
     presto = get_card("presto")
     weights = weights_path(presto, model_store)
@@ -424,10 +424,10 @@ def test_outputs_come_back_in_the_dtype_the_run_stores(model_store: Path) -> Non
 def presto_pixels(scene_dir: Path, model_store: Path):
     """One real tile's pixels and Presto's torch fp32 CPU embeddings of them."""
     from tilefm.grid import plan_tiles
+    from tilefm.io.read import read_tile
+    from tilefm.io.scene import open_scene
     from tilefm.models.presto_tiles import PrestoTileModel
     from tilefm.models.store import weights_path
-    from tilefm.read import read_tile
-    from tilefm.scene import open_scene
 
     scene = open_scene({"s2": str(scene_dir)})
     card = get_card("presto")

@@ -41,8 +41,8 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from tilefm.api.auth import KeyRing, hash_key
+from tilefm.api.grpc_service import FIELD_METADATA_KEY, MAX_TOKEN_CHARS, create_server
 from tilefm.api.jobs import create_app
-from tilefm.grpc_api import FIELD_METADATA_KEY, MAX_TOKEN_CHARS, create_server
 from tilefm.jobs.models import (
     MAX_ASSETS,
     MAX_LABEL_KEY_CHARS,

@@ -1,4 +1,4 @@
-"""Bands by what they are, from any sensor (tilefm.bands, tilefm.scene): STAC items by common
+"""Bands by what they are, from any sensor (tilefm.io.bands, tilefm.io.scene): STAC items by common
 name with `raster:bands` scaling, Landsat Collection 2 Level-2 and HLS by their own band names,
 `--band`, and the model cards' alternatives.
 
@@ -20,13 +20,13 @@ import pytest
 import rasterio
 from conftest import run_cli
 
-from tilefm.bands import BANDS, HLS_L30, LANDSAT_L2, band_by_wavelength, bind_card, sensor_of_file
 from tilefm.errors import MissingBandError, SceneError
 from tilefm.grid import Tile
+from tilefm.io.bands import BANDS, HLS_L30, LANDSAT_L2, band_by_wavelength, bind_card, sensor_of_file
+from tilefm.io.read import check_scene, read_band, read_tiles
+from tilefm.io.scene import BandFile, Scene, open_modality, open_scene, parse_band_arg, with_bands
 from tilefm.models import get_card
 from tilefm.models.presto_tiles import PrestoInputs
-from tilefm.read import check_scene, read_band, read_tiles
-from tilefm.scene import BandFile, Scene, open_modality, open_scene, parse_band_arg, with_bands
 
 ZOOM = 11
 #: a row of two tiles well inside the scene, and one on its edge

@@ -20,11 +20,11 @@ from tilefm.backends.calibration import (
 )
 from tilefm.backends.compare import agreement, rel_error
 from tilefm.backends.engine_cache import calibration_digest, engine_key
+from tilefm.engine.runtime import WorkerSpec, place_encoders
 from tilefm.errors import BackendError
 from tilefm.grid import plan_tiles
 from tilefm.models import get_card
 from tilefm.models.calibrate import make_calibration
-from tilefm.runtime import WorkerSpec, place_encoders
 from tilefm.settings import Settings
 
 VIT = get_card("vit-small")
@@ -33,7 +33,7 @@ S2 = tuple(range(10))  # the card's S2 bands come first
 
 @pytest.fixture(scope="module")
 def scene(scene_dir: Path):
-    from tilefm.scene import open_scene
+    from tilefm.io.scene import open_scene
 
     return open_scene({"s2": str(scene_dir)})
 
@@ -106,8 +106,8 @@ def test_qdq_int8_graph_matches_fp32_on_other_tiles(calibration: Calibration, sc
 
     from tilefm.backends.onnx_export import export_onnx
     from tilefm.backends.onnxruntime import OrtRunner
+    from tilefm.io.read import read_tile
     from tilefm.models.vit_tiles import ViTTileModel
-    from tilefm.read import read_tile
 
     model = ViTTileModel(VIT, "torch", None)
     tiles = plan_tiles(scene.footprint, 11, bbox=(-11.5, 24.7, -11.2, 24.9)).tiles[:4]
@@ -164,3 +164,17 @@ def test_tensorrt_int8_without_a_calibration_set_says_so() -> None:
             model_sha256="cd" * 32,
         )  # type: ignore[arg-type]  # no module: it is refused before one is needed
     assert e.value.field == "precision"
+
+
+def test_the_library_call_makes_the_same_kind_of_set(scene_dir: Path, tmp_path: Path) -> None:
+    """`tilefm.models.calibrate.calibrate`, what the CLI wraps: a set of real tiles in the store;
+    a count under one is an error naming `tiles`."""
+    from tilefm.models.calibrate import calibrate
+
+    path = calibrate("vit-small", {"s2": str(scene_dir)}, zoom=12, tiles=4, store=tmp_path)
+    assert path == calibration_path(VIT, tmp_path, ["s2"])
+    cal = Calibration.load(path)
+    assert cal.x.shape == (4, 10, 256, 256) and cal.present == S2 and '"zoom": 12' in cal.source
+    with pytest.raises(BackendError, match="at least 1 tile") as e:
+        calibrate("vit-small", {"s2": str(scene_dir)}, zoom=12, tiles=0, store=tmp_path)
+    assert e.value.field == "tiles"

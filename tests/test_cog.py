@@ -1,4 +1,4 @@
-"""The COG laid out from blocks compressed while stitching (tilefm.cog): GDAL reads back exactly
+"""The COG laid out from blocks compressed while stitching (tilefm.engine.cog): GDAL reads back exactly
 what went in, at every level, and the file has the layout that COG readers rely on."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import rasterio
 from affine import Affine
 from rio_cogeo import cog_validate
 
-from tilefm import cog
-from tilefm.cog import BLOCK, COGBuilder, encode_block, read_fields, template_fields
+from tilefm.engine import cog
+from tilefm.engine.cog import BLOCK, COGBuilder, encode_block, read_fields, template_fields
 from tilefm.storage import EarlyParts, S3Storage
 
 BANDS = 5

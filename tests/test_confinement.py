@@ -22,12 +22,12 @@ from botocore.exceptions import ClientError
 from fastapi.testclient import TestClient
 
 from tilefm.api.jobs import create_app
+from tilefm.engine.pipeline import check_unclaimed
 from tilefm.errors import StorageError, TileFMError
 from tilefm.jobs import locations
 from tilefm.jobs.models import JobSpec, JobState
 from tilefm.jobs.service import JobService, output_uri
 from tilefm.jobs.store import JobStore
-from tilefm.pipeline import check_unclaimed
 from tilefm.settings import Settings
 from tilefm.storage import storage_for
 from tilefm.tiler.errors import OutputUnreadable

@@ -23,7 +23,7 @@ from tilefm.grid import (
     resolution,
     to_3857,
 )
-from tilefm.scene import open_scene
+from tilefm.io.scene import open_scene
 
 #: WebMercatorQuad pixel size at zoom 0 (equator): 2 pi R / 256
 RES0 = 2 * math.pi * 6378137.0 / 256

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tilefm.api.auth import KeyRing
-from tilefm.grpc_api import FIELD_METADATA_KEY, create_server
+from tilefm.api.grpc_service import FIELD_METADATA_KEY, create_server
 from tilefm.jobs.models import JobEvent, JobSpec, JobState, Progress
 from tilefm.jobs.proto import job_from_proto, pb, pb_grpc, spec_to_proto, state_to_proto
 from tilefm.jobs.service import JobService

@@ -345,7 +345,7 @@ def test_jobs_over_grpc_succeed_and_watch_ends_final(
     """Both models through the gRPC JobService, run by the scheduler; Watch streams to the end."""
     import grpc
 
-    from tilefm.grpc_api import create_server
+    from tilefm.api.grpc_service import create_server
     from tilefm.jobs.models import JobSpec
     from tilefm.jobs.proto import event_from_proto, job_from_proto, pb, pb_grpc, spec_to_proto
     from tilefm.jobs.service import JobService

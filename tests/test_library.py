@@ -14,7 +14,8 @@ pytestmark = pytest.mark.integration
 
 def test_importing_the_library_does_not_start_or_import_ray() -> None:
     code = (
-        "import sys, tilefm.pipeline, tilefm.cli, tilefm.stitch, tilefm.models.onnx, tilefm.runtime; "
+        "import sys, tilefm.engine.pipeline, tilefm.cli, tilefm.engine.stitch, tilefm.models.onnx, "
+        "tilefm.engine.runtime; "
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -16,13 +16,13 @@ import pytest
 from conftest import CLOUDS_BBOX
 from test_vit import tiny_card
 
-from tilefm import read as read_module
+from tilefm.engine.pipeline import batches
+from tilefm.engine.readers import ProcessReaders
+from tilefm.engine.runtime import LocalExecutor, WorkerSpec
 from tilefm.grid import plan_tiles
-from tilefm.pipeline import batches
-from tilefm.read import read_tiles
-from tilefm.readers import ProcessReaders
-from tilefm.runtime import LocalExecutor, WorkerSpec
-from tilefm.scene import open_scene
+from tilefm.io import read as read_module
+from tilefm.io.read import read_tiles
+from tilefm.io.scene import open_scene
 
 BBOX = (-11.5, 24.7, -11.3, 24.85)
 
@@ -215,7 +215,7 @@ def test_a_run_with_reader_processes_writes_the_same_cog(
     import rasterio
     from conftest import run_cli
 
-    from tilefm.readers import shm_dir
+    from tilefm.engine.readers import shm_dir
 
     before = {n for n in os.listdir(shm_dir()) if n.startswith("tilefm-")}
     arrays = {}
@@ -267,8 +267,8 @@ def test_reader_processes_from_a_script_without_a_main_guard(tmp_path: Path, sce
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_local_executor import BBOX, executor\n"
         "from tilefm.grid import plan_tiles\n"
-        "from tilefm.pipeline import batches\n"
-        "from tilefm.scene import open_scene\n"
+        "from tilefm.engine.pipeline import batches\n"
+        "from tilefm.io.scene import open_scene\n"
         f"scene = open_scene({{'s2': {str(scene_dir)!r}}})\n"
         "tiles = plan_tiles(scene.footprint, 11, bbox=BBOX).tiles\n"
         "ex = executor(kind='process')\n"
@@ -327,8 +327,8 @@ def test_readers_and_cog_threads_follow_where_the_model_runs(monkeypatch: pytest
     """A local run on a GPU host gives most cores to readers (processes) and the stitcher (the
     12 readers and 6 COG threads on 16 cores; 4 readers left an H200 waiting); on a
     CPU the model needs the cores: up to 4 of each. A count set by hand wins."""
-    from tilefm import runtime
-    from tilefm.runtime import local_threads
+    from tilefm.engine import runtime
+    from tilefm.engine.runtime import local_threads
 
     assert local_threads(True, 16) == (12, 6)
     assert local_threads(False, 16) == (4, 4)

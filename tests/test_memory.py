@@ -1,4 +1,4 @@
-"""A reader's freed arrays stay in its heap (`tilefm.memory`): measured as page faults."""
+"""A reader's freed arrays stay in its heap (`tilefm.engine.memory`): measured as page faults."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import json, resource, sys
 import torch
 torch.set_num_threads(1)
 from tilefm.grid import plan_tiles
-from tilefm.memory import retain_freed_memory
+from tilefm.engine.memory import retain_freed_memory
 from tilefm.models import get_card
-from tilefm.readers import read_prepared
-from tilefm.scene import open_scene
+from tilefm.engine.readers import read_prepared
+from tilefm.io.scene import open_scene
 # twice: idempotent
 retained = retain_freed_memory() and retain_freed_memory() if sys.argv[2] == "1" else False
 scene, card = open_scene({"s2": sys.argv[1]}), get_card("vit-base")

@@ -1,4 +1,4 @@
-"""Inference on the scene's own grid (tilefm.native): the grid, the window lattice, the reads
+"""Inference on the scene's own grid (tilefm.io.native): the grid, the window lattice, the reads
 onto it, and the resampling of blended scores onto tiles, checked against direct rasterio reads
 of the sample scene and GDAL's warper."""
 
@@ -13,11 +13,11 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
-from tilefm.fidelity import ResamplingError, input_grid
+from tilefm.engine.fidelity import ResamplingError, input_grid
 from tilefm.grid import TMS, Tile, plan_tiles
+from tilefm.io.native import InferenceGrid, WindowLattice, read_native, to_tile
+from tilefm.io.scene import open_scene
 from tilefm.models import get_card
-from tilefm.native import InferenceGrid, WindowLattice, read_native, to_tile
-from tilefm.scene import open_scene
 
 ZOOM = 11
 

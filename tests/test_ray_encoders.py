@@ -17,9 +17,9 @@ import torch
 
 from tilefm.backends import select_backend
 from tilefm.backends.torch_cuda import batch_for_memory
+from tilefm.engine.runtime import WorkerSpec, place_encoders
 from tilefm.errors import BackendError
 from tilefm.models import get_card
-from tilefm.runtime import WorkerSpec, place_encoders
 from tilefm.settings import Settings
 
 CUDA = torch.cuda.is_available()
@@ -105,17 +105,17 @@ SCRIPT = textwrap.dedent(
     import ray
     from tilefm.grid import plan_tiles
     from tilefm.models import get_card
-    from tilefm.pipeline import batches
-    from tilefm.read import read_tiles
-    from tilefm.runtime import RayExecutor, WorkerSpec
-    from tilefm.scene import open_scene
+    from tilefm.engine.pipeline import batches
+    from tilefm.io.read import read_tiles
+    from tilefm.engine.runtime import RayExecutor, WorkerSpec
+    from tilefm.io.scene import open_scene
     from tilefm.settings import Settings
 
     settings = Settings(ray_num_cpus=2, ray_num_gpus=2)
 
     def timeout_error():
         # actors wanting more GPUs than the cluster has: a clear error, not a hang
-        from tilefm.runtime import start_encoders
+        from tilefm.engine.runtime import start_encoders
         try:
             start_encoders(ray, WorkerSpec(card=get_card("vit-small"), backend="torch", weights=None),
                            Settings(encoder_num_gpus=4, encoder_start_timeout_s=3), requested="auto")

@@ -22,8 +22,8 @@ from shapely.geometry import box, mapping, shape
 
 from tilefm.grid import TILE_SIZE, TMS, resolution
 from tilefm.models import get_card
-from tilefm.seams import seam_report
-from tilefm.windows import blend_weights
+from tilefm.models.windows import blend_weights
+from tilefm.testing.seams import seam_report
 
 #: the job service on a local Ray cluster, `tilefm run`; `slow` where a test uses `clouds`
 pytestmark = pytest.mark.integration

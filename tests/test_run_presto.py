@@ -14,12 +14,12 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rio_cogeo import cog_validate
 
-from tilefm.cog import stored_dtype
+from tilefm.engine.cog import stored_dtype
 from tilefm.grid import TILE_SIZE, TMS, Tile, resolution
+from tilefm.io.read import WARP_TOLERANCE, read_tile
+from tilefm.io.scene import open_scene
 from tilefm.models import get_card
 from tilefm.models.presto import RAW_BAND_NAMES, load_presto, normalize
-from tilefm.read import WARP_TOLERANCE, read_tile
-from tilefm.scene import open_scene
 from tilefm.storage import storage_for
 
 #: `tilefm run` on a local Ray cluster, to the S3 server, and on the local executor

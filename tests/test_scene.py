@@ -1,4 +1,4 @@
-"""Scene inputs (tilefm.scene) and tile reads (tilefm.read) on the real Sentinel-2 scene and DEM.
+"""Scene inputs (tilefm.io.scene) and tile reads (tilefm.io.read) on the real Sentinel-2 scene and DEM.
 
 Synthetic rasters (written into tmp_path) are used only where real data cannot show the case:
 corrupt and non-georeferenced files.
@@ -25,9 +25,9 @@ from shapely.geometry import box, shape
 
 from tilefm.errors import MissingBandError, NotGeoreferencedError, SceneError
 from tilefm.grid import TMS, Tile, plan_tiles, to_3857
+from tilefm.io.read import WARP_TOLERANCE, TileInput, check_scene, read_band, read_tile
+from tilefm.io.scene import Scene, open_modality, open_scene, parse_scene_arg
 from tilefm.models import get_card
-from tilefm.read import WARP_TOLERANCE, TileInput, check_scene, read_band, read_tile
-from tilefm.scene import Scene, open_modality, open_scene, parse_scene_arg
 
 S2_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B11", "B12", "B8A"]
 #: STAC asset key -> band, for the 12 single-band COG assets of the real item
@@ -353,7 +353,7 @@ def test_check_scene_modalities(dem_path: Path, s2_scene: Scene, csmask, presto)
 
 
 #: the halo of a context model on the tile grid whose windows overlap by 192 pixels (the cloud
-#: model's card runs on the scene's own grid, `tilefm.native`; tile-grid reads keep halos for others)
+#: model's card runs on the scene's own grid, `tilefm.io.native`; tile-grid reads keep halos for others)
 TILE_GRID_HALO = 96
 
 
@@ -528,9 +528,9 @@ def test_row_reads_match_tile_reads(scene_dir: Path):
     """A batch read as one strip per band gives each tile what reading it alone gives (within
     the warper's 1-DN tolerance), with the same validity; tiles with no halo are read alone."""
     from tilefm.grid import plan_tiles
+    from tilefm.io.read import read_tiles, rows
+    from tilefm.io.scene import open_scene
     from tilefm.models import get_card
-    from tilefm.read import read_tiles, rows
-    from tilefm.scene import open_scene
 
     scene = open_scene({"s2": str(scene_dir)})
     card = get_card("ukis-csmask")

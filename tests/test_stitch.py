@@ -12,15 +12,15 @@ import pytest
 import rasterio
 from shapely.geometry import box
 
-from tilefm.cog import stored_dtype
+from tilefm.engine.cog import stored_dtype
+from tilefm.engine.stitch import MosaicWriter
 from tilefm.grid import TILE_SIZE, plan_tiles
 from tilefm.models import get_card
-from tilefm.stitch import MosaicWriter
+from tilefm.models.windows import blend_weights, window_offsets
 from tilefm.values import Encoding, TileOutput
-from tilefm.windows import blend_weights, window_offsets
 
 #: the cloud model's windows laid on the tiles (`context.grid: tile`): the halo blending that
-#: tile-grid context models rely on (the card itself runs on the scene's grid, `tilefm.native`)
+#: tile-grid context models rely on (the card itself runs on the scene's grid, `tilefm.io.native`)
 _csmask = get_card("ukis-csmask")
 CLOUDS = _csmask.model_copy(update={"context": _csmask.context.model_copy(update={"grid": "tile"})})
 PRESTO = get_card("presto")

@@ -29,18 +29,18 @@ from fastapi.testclient import TestClient
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
-from tilefm.bands import bind_card
 from tilefm.card import ModelCard
+from tilefm.engine.pipeline import RunSpec, prepare
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile, resolution
+from tilefm.io.bands import bind_card
+from tilefm.io.read import check_scene, read_tiles, tile_latitudes
+from tilefm.io.scene import open_scene, parse_scene_args
 from tilefm.jobs import proto as conv
 from tilefm.jobs.models import MAX_SOURCES, JobSpec
 from tilefm.models import get_card
 from tilefm.models.presto import MAX_TIMESTEPS, load_presto
 from tilefm.models.presto_tiles import PrestoInputs, PrestoTileModel
-from tilefm.pipeline import RunSpec, prepare
-from tilefm.read import check_scene, read_tiles, tile_latitudes
-from tilefm.scene import open_scene, parse_scene_args
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SCENE = SHARED / "data" / "s2-l2a-29RKH-20200219"
@@ -596,7 +596,7 @@ def test_http_series(api_env) -> None:
 
 def test_proto_series_round_trip_and_grpc(api_env, model_store: Path) -> None:
     from tilefm.api.auth import KeyRing
-    from tilefm.grpc_api import FIELD_METADATA_KEY, create_server
+    from tilefm.api.grpc_service import FIELD_METADATA_KEY, create_server
     from tilefm.jobs.proto import pb, pb_grpc
     from tilefm.jobs.service import JobService
     from tilefm.jobs.store import JobStore

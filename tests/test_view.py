@@ -170,3 +170,54 @@ def test_ports() -> None:
     with bind("127.0.0.1", None) as sock:
         assert sock.getsockname()[1] not in (0, DEFAULT_PORT)
     taken.close()
+
+
+def test_missing_file_names_the_argument(tmp_path: Path) -> None:
+    argument = str(tmp_path / "nope.tif")
+    with pytest.raises(ViewError, match="no such file") as e:
+        open_file(argument, Settings())
+    assert e.value.field == argument
+
+
+def test_viewer_files_are_checked(tmp_path: Path) -> None:
+    """A viewer folder without its page, or without MapLibre (`make viewer`): a clear error."""
+    from tilefm.api.view import VIEWER_DIR, check_viewer
+    from tilefm.errors import TileFMError
+
+    with pytest.raises(TileFMError, match="viewer's files are not at"):
+        check_viewer(tmp_path)
+    (tmp_path / "index.html").write_text("<html></html>")
+    with pytest.raises(TileFMError, match="make viewer"):
+        check_viewer(tmp_path)
+    assert check_viewer(VIEWER_DIR) == VIEWER_DIR  # this checkout's, after `make install`
+
+
+def test_urls_and_browser(monkeypatch) -> None:
+    from tilefm.api.view import PAGE, can_open_browser, is_loopback_address, url_of
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))  # noqa: S104  listening everywhere: the URL shown is loopback's
+        assert url_of(s) == f"http://127.0.0.1:{s.getsockname()[1]}{PAGE}"
+    assert is_loopback_address("127.0.0.1") and is_loopback_address("::1")
+    assert not is_loopback_address("0.0.0.0")  # noqa: S104  the address, not a bind
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    assert can_open_browser() is False  # a terminal without a display: no text browser takes it
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert can_open_browser() is True
+
+
+def test_embedding_projection_warmed_before_the_first_tile(files: dict[str, Path]) -> None:
+    """`warm` computes the embeddings' PCA in the background; class maps need none."""
+    from tilefm.api.view import warm
+
+    outputs = open_files([str(files["classes"]), str(files["embedding"])], Settings())
+    app = create_view_app(outputs, Settings(tiler_cache_mb=0))
+    tiles = app.state.output_tiles
+    assert tiles._stats == {}
+    thread = warm(app, outputs)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    embedding = next(o for o in outputs if not o.is_classes)
+    assert list(tiles._stats) == [embedding.job_id]  # computed before any tile asked
+    assert tiles.stats(embedding) is tiles._stats[embedding.job_id]  # and kept

@@ -17,13 +17,13 @@ from tilefm.backends.onnxruntime import OrtRunner
 from tilefm.card import ModelCard
 from tilefm.errors import WeightsError
 from tilefm.grid import plan_tiles, resolution
+from tilefm.io.read import read_tile
+from tilefm.io.scene import open_scene
 from tilefm.models import get_card
 from tilefm.models.base import normalize
 from tilefm.models.store import pull, weights_path
 from tilefm.models.vit import ViTEncoder, card_wavelengths, dofa_state, load_vit, save_vit, state_sha256
 from tilefm.models.vit_tiles import ViTTileModel
-from tilefm.read import read_tile
-from tilefm.scene import open_scene
 
 BBOX = (-11.5, 24.7, -11.3, 24.85)
 
@@ -258,9 +258,9 @@ def test_float16_outputs_make_the_same_cog(scene_dir: Path, tmp_path: Path) -> N
     import rasterio
 
     from tilefm.backends import BackendOptions
+    from tilefm.engine.pipeline import RunSpec, batches, prepare, publish
+    from tilefm.engine.runtime import LocalExecutor, WorkerSpec
     from tilefm.models.vit_tiles import half_outputs
-    from tilefm.pipeline import RunSpec, batches, prepare, publish
-    from tilefm.runtime import LocalExecutor, WorkerSpec
     from tilefm.settings import get_settings
     from tilefm.values import Encoding
 

@@ -1,4 +1,4 @@
-"""tilefm's own resampler (tilefm.warp) against GDAL's warper and against exact bilinear
+"""tilefm's own resampler (tilefm.io.warp) against GDAL's warper and against exact bilinear
 interpolation, on the real Sentinel-2 scene and the Copernicus DEM.
 
 GDAL's warper is the reference for semantics (which pixels have a value, how nodata neighbours
@@ -19,10 +19,10 @@ import rasterio
 from pyproj import Transformer
 
 from tilefm.grid import TILE_SIZE, TMS, Tile, plan_tiles, tile_span
+from tilefm.io.read import WARP_TOLERANCE, read_tile, read_tiles, rows
+from tilefm.io.scene import Scene, open_scene
+from tilefm.io.warp import LATTICE, GridSampler, SourceGrid, Strip
 from tilefm.models import get_card
-from tilefm.read import WARP_TOLERANCE, read_tile, read_tiles, rows
-from tilefm.scene import Scene, open_scene
-from tilefm.warp import LATTICE, GridSampler, SourceGrid, Strip
 
 
 @pytest.fixture(scope="module")

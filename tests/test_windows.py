@@ -1,4 +1,4 @@
-"""Overlapping windows and their blending weights (tilefm.windows)."""
+"""Overlapping windows and their blending weights (tilefm.models.windows)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from tilefm.card import Context
 from tilefm.grid import TILE_SIZE
 from tilefm.models import get_card
-from tilefm.windows import blend_weights, window_offsets
+from tilefm.models.windows import blend_weights, window_offsets
 
 WINDOW = 256
 

@@ -81,7 +81,7 @@ class Context(BaseModel):
     blend: Literal["sine", "none"] = "sine"
     #: where the windows are laid: `tile` = on the output's web-mercator tiles (inputs resampled
     #: onto them); `native` = on the scene's own pixel grid (coarsened to `gsd_m` where the scene
-    #: is much finer), the blended scores then resampled onto the tiles (`tilefm.native`). Models
+    #: is much finer), the blended scores then resampled onto the tiles (`tilefm.io.native`). Models
     #: with spatial context answer for the texture they are shown, and resampled imagery is not
     #: what they were trained on
     grid: Literal["tile", "native"] = "tile"
@@ -191,7 +191,7 @@ class ModelCard(BaseModel):
     gsd_m: float | None = Field(None, gt=0)
     max_resample: float = Field(4.0, ge=1)
     #: acquisition dates the model takes at once: above 1, a scene may be a time series of up
-    #: to this many dates (`tilefm.scene.Scene.series`); 1, one date. Only Presto reads series
+    #: to this many dates (`tilefm.io.scene.Scene.series`); 1, one date. Only Presto reads series
     max_timesteps: int = Field(1, ge=1)
     #: network shape for `architecture: vit`
     vit: ViTSpec | None = None

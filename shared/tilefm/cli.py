@@ -150,9 +150,9 @@ def run(
     ] = False,
 ) -> None:
     """Run MODEL over a scene and write a Cloud-Optimized GeoTIFF (+ a STAC item beside it)."""
+    from tilefm.engine.pipeline import RunSpec, execute, prepare
     from tilefm.grid import parse_bbox
-    from tilefm.pipeline import RunSpec, execute, prepare
-    from tilefm.scene import parse_scene_args
+    from tilefm.io.scene import parse_scene_args
 
     try:
         scenes = parse_scene_args(scene)
@@ -308,8 +308,8 @@ def models_calibrate(
 ) -> None:
     """Make the calibration set an int8 TensorRT engine takes its scales from (real tiles of a
     scene, as the model sees them) and put it in the model store beside the weights."""
+    from tilefm.io.scene import parse_scene_args
     from tilefm.models.calibrate import calibrate
-    from tilefm.scene import parse_scene_args
 
     try:
         try:
@@ -404,8 +404,8 @@ def jobs_submit(
 ) -> None:
     """Submit a job; with --watch, follow it with a progress bar."""
     from tilefm.grid import parse_bbox
+    from tilefm.io.scene import parse_scene_args
     from tilefm.jobs.models import JobSpec
-    from tilefm.scene import parse_scene_args
 
     try:
         spec = JobSpec(
@@ -508,7 +508,7 @@ def serve(
 
     import uvicorn
 
-    from tilefm.grpc_api import serve_background, stop_server
+    from tilefm.api.grpc_service import serve_background, stop_server
 
     # this process owns the gRPC server for as long as uvicorn runs: with --workers N the HTTP
     # workers are child processes, and only this one listens on the gRPC port

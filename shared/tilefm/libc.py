@@ -5,8 +5,8 @@ find them or what to do where they are missing. Every function here answers Fals
 where the platform lacks the call, and the caller carries on without the optimisation it
 stood for. Nothing here raises for a missing symbol.
 
-Users: `tilefm.memory` (malloc thresholds), `tilefm.cog` (write-back and fallocate for the
-streamed COG), `tilefm.stitch` (one OpenMP thread for the mosaic threads) and
+Users: `tilefm.engine.memory` (malloc thresholds), `tilefm.engine.cog` (write-back and fallocate for the
+streamed COG), `tilefm.engine.stitch` (one OpenMP thread for the mosaic threads) and
 `tilefm.localstack` (the local S3 server dies with its parent).
 """
 

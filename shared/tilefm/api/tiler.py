@@ -37,9 +37,9 @@ from tilefm.api import errors
 from tilefm.api.auth import READ, KeyRing, presented_key
 from tilefm.api.jobs import JOB_ID, _readiness  # importing api.jobs registers the `jobid` path convertor
 from tilefm.api.middleware import BodyLimit, HTTPMetrics, settle_heap
+from tilefm.engine.memory import release_large_arrays
 from tilefm.jobs.models import JobState
 from tilefm.jobs.store import JobStore
-from tilefm.memory import release_large_arrays
 from tilefm.settings import Settings, get_settings
 from tilefm.tiler import render
 from tilefm.tiler.cache import TileCache

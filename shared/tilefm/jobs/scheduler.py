@@ -34,14 +34,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tilefm import metrics
+from tilefm.engine.pipeline import Prepared, batches, default_batch, publish
+from tilefm.engine.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders, unplaceable
 from tilefm.errors import TileFMError
 from tilefm.grid import Tile
 from tilefm.jobs.errors import InvalidTransition
 from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
 from tilefm.jobs.service import output_uri, prepare_job
 from tilefm.jobs.store import REDIS_UNAVAILABLE, JobStore
-from tilefm.pipeline import Prepared, batches, default_batch, publish
-from tilefm.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders, unplaceable
 from tilefm.settings import Settings
 from tilefm.storage import FileLocation, S3Storage, parse_uri, storage_for
 from tilefm.values import Encoding, TileOutput

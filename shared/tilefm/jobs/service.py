@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 
+from tilefm.engine.pipeline import Prepared, RunSpec, check_unclaimed, prepare
 from tilefm.errors import StorageError, TileFMError
+from tilefm.io.scene import Scene, open_scene
 from tilefm.jobs import locations
 from tilefm.jobs.models import Job, JobEvent, JobSpec, JobState
 from tilefm.jobs.store import JobStore
 from tilefm.models.store import weights_path
-from tilefm.pipeline import Prepared, RunSpec, check_unclaimed, prepare
-from tilefm.scene import Scene, open_scene
 from tilefm.settings import Settings
 from tilefm.storage import storage_for
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from tilefm.card import ModelCard
 from tilefm.errors import ModelError
+from tilefm.io.read import TileInput
 from tilefm.models.architectures import architecture, resolve
-from tilefm.read import TileInput
 from tilefm.values import TileOutput
 
 

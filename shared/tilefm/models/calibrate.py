@@ -15,10 +15,10 @@ from tilefm.backends.calibration import Calibration, calibration_path, card_band
 from tilefm.card import ModelCard
 from tilefm.errors import BackendError
 from tilefm.grid import default_zoom, plan_tiles
+from tilefm.io.read import check_scene, read_tiles
+from tilefm.io.scene import open_scene
 from tilefm.models.registry import get_card
 from tilefm.models.vit_tiles import ViTInputs
-from tilefm.read import check_scene, read_tiles
-from tilefm.scene import open_scene
 from tilefm.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ import numpy as np
 
 from tilefm.backends.onnxruntime import OrtSession
 from tilefm.card import ModelCard
+from tilefm.io.native import NATIVE_BATCH, NativeInput, to_tile
+from tilefm.io.read import TileInput
 from tilefm.models.base import TileModel, normalize
-from tilefm.native import NATIVE_BATCH, NativeInput, to_tile
-from tilefm.read import TileInput
+from tilefm.models.windows import blend_weights, window_offsets
 from tilefm.values import TileOutput
-from tilefm.windows import blend_weights, window_offsets
 
 
 def softmax(scores: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -60,7 +60,7 @@ class OnnxWindowModel(TileModel):
         return "CUDAExecutionProvider" in self.session.providers
 
     def batch_size(self) -> int | None:
-        """On the native grid a batch's tiles share their windows: `tilefm.native.NATIVE_BATCH`."""
+        """On the native grid a batch's tiles share their windows: `tilefm.io.native.NATIVE_BATCH`."""
         return NATIVE_BATCH if self.card.context.native else None
 
     def windows(self, tiles: list[TileInput]) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +165,7 @@ class OnnxWindowModel(TileModel):
     def run_native(self, inputs: list[NativeInput]) -> list[TileOutput]:
         """Inputs on the inference grid: each lattice window of the batch runs once (neighbouring
         tiles share most of theirs) and is blended into every tile region that holds it, then
-        each region's blended sums go onto its tile's pixels (`tilefm.native.to_tile`)."""
+        each region's blended sums go onto its tile's pixels (`tilefm.io.native.to_tile`)."""
         W = self.window
         prepared, holders, todo = self._native_windows(inputs)
         channels = len(self.card.output.classes) or self.card.output.channels

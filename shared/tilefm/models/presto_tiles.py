@@ -1,7 +1,7 @@
 """Presto on tiles: every pixel of a tile is one Presto input, of one timestep per date.
 
 Bands the scene lacks are masked (their tokens dropped), location is each pixel's own lat/lon, the
-month is the scene's. A time series (`tilefm.scene.Scene.series`) gives every pixel one timestep
+month is the scene's. A time series (`tilefm.io.scene.Scene.series`) gives every pixel one timestep
 per date, each with its own month (the encoder takes the months as a table, never assuming
 consecutive ones), a band without data at one date masked at that timestep only. A DEM modality
 gives elevation and a Horn slope, computed on the tile plus a one-pixel halo so that slopes agree
@@ -19,6 +19,7 @@ import torch
 from tilefm.card import ModelCard
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile, resolution
+from tilefm.io.read import TileInput, tile_latitudes
 from tilefm.models.base import InputPreparer, TileModel
 from tilefm.models.presto import (
     DW_MISSING,
@@ -28,7 +29,6 @@ from tilefm.models.presto import (
     normalize,
     normalize_torch,
 )
-from tilefm.read import TileInput, tile_latitudes
 from tilefm.values import TileOutput
 
 #: card band "modality:name" -> Presto raw band

@@ -30,9 +30,9 @@ from tilefm.backends import (
 from tilefm.card import ModelCard
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, Tile
+from tilefm.io.read import TileInput
 from tilefm.models.base import InputPreparer, TileModel, normalize_coefficients
 from tilefm.models.vit import card_wavelengths, load_vit, state_sha256, upsample
-from tilefm.read import TileInput
 from tilefm.values import TileOutput
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import rasterio
 from rasterio.warp import transform_bounds
 
 from tilefm.card import ModelCard
-from tilefm.cog import stored_dtype
+from tilefm.engine.cog import stored_dtype
 from tilefm.jobs.models import Job, JobState
 from tilefm.jobs.store import JobStore
 from tilefm.settings import Settings

@@ -21,8 +21,8 @@ from rio_tiler.errors import PointOutsideBounds, TileOutsideBounds
 from rio_tiler.models import ImageData
 
 from tilefm.grid import TMS
-from tilefm.read import ReaderCache
-from tilefm.scene import Scene, open_scene
+from tilefm.io.read import ReaderCache
+from tilefm.io.scene import Scene, open_scene
 from tilefm.settings import Settings
 from tilefm.storage import gdal_env, storage_for
 from tilefm.tiler import pca, render

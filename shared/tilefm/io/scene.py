@@ -33,7 +33,8 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from tilefm.bands import (
+from tilefm.errors import NotGeoreferencedError, SceneError, TileFMError
+from tilefm.io.bands import (
     Sensor,
     StacBand,
     band_id,
@@ -42,7 +43,6 @@ from tilefm.bands import (
     sensor_of_item,
     stac_band,
 )
-from tilefm.errors import NotGeoreferencedError, SceneError, TileFMError
 from tilefm.settings import Settings, get_settings
 from tilefm.storage import gdal_env, storage_for
 
@@ -95,10 +95,10 @@ class Modality:
     #: finest native pixel size, metres (ground)
     resolution_m: float | None = None
     properties: dict[str, Any] = field(default_factory=dict)
-    #: the sensor the bands were recognised as (`tilefm.bands.SENSORS`), where known
+    #: the sensor the bands were recognised as (`tilefm.io.bands.SENSORS`), where known
     sensor: str | None = None
     #: each file's pixel grid, as opened: path -> (CRS as WKT, affine transform, width, height),
-    #: so that what needs a band's grid later (`tilefm.native`) does not open the file again
+    #: so that what needs a band's grid later (`tilefm.io.native`) does not open the file again
     grids: dict[str, tuple[str, tuple[float, ...], int, int]] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -666,7 +666,7 @@ def _from_stac_item(
 def _stac_band_name(
     key: str, asset: dict[str, Any], sensor: Sensor | None, field_name: str, *, use_offset: bool = True
 ) -> StacBand | None:
-    """The band an asset holds and its raw -> card units: `tilefm.bands.stac_band` (the eo
+    """The band an asset holds and its raw -> card units: `tilefm.io.bands.stac_band` (the eo
     common name, the sensor's band names, a Sentinel-2 id, the centre wavelength, ...)."""
     return stac_band(key, asset, sensor, field_name, use_offset=use_offset)
 

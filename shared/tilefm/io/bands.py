@@ -20,7 +20,7 @@ from tilefm.errors import MissingBandError, SceneError
 
 if TYPE_CHECKING:
     from tilefm.card import ModelCard
-    from tilefm.scene import Scene
+    from tilefm.io.scene import Scene
 
 #: card units per unit of reflectance: cards read optical bands as reflectance x 10000
 REFLECTANCE_UNITS = 10000.0

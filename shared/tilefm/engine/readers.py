@@ -36,10 +36,10 @@ from typing import Any
 
 from tilefm.card import ModelCard
 from tilefm.grid import Tile
+from tilefm.io.native import read_native
+from tilefm.io.read import TileInput, read_tiles
+from tilefm.io.scene import Scene
 from tilefm.models.base import input_preparer
-from tilefm.native import read_native
-from tilefm.read import TileInput, read_tiles
-from tilefm.scene import Scene
 
 log = logging.getLogger(__name__)
 
@@ -283,17 +283,17 @@ _preparers: dict[str, Any] = {}
 
 def _init_reader() -> None:
     """One core each: the readers are as many as the cores they should use. Freed arrays stay
-    in the heap for the next tile (`tilefm.memory`)."""
+    in the heap for the next tile (`tilefm.engine.memory`)."""
     import torch
 
-    from tilefm.memory import retain_freed_memory
+    from tilefm.engine.memory import retain_freed_memory
 
     torch.set_num_threads(1)
     retain_freed_memory()
 
 
 def _ready() -> int:
-    import tilefm.read  # noqa: F401 - imported ahead of the first batch
+    import tilefm.io.read  # noqa: F401 - imported ahead of the first batch
 
     return os.getpid()
 

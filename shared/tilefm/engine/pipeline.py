@@ -16,21 +16,21 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from tilefm import stac
 from tilefm.backends import GPU_BACKENDS, check_precision, resolve_precision, select_backend
-from tilefm.bands import bind_card
 from tilefm.card import ModelCard
+from tilefm.engine import stac
+from tilefm.engine.fidelity import InputGrid, input_grid
+from tilefm.engine.runtime import LocalExecutor, WorkerSpec, local_threads, make_executor
+from tilefm.engine.stitch import MosaicWriter, output_tags
 from tilefm.errors import SceneError, StorageError
-from tilefm.fidelity import InputGrid, input_grid
 from tilefm.grid import Tile, TilePlan, plan_tiles
+from tilefm.io.bands import bind_card
+from tilefm.io.native import NATIVE_BATCH
+from tilefm.io.read import check_scene
+from tilefm.io.scene import Scene, open_scene, with_bands
 from tilefm.models import get_card
 from tilefm.models.store import weights_path
-from tilefm.native import NATIVE_BATCH
-from tilefm.read import check_scene
-from tilefm.runtime import LocalExecutor, WorkerSpec, local_threads, make_executor
-from tilefm.scene import Scene, open_scene, with_bands
 from tilefm.settings import Settings, get_settings
-from tilefm.stitch import MosaicWriter, output_tags
 from tilefm.storage import gdal_env, storage_for
 from tilefm.values import Encoding, TileOutput
 
@@ -43,13 +43,13 @@ DEFAULT_BATCH = 4
 
 def default_batch(card: ModelCard) -> int:
     """Tiles per batch where neither the run nor the encoders' device says: larger on the scene's
-    own grid, where a batch's tiles share their windows (`tilefm.native.NATIVE_BATCH`)."""
+    own grid, where a batch's tiles share their windows (`tilefm.io.native.NATIVE_BATCH`)."""
     return NATIVE_BATCH if card.context.native else DEFAULT_BATCH
 
 
 @dataclass
 class RunSpec:
-    #: modality -> source, or its sources (a time series: `tilefm.scene.open_scene`)
+    #: modality -> source, or its sources (a time series: `tilefm.io.scene.open_scene`)
     scene: dict[str, str | list[str]]
     model: str
     out: str
@@ -66,7 +66,7 @@ class RunSpec:
     date: date | None = None
     #: refuse a run whose inputs would be resampled further than the card allows
     strict: bool = False
-    #: bands given on their own, `[MODALITY:]NAME=FILE[:SCALE:OFFSET]` (`tilefm.scene.with_bands`)
+    #: bands given on their own, `[MODALITY:]NAME=FILE[:SCALE:OFFSET]` (`tilefm.io.scene.with_bands`)
     bands: list[str] = field(default_factory=list)
 
 
@@ -84,7 +84,7 @@ class Prepared:
     #: resolved for `backend` where this host resolved it; `auto` or as asked where GPU
     #: encoder actors resolve it on their own hosts
     precision: str = "auto"
-    #: the grid the model sees and why the zoom is what it is (`tilefm.fidelity`)
+    #: the grid the model sees and why the zoom is what it is (`tilefm.engine.fidelity`)
     grid: InputGrid | None = None
 
     def summary(self) -> dict[str, Any]:

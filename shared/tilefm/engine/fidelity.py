@@ -3,7 +3,7 @@ zoom a run defaults to, and what resampling the run would need.
 
 A model card declares the ground sampling distance it was trained at (`gsd_m`) and how far from
 it inputs may be taken (`max_resample`). Per-pixel models read on the output tiles; models with
-spatial context read on the scene's own grid (`tilefm.native`). Either way the default zoom is the
+spatial context read on the scene's own grid (`tilefm.io.native`). Either way the default zoom is the
 coarsest whose pixels are no larger than the pixels the model sees, so the output keeps the
 model's detail without inventing any.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from tilefm.card import ModelCard
 from tilefm.errors import TileFMError, ZoomError
 from tilefm.grid import MAX_ZOOM, MIN_ZOOM, default_zoom, resolution
-from tilefm.native import InferenceGrid
-from tilefm.scene import Scene
+from tilefm.io.native import InferenceGrid
+from tilefm.io.scene import Scene
 
 
 class ResamplingError(TileFMError):
@@ -30,7 +30,7 @@ class InputGrid:
 
     #: `tile` or `native`
     kind: str
-    #: the native grid (`tilefm.native.InferenceGrid.describe`), or the tiles' pixels
+    #: the native grid (`tilefm.io.native.InferenceGrid.describe`), or the tiles' pixels
     description: str
     #: ground size of the pixels the model sees, metres
     pixel_m: float

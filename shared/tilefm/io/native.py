@@ -40,8 +40,8 @@ from rasterio.warp import reproject, transform_bounds
 from tilefm.card import Context, ModelCard
 from tilefm.errors import SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile
-from tilefm.read import GDAL_ENV, _cache
-from tilefm.scene import BandFile, Modality, Scene
+from tilefm.io.read import GDAL_ENV, _cache
+from tilefm.io.scene import BandFile, Modality, Scene
 
 #: grid pixels read beyond a tile's footprint, on top of the resampling kernel's reach: the
 #: footprint is computed from the tile's corners in the grid's CRS, and a densified edge of a

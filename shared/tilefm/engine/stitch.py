@@ -27,7 +27,7 @@ from rio_cogeo import cog_validate
 
 from tilefm import __version__, libc
 from tilefm.card import ModelCard
-from tilefm.cog import COGBuilder, encode_block, template_fields
+from tilefm.engine.cog import COGBuilder, encode_block, template_fields
 from tilefm.grid import TILE_SIZE, Tile, TilePlan
 from tilefm.values import CLASS_NODATA, INT8_NODATA, Encoding, TileOutput
 

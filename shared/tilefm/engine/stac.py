@@ -14,7 +14,7 @@ from shapely.geometry import box, mapping
 from tilefm import __version__
 from tilefm.card import ModelCard
 from tilefm.grid import TilePlan
-from tilefm.scene import Scene
+from tilefm.io.scene import Scene
 from tilefm.values import Encoding
 
 EXTENSIONS = [

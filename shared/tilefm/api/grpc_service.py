@@ -228,9 +228,9 @@ class _MalformedRequests(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
@@ -297,7 +297,9 @@ def create_server(
         interceptors=interceptors,
         options=list(merged.items()),
     )
-    pb_grpc.add_JobServiceServicer_to_server(JobServicer(service, watch_poll_ms=watch_poll_ms), server)
+    servicer = JobServicer(service, watch_poll_ms=watch_poll_ms)
+    # the generated module carries no annotations
+    pb_grpc.add_JobServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as e:  # grpcio's "Failed to bind to address" (e.g. the port is taken)

@@ -25,12 +25,12 @@ from typing import Any
 
 from tilefm.backends import GPU_BACKENDS, resolve_precision, select_backend
 from tilefm.card import ModelCard
+from tilefm.engine.readers import PreparedBatch, ProcessReaders, ThreadReaders, read_prepared
 from tilefm.errors import BackendError
 from tilefm.grid import Tile
+from tilefm.io.read import GDAL_ENV, TileInput
+from tilefm.io.scene import Scene, on_s3, s3_env
 from tilefm.models.base import TileModel, load_tile_model
-from tilefm.read import GDAL_ENV, TileInput
-from tilefm.readers import PreparedBatch, ProcessReaders, ThreadReaders, read_prepared
-from tilefm.scene import Scene, on_s3, s3_env
 from tilefm.settings import Settings, get_settings
 from tilefm.values import TileOutput
 
@@ -111,7 +111,7 @@ class LocalExecutor:
     (`TileModel.prepare`), one device thread only runs the model (queueing each batch before it
     finishes the one before, `TileModel.launch`), and the caller stitches what comes out (the
     sampler, GDAL, numpy and the backends release the GIL). The readers are threads, or
-    processes that hand batches over through shared memory (`tilefm.readers`: `kind` auto takes
+    processes that hand batches over through shared memory (`tilefm.engine.readers`: `kind` auto takes
     processes where the model runs on a GPU, which leaves the host's cores to the readers and
     needs more reads per second than one GIL allows). Batches come back in plan order; at most
     `readers + prefetch` are read ahead and `prefetch` encoded ones wait for the caller, so
@@ -273,8 +273,8 @@ def remote_reader(ray: Any, settings: Settings) -> Any:
 
 def read_prepared_in_worker(scene: Scene, card: ModelCard, tiles: list[Tile], halo: int) -> PreparedBatch:
     """`read_prepared` in a Ray worker, whose freed arrays stay in its heap for the next batch
-    (`tilefm.memory`: ~20% of a ViT tile's read was page faults)."""
-    from tilefm.memory import retain_freed_memory
+    (`tilefm.engine.memory`: ~20% of a ViT tile's read was page faults)."""
+    from tilefm.engine.memory import retain_freed_memory
 
     retain_freed_memory()
     # a job's s3:// scene is read with the service's endpoint and keys, which a worker's GDAL

@@ -3,7 +3,7 @@
 Bands come from files of different resolutions and CRSs; each is resampled onto the same
 WebMercatorQuad pixel grid, so the model sees one aligned stack. Nodata and masks travel with the
 values as a per-band validity array; nothing is filled silently. A row of neighbouring tiles is
-read as one strip: bands on one source grid are sampled together by `tilefm.warp` where it
+read as one strip: bands on one source grid are sampled together by `tilefm.io.warp` where it
 computes what GDAL's warper does (bilinear / nearest, no downsampling), and by GDAL's warper
 through rio-tiler elsewhere (`TILEFM_WARP=gdal` for every read).
 """
@@ -28,9 +28,9 @@ from rio_tiler.io import Reader
 from tilefm.card import ModelCard
 from tilefm.errors import MissingBandError, SceneError
 from tilefm.grid import TILE_SIZE, TMS, Tile
-from tilefm.scene import BandFile, Scene
+from tilefm.io.scene import BandFile, Scene
+from tilefm.io.warp import GridSampler, SourceGrid, Strip
 from tilefm.settings import get_settings
-from tilefm.warp import GridSampler, SourceGrid, Strip
 
 #: the warper's largest approximation error, in pixels. GDAL's default (0.125) makes a pixel's
 #: value depend on the extent it is read with (up to ~60 DN here between a tile and the same tile
@@ -243,7 +243,7 @@ def read_row(
 ) -> list[TileInput]:
     """Tiles that follow each other in one row, read as one strip per source grid: each source
     pixel is decoded once for the row, and with a halo the neighbours' overlapping halos too.
-    `warp`: "auto" or "gdal" (default: the settings'), see `tilefm.warp`."""
+    `warp`: "auto" or "gdal" (default: the settings'), see `tilefm.io.warp`."""
     if scene.series:
         return _read_series_row(scene, card, tiles, halo, warp)
     t0 = time.perf_counter()
@@ -253,7 +253,7 @@ def read_row(
     # every band with a file is written in place below; only the others are zeroed. One array
     # per tile (2.6 MB for a ViT's), not per row: a row's (84 MB) is above malloc's largest
     # mmap threshold, so it came from the kernel afresh for every row, and faulted in page by
-    # page wherever no huge pages were free (`tilefm.memory`)
+    # page wherever no huge pages were free (`tilefm.engine.memory`)
     data = [np.empty((len(names), n, n), np.float32) for _ in tiles]
     valid = [np.empty((len(names), n, n), bool) for _ in tiles]
     written = np.zeros(len(names), bool)
@@ -346,7 +346,7 @@ def _read_bands(
 ) -> None:
     """Each band on each tile of the row plus the halo, written into `into[band][tile]`: (values
     float32, valid bool), [H, W] each. Bands on one source grid are sampled together where
-    `tilefm.warp` reproduces GDAL's kernel; the rest go through GDAL one band at a time."""
+    `tilefm.io.warp` reproduces GDAL's kernel; the rest go through GDAL one band at a time."""
     strip = Strip.of_row(tiles[0].x, tiles[0].y, tiles[0].z, len(tiles), halo)
     chunks = [slice(k * TILE_SIZE, (k + 1) * TILE_SIZE + 2 * halo) for k in range(len(tiles))]
     groups: dict[SourceGrid, list[int]] = {}

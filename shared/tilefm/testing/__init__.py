@@ -1,0 +1,1 @@
+"""Checks the tests and benchmarks apply to outputs (`seams`: does stitching leave seams?)."""
