@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROLES = (
-    ("mosaic", ("_finish_child", "_finish_tile", "_compress_now", "_write_now")),
+    ("mosaic", ("_finish_child", "_finish_tile", "write_now (tilefm/engine/mosaic/")),
     ("reader", ("read_prepared", "_read_into", "read_row", "tilefm/io/warp.py", "tilefm/io/read.py")),
     ("main", ("publish (tilefm/engine/pipeline.py", "<module> (feed.py", "<module> (encoder.py")),
 )

@@ -6,7 +6,7 @@ where the platform lacks the call, and the caller carries on without the optimis
 stood for. Nothing here raises for a missing symbol.
 
 Users: `tilefm.engine.memory` (malloc thresholds), `tilefm.engine.cog` (write-back and fallocate for the
-streamed COG), `tilefm.engine.stitch` (one OpenMP thread for the mosaic threads) and
+streamed COG), `tilefm.engine.mosaic.threads` (one OpenMP thread for the mosaic threads) and
 `tilefm.localstack` (the local S3 server dies with its parent).
 """
 
