@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import rasterio
 from botocore.exceptions import ClientError
+from conftest import start_scheduler, stop_process
 from fastapi.testclient import TestClient
 
 from tilefm.api.jobs import create_app
@@ -445,12 +446,8 @@ def test_allowlist_normal_forms() -> None:
 
 
 def test_jobs_sharing_a_prefix_succeed_into_their_own_keys(
-    store: JobStore, scene_dir: Path, outputs: Path, s3_settings: Settings, s3_scene: str
+    store: JobStore, scene_dir: Path, outputs: Path, s3_settings: Settings, s3_scene: str, tmp_path: Path
 ) -> None:
-    import ray
-
-    from tilefm.jobs.scheduler import Scheduler
-
     root = s3_scene.rsplit("/scene/", 1)[0]
     settings = _settings(
         store, [str(scene_dir), f"{root}/scene/"], [str(outputs)], base=s3_settings
@@ -464,22 +461,27 @@ def test_jobs_sharing_a_prefix_succeed_into_their_own_keys(
     taken = Path(output_uri(c.spec, c.id))  # something already at c's key before c runs
     taken.parent.mkdir(parents=True)
     taken.write_bytes(VICTIM)
-    scheduler = Scheduler(store, settings, batch_size=4)
-    stop = threading.Event()
-    thread = threading.Thread(target=scheduler.run, args=(stop,), daemon=True)
-    thread.start()
+    # `tilefm scheduler` as deployed: its own process, on its own local Ray cluster
+    env = {
+        "TILEFM_REDIS_PREFIX": store.prefix,
+        "TILEFM_ALLOWED_SOURCES": json.dumps(settings.allowed_sources),
+        "TILEFM_ALLOWED_OUTPUTS": json.dumps(settings.allowed_outputs),
+        "TILEFM_AUTH_DISABLED": "true",
+        "TILEFM_JOB_LEASE_S": "30",
+    }
+    log = tmp_path / "scheduler.log"
+    proc = start_scheduler(env, log)
     try:
         deadline = time.monotonic() + 400
         while True:
             jobs = {j.id: store.get(j.id) for j in (a, b, c, d)}
             if all(j.state.final for j in jobs.values()):
                 break
-            assert time.monotonic() < deadline, jobs
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, (jobs, log.read_text()[-4000:])
             time.sleep(0.5)
     finally:
-        stop.set()
-        thread.join(60)
-        ray.shutdown()
+        stop_process(proc)
     ja, jb, jc, jd = (jobs[j.id] for j in (a, b, c, d))
     for j in (ja, jb, jd):
         assert j.state == JobState.SUCCEEDED, j.error
