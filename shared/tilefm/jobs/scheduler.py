@@ -3,21 +3,30 @@
 Why a long-running driver process rather than the Ray Jobs API: tiles of many jobs share the same
 encoder actors (a model loaded once per GPU, not once per job), batches are interleaved
 round-robin across running jobs so a big job cannot starve a small one, and per-tile progress
-goes to Redis as each tile lands. The driver holds no state that matters: every finished tile's
-contribution is stored beside the job's output (`.parts/`) and recorded in Redis, and the job's
-lease expires if the driver dies, so another (or the restarted) scheduler re-queues the job and
-resumes it without redoing finished tiles.
+goes to Redis as each tile lands.
+
+Each running job has its own stitching thread (`tilefm.jobs.stitching`), which runs the same
+`publish` as `tilefm run`: tile outputs stream into the job's mosaic (and its COG) as their
+batches arrive, through a bounded queue, so the stitching overlaps the encoding and memory
+follows the tiles in flight. The driver holds no state that matters: every finished tile's
+output is also stored beside the job's output (`tilefm.jobs.checkpoints`, never read back on the
+way) and recorded in Redis, and the job's lease expires if the driver dies, so another (or the
+restarted) scheduler re-queues the job and resumes it without redoing finished tiles: their
+checkpoints are read back (in parallel) into the new stitcher first.
 
 Redis going away (a restart, a failover) stops nothing for good: the loop waits for it with a
 capped backoff and carries on with the jobs it holds, and part writes finished meanwhile wait
 to be recorded rather than failing their job. A lease that ran out while Redis was away is
 dropped like any lost lease; the job is re-queued and resumed from its recorded tiles.
+
+Why one module (~600 lines): the `Scheduler` is one loop, and its steps (claim, dispatch, collect,
+finish, cancel, fail, lease renewal, encoder placement) act on the same jobs and encoder pools;
+the parts that run off the loop have their own modules (stitching, checkpoints).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -25,10 +34,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -38,12 +48,13 @@ from tilefm.engine.pipeline import Prepared, batches, default_batch, publish
 from tilefm.engine.runtime import EncoderPool, WorkerSpec, connect, remote_reader, start_encoders, unplaceable
 from tilefm.errors import TileFMError
 from tilefm.grid import Tile
+from tilefm.jobs.checkpoints import Checkpoints, Stopped, part_dtype
 from tilefm.jobs.errors import InvalidTransition
 from tilefm.jobs.models import Job, JobError, JobEvent, JobState, TileFailure
 from tilefm.jobs.service import output_uri, prepare_job
+from tilefm.jobs.stitching import STOP_S, Aborted, JobStitcher
 from tilefm.jobs.store import REDIS_UNAVAILABLE, JobStore
 from tilefm.settings import Settings
-from tilefm.storage import FileLocation, S3Storage, parse_uri, storage_for
 from tilefm.values import Encoding, TileOutput
 
 log = logging.getLogger(__name__)
@@ -56,28 +67,6 @@ REDIS_BACKOFF_S = (0.5, 10.0)
 
 def _backoff(delay: float) -> float:
     return min(max(2 * delay, REDIS_BACKOFF_S[0]), REDIS_BACKOFF_S[1])
-
-
-def parts_prefix(job: Job) -> str:
-    """Scratch space for a job's finished tiles, in the job's own output folder."""
-    return output_uri(job.spec, job.id).rsplit("/", 1)[0] + f"/.parts-{job.id}/"
-
-
-def part_uri(job: Job, tile: Tile) -> str:
-    return f"{parts_prefix(job)}{tile.z}-{tile.x}-{tile.y}.npz"
-
-
-def encode_part(out: TileOutput, dtype: np.dtype) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, values=out.values.astype(dtype, copy=False), weight=out.weight, halo=np.int32(out.halo))
-    return buf.getvalue()
-
-
-def decode_part(data: bytes, tile: Tile) -> TileOutput:
-    with np.load(io.BytesIO(data)) as z:
-        return TileOutput(
-            tile=tile, halo=int(z["halo"]), values=z["values"].astype(np.float32), weight=z["weight"]
-        )
 
 
 @dataclass
@@ -93,14 +82,18 @@ class _Active:
     prep: Prepared
     encoding: Encoding
     pending: deque[_Batch]
+    checkpoints: Checkpoints
     in_flight: int = 0
     writes: list[Future[Any]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     done_at_start: int = 0
     done: int = 0
-    finishing: Future[Any] | None = None
     last_event: float = 0.0
+    #: tiles recorded done before this scheduler took the job: read back into the stitcher first
+    resumed: list[Tile] = field(default_factory=list)
+    #: the job's stitching thread, started with the job
+    stitcher: JobStitcher = field(init=False)
     #: the backend and precision the encoder actors run (GPU actors resolve `auto` themselves)
     backend: str = ""
     precision: str = ""
@@ -109,11 +102,7 @@ class _Active:
 
     @property
     def part_dtype(self) -> np.dtype:
-        return (
-            np.dtype(np.float16)
-            if self.encoding.nbits == 16 or self.encoding.dtype == "int8"
-            else np.dtype(np.float32)
-        )
+        return part_dtype(self.encoding)
 
 
 class Scheduler:
@@ -197,7 +186,10 @@ class Scheduler:
         for a in list(self.active.values()):
             self._check_cancel(a)
         self._dispatch()
-        self._collect(timeout=0.2 if self.refs else 0)
+        if self.refs:
+            self._collect(timeout=0.2)
+        elif self.active:  # waiting on stitchers or part writes only: no spinning against them
+            self._stop.wait(0.05)
         self._check_placement()
         for a in list(self.active.values()):
             self._maybe_finish(a)
@@ -205,7 +197,11 @@ class Scheduler:
 
     def shutdown(self) -> None:
         self._stop.set()  # worker threads waiting for Redis give up
+        for a in self.active.values():  # their leases run out; another scheduler resumes them
+            a.stitcher.abort()
         self.io.shutdown(wait=True)
+        for a in self.active.values():
+            a.stitcher.join()
         if self.ray is not None:
             for pool in self.pools.values():
                 for actor in pool.actors:
@@ -221,6 +217,7 @@ class Scheduler:
             return
         done = self.store.tiles_done(job.id)
         todo = [t for t in prep.plan.tiles if str(t) not in done]
+        resumed = [t for t in prep.plan.tiles if str(t) in done]
         self.store.set_total(job.id, len(prep.plan.tiles))
         try:
             pool = self._pool(prep)  # load the model before the first batch (on GPUs: its batch size)
@@ -239,7 +236,14 @@ class Scheduler:
             done=len(done),
             backend=pool.backend,
             precision=pool.precision(self._worker(prep)),
+            resumed=resumed,
+            checkpoints=Checkpoints(job, self.settings),
         )
+        a.stitcher = JobStitcher(
+            f"tilefm-stitch-{job.id[:8]}",
+            partial(self._stitch, a),
+            first=partial(a.checkpoints.read_back, resumed),
+        ).start()
         self.active[job.id] = a
         self._rr.append(job.id)
         self._event(a, f"running: {len(todo)} of {len(prep.plan.tiles)} tiles to do")
@@ -307,7 +311,7 @@ class Scheduler:
                 "TILEFM_ENCODER_RESOURCES)"
             )
             for a in [
-                a for a in self.active.values() if self._pool_key(a.prep) == key and a.finishing is None
+                a for a in self.active.values() if self._pool_key(a.prep) == key and not a.stitcher.closed
             ]:
                 self._fail(a.job, JobError(message=message, field="backend"), a)
                 self._forget(a.job.id)
@@ -322,7 +326,7 @@ class Scheduler:
             job_id = self._rr[0]
             self._rr.rotate(-1)
             a = self.active.get(job_id)
-            if a is None or not a.pending or a.finishing is not None:
+            if a is None or not a.pending or a.stitcher.closed or a.stitcher.held:  # held: its queue is full
                 continue
             pool = self._pool(a.prep)
             actors = pool.actors
@@ -348,14 +352,14 @@ class Scheduler:
         for ref in done:
             batch, _actor = self.refs.pop(ref)
             a = self.active.get(batch.job_id)
-            if a is None:
+            if a is None or a.stitcher.aborted.is_set():
                 continue
             a.in_flight -= 1
             try:
                 outputs = self.ray.get(ref)
             except Exception as e:  # noqa: BLE001 - a task or actor that failed past Ray's retries: any type
                 batch.attempt += 1
-                if batch.attempt < self.max_attempts and a.finishing is None:
+                if batch.attempt < self.max_attempts:
                     log.warning("job %s: batch %s failed (%s); retrying", a.job.id, batch.tiles, e)
                     a.pending.appendleft(batch)
                 else:
@@ -366,16 +370,17 @@ class Scheduler:
                         metrics.tiles_failed.labels(a.prep.card.name, a.prep.backend).inc()
                         self.store.tile_failed(a.job.id, str(t), _reason(e))
                 continue
-            a.writes.append(self.io.submit(self._store_parts, a, outputs))
+            a.stitcher.offer(outputs)
+            # the checkpoints, a tile at a time: the io threads store a batch's tiles side by side
+            a.writes += [self.io.submit(self._store_parts, a, [out]) for out in outputs]
 
     def _store_parts(self, a: _Active, outputs: list[TileOutput]) -> None:
-        store = storage_for(output_uri(a.job.spec, a.job.id), self.settings)  # parts live beside the output
         labels = (a.prep.card.name, a.prep.backend)
         for out in outputs:
             metrics.stage_seconds.labels("read").observe(out.read_s)
             metrics.stage_seconds.labels("encode").observe(out.encode_s)
             t0 = time.perf_counter()
-            store.write_bytes(part_uri(a.job, out.tile), encode_part(out, a.part_dtype))
+            a.checkpoints.write(out, a.part_dtype)
             metrics.stage_seconds.labels("upload").observe(time.perf_counter() - t0)
             if self._until_redis(self.store.tile_done, a.job.id, str(out.tile)):
                 with self._lock:
@@ -388,23 +393,24 @@ class Scheduler:
     def _maybe_finish(self, a: _Active) -> None:
         """A job leaves `active` only once its final state is recorded: a Redis error on the way
         leaves it here for the next step to try again."""
-        if a.finishing is not None:
-            if a.finishing.done():
-                exc = a.finishing.exception()
-                if exc is not None:
-                    self._fail(a.job, JobError(message=f"finishing the output failed: {_reason(exc)}"), a)
-                    self._forget(a.job.id)
-                elif a.finishing.result():
-                    self._forget(a.job.id)
-                # else cancelled while stitching: the next step's cancel check records it and cleans up
+        st = a.stitcher.done
+        if st.done():
+            exc = st.exception()
+            if exc is not None:
+                self._fail(a.job, JobError(message=f"finishing the output failed: {_reason(exc)}"), a)
+                self._forget(a.job.id)
+            elif st.result():
+                self._forget(a.job.id)
+            # else withdrawn by a cancel: the next step's cancel check records it and cleans up
             return
+        a.stitcher.feed()
         a.writes = [w for w in a.writes if not w.done() or w.exception() is not None]
         errors = [e for w in a.writes if w.done() and (e := w.exception()) is not None]
         if errors:
             self._fail(a.job, JobError(message=f"storing tiles failed: {_reason(errors[0])}"), a)
             self._forget(a.job.id)
             return
-        if a.pending or a.in_flight or a.writes:
+        if a.stitcher.closed or a.pending or a.in_flight or a.writes:
             return
         if a.failed:
             tiles = [TileFailure(tile=t, reason=r) for t, r in sorted(a.failed.items())]
@@ -417,22 +423,71 @@ class Scheduler:
             )
             self._forget(a.job.id)
             return
-        a.finishing = self.io.submit(self._finish, a)
+        a.stitcher.close()  # every tile stored and recorded, and held or queued for the stitcher
 
     def _forget(self, job_id: str) -> None:
-        self.active.pop(job_id, None)
+        a = self.active.pop(job_id, None)
+        if a is not None:
+            a.stitcher.abort()  # no-op once its stitcher is done
         self._rr = deque(j for j in self._rr if j != job_id)
 
-    def _finish(self, a: _Active) -> bool:
-        """Stitch the stored tiles into the COG, publish it, then drop the parts. False where a
-        cancel stopped it."""
+    def _stitch(self, a: _Active, outputs: Iterator[TileOutput], stitcher: JobStitcher) -> bool:
+        """Stitch the job's tiles as they arrive into the COG (`publish`, as `tilefm run` does),
+        publish it once every tile is in, record the job done, then drop the checkpoints. False
+        where it stopped without output (a cancel, or the stitcher aborted)."""
         job, prep = a.job, a.prep
         out = output_uri(job.spec, job.id)
-        store = storage_for(out, self.settings)  # the output and its parts
+
+        def checked() -> Iterator[TileOutput]:
+            yield from outputs
+            self._check_recorded(a)  # before anything is put
+
+        timings: dict[str, float] = {}
+        ran = replace(
+            prep, backend=a.backend, precision=a.precision
+        )  # what the encoders ran, as a run's output says
+        try:
+            stac_uri = publish(
+                ran,
+                a.encoding,
+                checked(),
+                out,
+                self.settings,
+                extra_tags={"job": job.id},
+                owner=job.id,
+                proceed=lambda: (
+                    not stitcher.aborted.is_set()
+                    and not self._until_redis(self.store.cancel_requested, job.id)
+                ),
+                timings=timings,
+            )
+        except (Aborted, Stopped):
+            return False
+        except Exception:
+            if stitcher.aborted.is_set():  # whatever stopping it raised on the way out
+                return False
+            raise
+        # the stitcher's own time: what it spent waiting for tiles left out
+        metrics.stage_seconds.labels("stitch").observe(
+            max(timings["tiles_s"] - stitcher.waited_s, 0.0) + timings["cog_s"]
+        )
+        if stac_uri is None:
+            return False  # cancelled while stitching: the cancel path cleans up
+        metrics.stage_seconds.labels("upload").observe(timings["upload_s"])
+        try:
+            self._until_redis(self.store.transition, job.id, JobState.SUCCEEDED, outputs=[out, stac_uri])
+        except InvalidTransition:
+            if self._until_redis(self.store.get, job.id).state is not JobState.SUCCEEDED:
+                raise
+            # an earlier try was recorded, its reply lost with the connection
+        a.checkpoints.delete()
+        return True
+
+    def _check_recorded(self, a: _Active) -> None:
+        """Every tile recorded in Redis, or raise: run once every tile is in the stitcher."""
+        job, prep = a.job, a.prep
         done = self._until_redis(self.store.tiles_done, job.id)
-        if unrecorded := [
-            t for t in prep.plan.tiles if str(t) not in done and store.exists(part_uri(job, t))
-        ]:
+        if unrecorded := [t for t in prep.plan.tiles if str(t) not in done and a.checkpoints.exists(t)]:
             # stored, but the record was among the last writes of a Redis that restarted without
             # them (appendfsync everysec): the part is what counts
             log.warning(
@@ -444,34 +499,6 @@ class Scheduler:
         missing = [str(t) for t in prep.plan.tiles if str(t) not in done]
         if missing:
             raise RuntimeError(f"{len(missing)} tiles not recorded as done: {', '.join(missing[:5])}")
-        parts = (decode_part(store.read_bytes(part_uri(job, t)), t) for t in prep.plan.tiles)
-        timings: dict[str, float] = {}
-        ran = replace(
-            prep, backend=a.backend, precision=a.precision
-        )  # what the encoders ran, as a run's output says
-        stac_uri = publish(
-            ran,
-            a.encoding,
-            parts,
-            out,
-            self.settings,
-            extra_tags={"job": job.id},
-            owner=job.id,
-            proceed=lambda: not self._until_redis(self.store.cancel_requested, job.id),
-            timings=timings,
-        )
-        metrics.stage_seconds.labels("stitch").observe(timings["tiles_s"] + timings["cog_s"])
-        if stac_uri is None:
-            return False  # cancelled while stitching: the cancel path cleans up
-        metrics.stage_seconds.labels("upload").observe(timings["upload_s"])
-        try:
-            self._until_redis(self.store.transition, job.id, JobState.SUCCEEDED, outputs=[out, stac_uri])
-        except InvalidTransition:
-            if self._until_redis(self.store.get, job.id).state is not JobState.SUCCEEDED:
-                raise
-            # an earlier try was recorded, its reply lost with the connection
-        self._delete_parts(job)
-        return True
 
     def _check_cancel(self, a: _Active) -> None:
         if not self.store.cancel_requested(a.job.id):
@@ -481,37 +508,15 @@ class Scheduler:
             if batch.job_id == a.job.id:
                 self.ray.cancel(ref)
                 self.refs.pop(ref)
-        if a.finishing is not None and not a.finishing.done():
-            return  # wait for the finisher to notice
+        a.stitcher.abort()
+        if not a.stitcher.done.done():
+            return  # wait for the stitcher to let go (at its next tile), or to finish publishing
         for w in a.writes:
             w.exception()  # let in-flight part writes land before deleting them
         with contextlib.suppress(TileFMError):  # already final
             self.store.transition(a.job.id, JobState.CANCELLED)
         self._forget(a.job.id)
-        self._delete_parts(a.job)
-
-    def _delete_parts(self, job: Job) -> None:
-        """Remove everything under the job's `.parts-<id>/` (whichever plan wrote it). Never
-        raises: the job's state is recorded by now, and parts left behind only take space."""
-        prefix = parts_prefix(job)
-        try:
-            parts = storage_for(output_uri(job.spec, job.id), self.settings)
-            folder = parse_uri(prefix.rstrip("/"))
-            if isinstance(folder, FileLocation):
-                if folder.path.is_dir():
-                    for p in folder.path.iterdir():
-                        parts.delete(p.as_uri())
-                    with contextlib.suppress(OSError):
-                        folder.path.rmdir()
-            elif isinstance(parts, S3Storage):
-                pages = parts.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=folder.bucket, Prefix=folder.key + "/"
-                )
-                for page in pages:
-                    for obj in page.get("Contents", []):
-                        parts.delete(f"s3://{folder.bucket}/{obj['Key']}")
-        except Exception as e:  # noqa: BLE001 - logged; see above
-            log.warning("job %s: parts under %s not removed: %s", job.id, prefix, _reason(e))
+        a.checkpoints.delete()
 
     def _fail(self, job: Job, error: JobError, a: _Active | None = None) -> None:
         """Record the failure, then remove the job's parts: a failed job is never resumed. Its
@@ -523,17 +528,21 @@ class Scheduler:
             self.store.transition(job.id, JobState.FAILED, error=error)
         except InvalidTransition as e:  # final already (cancelled meanwhile): its parts go all the same
             log.warning("job %s: not marked failed, it is already %s", job.id, e.current)
-        self._delete_parts(job)
+        Checkpoints(job, self.settings).delete()
 
     def _stop_work(self, a: _Active) -> None:
-        """Drop a job's queued batches and cancel its running ones, then wait for its part writes."""
+        """Drop a job's queued batches and cancel its running ones, stop its stitcher, then wait
+        for its part writes and for the stitcher to let go."""
         a.pending.clear()
         for ref, (batch, _) in list(self.refs.items()):
             if batch.job_id == a.job.id:
                 self.ray.cancel(ref)
                 self.refs.pop(ref)
+        a.stitcher.abort()
         for w in a.writes:
             w.exception()
+        if not a.stitcher.join():
+            log.warning("job %s: its stitcher did not stop within %g s", a.job.id, STOP_S)
 
     def _until_redis(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`call`, retried while Redis is unreachable, for the worker threads: what they record

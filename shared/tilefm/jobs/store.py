@@ -78,6 +78,10 @@ API:
 `REDIS_UNAVAILABLE`: the errors that mean Redis cannot be reached for now (down, restarting,
 loading its data, failing over) rather than that a request was wrong; callers retry them (the
 scheduler) or answer 503 (the APIs).
+
+Why one module (~770 lines): the key layout above, the Lua scripts that move a job (about 200
+lines of it) and the methods that call them are one contract; kept together so that a change to
+a key is made in one place.
 """
 
 from __future__ import annotations
