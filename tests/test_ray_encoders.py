@@ -98,6 +98,41 @@ def test_batch_for_memory() -> None:
     assert batch_for_memory(0, 0) == 1
 
 
+class _FlakyClient:
+    """Stands in for Ray's module where only a Ray Client head could say no: its proxy failing to
+    start this client's server `fails` times, as a loaded head does now and then."""
+
+    def __init__(self, fails: int, error: type[Exception] = ConnectionAbortedError):
+        self.fails, self.error, self.inits, self.shutdowns = fails, error, 0, 0
+
+    def init(self, address: str, **kwargs) -> None:
+        self.inits += 1
+        if self.inits <= self.fails:
+            raise self.error("Initialization failure from server:\nStarting Ray client server failed.")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_ray_client_connection_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tilefm.engine import runtime
+
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
+    flaky = _FlakyClient(fails=runtime.CLIENT_CONNECT_TRIES - 1)
+    runtime._client_connect(flaky, "ray://head:10001", {})
+    assert flaky.inits == runtime.CLIENT_CONNECT_TRIES
+    # a server that never starts: the last error, after the last try
+    never = _FlakyClient(fails=99)
+    with pytest.raises(ConnectionAbortedError, match="Starting Ray client server failed"):
+        runtime._client_connect(never, "ray://head:10001", {})
+    assert never.inits == runtime.CLIENT_CONNECT_TRIES
+    # no head there: at once
+    nobody = _FlakyClient(fails=99, error=ConnectionError)
+    with pytest.raises(ConnectionError):
+        runtime._client_connect(nobody, "ray://head:10001", {})
+    assert nobody.inits == 1
+
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys

@@ -1,6 +1,9 @@
 """`tilefm`: run a model over a scene, and manage models.
 
 Errors a user can fix print one line (`tilefm: error: FIELD: what is wrong`) and exit with 2.
+
+Why one module (~600 lines): Typer commands only, each a thin wrapper over the library (options,
+help text, error mapping to exit 2); one file reads as the CLI's table of contents.
 """
 
 from __future__ import annotations

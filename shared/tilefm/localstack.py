@@ -12,6 +12,9 @@ in its own process group and asked to die with its parent, so a crashed test run
 
 ``python -m tilefm.localstack s3`` keeps a server up and prints the ``TILEFM_S3_*`` settings for it;
 ``python -m tilefm.localstack demo`` runs the sample jobs into one.
+
+Why one module (~540 lines): the local stack's entry points (the S3 server, the demo, `tilefm up`)
+share its process handling (free ports, process groups, dying with the parent, clean stops).
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ GDAL reads through `rasterio_path` under ``rasterio.Env(**gdal_env(settings))`` 
 Writes never leave a half-written object behind: local files are written to a temporary file
 in the destination folder and renamed into place; S3 objects only appear once a (multipart)
 upload completes, and a failed multipart upload is aborted.
+
+Why one module (~850 lines): URI parsing, the `Storage` interface and its two backends are one
+contract that every caller sees through `storage_for`; the S3 half is most of it (multipart uploads,
+early parts, error mapping), and its errors must name the URI the same way the local half does.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ long-lived `Cache-Control: immutable` and an ETag.
 Every data route (jobs, outputs, /cog) takes the same dependencies first: the API key where
 `TILEFM_TILER_AUTH` is on, then the request guard (finite numbers, a bounded query string);
 /cog adds its caps. The viewer's page and files, health and metrics stay open.
+
+Why one module (~790 lines): it is the tile server's app factory, TiTiler-style: one function
+per router (outputs, jobs, viewer, /cog), sharing the dependencies, caching and header helpers
+defined at the top; the reading and rendering behind the routes live in `tilefm.tiler`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ insert room at a file's start, without moving the full resolution's bytes.
 
 The georeferencing and GDAL's metadata (tags, band descriptions, nodata) are not encoded here:
 GDAL writes them into a small template GeoTIFF, and their TIFF fields are copied as they are.
+
+Why one module (~510 lines): one file format, laid out by hand (TIFF fields, IFDs, block
+offsets, moving bytes); split, the byte offsets would be computed in one module and trusted in
+another.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ actors (one per model replica, each owning its model and backend); each batch's 
 to its encode by object reference, so reading the next batches overlaps encoding this one, and
 the number of batches in flight is bounded (backpressure by references, not by sleeping).
 Ray is imported only here and only when used.
+
+Why one module (~600 lines): both executors implement one protocol (batches in, outputs out, in
+any order) over the same worker spec and batch helpers; Ray's part (placement, encoder pool and
+actor) is most of it, and is imported only here.
 """
 
 from __future__ import annotations
@@ -254,11 +258,40 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
             log_to_driver=True,
             configure_logging=True,
         )
-        if address:
+        if address and address.startswith("ray://"):
+            _client_connect(ray, address, kwargs)
+        elif address:
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=num_cpus or cpu_count(), num_gpus=num_gpus, include_dashboard=False, **kwargs)
     return ray
+
+
+#: tries of a Ray Client connection whose server-side session fails to start
+CLIENT_CONNECT_TRIES = 3
+
+
+def _client_connect(ray: Any, address: str, kwargs: dict[str, Any]) -> None:
+    """`ray.init` through Ray Client, tried again where the head's proxy could not start this
+    client's server process (`ConnectionAbortedError`; on a loaded head that start can fail once
+    and work the next time). Other errors (no head at `address`, auth) are raised at once."""
+    for attempt in range(1, CLIENT_CONNECT_TRIES + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except ConnectionAbortedError as e:
+            if attempt == CLIENT_CONNECT_TRIES:
+                raise
+            log.warning(
+                "Ray Client at %s: %s; trying again (%d of %d)",
+                address,
+                str(e).strip().splitlines()[0],
+                attempt + 1,
+                CLIENT_CONNECT_TRIES,
+            )
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            time.sleep(2.0 * attempt)
 
 
 def connect(settings: Settings) -> Any:

@@ -3,6 +3,11 @@
 A source is a folder of single-band rasters named by band, one multi-band raster, or a STAC item.
 Everything is validated when the scene is opened (files readable, georeferenced, bands named), so
 a bad scene fails before any tile is planned.
+
+Why one module (~830 lines): the five ways to name a scene (band folder, multi-band raster, STAC
+item, item collection, a series of acquisitions) end in the same validated `Scene`, through
+shared checks (drivers, georeferencing, declared nodata, dates); split by source kind, each part
+would import the others' private checks.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Everything else (downsampling, cubic, average, GCP-georeferenced rasters) stays 
 Semantics are GDAL's: source pixel centres at +0.5, a destination pixel is valid when the source
 pixel under its centre lies inside the raster and the valid neighbours carry weight (their weights
 renormalised), values rounded to the source's integer type.
+
+Why one module (~400 lines): the lattice, its error bound and the kernels are one algorithm whose
+parts are checked against GDAL together (tests/test_warp.py).
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ Inputs of :meth:`PrestoEncoder.forward`:
 - ``month``: 0-based month of timestep 0, as one int, one per pixel ``[n]`` (timestep t then has
   month + t, mod 12), or the month of every timestep as a table ``[n, t]`` (any months, in any
   order: a time series' own dates), or ``[1, t]`` for the same table at every pixel.
+
+Why one module (~520 lines): one model, one file, as the official implementation is: the
+normalisation, the token layout and the encoder are read against the paper and the reference
+together.
 """
 
 from __future__ import annotations

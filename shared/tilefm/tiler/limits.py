@@ -4,6 +4,9 @@ checked where its size is known, since 128 bands make a modest preview hundreds 
 
 The generic COG endpoints get the same treatment from `cog_guard` (the query, before TiTiler's
 handlers run) and `LimitedReader` (each read, however TiTiler's parameters combined into it).
+
+Why one module (~470 lines): every cap a tiler request meets, in one place, so that a cap added
+to one route is seen next to the ones the others have.
 """
 
 from __future__ import annotations

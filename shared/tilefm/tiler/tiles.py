@@ -3,6 +3,10 @@
 `OutputTiles` reads a job's COG with rio-tiler and renders it (`render.py`); `SceneTiles` warps
 the job's input scene onto the same tiles as true colour, so outputs can be compared against
 what the model saw.
+
+Why one module (~530 lines): `OutputTiles` and `SceneTiles` answer the same requests (tiles,
+points, previews, statistics) for the two things a map compares, on the same tile arithmetic and
+thread-local GDAL environment.
 """
 
 from __future__ import annotations
