@@ -62,10 +62,12 @@ test: install tools
 
 ## The unit tier, for a quick check while editing: no test that starts servers, clusters or
 ## tilefm processes (`integration`), runs a whole scene (`slow`) or needs CUDA (`gpu`); the fuzzing
-## tests draw a quarter of their cases (the same generators; `make test` draws them all).
+## tests draw a quarter of their cases (the same generators; `make test` draws them all). The
+## tests are spread over up to 4 processes (pytest-xdist; `--dist load` hands out single tests, so
+## each of schemathesis' per-operation cases, which share a test id, still runs).
 test-fast: $(VENV)/.installed $(PROTO_GEN)
 	TILEFM_BAD_INPUT_EXAMPLES=0.25 TILEFM_FUZZ_EXAMPLES=10 \
-		$(PY) -m pytest -ra -m "not integration and not slow and not gpu"
+		$(PY) -m pytest -ra -m "not integration and not slow and not gpu" -n auto --maxprocesses 4 --dist load
 
 ## The suite again on Python 3.12 with the newest releases the registry has (rasterio 1.5 with
 ## GDAL 3.12, which reads float16 as Float16; numpy 2.5; Ray 2.60), in .venv312. By hand, not in

@@ -114,7 +114,10 @@ def _around() -> Iterator[None]:
     drop_redis_keys(PREFIX)
     OUTPUT_DIR.mkdir(exist_ok=True)
     counts = {**dict(sorted(CASES.items())), "total": sum(CASES.values())}
-    (OUTPUT_DIR / "bad-input-cases.json").write_text(json.dumps(counts, indent=1) + "\n")
+    # under pytest-xdist (`make test-fast`) each worker counts the cases it ran
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    name = f"bad-input-cases.{worker}.json" if worker else "bad-input-cases.json"
+    (OUTPUT_DIR / name).write_text(json.dumps(counts, indent=1) + "\n")
     print(f"\nbad-input cases: {counts}")
 
 

@@ -484,11 +484,15 @@ def scheduler(
 
     from prometheus_client import start_http_server
 
+    from tilefm.engine.memory import release_large_arrays
     from tilefm.jobs.scheduler import Scheduler
     from tilefm.jobs.store import JobStore
     from tilefm.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a long-lived process whose jobs' tile outputs (tens of MiB a batch) come and go: their
+    # memory goes back when they are stitched, as in the tiler (tilefm.engine.memory)
+    release_large_arrays()
     s = get_settings()
     if metrics_port:
         start_http_server(metrics_port, addr=metrics_host)
