@@ -216,7 +216,7 @@ def reference(scene_dir: Path):
     parts = [model.inputs(read_tile(scene, card, t, 0)) for t in plan.tiles[:3]]
     bands = parts[0][0]
     x = np.stack([p[1] for p in parts])
-    bound = model.net.bind([model.wavelengths[i] for i in bands])
+    bound = model.net.bind(list(bands.wavelengths_um))
     return bound, x, model.embed(bands, x)
 
 

@@ -74,8 +74,8 @@ def test_embedding_cog(presto_s3: Path) -> None:
 def _tile_raw(scene_dir: Path, x: int, y: int) -> np.ndarray:
     """Sentinel-2 bands of one tile, read independently of tilefm: [256, 256, 16] Presto raw.
     Where the bands are upsampled (the 200 m ones at this zoom), exact bilinear interpolation at
-    pyproj-transformed pixel centres, rounded as GDAL rounds (tilefm samples these itself); where
-    they are downsampled, GDAL's warper (tilefm hands those reads to it)."""
+    pyproj-transformed pixel centres (tilefm samples these itself); where they are downsampled,
+    GDAL's warper in float32 (tilefm hands those reads to it). Neither is rounded to whole DN."""
     b = TMS.xy_bounds(x, y, ZOOM)
     transform = rasterio.transform.from_bounds(b.left, b.bottom, b.right, b.top, TILE_SIZE, TILE_SIZE)
     res = (b.right - b.left) / TILE_SIZE
@@ -93,7 +93,7 @@ def _tile_raw(scene_dir: Path, x: int, y: int) -> np.ndarray:
                 fc, fr = col - 0.5 - c0, row - 0.5 - r0
                 v = (arr[r0, c0] * (1 - fc) * (1 - fr) + arr[r0, c0 + 1] * fc * (1 - fr)
                      + arr[r0 + 1, c0] * (1 - fc) * fr + arr[r0 + 1, c0 + 1] * fc * fr)  # fmt: skip
-                values = np.floor(v + 0.5)
+                values = v
             else:
                 with WarpedVRT(
                     src,
@@ -103,6 +103,7 @@ def _tile_raw(scene_dir: Path, x: int, y: int) -> np.ndarray:
                     height=TILE_SIZE,
                     resampling=Resampling.bilinear,
                     tolerance=WARP_TOLERANCE,
+                    dtype="float32",
                 ) as vrt:
                     values = vrt.read(1)
         raw[..., RAW_BAND_NAMES.index(name.replace("B0", "B"))] = values
@@ -154,10 +155,11 @@ def test_pixels_match_presto_recomputed(presto_s3: Path, scene_dir: Path, model_
     assert len(rows) > 250
     # the stored embedding is Presto on the pixels tilefm reads (stitching, dates, positions)...
     assert (diff <= step + 1e-4).all(), f"max diff {diff.max():.2e}, worst excess {(diff - step).max():.2e}"
-    # ... and those pixels are the independently read ones: identical, or 1 DN off where a
-    # value is near a rounding boundary (tilefm's coordinates are within 0.001 px of exact)
+    # ... and those pixels are the independently read ones, to the coordinates' precision
+    # (tilefm's within 0.001 px of exact, GDAL's approximated to 0.001 px per extent; measured:
+    # 94 % within 0.01, 99 % within 0.024, at most 0.105 where the image is steepest)
     off = np.abs(raw[:, 0] - np.array(independent))
-    assert off.max() <= 1 and (off == 0).mean() > 0.99, (off.max(), (off == 0).mean())
+    assert off.max() <= 0.5 and np.quantile(off, 0.99) <= 0.05, (off.max(), np.quantile(off, 0.99))
 
 
 def test_int8_output_locally(scene_dir: Path, tmp_path: Path, presto_s3: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,24 +135,26 @@ def test_inputs_are_the_bands_with_data_normalised(tiles: list) -> None:
     gappy = dataclasses.replace(tiles[0], valid=valid)
     for t in [*tiles, gappy]:
         bands, x, _ = model.inputs(t)
-        assert bands == tuple(int(i) for i in np.flatnonzero(t.valid.any(axis=(1, 2))))
-        want = np.where(t.valid[list(bands)], normalize(card, t.data)[list(bands)], 0.0)
+        assert bands.indices == tuple(int(i) for i in np.flatnonzero(t.valid.any(axis=(1, 2))))
+        sel = list(bands.indices)
+        want = np.where(t.valid[sel], normalize(card, t.data)[sel], 0.0)
         assert x.dtype == np.float32 and x.flags.c_contiguous
         np.testing.assert_array_equal(x, want)
-    assert bands == (0, 1, 2, 3, 4, 6, 7, 8, 9) and not x[3, :40].any() and x[3, 40:].any()
+    assert bands.indices == (0, 1, 2, 3, 4, 6, 7, 8, 9) and not x[3, :40].any() and x[3, 40:].any()
 
 
 def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
     card = get_card("vit-small")
     model = ViTTileModel(card, "torch", None)
     bands, x0, weight = model.inputs(tiles[0])
-    valid = tiles[0].valid[list(bands)].all(axis=0)  # no halo: every band had data there
-    assert bands == tuple(range(10)) and valid.mean() > 0.5  # the S2 bands, no S1/DEM
+    valid = tiles[0].valid[list(bands.indices)].all(axis=0)  # no halo: every band had data there
+    assert bands.indices == tuple(range(10)) and valid.mean() > 0.5  # the S2 bands, no S1/DEM
+    assert list(bands.wavelengths_um) == model.wavelengths[:10]  # a Sentinel-2 scene: the card's
     assert weight.shape == (16, 16) and weight.dtype == np.float32
     x = np.stack([model.inputs(t)[1] for t in tiles])
     ref = model.embed(bands, x)
     assert ref.shape == (len(tiles), 384, 16, 16)
-    bound = model.net.bind([model.wavelengths[i] for i in bands])
+    bound = model.net.bind(list(bands.wavelengths_um))
     ort = OrtRunner(export_onnx(bound, x.shape[1:]))
     for n in (1, len(tiles)):  # the batch axis is dynamic
         got = ort(x[:n])
@@ -172,6 +175,66 @@ def test_tile_model_onnx_matches_torch_on_real_tiles(tiles: list) -> None:
     np.testing.assert_allclose(
         outs[0].values[:, 112:128, 112:128].mean(axis=(1, 2)), ref[0, :, 7, 7], atol=0.5
     )
+
+
+#: Landsat 8/9 OLI's surface reflectance bands as USGS names them -> the sample's equivalent
+OLI_FILES = {"SR_B2": "B02", "SR_B3": "B03", "SR_B4": "B04", "SR_B5": "B8A", "SR_B6": "B11", "SR_B7": "B12"}
+#: and their centre wavelengths (USGS), in the card's band order (B02 B03 B04 B8A B11 B12)
+OLI_UM = (0.482, 0.561, 0.655, 0.865, 1.609, 2.201)
+
+
+def test_each_sensor_binds_its_own_wavelengths(scene_dir: Path, tmp_path: Path) -> None:
+    """A wavelength-conditioned encoder is given each band's true centre: Landsat OLI's (from
+    its band names, or from what a STAC item declares), not the card's Sentinel-2 table, and a
+    Sentinel-2 scene gets what it always got."""
+    from test_band_mapping import _write_landsat
+
+    from tilefm.io.read import scene_bands
+
+    folder = tmp_path / "LC09_L2SP_203043_20200219_20200220_02_T1"
+    folder.mkdir()
+    for sr, band in OLI_FILES.items():
+        _write_landsat(scene_dir / f"{band}.tif", folder / f"{folder.name}_{sr}.TIF")
+    card = tiny_card()
+    landsat, s2 = open_scene({"s2": str(folder)}), open_scene({"s2": str(scene_dir)})
+    tile = plan_tiles(landsat.footprint, 10, bbox=BBOX).tiles[0]
+    assert scene_bands(landsat, card) == dict(
+        zip([f"s2:{b}" for b in OLI_FILES.values()], OLI_UM, strict=True)
+    )
+
+    model = ViTTileModel(card, "torch", None)
+    model.warm(["s2"], scene_bands(landsat, card))  # builds the runner the tiles then use
+    t = read_tile(landsat, card, tile, 0)
+    (bands, x, _), (s2_bands, _, _) = model.inputs(t), model.inputs(read_tile(s2, card, tile, 0))
+    names = [b.name for b in card.inputs[0].bands]
+    assert bands.indices == tuple(names.index(b) for b in OLI_FILES.values())
+    assert bands.wavelengths_um == OLI_UM
+    assert s2_bands.wavelengths_um == tuple(card_wavelengths(card)[:10])  # Sentinel-2's, as before
+    got = model.run(model.preparer([t]))[0].values
+    assert list(model._runners) == [bands]  # the warmed one
+    with torch.no_grad():
+        want = model.net.bind(list(OLI_UM))(torch.from_numpy(x[None])).numpy()[0]
+        msi = model.net.bind([card_wavelengths(card)[i] for i in bands.indices])(torch.from_numpy(x[None]))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert np.abs(got - msi.numpy()[0]).max() > 100 * 1e-5  # the wavelengths matter
+
+    # a STAC item's declared centre wavelength is the band's
+    item = {
+        "type": "Feature", "stac_version": "1.0.0", "id": folder.name, "bbox": [-12, 24, -11, 25],
+        "geometry": {
+            "type": "Polygon", "coordinates": [[[-12, 24], [-11, 24], [-11, 25], [-12, 25], [-12, 24]]]
+        },
+        "properties": {"datetime": "2020-02-19T11:00:00Z", "platform": "landsat-9"}, "links": [],
+        "assets": {
+            "blue": {
+                "href": str(folder / f"{folder.name}_SR_B2.TIF"), "type": "image/tiff",
+                "eo:bands": [{"name": "SR_B2", "common_name": "blue", "center_wavelength": 0.48}],
+                "raster:bands": [{"scale": 2.75e-05, "offset": -0.2, "nodata": 0}],
+            },
+        },
+    }  # fmt: skip
+    (tmp_path / "item.json").write_text(json.dumps(item))
+    assert scene_bands(open_scene({"s2": str(tmp_path / "item.json")}), card) == {"s2:B02": 0.48}
 
 
 @pytest.mark.integration

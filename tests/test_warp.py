@@ -2,10 +2,10 @@
 interpolation, on the real Sentinel-2 scene and the Copernicus DEM.
 
 GDAL's warper is the reference for semantics (which pixels have a value, how nodata neighbours
-count, rounding), exact interpolation at pyproj-transformed pixel centres the reference for
-values: GDAL itself is within ~1 DN of it at tilefm's 0.001-px tolerance, tilefm's sampler within
-the rounding to integers. The one synthetic case is a nodata hole cut into real bands (the scene
-has none).
+count), exact interpolation at pyproj-transformed pixel centres the reference for values: GDAL
+itself is within ~1 DN of it at tilefm's 0.001-px tolerance, tilefm's sampler within float32
+arithmetic and its lattice's 0.001 px. Both give floats: neither rounds to the source's integers.
+The one synthetic case is a nodata hole cut into real bands (the scene has none).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def _compare(auto: list, gdal: list) -> tuple[float, float, float]:
     ids=["vit-z13-edge", "vit-z13-inner", "csmask-z11-halo96", "presto-z12"],
 )
 def test_reads_match_gdal(s2: Scene, model: str, zoom: int, first: int, count: int):
-    """Same pixels valid, values within GDAL's own approximation error (measured: 99.0-100 %
-    within 1 DN, at most 3 DN where the image is steepest)."""
+    """Same pixels valid, values within GDAL's own approximation error (measured: 99.7-100 %
+    within 1 DN, at most 2.9 DN where the image is steepest)."""
     card = get_card(model)
     tiles = plan_tiles(s2.footprint, zoom).tiles[first : first + count]
     auto = read_tiles(s2, card, tiles, card.context.halo, warp="auto")
@@ -89,7 +89,8 @@ def _exact_bilinear(path: str, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("band", ["B04", "B11"])  # 100 m and 200 m grids
 def test_values_are_exact_bilinear(s2: Scene, band: str):
-    """Off the exact value by the rounding to the source's integers only (GDAL: up to ~1.2 DN)."""
+    """The exact value, within float32 and the lattice's 0.001 px (GDAL: up to ~1.2 DN off), not
+    rounded to the source's integers."""
     card = get_card("vit-small")
     k = card.inputs[0].band_names.index(band)
     tiles = plan_tiles(s2.footprint, 13).tiles[330:333]
@@ -97,8 +98,8 @@ def test_values_are_exact_bilinear(s2: Scene, band: str):
         exact, ok = _exact_bilinear(s2.modalities["s2"].bands[band].path, t)
         assert ok.all() and got.valid[k].all()
         d = np.abs(got.data[k] - exact)
-        assert d.max() <= 0.51, d.max()
-        np.testing.assert_array_equal(got.data[k], np.round(got.data[k]))  # integers, as the source
+        assert d.max() <= 0.02, d.max()  # measured: 0.0072 (B04), 0.0042 (B11)
+        assert (got.data[k] != np.round(got.data[k])).mean() > 0.9  # not whole DN
 
 
 def test_dem_float_values_exact(shared_dir: Path):

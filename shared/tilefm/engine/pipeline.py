@@ -26,7 +26,7 @@ from tilefm.errors import SceneError, StorageError
 from tilefm.grid import Tile, TilePlan, plan_tiles
 from tilefm.io.bands import bind_card
 from tilefm.io.native import NATIVE_BATCH
-from tilefm.io.read import check_scene
+from tilefm.io.read import check_scene, scene_bands
 from tilefm.io.scene import Scene, open_scene, with_bands
 from tilefm.models import get_card
 from tilefm.models.store import weights_path
@@ -308,7 +308,7 @@ def execute(
     )
     executor = make_executor(spec.executor, worker, settings, requested=spec.backend)
     try:
-        executor.warm(prep.scene.modalities)
+        executor.warm(prep.scene.modalities, scene_bands(prep.scene, card))
     except BaseException:
         executor.close()
         raise

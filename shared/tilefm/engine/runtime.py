@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -172,8 +172,8 @@ class LocalExecutor:
     def precision(self) -> str:
         return self.model.precision
 
-    def warm(self, modalities: Iterable[str]) -> None:
-        self.model.warm(modalities)
+    def warm(self, modalities: Iterable[str], bands: Mapping[str, float | None] | None = None) -> None:
+        self.model.warm(modalities, bands)
 
     def map(self, scene: Scene, batches: Iterable[list[Tile]]) -> Iterator[list[TileOutput]]:
         halo, model, reads = self.model.read_halo, self.model, self.reads
@@ -495,7 +495,7 @@ class RayExecutor:
     def precision(self) -> str:
         return self.pool.precision(self.worker)
 
-    def warm(self, modalities: Iterable[str]) -> None:
+    def warm(self, modalities: Iterable[str], bands: Mapping[str, float | None] | None = None) -> None:
         """Every actor builds its runner ahead of its first batch. Actors that have loaded (GPU
         ones) build it now, before any read, and a failure there is a load error; actors still
         loading (CPU ones) get it queued ahead of their first batch (an actor runs its calls in
@@ -504,7 +504,8 @@ class RayExecutor:
         from ray.exceptions import RayActorError, RayTaskError
 
         mods = list(modalities)
-        refs = [a.warm.remote(mods) for a in self.actors]
+        have = dict(bands) if bands is not None else None
+        refs = [a.warm.remote(mods, have) for a in self.actors]
         if not self.pool.infos:
             return
         try:
@@ -604,8 +605,8 @@ class EncoderActor:
             encoded=self.encoded,
         )
 
-    def warm(self, modalities: list[str]) -> None:
-        self.model.warm(modalities)
+    def warm(self, modalities: list[str], bands: dict[str, float | None] | None = None) -> None:
+        self.model.warm(modalities, bands)
 
     def encode(self, inputs: PreparedBatch | list[TileInput]) -> list[TileOutput]:
         """Run the model on a prepared batch (from `read_prepared`), or read tiles."""

@@ -97,6 +97,10 @@ class Sensor:
     bands: dict[str, str]
     #: band id -> (scale, offset) from raw values to card units; others (1, 0)
     scaling: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: band id -> the sensor's own centre wavelength, um, where it is not the band id's
+    #: (Landsat OLI's blue is centred at 0.482 um, MSI's at 0.490): what a wavelength-conditioned
+    #: encoder is given for the band
+    wavelengths: dict[str, float] = field(default_factory=dict)
 
     def resolve(self, name: str) -> str | None:
         """The band id of one of the sensor's band names (`SR_B5`, `B5`, `B05`), or None."""
@@ -104,6 +108,13 @@ class Sensor:
 
     def scale_offset(self, band: str) -> tuple[float, float]:
         return self.scaling.get(band, (1.0, 0.0))
+
+    def wavelength(self, band: str) -> float | None:
+        """Centre wavelength (um) of this sensor's band `band` (a band id); None for bands
+        without one (SAR)."""
+        if band in self.wavelengths:
+            return self.wavelengths[band]
+        return BANDS[band].wavelength_um if band in BANDS else None
 
     @property
     def ids(self) -> set[str]:
@@ -126,6 +137,11 @@ OLI = {
 }
 #: Collection 2 Level-2 surface reflectance: reflectance = DN * 2.75e-5 - 0.2
 LANDSAT_L2_SR = (2.75e-5 * REFLECTANCE_UNITS, -0.2 * REFLECTANCE_UNITS)
+#: Landsat 8/9 OLI/TIRS centre wavelengths (USGS, Landsat 8 Data Users Handbook), by band id
+OLI_WAVELENGTHS = {
+    "B01": 0.443, "B02": 0.482, "B03": 0.561, "B04": 0.655, "B8A": 0.865, "B11": 1.609,
+    "B12": 2.201, "pan": 0.59, "B10": 1.373, "lwir11": 10.895, "lwir12": 12.005,
+}  # fmt: skip
 
 SENTINEL2 = Sensor("sentinel-2", "Sentinel-2 MSI (L1C / L2A)", {k: k for k in S2_IDS})
 HLS_S30 = Sensor("hls-s30", "HLS S30 (Sentinel-2 MSI, harmonized)", {k: k for k in S2_IDS})
@@ -137,12 +153,14 @@ LANDSAT_L2 = Sensor(
         **{OLI[k]: LANDSAT_L2_SR for k in ("B01", "B02", "B03", "B04", "B05", "B06", "B07")},
         "lwir11": (0.00341802, 149.0),
     },
+    OLI_WAVELENGTHS,
 )  # fmt: skip
 HLS_L30 = Sensor(
     "hls-l30", "HLS L30 (Landsat 8/9 OLI/TIRS, harmonized)",
     {k: OLI[k] for k in ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B09", "B10", "B11")},
     # brightness temperature in 0.01 degrees Celsius
     {"lwir11": (0.01, 273.15), "lwir12": (0.01, 273.15)},
+    OLI_WAVELENGTHS,
 )  # fmt: skip
 SENTINEL1 = Sensor(
     "sentinel-1", "Sentinel-1 GRD (backscatter in dB)", {k: k for k in ("vv", "vh", "hh", "hv")}
@@ -204,6 +222,8 @@ class StacBand:
     scale: float = 1.0
     offset: float = 0.0
     nodata: float | None = None
+    #: the centre wavelength the item declares (eo `center_wavelength`), else the sensor's, um
+    wavelength_um: float | None = None
 
 
 def stac_band(
@@ -235,6 +255,8 @@ def stac_band(
         return None
 
     common, centre = get("common_name"), get("center_wavelength")
+    if centre is not None:
+        centre = _number(centre, f"{where}.eo:bands[0].center_wavelength", field_name)
     own = [n for n in (desc.get("name"), key) if isinstance(n, str) and n]
     band = (
         next((b for n in own if (b := sensor.resolve(n)) is not None), None) if sensor is not None else None
@@ -244,7 +266,7 @@ def stac_band(
     if band is None and (sensor is None or sensor is SENTINEL2):
         band = next((b for n in own if (b := band_id(n)) is not None), None)
     if band is None and centre is not None:
-        band = band_by_wavelength(_number(centre, f"{where}.eo:bands[0].center_wavelength", field_name))
+        band = band_by_wavelength(centre)
     if band is None:
         m = re.search(r"band (\d{1,2}[aA]?)\)", str(desc.get("description", "")))
         band = canonical_band(f"B{m.group(1)}") if m else None
@@ -258,7 +280,8 @@ def stac_band(
         card = (scale * units, (offset or 0.0) * units if use_offset else 0.0)
     else:
         card = sensor.scale_offset(band) if sensor is not None else (1.0, 0.0)
-    return StacBand(band, _tidy(card[0]), _tidy(card[1]), nodata)
+    wavelength = centre if centre is not None else sensor.wavelength(band) if sensor is not None else None
+    return StacBand(band, _tidy(card[0]), _tidy(card[1]), nodata, wavelength)
 
 
 def _raster_fields(

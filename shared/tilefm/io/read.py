@@ -66,6 +66,9 @@ class TileInput:
     read_s: float = 0.0
     #: a time series: the date of each timestep, in order; empty for a scene of one date
     dates: list[datetime.date] = field(default_factory=list)  # `date` is the field above here
+    #: "modality:band" -> the centre wavelength (um) the scene's sensor or item states for that
+    #: band, where it does (a wavelength-conditioned encoder binds to the sensor's own bands)
+    wavelengths: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -99,6 +102,19 @@ def tile_latitudes(tile: Tile, n: int = TILE_SIZE, halo: int = 0) -> np.ndarray:
 
 def card_band_names(card: ModelCard) -> list[str]:
     return [f"{i.modality}:{b.name}" for i in card.inputs for b in i.bands]
+
+
+def scene_bands(scene: Scene, card: ModelCard) -> dict[str, float | None]:
+    """The card bands ("modality:band") the scene has a file for, each with the centre
+    wavelength (um) its sensor or item states for that file (Landsat OLI's for its B8A read as a
+    card's B08), None where it states none."""
+    return {
+        f"{i.modality}:{b.name}": f.wavelength_um
+        for i in card.inputs
+        if (mod := scene.modalities.get(i.modality)) is not None
+        for b in i.bands
+        if (f := mod.bands.get(b.name)) is not None
+    }
 
 
 def check_scene(scene: Scene, card: ModelCard) -> None:
@@ -223,7 +239,9 @@ def read_band(
                 width=w,
                 indexes=band.index,
                 reproject_method=resampling,
-                vrt_options={"tolerance": WARP_TOLERANCE},
+                # float32 out: the resampled values themselves, not rounded into an integer
+                # source's type (as tilefm's own sampler, `tilefm.io.warp`)
+                vrt_options={"tolerance": WARP_TOLERANCE, "dtype": "float32"},
             )
     except TileOutsideBounds:
         return np.zeros((h, w), np.float32), np.zeros((h, w), bool)
@@ -258,6 +276,7 @@ def read_row(
     valid = [np.empty((len(names), n, n), bool) for _ in tiles]
     written = np.zeros(len(names), bool)
     extras: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in tiles]
+    wavelengths = {k: w for k, w in scene_bands(scene, card).items() if w is not None}
     i = 0
     for inp in card.inputs:
         mod = scene.modalities.get(inp.modality)
@@ -291,6 +310,7 @@ def read_row(
             date=scene.date,
             extra=extras[k],
             read_s=share,
+            wavelengths=wavelengths,
         )
         for k, t in enumerate(tiles)
     ]
@@ -331,6 +351,7 @@ def _read_series_row(
                 extra=extra,
                 read_s=share,
                 dates=list(days),
+                wavelengths=steps[0][k].wavelengths,
             )
         )
     return out

@@ -25,7 +25,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,9 @@ class BandFile:
     scale: float = 1.0
     #: nodata the source declares for the band (STAC), where the file itself may not
     nodata: float | None = None
+    #: the band's centre wavelength as its sensor or item states it, um (None: unknown, or the
+    #: band id's own); what a wavelength-conditioned encoder is given
+    wavelength_um: float | None = None
 
     def to_units(self, values: np.ndarray) -> np.ndarray:
         """Raw values in place to the card's units (values * scale + offset); returns `values`.
@@ -557,7 +560,9 @@ def _from_band_dir(name: str, path: Path, check: SourceCheck | None = None) -> M
                 continue
             sensor, band = named
             scale, offset = sensor.scale_offset(band)
-            bands[band] = BandFile(band, str(f), offset=offset, scale=scale)
+            bands[band] = BandFile(
+                band, str(f), offset=offset, scale=scale, wavelength_um=sensor.wavelength(band)
+            )
             sensors.add(sensor.name)
     if not bands:
         raise SceneError(
@@ -569,11 +574,24 @@ def _from_band_dir(name: str, path: Path, check: SourceCheck | None = None) -> M
     if item is not None:
         _apply_stac_properties(mod, item.get("properties", {}))
     else:
-        m = re.search(r"(20\d{2})(\d{2})(\d{2})", path.name)
-        if m:
-            with contextlib.suppress(ValueError):  # 8 digits that are not a date
-                mod.datetime = datetime(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        mod.datetime = date_in_name(path.name)
     return mod
+
+
+def date_in_name(name: str) -> datetime | None:
+    """The acquisition date a granule's name states: HLS's year and day of year
+    (`HLS.S30.T29RKH.2020050T112111.v2.0`), else the first YYYYMMDD that is a date
+    (`LC09_L2SP_203043_20200219_...`, `S2A_29RKH_20200219_0_L2A`)."""
+    hls = re.search(r"\.(\d{4})(\d{3})T\d{6}\.", name)
+    if hls and 1 <= int(hls.group(2)) <= 366:
+        with contextlib.suppress(ValueError):  # day 366 of a year that has 365
+            day = datetime(int(hls.group(1)), 1, 1) + timedelta(days=int(hls.group(2)) - 1)
+            if day.year == int(hls.group(1)):
+                return day
+    for m in re.finditer(r"(20\d{2})(\d{2})(\d{2})", name):
+        with contextlib.suppress(ValueError):  # 8 digits that are not a date
+            return datetime(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    return None
 
 
 def _from_raster(name: str, path: str, checked: bool = False) -> Modality:
@@ -588,15 +606,22 @@ def _from_raster(name: str, path: str, checked: bool = False) -> Modality:
     if named is not None:  # LC09_L2SP_..._SR_B4.TIF, HLS.S30....B04.tif
         sensor, band = named
         scale, offset = sensor.scale_offset(band)
-        return _with_date(
+        mod = _with_date(
             Modality(
                 name=name,
                 source=path,
-                bands={band: BandFile(band, path, offset=offset, scale=scale)},
+                bands={
+                    band: BandFile(
+                        band, path, offset=offset, scale=scale, wavelength_um=sensor.wavelength(band)
+                    )
+                },
                 sensor=sensor.name,
             ),
             tags,
         )
+        # a granule's name says its date where its tags do not
+        mod.datetime = mod.datetime or date_in_name(Path(urllib.parse.urlsplit(path).path).name)
+        return mod
     if count == 1 and not descriptions[0]:
         names = [_single_band_name(name)]
     else:
@@ -654,7 +679,12 @@ def _from_stac_item(
         if href is None:
             continue
         bands[found.id] = BandFile(
-            found.id, href, offset=found.offset, scale=found.scale, nodata=found.nodata
+            found.id,
+            href,
+            offset=found.offset,
+            scale=found.scale,
+            nodata=found.nodata,
+            wavelength_um=found.wavelength_um,
         )
     if not bands:
         raise SceneError(

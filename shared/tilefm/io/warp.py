@@ -15,7 +15,10 @@ at most one source pixel (no kernel widening, no overviews), rasters with an aff
 Everything else (downsampling, cubic, average, GCP-georeferenced rasters) stays with GDAL.
 Semantics are GDAL's: source pixel centres at +0.5, a destination pixel is valid when the source
 pixel under its centre lies inside the raster and the valid neighbours carry weight (their weights
-renormalised), values rounded to the source's integer type.
+renormalised). Values stay floats, the interpolation itself: GDAL rounds them only when it writes
+into an integer source's type, and tilefm asks it for float32 on its path too (`read.read_band`),
+since whole-DN rounding is up to half a DN of noise that a scaled source (Landsat's 0.275 card
+units per DN) would not share with the native one.
 
 Why one module (~400 lines): the lattice, its error bound and the kernels are one algorithm whose
 parts are checked against GDAL together (tests/test_warp.py).
@@ -162,8 +165,7 @@ class GridSampler:
         strip's columns (a tile and its halo): (values float32 [bands, H, chunk width], valid
         bool, the same shape), invalid pixels 0. The source window is read once for all chunks.
         `into`: per chunk, where each band's values go (float32 [H, chunk width] arrays, e.g.
-        the rows of the caller's batch): the last pass over the values writes there, instead
-        of a copy after it; those are what is yielded."""
+        the rows of the caller's batch): the values are copied there and those are yielded."""
         g, lat, n = self.grid, self.lattice, len(bands)
         h = self.strip.height
         src = mask = None
@@ -173,9 +175,6 @@ class GridSampler:
             c0, r0 = math.floor(lat.cmin - 0.5) - 1, math.floor(lat.rmin - 0.5) - 1
             c1, r1 = math.floor(lat.cmax - 0.5) + 3, math.floor(lat.rmax - 0.5) + 3
             src, mask = _read_window(bands, Window(c0, r0, c1 - c0, r1 - r0), (c0, r0), g)
-        integer = np.array([np.issubdtype(np.dtype(ds.dtypes[i - 1]), np.integer) for ds, i in bands])
-        # GDAL writes integer rasters rounded half up (bilinear values are already in range)
-        rounded = integer if method == "bilinear" else np.zeros(n, bool)
         for ci, cs in enumerate(chunks):
             width = len(range(*cs.indices(self.strip.width)))
             if src is None or mask is None:
@@ -194,9 +193,12 @@ class GridSampler:
             if not (cmin >= 0 and cmax < g.width and rmin >= 0 and rmax < g.height):
                 ok &= (cols >= -oc) & (cols < g.width - oc) & (rows >= -orow) & (rows < g.height - orow)
                 v *= ok
-            dest = v if into is None else into[ci]
-            _write_rounded(v, rounded, dest)
-            yield dest, ok
+            if into is None:
+                yield v, ok
+            else:
+                for k in range(n):
+                    np.copyto(into[ci][k], v[k])
+                yield into[ci], ok
 
 
 @dataclass
@@ -308,17 +310,6 @@ def _lattice_error(
             return math.inf
         err = max(err, float(d.max()))
     return err
-
-
-def _write_rounded(v: np.ndarray, which: np.ndarray, dest: np.ndarray | Sequence[np.ndarray]) -> None:
-    """Each band of `v` into `dest` (which may be `v`), the bands `which` rounded as GDAL
-    rounds into an integer type (`v` is overwritten for those)."""
-    for k in range(len(v)):
-        if which[k]:
-            np.add(v[k], 0.5, out=v[k])
-            np.floor(v[k], out=dest[k])
-        elif dest is not v:
-            np.copyto(dest[k], v[k])
 
 
 def _read_window(

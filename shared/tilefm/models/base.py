@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,14 @@ class TileModel(ABC):
         """Pixels read around each tile (at least the card's halo; more if a derived input needs it)."""
         return self.card.context.halo
 
-    def warm(self, modalities: Iterable[str]) -> None:  # noqa: B027 - optional: most models build nothing
+    def warm(  # noqa: B027 - optional: most models build nothing
+        self, modalities: Iterable[str], bands: Mapping[str, float | None] | None = None
+    ) -> None:
         """Build what the first batch would (ONNX export, int8 quantization, TensorRT engine,
-        torch.compile, CUDA graphs) for a scene of these modalities, so that it is paid at load
-        and not by the stream of tiles. Models with nothing to build do nothing."""
+        torch.compile, CUDA graphs) for a scene of these modalities (`bands`, where given: the
+        card bands the scene has and the centre wavelengths its sensor states for them,
+        `read.scene_bands`), so that it is paid at load and not by the stream of tiles. Models
+        with nothing to build do nothing."""
 
     def encode(self, tiles: list[TileInput]) -> list[TileOutput]:
         """Run the model on a batch of tiles."""

@@ -48,7 +48,7 @@ def make_calibration(card: ModelCard, scene: Any, plan: Any, tiles: int = DEFAUL
         batch = [plan.tiles[i] for i in picks[start : start + 4 * BATCH]]
         for t in read_tiles(scene, card, batch, 0):
             bands, x, valid = prep.tile(t)
-            if bands == want and valid.mean() > 0.99:
+            if bands.indices == want and valid.mean() > 0.99:
                 kept.append(x.astype(np.float16))
     if not kept:
         raise BackendError(
