@@ -700,6 +700,26 @@ def test_item_with_bad_raster_bands(
     assert e.value.field == "scene.s2"
 
 
+@pytest.mark.integration
+def test_bad_items_exit_2_and_write_nothing(scene_dir: Path, stac_item: dict, tmp_path: Path):
+    """`tilefm run` on an item without usable bands, or whose scale is not a number: exit 2, one
+    line naming the field, no output."""
+    os.symlink(scene_dir / "B04.tif", tmp_path / "red.tif")
+    red = _asset("./red.tif", common="red", raster={"scale": "0.0001"})
+    cases = {
+        "no usable band assets": {"thumbnail": {"href": "./t.jpg", "type": "image/jpeg"}},
+        "raster:bands[0].scale must be a number": {"red": red},
+    }
+    for words, assets in cases.items():
+        (tmp_path / "item.json").write_text(json.dumps(_item("bad", assets, stac_item)))
+        out = tmp_path / "out.tif"
+        r = run_cli("run", "--scene", f"s2={tmp_path / 'item.json'}", "--model", "presto", "--out", str(out))
+        line = r.stderr.strip()
+        assert r.returncode == 2 and len(line.splitlines()) == 1, (words, r.stderr)
+        assert "scene.s2" in line and words in line, (words, line)
+        assert not out.exists() and not list(tmp_path.glob("out*")), words
+
+
 def test_item_band_without_href(stac_item: dict, tmp_path: Path):
     path = _bad_item(
         tmp_path, stac_item, {"red": {"type": "image/tiff", "eo:bands": [{"common_name": "red"}]}}

@@ -96,6 +96,34 @@ def _series_recorded(cog: Path, tags: dict, sources: list[str]) -> None:
     assert [t["source"] for t in props["tilefm:scene"]["s2"]["timesteps"]] == sources, (cog, props)
 
 
+def _bad_submissions(root: Path, folders: list[str]) -> dict[str, dict]:
+    """Job bodies (without output_prefix) that must be refused, -> a word the error names:
+    a STAC item without usable bands, a `raster:bands` scale that is not a number, more dates
+    than Presto takes, a date that is not one."""
+    item = json.loads((SHARED / "data" / "s2-l2a-29RKH-20200219" / "stac-item.json").read_text())
+    red = str(Path(folders[0]) / "B04.tif")
+
+    def write(name: str, assets: dict, when: str = item["properties"]["datetime"]) -> str:
+        body = {**item, "id": name, "properties": {"datetime": when}, "assets": assets, "links": []}
+        (root / f"{name}.json").write_text(json.dumps(body))
+        return str(root / f"{name}.json")
+
+    image = {"href": red, "type": "image/tiff", "eo:bands": [{"common_name": "red"}]}
+    no_bands = write("no-bands", {"thumbnail": {"href": "./t.jpg", "type": "image/jpeg"}})
+    bad_scale = write("bad-scale", {"red": {**image, "raster:bands": [{"scale": "0.0001"}]}})
+    not_a_date = write("not-a-date", {"red": image}, when="yesterday")
+    many = [
+        str(f) for f in _dated(root / "many", [f"2019{m:02d}{d:02d}" for m in range(1, 13) for d in (5, 20)])
+    ]
+    base = {"model": "presto", "zoom": ZOOM, "bbox": BBOX}
+    return {
+        "no usable band": {**base, "scene": {"s2": no_bands}},
+        "must be a number": {**base, "scene": {"s2": bad_scale}},
+        "(24)": {**base, "scene": {"s2": [*folders, *many]}},
+        "not a date": {**base, "scene": {"s2": [not_a_date, folders[0]]}},
+    }
+
+
 def test_series_job_over_http_and_grpc_is_tilefm_runs_map(tmp_path: Path) -> None:
     t0 = time.monotonic()
     folders = [str(f) for f in _dated(tmp_path / "scenes", DAYS)]  # links to the sample's bands
@@ -157,6 +185,12 @@ def test_series_job_over_http_and_grpc_is_tilefm_runs_map(tmp_path: Path) -> Non
             assert reply.created and list(reply.job.spec.scene_series["s2"].sources) == [c, a, b]
             assert not reply.job.spec.scene
             ids["grpc"] = reply.job.id
+            # bad input to the deployed API: 422 naming the field, no job, nothing written
+            for words, body in _bad_submissions(tmp_path / "scenes", folders).items():
+                r = http.post("/v1/jobs", json={**body, "output_prefix": out_prefix})
+                assert r.status_code == 422, (words, r.text)
+                err = r.json()["error"]
+                assert err["field"] == "scene.s2" and words in err["message"], (words, err)
             # the same series by the command line, in process, while the scheduler runs the jobs
             cli_out = tmp_path / "cli" / "presto.tif"
             t_cli = time.monotonic()
@@ -177,6 +211,8 @@ def test_series_job_over_http_and_grpc_is_tilefm_runs_map(tmp_path: Path) -> Non
             stop_process(dep.proc)
             drop_redis_keys(dep.redis_prefix)
 
+    # only the two jobs wrote anything
+    assert sorted(p.name for p in dep.out_dir.iterdir()) == sorted(j["id"] for j in jobs.values())
     print(f"timing: up {t_up - t0:.1f} s, cli run {t_cli:.1f} s, jobs done at {t_jobs - t0:.1f} s")
     cli_meta, cli_values = _read(cli_out)
     assert cli_meta["shape"][0] == 128 and np.isfinite(cli_values).any()
