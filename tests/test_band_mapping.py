@@ -791,14 +791,7 @@ SENSORS = {
     "s2-l1c": (S2_IDS, True),  # baseline 02.09: no offset
     "s2-l1c-offset": (S2_IDS, False),  # baseline 04.00: DN + 1000, offset -1000
 }
-#: Presto is not run on the USGS folder: it resolves to the very band files and units of the
-#: catalogue item (test_landsat_resolves), and measured, the embeddings were the same
-E2E_CASES = [
-    (sensor, model)
-    for sensor in SENSORS
-    for model in ("ukis-csmask", "presto")
-    if (sensor, model) != ("landsat-usgs", "presto")
-]
+E2E_CASES = [(sensor, model) for sensor in SENSORS for model in ("ukis-csmask", "presto")]
 
 
 @pytest.fixture(scope="module")
